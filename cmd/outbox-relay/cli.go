@@ -1,0 +1,168 @@
+package main
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"runtime/debug"
+	"strings"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/jackc/pgx/v5/stdlib"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/outbox-relay/outbox-relay/internal/config"
+	"github.com/outbox-relay/outbox-relay/relay"
+)
+
+// Set by the linker (see Makefile): -X main.version=... -X main.commit=...
+var (
+	version = "dev"
+	commit  = ""
+)
+
+// cliEnv is what every subcommand gets: its streams and environment.
+type cliEnv struct {
+	stdin          io.Reader
+	stdout, stderr io.Writer
+	environ        []string
+	stopSignals    func() // restores default signal handling
+}
+
+// configError is a bad configuration: exit 2, one line per problem.
+type configError struct{ err error }
+
+func (e *configError) Error() string { return e.err.Error() }
+
+func (e *configError) lines() []string {
+	var out []string
+	var walk func(error)
+	walk = func(err error) {
+		if j, ok := err.(interface{ Unwrap() []error }); ok {
+			for _, e := range j.Unwrap() {
+				walk(e)
+			}
+			return
+		}
+		out = append(out, err.Error())
+	}
+	walk(e.err)
+	return out
+}
+
+// flags returns a FlagSet with the common --config flag.
+func (c *cliEnv) flags(name string) (*flag.FlagSet, *string) {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(c.stderr)
+	path := fs.String("config", "", "configuration file (YAML); keys can be overridden by OUTBOX_RELAY_* variables")
+	return fs, path
+}
+
+// parse parses args, turning flag errors into usage errors.
+func parse(fs *flag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return usagef("see the flags above")
+		}
+		return usagef("%s: %v", fs.Name(), err)
+	}
+	return nil
+}
+
+// loadConfig loads and validates the configuration. With only set, just the
+// keys under those prefixes must be valid (migrate needs no broker).
+func (c *cliEnv) loadConfig(path string, only ...string) (config.File, error) {
+	f, err := config.Load(path, c.environ)
+	if err != nil {
+		return f, &configError{err}
+	}
+	if err := filterErrors(f.Validate(), only); err != nil {
+		return f, &configError{err}
+	}
+	return f, nil
+}
+
+func filterErrors(err error, prefixes []string) error {
+	if err == nil || len(prefixes) == 0 {
+		return err
+	}
+	var keep []error
+	var walk func(error)
+	walk = func(err error) {
+		if j, ok := err.(interface{ Unwrap() []error }); ok {
+			for _, e := range j.Unwrap() {
+				walk(e)
+			}
+			return
+		}
+		var fe *relay.FieldError
+		if !errors.As(err, &fe) {
+			keep = append(keep, err)
+			return
+		}
+		for _, p := range prefixes {
+			if strings.HasPrefix(fe.Key, p) {
+				keep = append(keep, err)
+				return
+			}
+		}
+	}
+	walk(err)
+	return errors.Join(keep...)
+}
+
+func newLogger(cfg config.Log, w io.Writer) *zap.Logger {
+	level, _ := zapcore.ParseLevel(cfg.Level)
+	encCfg := zap.NewProductionEncoderConfig()
+	encCfg.TimeKey = "ts"
+	encCfg.EncodeTime = zapcore.ISO8601TimeEncoder
+	var enc zapcore.Encoder
+	if cfg.Format == "console" {
+		encCfg.EncodeLevel = zapcore.CapitalLevelEncoder
+		enc = zapcore.NewConsoleEncoder(encCfg)
+	} else {
+		enc = zapcore.NewJSONEncoder(encCfg)
+	}
+	return zap.New(zapcore.NewCore(enc, zapcore.Lock(zapcore.AddSync(w)), level))
+}
+
+// openDB opens a database/sql handle through pgx (for goose).
+func openDB(ctx context.Context, dsn string) (*sql.DB, func(), error) {
+	pool, err := pgxpool.New(ctx, dsn)
+	if err != nil {
+		return nil, nil, fmt.Errorf("postgres.dsn: %s", relay.Redact(err.Error()))
+	}
+	db := stdlib.OpenDBFromPool(pool)
+	return db, func() { db.Close(); pool.Close() }, nil
+}
+
+func (c *cliEnv) cmdVersion(args []string) error {
+	if len(args) > 0 {
+		return usagef("version takes no arguments")
+	}
+	fmt.Fprintf(c.stdout, "outbox-relay %s\n", version)
+	fmt.Fprintf(c.stdout, "commit %s\n", buildCommit())
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		fmt.Fprintf(c.stdout, "go %s\n", bi.GoVersion)
+	}
+	return nil
+}
+
+// buildCommit is the linker-set commit or the VCS revision Go recorded.
+func buildCommit() string {
+	if commit != "" {
+		return commit
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range bi.Settings {
+			if s.Key == "vcs.revision" {
+				return s.Value
+			}
+		}
+	}
+	return "unknown"
+}

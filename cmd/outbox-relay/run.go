@@ -1,0 +1,93 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"go.uber.org/zap"
+
+	"github.com/outbox-relay/outbox-relay/metrics"
+	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/schema"
+)
+
+func (c *cliEnv) cmdRun(ctx context.Context, args []string) error {
+	fs, path := c.flags("run")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return usagef("run: unexpected argument %q", fs.Arg(0))
+	}
+	cfg, err := c.loadConfig(*path)
+	if err != nil {
+		return err
+	}
+	log := newLogger(cfg.Log, c.stderr)
+	defer func() { _ = log.Sync() }()
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	m, err := metrics.New(reg, metrics.Config{MaxEventTypes: cfg.Metrics.MaxEventTypes, Version: version, Commit: buildCommit()})
+	if err != nil {
+		return err
+	}
+	if cfg.Migrate.Auto {
+		if err := migrateUp(ctx, cfg.Postgres, log); err != nil {
+			return err
+		}
+	}
+	r, err := relay.New(cfg.Config, relay.Deps{Logger: log, Metrics: m})
+	if err != nil {
+		return &configError{err}
+	}
+
+	var srv *metrics.Server
+	srvDone := make(chan error, 1)
+	if cfg.Metrics.Addr != "off" {
+		srv, err = metrics.NewServer(cfg.Metrics.Addr, reg, r.Ready)
+		if err != nil {
+			return fmt.Errorf("metrics.addr: cannot listen on %s: %w (choose a free port or \"off\")", cfg.Metrics.Addr, err)
+		}
+		log.Info("serving metrics", zap.String("addr", srv.Addr()), zap.Strings("paths", []string{"/metrics", "/healthz", "/readyz"}))
+		go func() { srvDone <- srv.Serve() }()
+	}
+
+	// A second SIGTERM/SIGINT after the first kills the process at once.
+	context.AfterFunc(ctx, c.stopSignals)
+	runErr := r.Run(ctx)
+
+	if srv != nil {
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		runErr = errors.Join(runErr, srv.Shutdown(sctx), <-srvDone)
+	}
+	if errors.Is(runErr, relay.ErrTableMissing) {
+		log.Error("cannot start", zap.Error(runErr))
+	}
+	return runErr
+}
+
+func migrateUp(ctx context.Context, pg relay.PostgresConfig, log *zap.Logger) error {
+	db, closeDB, err := openDB(ctx, pg.DSN)
+	if err != nil {
+		return err
+	}
+	defer closeDB()
+	mig, err := schema.NewMigrator(db, pg.Schema, pg.Table)
+	if err != nil {
+		return err
+	}
+	res, err := mig.Up(ctx)
+	if err != nil {
+		return fmt.Errorf("migrate up: %w", err)
+	}
+	for _, r := range res {
+		log.Info("migration applied", zap.Int64("version", r.Source.Version), zap.Duration("took", r.Duration))
+	}
+	return nil
+}

@@ -1,0 +1,240 @@
+// Package config loads the daemon's configuration: a YAML file (unknown keys
+// are errors) overlaid with OUTBOX_RELAY_* environment variables, one per key.
+package config
+
+import (
+	"bytes"
+	"cmp"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"reflect"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/outbox-relay/outbox-relay/relay"
+)
+
+// EnvPrefix starts every environment override: postgres.dsn is
+// OUTBOX_RELAY_POSTGRES_DSN.
+const EnvPrefix = "OUTBOX_RELAY_"
+
+// File is the whole configuration file.
+type File struct {
+	relay.Config `yaml:",inline"`
+	Metrics      Metrics `yaml:"metrics"`
+	Log          Log     `yaml:"log"`
+	Migrate      Migrate `yaml:"migrate"`
+}
+
+// Metrics configures the HTTP endpoint.
+type Metrics struct {
+	// Addr serves /metrics, /healthz and /readyz. Default ":9464"; "off"
+	// disables the endpoint.
+	Addr string `yaml:"addr"`
+	// MaxEventTypes caps distinct event_type label values; further types are
+	// counted as "other". Default 100.
+	MaxEventTypes int `yaml:"max_event_types"`
+}
+
+// Log configures zap.
+type Log struct {
+	// Level is debug, info (default), warn or error.
+	Level string `yaml:"level"`
+	// Format is json (default) or console.
+	Format string `yaml:"format"`
+}
+
+// Migrate configures schema migration at start.
+type Migrate struct {
+	// Auto applies pending migrations when `run` starts. Default false:
+	// migrations are an explicit step (`outbox-relay migrate up`).
+	Auto bool `yaml:"auto"`
+}
+
+// WithDefaults fills zero values.
+func (f File) WithDefaults() File {
+	f.Config = f.Config.WithDefaults()
+	f.Metrics.Addr = cmp.Or(f.Metrics.Addr, ":9464")
+	f.Metrics.MaxEventTypes = cmp.Or(f.Metrics.MaxEventTypes, 100)
+	f.Log.Level = cmp.Or(f.Log.Level, "info")
+	f.Log.Format = cmp.Or(f.Log.Format, "json")
+	return f
+}
+
+// Validate returns every problem, each a *relay.FieldError naming its key.
+func (f File) Validate() error {
+	var errs []error
+	if err := f.Config.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if f.Metrics.MaxEventTypes < 1 {
+		errs = append(errs, &relay.FieldError{Key: "metrics.max_event_types", Problem: fmt.Sprintf("must be at least 1, got %d", f.Metrics.MaxEventTypes)})
+	}
+	switch f.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		errs = append(errs, &relay.FieldError{Key: "log.level", Problem: fmt.Sprintf("must be debug, info, warn or error, got %q", f.Log.Level)})
+	}
+	switch f.Log.Format {
+	case "json", "console":
+	default:
+		errs = append(errs, &relay.FieldError{Key: "log.format", Problem: fmt.Sprintf("must be json or console, got %q", f.Log.Format)})
+	}
+	return errors.Join(errs...)
+}
+
+// Load reads path (if not empty), applies the environment (KEY=VALUE
+// strings, as os.Environ returns) and the defaults. It does not validate.
+func Load(path string, environ []string) (File, error) {
+	var f File
+	if path != "" {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return f, fmt.Errorf("config file: %w", err)
+		}
+		if err := Parse(data, &f); err != nil {
+			return f, fmt.Errorf("config file %s: %w", path, err)
+		}
+	}
+	if err := applyEnv(&f, environ); err != nil {
+		return f, err
+	}
+	return f.WithDefaults(), nil
+}
+
+// Parse decodes YAML strictly: unknown keys and a second document are errors.
+func Parse(data []byte, f *File) error {
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(f); err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("%s (every key is listed in config.example.yaml)", strings.TrimPrefix(err.Error(), "yaml: "))
+	}
+	var extra any
+	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
+		return errors.New("more than one YAML document; put everything in one")
+	}
+	return nil
+}
+
+// Key is one configuration key: its dotted YAML path and environment name.
+type Key struct {
+	Path string // e.g. "postgres.dsn"
+	Env  string // e.g. "OUTBOX_RELAY_POSTGRES_DSN"
+	Kind string // string, int, bool, duration
+}
+
+// Keys lists every configuration key, in declaration order.
+func Keys() []Key {
+	var keys []Key
+	walk(reflect.ValueOf(&File{}).Elem(), "", func(path string, v reflect.Value) {
+		keys = append(keys, Key{Path: path, Env: envName(path), Kind: kindOf(v)})
+	})
+	return keys
+}
+
+func envName(path string) string {
+	return EnvPrefix + strings.ToUpper(strings.ReplaceAll(path, ".", "_"))
+}
+
+// walk calls fn for every leaf field, with its dotted yaml path.
+func walk(v reflect.Value, prefix string, fn func(path string, v reflect.Value)) {
+	t := v.Type()
+	for i := 0; i < t.NumField(); i++ {
+		sf := t.Field(i)
+		name, opts, _ := strings.Cut(sf.Tag.Get("yaml"), ",")
+		fv := v.Field(i)
+		if opts == "inline" {
+			walk(fv, prefix, fn)
+			continue
+		}
+		path := name
+		if prefix != "" {
+			path = prefix + "." + name
+		}
+		if fv.Kind() == reflect.Struct && fv.Type() != reflect.TypeOf(time.Duration(0)) {
+			walk(fv, path, fn)
+			continue
+		}
+		fn(path, fv)
+	}
+}
+
+func kindOf(v reflect.Value) string {
+	switch {
+	case v.Type() == reflect.TypeOf(time.Duration(0)):
+		return "duration"
+	case v.Kind() == reflect.Pointer && v.Type().Elem().Kind() == reflect.Bool, v.Kind() == reflect.Bool:
+		return "bool"
+	case v.Kind() == reflect.Int, v.Kind() == reflect.Int32, v.Kind() == reflect.Int64:
+		return "int"
+	default:
+		return "string"
+	}
+}
+
+func applyEnv(f *File, environ []string) error {
+	env := map[string]string{}
+	for _, kv := range environ {
+		k, v, ok := strings.Cut(kv, "=")
+		if ok && strings.HasPrefix(k, EnvPrefix) {
+			env[k] = v
+		}
+	}
+	var errs []error
+	walk(reflect.ValueOf(f).Elem(), "", func(path string, v reflect.Value) {
+		name := envName(path)
+		raw, ok := env[name]
+		if !ok {
+			return
+		}
+		delete(env, name)
+		if err := setValue(v, raw); err != nil {
+			errs = append(errs, &relay.FieldError{Key: path, Problem: fmt.Sprintf("from %s: %v", name, err)})
+		}
+	})
+	unknown := make([]string, 0, len(env))
+	for k := range env {
+		unknown = append(unknown, k)
+	}
+	sort.Strings(unknown)
+	for _, k := range unknown {
+		errs = append(errs, fmt.Errorf("%s: unknown environment variable (every key is listed in config.example.yaml; env names are OUTBOX_RELAY_ plus the key path in capitals)", k))
+	}
+	return errors.Join(errs...)
+}
+
+func setValue(v reflect.Value, raw string) error {
+	switch kindOf(v) {
+	case "duration":
+		d, err := time.ParseDuration(raw)
+		if err != nil {
+			return fmt.Errorf("%q is not a duration such as 500ms, 10s or 5m", raw)
+		}
+		v.SetInt(int64(d))
+	case "bool":
+		b, err := strconv.ParseBool(raw)
+		if err != nil {
+			return fmt.Errorf("%q is not true or false", raw)
+		}
+		if v.Kind() == reflect.Pointer {
+			v.Set(reflect.ValueOf(&b))
+		} else {
+			v.SetBool(b)
+		}
+	case "int":
+		n, err := strconv.ParseInt(raw, 10, v.Type().Bits())
+		if err != nil {
+			return fmt.Errorf("%q is not an integer", raw)
+		}
+		v.SetInt(n)
+	default:
+		v.SetString(raw)
+	}
+	return nil
+}

@@ -1,0 +1,169 @@
+// Package metrics defines the relay's Prometheus collectors, registered on a
+// registry the caller passes in (never the global one), and serves them with
+// the health endpoints.
+package metrics
+
+import (
+	"runtime"
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Label values of the fixed sets used below.
+const (
+	LinkPostgres = "postgres"
+	LinkListen   = "listen"
+	LinkAMQP     = "amqp"
+
+	WakeNotify    = "notify"
+	WakePoll      = "poll"
+	WakeReconnect = "reconnect"
+
+	OtherEventType = "other"
+)
+
+// Links and WakeSources are the label values created at zero up front.
+var (
+	Links       = []string{LinkPostgres, LinkListen, LinkAMQP}
+	WakeSources = []string{WakeNotify, WakePoll, WakeReconnect}
+)
+
+// Metrics is the relay's set of collectors.
+type Metrics struct {
+	Published        *prometheus.CounterVec // event_type
+	Failed           *prometheus.CounterVec // event_type, reason
+	Returned         *prometheus.CounterVec // event_type: unroutable returns, failed or accepted
+	Dead             *prometheus.CounterVec // event_type, reason: rows parked dead
+	BatchDuration    prometheus.Histogram   // claim to commit
+	BatchSize        prometheus.Histogram   // rows claimed per non-empty batch
+	PublishLatency   prometheus.Histogram   // publish to confirm, per batch
+	EndToEndLatency  prometheus.Histogram   // created_at to confirm, per event
+	Pending          prometheus.Gauge       // pending rows
+	OldestPendingAge prometheus.Gauge       // seconds
+	DeadRows         prometheus.Gauge       // rows parked dead
+	LinkUp           *prometheus.GaugeVec   // link
+	Reconnects       *prometheus.CounterVec // link
+	Wakeups          *prometheus.CounterVec // source
+	BuildInfo        *prometheus.GaugeVec   // version, commit, go_version
+
+	maxTypes int
+	mu       sync.Mutex
+	types    map[string]struct{}
+}
+
+// Config bounds label cardinality.
+type Config struct {
+	// MaxEventTypes is the most distinct event_type label values; later types
+	// are counted as "other". Default 100.
+	MaxEventTypes int
+	Version       string
+	Commit        string
+}
+
+// New creates the collectors and registers them on reg.
+func New(reg prometheus.Registerer, cfg Config) (*Metrics, error) {
+	if cfg.MaxEventTypes <= 0 {
+		cfg.MaxEventTypes = 100
+	}
+	latency := []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300}
+	m := &Metrics{
+		Published: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "outbox_relay_events_published_total",
+			Help: "Events confirmed by the broker, by event type.",
+		}, []string{"event_type"}),
+		Failed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "outbox_relay_publish_failures_total",
+			Help: "Failed publish attempts by event type and reason (nack, unroutable, timeout, connection, too_large, invalid).",
+		}, []string{"event_type", "reason"}),
+		Returned: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "outbox_relay_events_returned_total",
+			Help: "Messages the broker returned as unroutable, whether treated as failures or accepted (amqp.unroutable).",
+		}, []string{"event_type"}),
+		Dead: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "outbox_relay_events_dead_total",
+			Help: "Events parked dead by this relay, by event type and the reason of the last failure.",
+		}, []string{"event_type", "reason"}),
+		BatchDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "outbox_relay_batch_duration_seconds",
+			Help:    "Time from claiming a batch to committing its outcome.",
+			Buckets: latency,
+		}),
+		BatchSize: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "outbox_relay_batch_size",
+			Help:    "Rows claimed per non-empty batch.",
+			Buckets: []float64{1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000},
+		}),
+		PublishLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "outbox_relay_publish_confirm_seconds",
+			Help:    "Time from the first publish of a batch to its last confirm.",
+			Buckets: latency,
+		}),
+		EndToEndLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "outbox_relay_end_to_end_latency_seconds",
+			Help:    "Time from an event's created_at (its transaction's start) to the broker's confirm.",
+			Buckets: latency,
+		}),
+		Pending: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "outbox_relay_pending_events",
+			Help: "Rows neither dispatched nor dead, read from the table every relay.stats_interval.",
+		}),
+		OldestPendingAge: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "outbox_relay_oldest_pending_age_seconds",
+			Help: "Age of the oldest pending row (0 when none), read every relay.stats_interval.",
+		}),
+		DeadRows: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "outbox_relay_dead_events",
+			Help: "Rows parked dead in the table, read every relay.stats_interval.",
+		}),
+		LinkUp: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "outbox_relay_link_up",
+			Help: "1 while the link (postgres, listen, amqp) is up, else 0.",
+		}, []string{"link"}),
+		Reconnects: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "outbox_relay_reconnects_total",
+			Help: "Times a link was re-established after being down.",
+		}, []string{"link"}),
+		Wakeups: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "outbox_relay_wakeups_total",
+			Help: "Claim loop wake-ups by source (notify, poll, reconnect).",
+		}, []string{"source"}),
+		BuildInfo: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "outbox_relay_build_info",
+			Help: "Always 1; labels carry the version, commit and Go version.",
+		}, []string{"version", "commit", "go_version"}),
+		maxTypes: cfg.MaxEventTypes,
+		types:    make(map[string]struct{}),
+	}
+	for _, c := range []prometheus.Collector{m.Published, m.Failed, m.Returned, m.Dead, m.BatchDuration,
+		m.BatchSize, m.PublishLatency, m.EndToEndLatency, m.Pending, m.OldestPendingAge, m.DeadRows,
+		m.LinkUp, m.Reconnects, m.Wakeups, m.BuildInfo} {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	for _, l := range Links {
+		m.LinkUp.WithLabelValues(l)
+		m.Reconnects.WithLabelValues(l)
+	}
+	for _, s := range WakeSources {
+		m.Wakeups.WithLabelValues(s)
+	}
+	m.BuildInfo.WithLabelValues(cfg.Version, cfg.Commit, runtime.Version()).Set(1)
+	return m, nil
+}
+
+// EventType returns the label value for an event type: the type itself for
+// the first MaxEventTypes distinct types seen, "other" after that.
+func (m *Metrics) EventType(t string) string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.types[t]; ok {
+		return t
+	}
+	if len(m.types) >= m.maxTypes {
+		return OtherEventType
+	}
+	m.types[t] = struct{}{}
+	return t
+}

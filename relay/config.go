@@ -1,0 +1,234 @@
+package relay
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"net/url"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-relay/outbox-relay/internal/ident"
+)
+
+// Config configures the relay engine. The yaml names are the keys of the
+// configuration file (see config.example.yaml, which documents every key);
+// zero values take the defaults below.
+type Config struct {
+	Postgres PostgresConfig `yaml:"postgres"`
+	AMQP     AMQPConfig     `yaml:"amqp"`
+	Relay    EngineConfig   `yaml:"relay"`
+	Wake     WakeConfig     `yaml:"wake"`
+}
+
+// PostgresConfig locates the outbox table.
+type PostgresConfig struct {
+	// DSN is a libpq URL or key=value string. Required.
+	DSN string `yaml:"dsn"`
+	// Schema of the outbox table. Default "public".
+	Schema string `yaml:"schema"`
+	// Table is the outbox table's name. Default "outbox".
+	Table string `yaml:"table"`
+	// MaxConns bounds the relay's pool (the LISTEN connection is extra). Default 4.
+	MaxConns int32 `yaml:"max_conns"`
+}
+
+// AMQPConfig says where and how events are published.
+type AMQPConfig struct {
+	// URL of the broker, amqp:// or amqps://. Required.
+	URL string `yaml:"url"`
+	// Exchange events are published to. Required; "" (the default exchange) is
+	// not allowed because it routes by queue name, not event type.
+	Exchange string `yaml:"exchange"`
+	// ExchangeType is used when the relay declares the exchange. Default "topic".
+	ExchangeType string `yaml:"exchange_type"`
+	// DeclareExchange makes the relay declare the exchange (durable) at connect.
+	// Default true; set false when the exchange is managed elsewhere or the
+	// relay's user lacks configure permission.
+	DeclareExchange *bool `yaml:"declare_exchange"`
+	// ConfirmTimeout bounds the wait for the broker's confirms of one batch.
+	// Default 30s.
+	ConfirmTimeout time.Duration `yaml:"confirm_timeout"`
+	// MaxMessageSize is the broker's max_message_size: larger payloads are
+	// parked dead at once instead of being sent (RabbitMQ would close the
+	// channel). Default 134217728 (128 MiB, RabbitMQ's default).
+	MaxMessageSize int `yaml:"max_message_size"`
+	// Unroutable says what a basic.return (no queue bound for the routing key)
+	// means: "fail" (default) retries the event and parks it dead after
+	// relay.max_attempts; "accept" counts it as delivered, for exchanges that
+	// have an alternate exchange.
+	Unroutable string `yaml:"unroutable"`
+}
+
+// EngineConfig tunes the claim loop.
+type EngineConfig struct {
+	// BatchSize is the most rows claimed and published per transaction. Default 500.
+	BatchSize int `yaml:"batch_size"`
+	// OnDispatch is "mark" (default: set dispatched_at, keeping the row) or
+	// "delete" (remove the row once the broker confirmed it).
+	OnDispatch string `yaml:"on_dispatch"`
+	// MaxAttempts is how many failed publishes park an event as dead. Default 10.
+	MaxAttempts int `yaml:"max_attempts"`
+	// RetryMinBackoff is the delay before the first retry; each further attempt
+	// doubles it (with jitter) up to RetryMaxBackoff. Defaults 1s and 5m.
+	RetryMinBackoff time.Duration `yaml:"retry_min_backoff"`
+	RetryMaxBackoff time.Duration `yaml:"retry_max_backoff"`
+	// ShutdownTimeout bounds the drain at shutdown: confirms of the batch in
+	// flight are awaited this long, then what was confirmed is committed. Default 30s.
+	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
+	// StatsInterval is how often backlog and dead counts are read from the
+	// table for metrics. Default 5s.
+	StatsInterval time.Duration `yaml:"stats_interval"`
+}
+
+// WakeConfig chooses how the relay learns that rows are waiting.
+type WakeConfig struct {
+	// Mode is "poll" (default) or "notify". poll probes the pending index,
+	// every MinInterval while events flow, backing off to PollInterval when
+	// idle; it costs producers nothing. notify LISTENs for the table's trigger
+	// (enable it with `outbox-relay notify enable`), polling every
+	// PollInterval as a fallback; each notifying commit takes a database-wide
+	// lock, which slows producers that commit concurrently.
+	Mode string `yaml:"mode"`
+	// PollInterval is the longest wait between probes. Default 100ms in poll
+	// mode, 10s in notify mode.
+	PollInterval time.Duration `yaml:"poll_interval"`
+	// MinInterval is the wait between probes while events flow (poll mode).
+	// Default 2ms.
+	MinInterval time.Duration `yaml:"min_interval"`
+}
+
+// Accepted values of the enumerated settings.
+const (
+	WakePoll   = "poll"
+	WakeNotify = "notify"
+
+	OnDispatchMark   = "mark"
+	OnDispatchDelete = "delete"
+
+	UnroutableFail   = "fail"
+	UnroutableAccept = "accept"
+)
+
+// WithDefaults returns c with every zero value replaced by its default.
+func (c Config) WithDefaults() Config {
+	c.Postgres.Schema = cmp.Or(c.Postgres.Schema, "public")
+	c.Postgres.Table = cmp.Or(c.Postgres.Table, "outbox")
+	c.Postgres.MaxConns = cmp.Or(c.Postgres.MaxConns, 4)
+	c.AMQP.ExchangeType = cmp.Or(c.AMQP.ExchangeType, "topic")
+	if c.AMQP.DeclareExchange == nil {
+		t := true
+		c.AMQP.DeclareExchange = &t
+	}
+	c.AMQP.ConfirmTimeout = cmp.Or(c.AMQP.ConfirmTimeout, 30*time.Second)
+	c.AMQP.MaxMessageSize = cmp.Or(c.AMQP.MaxMessageSize, 128<<20)
+	c.AMQP.Unroutable = cmp.Or(c.AMQP.Unroutable, UnroutableFail)
+	c.Relay.BatchSize = cmp.Or(c.Relay.BatchSize, 500)
+	c.Relay.OnDispatch = cmp.Or(c.Relay.OnDispatch, OnDispatchMark)
+	c.Relay.MaxAttempts = cmp.Or(c.Relay.MaxAttempts, 10)
+	c.Relay.RetryMinBackoff = cmp.Or(c.Relay.RetryMinBackoff, time.Second)
+	c.Relay.RetryMaxBackoff = cmp.Or(c.Relay.RetryMaxBackoff, 5*time.Minute)
+	c.Relay.ShutdownTimeout = cmp.Or(c.Relay.ShutdownTimeout, 30*time.Second)
+	c.Relay.StatsInterval = cmp.Or(c.Relay.StatsInterval, 5*time.Second)
+	c.Wake.Mode = cmp.Or(c.Wake.Mode, WakePoll)
+	if c.Wake.Mode == WakeNotify {
+		c.Wake.PollInterval = cmp.Or(c.Wake.PollInterval, 10*time.Second)
+	} else {
+		c.Wake.PollInterval = cmp.Or(c.Wake.PollInterval, 100*time.Millisecond)
+	}
+	c.Wake.MinInterval = cmp.Or(c.Wake.MinInterval, 2*time.Millisecond)
+	return c
+}
+
+// FieldError is a configuration error naming the offending key.
+type FieldError struct {
+	Key     string // e.g. "relay.batch_size"
+	Problem string // what is wrong and what is allowed
+}
+
+func (e *FieldError) Error() string { return e.Key + ": " + e.Problem }
+
+// Validate checks a config that has had WithDefaults applied and returns
+// every problem found, each a *FieldError naming its key.
+func (c Config) Validate() error {
+	var errs []error
+	bad := func(key, format string, args ...any) {
+		errs = append(errs, &FieldError{Key: key, Problem: fmt.Sprintf(format, args...)})
+	}
+	if c.Postgres.DSN == "" {
+		bad("postgres.dsn", "required: a PostgreSQL URL such as postgres://user@host:5432/db (env OUTBOX_RELAY_POSTGRES_DSN)")
+	} else if _, err := pgx.ParseConfig(c.Postgres.DSN); err != nil {
+		bad("postgres.dsn", "cannot be parsed: %s", Redact(err.Error()))
+	}
+	if err := ident.Validate(c.Postgres.Schema); err != nil {
+		bad("postgres.schema", "%v", err)
+	}
+	if err := ident.Validate(c.Postgres.Table); err != nil {
+		bad("postgres.table", "%v", err)
+	}
+	if c.Postgres.MaxConns < 1 {
+		bad("postgres.max_conns", "must be at least 1, got %d", c.Postgres.MaxConns)
+	}
+	if c.AMQP.URL == "" {
+		bad("amqp.url", "required: a broker URL such as amqp://user:pass@host:5672/vhost (env OUTBOX_RELAY_AMQP_URL)")
+	} else if u, err := url.Parse(c.AMQP.URL); err != nil || (u.Scheme != "amqp" && u.Scheme != "amqps") {
+		bad("amqp.url", "must be an amqp:// or amqps:// URL, got %q", RedactURL(c.AMQP.URL))
+	}
+	if c.AMQP.Exchange == "" {
+		bad("amqp.exchange", "required: the exchange events are published to (env OUTBOX_RELAY_AMQP_EXCHANGE)")
+	}
+	switch c.AMQP.ExchangeType {
+	case "topic", "direct", "fanout", "headers":
+	default:
+		bad("amqp.exchange_type", "must be topic, direct, fanout or headers, got %q", c.AMQP.ExchangeType)
+	}
+	if c.AMQP.ConfirmTimeout < 0 {
+		bad("amqp.confirm_timeout", "must be positive, got %s", c.AMQP.ConfirmTimeout)
+	}
+	if c.AMQP.MaxMessageSize < 1 {
+		bad("amqp.max_message_size", "must be a positive number of bytes, got %d", c.AMQP.MaxMessageSize)
+	}
+	oneOf(bad, "amqp.unroutable", c.AMQP.Unroutable, UnroutableFail, UnroutableAccept)
+	if c.Relay.BatchSize < 1 || c.Relay.BatchSize > 10000 {
+		bad("relay.batch_size", "must be between 1 and 10000, got %d", c.Relay.BatchSize)
+	}
+	oneOf(bad, "relay.on_dispatch", c.Relay.OnDispatch, OnDispatchMark, OnDispatchDelete)
+	if c.Relay.MaxAttempts < 1 {
+		bad("relay.max_attempts", "must be at least 1, got %d", c.Relay.MaxAttempts)
+	}
+	positive(bad, "relay.retry_min_backoff", c.Relay.RetryMinBackoff)
+	positive(bad, "relay.retry_max_backoff", c.Relay.RetryMaxBackoff)
+	if c.Relay.RetryMaxBackoff < c.Relay.RetryMinBackoff {
+		bad("relay.retry_max_backoff", "must not be below relay.retry_min_backoff (%s), got %s", c.Relay.RetryMinBackoff, c.Relay.RetryMaxBackoff)
+	}
+	positive(bad, "relay.shutdown_timeout", c.Relay.ShutdownTimeout)
+	positive(bad, "relay.stats_interval", c.Relay.StatsInterval)
+	oneOf(bad, "wake.mode", c.Wake.Mode, WakePoll, WakeNotify)
+	positive(bad, "wake.poll_interval", c.Wake.PollInterval)
+	positive(bad, "wake.min_interval", c.Wake.MinInterval)
+	if c.Wake.MinInterval > c.Wake.PollInterval {
+		bad("wake.min_interval", "must not exceed wake.poll_interval (%s), got %s", c.Wake.PollInterval, c.Wake.MinInterval)
+	}
+	return errors.Join(errs...)
+}
+
+func oneOf(bad func(string, string, ...any), key, got string, allowed ...string) {
+	for _, a := range allowed {
+		if got == a {
+			return
+		}
+	}
+	bad(key, "must be one of %q, got %q", allowed, got)
+}
+
+func positive(bad func(string, string, ...any), key string, d time.Duration) {
+	if d <= 0 {
+		bad(key, "must be a positive duration such as 500ms or 10s, got %s", d)
+	}
+}
+
+// table returns the configured outbox table.
+func (c Config) table() ident.Table {
+	return ident.Table{Schema: c.Postgres.Schema, Name: c.Postgres.Table}
+}

@@ -1,0 +1,144 @@
+package relay
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/google/uuid"
+	amqp "github.com/rabbitmq/amqp091-go"
+)
+
+// Message is one outbox row on its way to the broker.
+type Message struct {
+	Seq           int64
+	ID            uuid.UUID
+	Type          string
+	Key           string
+	Body          []byte
+	ContentType   string
+	CorrelationID string
+	Headers       map[string]any
+	CreatedAt     time.Time
+	Attempts      int
+}
+
+// Publisher is what the relay needs from a broker: publish a batch with all
+// confirms outstanding together, and report per message. The AMQP
+// implementation is AMQPPublisher; tests may supply their own.
+type Publisher interface {
+	// Publish sends msgs and returns one error per message, in order: nil
+	// means the broker confirmed that exact message; otherwise a
+	// *PublishError. It returns when every message is settled or ctx is done.
+	Publish(ctx context.Context, msgs []Message) []error
+	// Connect establishes the broker link if it is down; idempotent.
+	Connect(ctx context.Context) error
+	// Ready reports whether the broker link is up (nil) or why not.
+	Ready() error
+	// Close releases the broker connection.
+	Close() error
+}
+
+// Reason classifies a publish failure. The values are metric label values.
+type Reason string
+
+// The reasons a publish can fail.
+const (
+	ReasonNack       Reason = "nack"       // broker refused the message (basic.nack)
+	ReasonUnroutable Reason = "unroutable" // returned: no queue bound for the routing key
+	ReasonTimeout    Reason = "timeout"    // no confirm within amqp.confirm_timeout
+	ReasonConnection Reason = "connection" // connection or channel lost before the confirm
+	ReasonTooLarge   Reason = "too_large"  // larger than amqp.max_message_size
+	ReasonInvalid    Reason = "invalid"    // the row cannot be turned into a message (bad headers)
+)
+
+// Reasons lists every Reason, for metrics created at zero up front.
+var Reasons = []Reason{ReasonNack, ReasonUnroutable, ReasonTimeout, ReasonConnection, ReasonTooLarge, ReasonInvalid}
+
+// PublishError is a failed publish with its reason.
+type PublishError struct {
+	Reason Reason
+	Err    error
+}
+
+func (e *PublishError) Error() string {
+	if e.Err == nil {
+		return string(e.Reason)
+	}
+	return string(e.Reason) + ": " + e.Err.Error()
+}
+
+func (e *PublishError) Unwrap() error { return e.Err }
+
+// Transient reports whether the failure says nothing about the message
+// itself (the link dropped): the row is retried without charging an attempt.
+func (e *PublishError) Transient() bool { return e.Reason == ReasonConnection }
+
+// Permanent reports whether retrying cannot help: the row is parked dead at once.
+func (e *PublishError) Permanent() bool {
+	return e.Reason == ReasonTooLarge || e.Reason == ReasonInvalid
+}
+
+// reasonOf extracts the reason of a publish error (connection when unknown).
+func reasonOf(err error) *PublishError {
+	var pe *PublishError
+	if errors.As(err, &pe) {
+		return pe
+	}
+	return &PublishError{Reason: ReasonConnection, Err: err}
+}
+
+// DecodeHeaders turns the row's jsonb headers into AMQP field-table values:
+// strings, booleans, int64 for integral numbers, float64 otherwise, nested
+// tables and arrays. The input must be a JSON object.
+func DecodeHeaders(raw []byte) (map[string]any, error) {
+	if len(bytes.TrimSpace(raw)) == 0 {
+		return nil, nil
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.UseNumber()
+	var obj map[string]any
+	if err := dec.Decode(&obj); err != nil {
+		return nil, fmt.Errorf("headers must be a JSON object: %w", err)
+	}
+	if dec.More() {
+		return nil, errors.New("headers: trailing data after the JSON object")
+	}
+	if len(obj) == 0 {
+		return nil, nil
+	}
+	for k, v := range obj {
+		if len(k) > 255 {
+			return nil, fmt.Errorf("header name %.20q... is longer than 255 bytes", k)
+		}
+		obj[k] = amqpValue(v)
+	}
+	return obj, nil
+}
+
+func amqpValue(v any) any {
+	switch x := v.(type) {
+	case json.Number:
+		if i, err := x.Int64(); err == nil {
+			return i
+		}
+		f, _ := x.Float64()
+		return f
+	case map[string]any:
+		t := make(amqp.Table, len(x))
+		for k, e := range x {
+			t[k] = amqpValue(e)
+		}
+		return t
+	case []any:
+		for i, e := range x {
+			x[i] = amqpValue(e)
+		}
+		return x
+	default: // string, bool, nil
+		return v
+	}
+}

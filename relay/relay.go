@@ -1,0 +1,561 @@
+// Package relay is the outbox relay's engine: a wake source drives a claim
+// loop that claims due rows with FOR UPDATE SKIP LOCKED, publishes them with
+// confirms outstanding together, and in the same transaction marks exactly
+// the confirmed rows dispatched and schedules the failed ones for retry. A
+// crash before commit releases the locks and the rows are claimed again.
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"go.uber.org/zap"
+
+	"github.com/outbox-relay/outbox-relay/internal/ident"
+	"github.com/outbox-relay/outbox-relay/metrics"
+)
+
+// Deps are the relay's collaborators. Logger and Metrics are required.
+type Deps struct {
+	Logger  *zap.Logger
+	Metrics *metrics.Metrics
+	// Publisher defaults to an AMQPPublisher built from Config.AMQP.
+	Publisher Publisher
+}
+
+// Headers the relay adds to every message besides the row's own headers.
+const (
+	// HeaderSeq carries the row's sequence number (int64): consumers can check
+	// per-key order with it.
+	HeaderSeq = "x-outbox-seq"
+	// HeaderPartitionKey carries the row's partition key, when it has one.
+	HeaderPartitionKey = "x-outbox-partition-key"
+)
+
+// ErrTableMissing is returned by Run when the outbox table does not exist.
+var ErrTableMissing = errors.New("outbox table does not exist")
+
+// Relay moves committed outbox rows to the broker. Create it with New and
+// run it with Run; it holds no resources until Run.
+type Relay struct {
+	cfg   Config
+	table ident.Table
+	q     queries
+	log   *zap.Logger
+	m     *metrics.Metrics
+	pub   Publisher
+
+	wake     chan string // wake-up source; capacity 1, coalescing
+	lastLoop atomic.Int64
+	started  atomic.Bool
+
+	mu    sync.Mutex
+	links map[string]error // nil: up
+}
+
+// New validates cfg (after applying defaults) and returns a relay.
+func New(cfg Config, deps Deps) (*Relay, error) {
+	if deps.Logger == nil {
+		return nil, errors.New("relay: nil Logger")
+	}
+	if deps.Metrics == nil {
+		return nil, errors.New("relay: nil Metrics")
+	}
+	cfg = cfg.WithDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	log := deps.Logger.Named("relay")
+	pub := deps.Publisher
+	if pub == nil {
+		pub = NewAMQPPublisher(cfg.AMQP, cfg.Relay.BatchSize, log.Named("amqp"))
+	}
+	r := &Relay{
+		cfg:   cfg,
+		table: cfg.table(),
+		q:     newQueries(cfg.table()),
+		log:   log,
+		m:     deps.Metrics,
+		pub:   pub,
+		wake:  make(chan string, 1),
+		links: map[string]error{},
+	}
+	notConnected := errors.New("not connected yet")
+	r.links[metrics.LinkPostgres] = notConnected
+	r.links[metrics.LinkAMQP] = notConnected
+	if cfg.Wake.Mode == WakeNotify {
+		r.links[metrics.LinkListen] = notConnected
+	}
+	return r, nil
+}
+
+// Config returns the effective configuration (defaults applied).
+func (r *Relay) Config() Config { return r.cfg }
+
+// Run relays until ctx is cancelled, then drains: it stops claiming, waits
+// up to relay.shutdown_timeout for the confirms of the batch in flight,
+// commits what was confirmed and returns nil. It returns an error only for
+// conditions that retrying cannot fix, such as a missing outbox table.
+func (r *Relay) Run(ctx context.Context) error {
+	if !r.started.CompareAndSwap(false, true) {
+		return errors.New("relay: Run called twice")
+	}
+	poolCfg, err := pgxpool.ParseConfig(r.cfg.Postgres.DSN)
+	if err != nil {
+		return fmt.Errorf("postgres.dsn: %s", Redact(err.Error()))
+	}
+	poolCfg.MaxConns = r.cfg.Postgres.MaxConns
+	poolCfg.ConnConfig.RuntimeParams["application_name"] = "outbox-relay"
+	pool, err := pgxpool.NewWithConfig(context.WithoutCancel(ctx), poolCfg)
+	if err != nil {
+		return fmt.Errorf("postgres pool: %w", err)
+	}
+	r.lastLoop.Store(time.Now().UnixNano())
+
+	var wg sync.WaitGroup
+	bg, stopBG := context.WithCancel(ctx)
+	if r.cfg.Wake.Mode == WakeNotify {
+		wg.Go(func() { r.listen(bg, poolCfg.ConnConfig) })
+	}
+	wg.Go(func() { r.statsLoop(bg, pool) })
+
+	r.log.Info("relay started",
+		zap.String("table", r.table.String()),
+		zap.String("exchange", r.cfg.AMQP.Exchange),
+		zap.String("wake_mode", r.cfg.Wake.Mode),
+		zap.Int("batch_size", r.cfg.Relay.BatchSize))
+	err = r.claimLoop(ctx, pool)
+
+	// Reverse order of start: claiming has stopped and its last batch is
+	// settled; now the background loops, the broker, the pool.
+	stopBG()
+	wg.Wait()
+	err = errors.Join(err, r.pub.Close())
+	pool.Close()
+	if err == nil {
+		r.log.Info("relay stopped")
+	}
+	return err
+}
+
+// claimLoop runs batches until ctx is done. It keeps going while batches come
+// back full, polls adaptively when idle, and backs off on errors.
+func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool) error {
+	interval := r.cfg.Wake.MinInterval
+	failures := 0
+	checked := false
+	probe := false // the last batch was empty: probe before claiming
+	for ctx.Err() == nil {
+		r.lastLoop.Store(time.Now().UnixNano())
+		if !checked {
+			if err := r.checkSchema(ctx, pool); err != nil {
+				if errors.Is(err, ErrTableMissing) {
+					return err
+				}
+				r.setLink(metrics.LinkPostgres, err)
+				failures++
+				r.sleep(ctx, backoff(failures, 100*time.Millisecond, 5*time.Second))
+				continue
+			}
+			checked = true
+		}
+		if r.pub.Ready() != nil {
+			if err := r.pub.Connect(ctx); err != nil {
+				r.setLink(metrics.LinkAMQP, err)
+				failures++
+				r.sleep(ctx, backoff(failures, 100*time.Millisecond, 5*time.Second))
+				continue
+			}
+			r.setLink(metrics.LinkAMQP, nil)
+		}
+		n, err := r.runOnce(ctx, pool, probe)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			failures++
+			r.sleep(ctx, backoff(failures, 100*time.Millisecond, 5*time.Second))
+			continue
+		}
+		failures = 0
+		switch {
+		case n == r.cfg.Relay.BatchSize:
+			probe = false
+			continue // more is waiting
+		case n > 0:
+			probe = false
+			interval = r.cfg.Wake.MinInterval
+		default:
+			probe = true
+			if r.cfg.Wake.Mode == WakeNotify {
+				interval = r.cfg.Wake.PollInterval
+			} else {
+				interval = min(2*interval, r.cfg.Wake.PollInterval)
+			}
+		}
+		r.waitWake(ctx, interval)
+	}
+	return nil
+}
+
+// waitWake blocks until a wake-up signal, the interval, or ctx.
+func (r *Relay) waitWake(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case src := <-r.wake:
+		r.m.Wakeups.WithLabelValues(src).Inc()
+	case <-t.C:
+		r.m.Wakeups.WithLabelValues(metrics.WakePoll).Inc()
+	}
+}
+
+// signal wakes the claim loop without blocking; wake-ups coalesce.
+func (r *Relay) signal(src string) {
+	select {
+	case r.wake <- src:
+	default:
+	}
+}
+
+func (r *Relay) sleep(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-t.C:
+	}
+}
+
+// checkSchema fails with ErrTableMissing when the table is absent, and warns
+// when the NOTIFY trigger disagrees with wake.mode.
+func (r *Relay) checkSchema(ctx context.Context, pool *pgxpool.Pool) error {
+	var exists bool
+	if err := pool.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, r.table.Quoted()).Scan(&exists); err != nil {
+		return fmt.Errorf("check outbox table: %w", err)
+	}
+	if !exists {
+		return fmt.Errorf("%w: %s (run `outbox-relay migrate up`, or check postgres.schema and postgres.table)", ErrTableMissing, r.table)
+	}
+	var enabled bool
+	if err := pool.QueryRow(ctx, r.q.notifyTrigger, r.table.Quoted(), r.table.Name+"_notify").Scan(&enabled); err != nil {
+		return fmt.Errorf("check notify trigger: %w", err)
+	}
+	switch {
+	case r.cfg.Wake.Mode == WakeNotify && !enabled:
+		r.log.Warn("wake.mode is notify but the table's NOTIFY trigger is disabled: events wait for the fallback poll; run `outbox-relay notify enable`",
+			zap.Duration("poll_interval", r.cfg.Wake.PollInterval))
+	case r.cfg.Wake.Mode == WakePoll && enabled:
+		r.log.Warn("the table's NOTIFY trigger is enabled but wake.mode is poll: producers pay for NOTIFY for nothing; run `outbox-relay notify disable`")
+	}
+	r.setLink(metrics.LinkPostgres, nil)
+	return nil
+}
+
+// runOnce claims one batch, publishes it and records the outcome in the same
+// transaction. It returns the number of rows claimed.
+func (r *Relay) runOnce(ctx context.Context, pool *pgxpool.Pool, probe bool) (int, error) {
+	if probe {
+		var due bool
+		if err := pool.QueryRow(ctx, r.q.probePending).Scan(&due); err != nil {
+			return 0, r.pgFailed(fmt.Errorf("probe pending: %w", err))
+		}
+		r.setLink(metrics.LinkPostgres, nil)
+		if !due {
+			return 0, nil
+		}
+	}
+	start := time.Now()
+	tx, err := pool.Begin(ctx)
+	if err != nil {
+		return 0, r.pgFailed(fmt.Errorf("begin: %w", err))
+	}
+	// From here on the batch is finished even if ctx is cancelled: the
+	// publish gets relay.shutdown_timeout, the bookkeeping its own bound.
+	settle := context.WithoutCancel(ctx)
+	defer func() { _ = tx.Rollback(settle) }()
+
+	msgs, invalid, err := r.claim(ctx, tx)
+	if err != nil {
+		return 0, r.pgFailed(err)
+	}
+	r.setLink(metrics.LinkPostgres, nil)
+	n := len(msgs) + len(invalid)
+	if n == 0 {
+		return 0, tx.Commit(settle)
+	}
+	r.m.BatchSize.Observe(float64(n))
+
+	pubCtx, cancel := context.WithCancel(settle)
+	defer cancel()
+	stop := context.AfterFunc(ctx, func() {
+		r.log.Info("draining the batch in flight", zap.Int("batch_size", n), zap.Duration("shutdown_timeout", r.cfg.Relay.ShutdownTimeout))
+		time.AfterFunc(r.cfg.Relay.ShutdownTimeout, cancel)
+	})
+	defer stop()
+	pubStart := time.Now()
+	errs := r.pub.Publish(pubCtx, msgs)
+	confirmedAt := time.Now()
+	r.m.PublishLatency.Observe(confirmedAt.Sub(pubStart).Seconds())
+
+	var (
+		done     []int64
+		failed   []failure
+		linkDown error
+	)
+	for i, m := range msgs {
+		if errs[i] == nil {
+			done = append(done, m.Seq)
+			r.m.Published.WithLabelValues(r.m.EventType(m.Type)).Inc()
+			r.m.EndToEndLatency.Observe(confirmedAt.Sub(m.CreatedAt).Seconds())
+			continue
+		}
+		pe := reasonOf(errs[i])
+		r.m.Failed.WithLabelValues(r.m.EventType(m.Type), string(pe.Reason)).Inc()
+		if pe.Reason == ReasonUnroutable {
+			r.m.Returned.WithLabelValues(r.m.EventType(m.Type)).Inc()
+		}
+		if pe.Transient() {
+			linkDown = pe // untouched: retried as it is, no attempt charged
+			continue
+		}
+		failed = append(failed, failure{msg: m, err: pe})
+	}
+	failed = append(failed, invalid...)
+
+	bookCtx, cancelBook := context.WithTimeout(settle, 30*time.Second)
+	defer cancelBook()
+	if err := r.record(bookCtx, tx, done, failed); err != nil {
+		return n, r.pgFailed(err)
+	}
+	if err := tx.Commit(bookCtx); err != nil {
+		return n, r.pgFailed(fmt.Errorf("commit batch: %w", err))
+	}
+	r.m.BatchDuration.Observe(time.Since(start).Seconds())
+	if linkDown != nil {
+		r.setLink(metrics.LinkAMQP, linkDown)
+		return n, linkDown
+	}
+	r.setLink(metrics.LinkAMQP, nil)
+	r.log.Debug("batch relayed", zap.Int("batch_size", n), zap.Int("confirmed", len(done)), zap.Int("failed", len(failed)))
+	return n, nil
+}
+
+type failure struct {
+	msg Message
+	err *PublishError
+}
+
+// claim locks the next due rows and turns them into messages; rows whose
+// headers cannot be decoded come back as invalid failures.
+func (r *Relay) claim(ctx context.Context, tx pgx.Tx) (msgs []Message, invalid []failure, err error) {
+	rows, err := tx.Query(ctx, r.q.claimBatch, r.cfg.Relay.BatchSize)
+	if err != nil {
+		return nil, nil, fmt.Errorf("claim batch: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var (
+			m       Message
+			headers []byte
+		)
+		if err := rows.Scan(&m.Seq, &m.ID, &m.Type, &m.Key, &m.Body, &m.ContentType, &headers,
+			&m.CorrelationID, &m.CreatedAt, &m.Attempts); err != nil {
+			return nil, nil, fmt.Errorf("claim batch: scan: %w", err)
+		}
+		h, err := DecodeHeaders(headers)
+		if err != nil {
+			invalid = append(invalid, failure{msg: m, err: &PublishError{Reason: ReasonInvalid, Err: err}})
+			continue
+		}
+		if h == nil {
+			h = make(map[string]any, 2)
+		}
+		h[HeaderSeq] = m.Seq
+		if m.Key != "" {
+			h[HeaderPartitionKey] = m.Key
+		}
+		m.Headers = h
+		msgs = append(msgs, m)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, nil, fmt.Errorf("claim batch: %w", err)
+	}
+	return msgs, invalid, nil
+}
+
+// record marks the confirmed rows and schedules or parks the failed ones,
+// one statement each.
+func (r *Relay) record(ctx context.Context, tx pgx.Tx, done []int64, failed []failure) error {
+	if len(done) > 0 {
+		q := r.q.markDispatched
+		if r.cfg.Relay.OnDispatch == OnDispatchDelete {
+			q = r.q.deleteDispatched
+		}
+		if _, err := tx.Exec(ctx, q, done); err != nil {
+			return fmt.Errorf("mark dispatched: %w", err)
+		}
+	}
+	if len(failed) == 0 {
+		return nil
+	}
+	var (
+		seqs    = make([]int64, len(failed))
+		errs    = make([]string, len(failed))
+		delays  = make([]int64, len(failed))
+		dead    = make([]bool, len(failed))
+		charges = make([]int32, len(failed))
+	)
+	for i, f := range failed {
+		attempt := f.msg.Attempts + 1
+		seqs[i], errs[i], charges[i] = f.msg.Seq, f.err.Error(), 1
+		dead[i] = f.err.Permanent() || attempt >= r.cfg.Relay.MaxAttempts
+		if dead[i] {
+			r.m.Dead.WithLabelValues(r.m.EventType(f.msg.Type), string(f.err.Reason)).Inc()
+			r.log.Warn("event parked dead", zap.String("event_id", f.msg.ID.String()),
+				zap.String("event_type", f.msg.Type), zap.Int("attempt", attempt), zap.Error(f.err))
+			continue
+		}
+		delays[i] = backoff(attempt, r.cfg.Relay.RetryMinBackoff, r.cfg.Relay.RetryMaxBackoff).Milliseconds()
+		r.log.Debug("publish failed, will retry", zap.String("event_id", f.msg.ID.String()),
+			zap.String("event_type", f.msg.Type), zap.Int("attempt", attempt),
+			zap.Int64("retry_in_ms", delays[i]), zap.Error(f.err))
+	}
+	if _, err := tx.Exec(ctx, r.q.recordFailures, seqs, errs, delays, dead, charges); err != nil {
+		return fmt.Errorf("record failures: %w", err)
+	}
+	return nil
+}
+
+// pgFailed records a database error on the postgres link.
+func (r *Relay) pgFailed(err error) error {
+	r.setLink(metrics.LinkPostgres, err)
+	return err
+}
+
+// backoff is the capped exponential delay before attempt n (n ≥ 1), with
+// "equal jitter": uniformly in [d/2, d].
+func backoff(n int, lo, hi time.Duration) time.Duration {
+	d := lo
+	for i := 1; i < n && d < hi; i++ {
+		d *= 2
+	}
+	d = min(d, hi)
+	half := d / 2
+	return half + rand.N(d-half+1)
+}
+
+// setLink records a link's state; it logs and counts only state changes.
+func (r *Relay) setLink(link string, err error) {
+	r.mu.Lock()
+	prev, known := r.links[link]
+	r.links[link] = err
+	r.mu.Unlock()
+	wasUp := known && prev == nil
+	switch {
+	case err == nil && !wasUp:
+		r.m.LinkUp.WithLabelValues(link).Set(1)
+		if known && prev != nil && prev.Error() != "not connected yet" {
+			r.m.Reconnects.WithLabelValues(link).Inc()
+			r.log.Info("link restored", zap.String("link", link))
+		} else {
+			r.log.Info("link up", zap.String("link", link))
+		}
+	case err != nil && (wasUp || !known):
+		r.m.LinkUp.WithLabelValues(link).Set(0)
+		r.log.Warn("link down", zap.String("link", link), zap.String("error", Redact(err.Error())))
+	}
+}
+
+// Ready reports nil while every link is up and the claim loop is not stuck.
+func (r *Relay) Ready() error {
+	r.mu.Lock()
+	var errs []error
+	for link, err := range r.links {
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %s", link, Redact(err.Error())))
+		}
+	}
+	r.mu.Unlock()
+	stuckAfter := 2*r.cfg.AMQP.ConfirmTimeout + r.cfg.Wake.PollInterval + time.Minute
+	if last := time.Unix(0, r.lastLoop.Load()); r.started.Load() && time.Since(last) > stuckAfter {
+		errs = append(errs, fmt.Errorf("claim loop stuck since %s", last.Format(time.RFC3339)))
+	}
+	return errors.Join(errs...)
+}
+
+// listen keeps a dedicated LISTEN connection (notify mode), waking the claim
+// loop on every notification and once after each (re)connect, since
+// notifications sent while it was down are lost.
+func (r *Relay) listen(ctx context.Context, connCfg *pgx.ConnConfig) {
+	channel := pgx.Identifier{r.table.Channel()}.Sanitize()
+	failures := 0
+	for ctx.Err() == nil {
+		conn, err := pgx.ConnectConfig(ctx, connCfg)
+		if err == nil {
+			if _, err = conn.Exec(ctx, "LISTEN "+channel); err != nil {
+				_ = conn.Close(context.WithoutCancel(ctx))
+			}
+		}
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			r.setLink(metrics.LinkListen, err)
+			failures++
+			r.sleep(ctx, backoff(failures, 100*time.Millisecond, 5*time.Second))
+			continue
+		}
+		failures = 0
+		r.setLink(metrics.LinkListen, nil)
+		r.signal(metrics.WakeReconnect)
+		for {
+			if _, err = conn.WaitForNotification(ctx); err != nil {
+				break
+			}
+			r.signal(metrics.WakeNotify)
+		}
+		_ = conn.Close(context.WithoutCancel(ctx))
+		if ctx.Err() != nil {
+			return
+		}
+		r.setLink(metrics.LinkListen, err)
+	}
+}
+
+// statsLoop refreshes the backlog gauges from the table.
+func (r *Relay) statsLoop(ctx context.Context, pool *pgxpool.Pool) {
+	t := time.NewTicker(r.cfg.Relay.StatsInterval)
+	defer t.Stop()
+	for {
+		var pending, dead int64
+		var age float64
+		err := pool.QueryRow(ctx, r.q.readStats).Scan(&pending, &dead, &age)
+		if err == nil {
+			r.m.Pending.Set(float64(pending))
+			r.m.DeadRows.Set(float64(dead))
+			r.m.OldestPendingAge.Set(age)
+		} else if ctx.Err() == nil && !isUndefinedTable(err) {
+			r.log.Debug("read stats", zap.Error(err))
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func isUndefinedTable(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "42P01"
+}

@@ -1,0 +1,127 @@
+// Package schema holds the outbox table's goose migrations, embedded in the
+// binary. The SQL files are templates: every object name is rendered from the
+// configured schema and table, validated and quoted, before goose sees it.
+package schema
+
+import (
+	"bytes"
+	"context"
+	"database/sql"
+	"embed"
+	"fmt"
+	"io/fs"
+	"strings"
+	"testing/fstest"
+	"text/template"
+
+	"github.com/pressly/goose/v3"
+
+	"github.com/outbox-relay/outbox-relay/internal/ident"
+)
+
+//go:embed migrations/*.sql
+var migrations embed.FS
+
+// VersionTableSuffix names goose's bookkeeping table, kept next to the outbox
+// table: public.outbox → public.outbox_schema_version.
+const VersionTableSuffix = "schema_version"
+
+// Migrator applies the outbox migrations to one schema-qualified table.
+type Migrator struct {
+	provider *goose.Provider
+	db       *sql.DB
+	table    ident.Table
+}
+
+// NewMigrator renders the migrations for schema.table. db is used as given and
+// not closed by the Migrator.
+func NewMigrator(db *sql.DB, schemaName, table string) (*Migrator, error) {
+	t := ident.Table{Schema: schemaName, Name: table}
+	if err := t.Validate(); err != nil {
+		return nil, err
+	}
+	fsys, err := Render(t)
+	if err != nil {
+		return nil, err
+	}
+	p, err := goose.NewProvider(goose.DialectPostgres, db, fsys,
+		goose.WithTableName(t.Schema+"."+t.Name+"_"+VersionTableSuffix),
+		goose.WithDisableGlobalRegistry(true),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("goose provider: %w", err)
+	}
+	return &Migrator{provider: p, db: db, table: t}, nil
+}
+
+// Render returns the migrations rendered for table t, as goose reads them.
+func Render(t ident.Table) (fs.FS, error) {
+	data := templateData{t}
+	out := fstest.MapFS{}
+	err := fs.WalkDir(migrations, "migrations", func(path string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		src, err := migrations.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		tmpl, err := template.New(path).Option("missingkey=error").Parse(string(src))
+		if err != nil {
+			return fmt.Errorf("parse %s: %w", path, err)
+		}
+		var buf bytes.Buffer
+		if err := tmpl.Execute(&buf, data); err != nil {
+			return fmt.Errorf("render %s: %w", path, err)
+		}
+		out[strings.TrimPrefix(path, "migrations/")] = &fstest.MapFile{Data: buf.Bytes()}
+		return nil
+	})
+	return out, err
+}
+
+type templateData struct{ t ident.Table }
+
+func (d templateData) Table() string              { return d.t.Quoted() }
+func (d templateData) Func(suffix string) string  { return d.t.Derived(suffix) }
+func (d templateData) Local(suffix string) string { return d.t.Local(suffix) }
+func (d templateData) ChannelLiteral() string {
+	return "'" + strings.ReplaceAll(d.t.Channel(), "'", "''") + "'"
+}
+
+// Up applies all pending migrations, creating the schema first if needed.
+func (m *Migrator) Up(ctx context.Context) ([]*goose.MigrationResult, error) {
+	if _, err := m.db.ExecContext(ctx, "CREATE SCHEMA IF NOT EXISTS "+ident.Quote(m.table.Schema)); err != nil {
+		return nil, fmt.Errorf("create schema %s: %w", m.table.Schema, err)
+	}
+	return m.provider.Up(ctx)
+}
+
+// DownTo rolls back to version (0 removes the outbox table entirely).
+func (m *Migrator) DownTo(ctx context.Context, version int64) ([]*goose.MigrationResult, error) {
+	return m.provider.DownTo(ctx, version)
+}
+
+// Down rolls back the most recent migration.
+func (m *Migrator) Down(ctx context.Context) (*goose.MigrationResult, error) {
+	return m.provider.Down(ctx)
+}
+
+// Status reports each migration and whether it is applied.
+func (m *Migrator) Status(ctx context.Context) ([]*goose.MigrationStatus, error) {
+	return m.provider.Status(ctx)
+}
+
+// Version returns the current applied version.
+func (m *Migrator) Version(ctx context.Context) (int64, error) {
+	return m.provider.GetDBVersion(ctx)
+}
+
+// Latest is the newest migration version this binary carries.
+func (m *Migrator) Latest() int64 {
+	srcs := m.provider.ListSources()
+	if len(srcs) == 0 {
+		return 0
+	}
+	return srcs[len(srcs)-1].Version
+}
