@@ -19,7 +19,7 @@ const (
 	exitUsage  = 2 // bad arguments or configuration
 )
 
-func main() { os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr)) }
+func main() { os.Exit(run(os.Args[1:], os.Environ(), os.Stdin, os.Stdout, os.Stderr)) }
 
 const usage = `outbox-relay publishes a transactional outbox table to RabbitMQ.
 
@@ -41,14 +41,14 @@ func (e *usageError) Error() string { return e.msg }
 
 func usagef(format string, args ...any) error { return &usageError{fmt.Sprintf(format, args...)} }
 
-func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+func run(args, environ []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, usage)
 		return exitUsage
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	env := &cliEnv{stdin: stdin, stdout: stdout, stderr: stderr, environ: os.Environ(), stopSignals: stop}
+	env := &cliEnv{stdin: stdin, stdout: stdout, stderr: stderr, environ: environ, stopSignals: stop}
 	var err error
 	switch cmd, rest := args[0], args[1:]; cmd {
 	case "run":

@@ -110,6 +110,13 @@ func Load(path string, environ []string) (File, error) {
 
 // Parse decodes YAML strictly: unknown keys and a second document are errors.
 func Parse(data []byte, f *File) error {
+	var doc yaml.Node
+	if err := yaml.Unmarshal(data, &doc); err != nil {
+		return errors.New(strings.TrimPrefix(err.Error(), "yaml: "))
+	}
+	if err := unknownKeys(&doc); err != nil {
+		return err
+	}
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	if err := dec.Decode(f); err != nil && !errors.Is(err, io.EOF) {
@@ -120,6 +127,50 @@ func Parse(data []byte, f *File) error {
 		return errors.New("more than one YAML document; put everything in one")
 	}
 	return nil
+}
+
+// unknownKeys reports every key of the document that is not a configuration
+// key or section, by its dotted path, with the keys allowed at that level.
+func unknownKeys(doc *yaml.Node) error {
+	known := map[string]bool{}
+	children := map[string][]string{}
+	for _, k := range Keys() {
+		parts := strings.Split(k.Path, ".")
+		for i := range parts {
+			p := strings.Join(parts[:i+1], ".")
+			parent := strings.Join(parts[:i], ".")
+			if !known[p] {
+				children[parent] = append(children[parent], parts[i])
+			}
+			known[p] = true
+		}
+	}
+	var errs []error
+	var walkNode func(n *yaml.Node, prefix string)
+	walkNode = func(n *yaml.Node, prefix string) {
+		if n.Kind == yaml.DocumentNode && len(n.Content) > 0 {
+			walkNode(n.Content[0], prefix)
+			return
+		}
+		if n.Kind != yaml.MappingNode {
+			return
+		}
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			key := n.Content[i].Value
+			path := key
+			if prefix != "" {
+				path = prefix + "." + key
+			}
+			if !known[path] {
+				errs = append(errs, &relay.FieldError{Key: path, Problem: fmt.Sprintf(
+					"unknown key (line %d); allowed here: %s", n.Content[i].Line, strings.Join(children[prefix], ", "))})
+				continue
+			}
+			walkNode(n.Content[i+1], path)
+		}
+	}
+	walkNode(doc, "")
+	return errors.Join(errs...)
 }
 
 // Key is one configuration key: its dotted YAML path and environment name.

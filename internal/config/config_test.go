@@ -1,0 +1,145 @@
+package config
+
+import (
+	"os"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+// TestExampleInStep checks that config.example.yaml lists exactly the keys
+// the program reads, each with its default value.
+func TestExampleInStep(t *testing.T) {
+	data, err := os.ReadFile("../../config.example.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc yaml.Node
+	if err := yaml.Unmarshal(data, &doc); err != nil {
+		t.Fatal(err)
+	}
+	inExample := map[string]bool{}
+	var leaves func(n *yaml.Node, prefix string)
+	leaves = func(n *yaml.Node, prefix string) {
+		if n.Kind == yaml.DocumentNode {
+			leaves(n.Content[0], prefix)
+			return
+		}
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			p := strings.TrimPrefix(prefix+"."+n.Content[i].Value, ".")
+			if n.Content[i+1].Kind == yaml.MappingNode {
+				leaves(n.Content[i+1], p)
+			} else {
+				inExample[p] = true
+			}
+		}
+	}
+	leaves(&doc, "")
+	for _, k := range Keys() {
+		if !inExample[k.Path] {
+			t.Errorf("key %s is missing from config.example.yaml", k.Path)
+		}
+		delete(inExample, k.Path)
+	}
+	for k := range inExample {
+		t.Errorf("config.example.yaml has %s, which the program does not read", k)
+	}
+
+	var example File
+	if err := Parse(data, &example); err != nil {
+		t.Fatal(err)
+	}
+	defaults := File{}
+	defaults.Postgres.DSN, defaults.AMQP.URL, defaults.AMQP.Exchange = example.Postgres.DSN, example.AMQP.URL, example.AMQP.Exchange
+	defaults = defaults.WithDefaults()
+	if !reflect.DeepEqual(example, defaults) {
+		t.Errorf("config.example.yaml values differ from the defaults:\nexample  %+v\ndefaults %+v", example, defaults)
+	}
+	if err := example.Validate(); err != nil {
+		t.Errorf("config.example.yaml does not validate: %v", err)
+	}
+}
+
+func TestEnvOverridesEveryKey(t *testing.T) {
+	values := map[string]string{"string": "x", "int": "7", "bool": "false", "duration": "3s"}
+	for _, k := range Keys() {
+		f, err := Load("", []string{k.Env + "=" + values[k.Kind]})
+		if err != nil {
+			t.Fatalf("%s: %v", k.Env, err)
+		}
+		found := false
+		walk(reflect.ValueOf(&f).Elem(), "", func(path string, v reflect.Value) {
+			if path != k.Path {
+				return
+			}
+			found = true
+			got := v.Interface()
+			switch k.Kind {
+			case "int":
+				if v.Int() != 7 {
+					t.Errorf("%s: got %v", k.Env, got)
+				}
+			case "duration":
+				if time.Duration(v.Int()) != 3*time.Second {
+					t.Errorf("%s: got %v", k.Env, got)
+				}
+			case "bool":
+				if v.Kind() == reflect.Pointer {
+					v = v.Elem()
+				}
+				if v.Bool() {
+					t.Errorf("%s: got %v", k.Env, got)
+				}
+			case "string":
+				if v.String() != "x" {
+					t.Errorf("%s: got %v", k.Env, got)
+				}
+			}
+		})
+		if !found {
+			t.Errorf("%s not found", k.Path)
+		}
+	}
+}
+
+func TestRequiredEnvNames(t *testing.T) {
+	want := []string{"OUTBOX_RELAY_POSTGRES_DSN", "OUTBOX_RELAY_AMQP_URL", "OUTBOX_RELAY_AMQP_EXCHANGE", "OUTBOX_RELAY_METRICS_ADDR"}
+	have := map[string]bool{}
+	for _, k := range Keys() {
+		have[k.Env] = true
+	}
+	for _, w := range want {
+		if !have[w] {
+			t.Errorf("no key is overridden by %s", w)
+		}
+	}
+}
+
+func TestUnknownKeyNamesPath(t *testing.T) {
+	var f File
+	err := Parse([]byte("amqp:\n  exchnage: x\n"), &f)
+	if err == nil || !strings.Contains(err.Error(), "amqp.exchnage") || !strings.Contains(err.Error(), "exchange") {
+		t.Fatalf("error %v does not name amqp.exchnage and the allowed keys", err)
+	}
+}
+
+// FuzzParse: no input makes the loader panic, and whatever it accepts
+// survives validation without panicking.
+func FuzzParse(f *testing.F) {
+	if data, err := os.ReadFile("../../config.example.yaml"); err == nil {
+		f.Add(data)
+	}
+	f.Add([]byte("relay:\n  batch_size: -1\n"))
+	f.Add([]byte("wake: [1, 2]\n"))
+	f.Add([]byte("---\n---\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var file File
+		if err := Parse(data, &file); err != nil {
+			return
+		}
+		_ = file.WithDefaults().Validate()
+	})
+}

@@ -1,0 +1,251 @@
+// Package testenv gives each test its own outbox schema in the real
+// PostgreSQL and its own exchange and queues in the real RabbitMQ, so tests
+// run in parallel and leave nothing behind.
+package testenv
+
+import (
+	"cmp"
+	"context"
+	"crypto/rand"
+	"database/sql"
+	"encoding/hex"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/jackc/pgx/v5/stdlib"
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/outbox-relay/outbox-relay/internal/ident"
+	"github.com/outbox-relay/outbox-relay/schema"
+)
+
+// DatabaseURL is the shared PostgreSQL: TEST_DATABASE_URL or the local one.
+func DatabaseURL() string {
+	return cmp.Or(os.Getenv("TEST_DATABASE_URL"), "postgres://postgres@127.0.0.1:5432/test?sslmode=disable")
+}
+
+// AMQPURL is the shared RabbitMQ: TEST_AMQP_URL or the local one.
+func AMQPURL() string {
+	return cmp.Or(os.Getenv("TEST_AMQP_URL"), "amqp://guest:guest@127.0.0.1:5672/")
+}
+
+// Name returns a short unique lowercase identifier with the given prefix.
+func Name(prefix string) string {
+	b := make([]byte, 6)
+	_, _ = rand.Read(b)
+	return prefix + "_" + hex.EncodeToString(b)
+}
+
+// Outbox is a migrated outbox table in a schema of its own.
+type Outbox struct {
+	DSN    string
+	Pool   *pgxpool.Pool
+	Schema string
+	Table  ident.Table
+}
+
+// NewOutbox creates a fresh schema in the shared database, migrates the
+// outbox table into it and drops it when the test ends.
+func NewOutbox(t testing.TB) *Outbox {
+	t.Helper()
+	return NewOutboxAt(t, DatabaseURL())
+}
+
+// NewOutboxAt is NewOutbox against the database at dsn.
+func NewOutboxAt(t testing.TB, dsn string) *Outbox {
+	t.Helper()
+	ctx := context.Background()
+	pool, err := pgxpool.New(ctx, dsn)
+	if err != nil {
+		t.Fatalf("connect %s: %v", dsn, err)
+	}
+	o := &Outbox{DSN: dsn, Pool: pool, Schema: Name("t"), Table: ident.Table{Name: "outbox"}}
+	o.Table.Schema = o.Schema
+	t.Cleanup(func() {
+		// Use a fresh pool: the test may have killed connections of this one.
+		defer pool.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if _, err := pool.Exec(ctx, "DROP SCHEMA IF EXISTS "+ident.Quote(o.Schema)+" CASCADE"); err != nil {
+			t.Logf("drop schema %s: %v", o.Schema, err)
+		}
+	})
+	o.Migrate(t)
+	return o
+}
+
+// Migrate runs the migrations up on the outbox's schema.
+func (o *Outbox) Migrate(t testing.TB) {
+	t.Helper()
+	db := o.DB(t)
+	m, err := schema.NewMigrator(db, o.Schema, o.Table.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Up(context.Background()); err != nil {
+		t.Fatalf("migrate up: %v", err)
+	}
+}
+
+// DB returns a database/sql handle on the outbox's database, closed at cleanup.
+func (o *Outbox) DB(t testing.TB) *sql.DB {
+	t.Helper()
+	db := stdlib.OpenDBFromPool(o.Pool)
+	t.Cleanup(func() { db.Close() })
+	return db
+}
+
+// Count returns the number of rows matching the SQL condition cond
+// ("true" for all); cond is test code, never user input.
+func (o *Outbox) Count(t testing.TB, cond string, args ...any) int {
+	t.Helper()
+	var n int
+	if err := o.Pool.QueryRow(context.Background(), "SELECT count(*) FROM "+o.Table.Quoted()+" WHERE "+cond, args...).Scan(&n); err != nil {
+		t.Fatalf("count %s: %v", cond, err)
+	}
+	return n
+}
+
+// Broker is a test's own exchange on a RabbitMQ server.
+type Broker struct {
+	URL      string
+	Exchange string
+	conn     *amqp.Connection
+}
+
+// NewBroker declares a uniquely named durable topic exchange on the shared
+// RabbitMQ and deletes it (and the test's queues) when the test ends.
+func NewBroker(t testing.TB) *Broker {
+	t.Helper()
+	return NewBrokerAt(t, AMQPURL())
+}
+
+// NewBrokerAt is NewBroker on the server at url.
+func NewBrokerAt(t testing.TB, url string) *Broker {
+	t.Helper()
+	conn, err := amqp.Dial(url)
+	if err != nil {
+		t.Fatalf("dial %s: %v", url, err)
+	}
+	b := &Broker{URL: url, Exchange: Name("x"), conn: conn}
+	ch := b.channel(t)
+	if err := ch.ExchangeDeclare(b.Exchange, "topic", true, false, false, false, nil); err != nil {
+		t.Fatalf("declare exchange: %v", err)
+	}
+	t.Cleanup(func() {
+		if conn.IsClosed() {
+			return
+		}
+		if ch, err := conn.Channel(); err == nil {
+			_ = ch.ExchangeDelete(b.Exchange, false, false)
+		}
+		conn.Close()
+	})
+	return b
+}
+
+func (b *Broker) channel(t testing.TB) *amqp.Channel {
+	t.Helper()
+	ch, err := b.conn.Channel()
+	if err != nil {
+		t.Fatalf("open channel: %v", err)
+	}
+	return ch
+}
+
+// Queue declares a queue bound to the test's exchange with bindingKey
+// ("#" for everything) and extra arguments; it is deleted at cleanup.
+func (b *Broker) Queue(t testing.TB, bindingKey string, args amqp.Table) string {
+	t.Helper()
+	ch := b.channel(t)
+	defer ch.Close()
+	q, err := ch.QueueDeclare(Name("q"), false, false, false, false, args)
+	if err != nil {
+		t.Fatalf("declare queue: %v", err)
+	}
+	if err := ch.QueueBind(q.Name, bindingKey, b.Exchange, false, nil); err != nil {
+		t.Fatalf("bind queue: %v", err)
+	}
+	t.Cleanup(func() {
+		conn, err := amqp.Dial(b.URL)
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		if ch, err := conn.Channel(); err == nil {
+			_, _ = ch.QueueDelete(q.Name, false, false, false)
+		}
+	})
+	return q.Name
+}
+
+// Consume returns the deliveries of queue (auto-ack), on a connection of its
+// own that closes at cleanup.
+func (b *Broker) Consume(t testing.TB, queue string) <-chan amqp.Delivery {
+	t.Helper()
+	conn, err := amqp.Dial(b.URL)
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	ch, err := conn.Channel()
+	if err != nil {
+		t.Fatalf("channel: %v", err)
+	}
+	if err := ch.Qos(1000, 0, false); err != nil {
+		t.Fatalf("qos: %v", err)
+	}
+	d, err := ch.Consume(queue, "", true, false, false, false, nil)
+	if err != nil {
+		t.Fatalf("consume %s: %v", queue, err)
+	}
+	return d
+}
+
+// Receive collects n deliveries, failing the test if they do not all arrive
+// within timeout.
+func Receive(t testing.TB, d <-chan amqp.Delivery, n int, timeout time.Duration) []amqp.Delivery {
+	t.Helper()
+	out := make([]amqp.Delivery, 0, n)
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	for len(out) < n {
+		select {
+		case m, ok := <-d:
+			if !ok {
+				t.Fatalf("consumer closed after %d of %d messages", len(out), n)
+			}
+			out = append(out, m)
+		case <-deadline.C:
+			t.Fatalf("received %d of %d messages within %s", len(out), n, timeout)
+		}
+	}
+	return out
+}
+
+// Eventually polls cond every few milliseconds until it holds, failing the
+// test with msg if it does not within timeout.
+func Eventually(t testing.TB, timeout time.Duration, msg string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("not within %s: %s", timeout, msg)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// Quiet reports whether no message arrives on d within d: used only to show
+// that something did NOT happen (a rolled-back event), after a positive
+// control proved the pipeline delivers.
+func Quiet(d <-chan amqp.Delivery, wait time.Duration) (amqp.Delivery, bool) {
+	select {
+	case m := <-d:
+		return m, false
+	case <-time.After(wait):
+		return amqp.Delivery{}, true
+	}
+}

@@ -1,0 +1,85 @@
+package outbox_test
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/outbox-relay/outbox-relay/outbox"
+)
+
+func TestValidate(t *testing.T) {
+	t.Parallel()
+	ok := outbox.NewEvent("lesson.published", []byte(`{}`))
+	if err := ok.Validate(); err != nil {
+		t.Fatalf("valid event rejected: %v", err)
+	}
+	cases := map[string]func(*outbox.Event){
+		"empty type":         func(e *outbox.Event) { e.Type = "" },
+		"type too long":      func(e *outbox.Event) { e.Type = strings.Repeat("x", 256) },
+		"type not utf8":      func(e *outbox.Event) { e.Type = "\xff" },
+		"nil payload":        func(e *outbox.Event) { e.Payload = nil },
+		"empty header name":  func(e *outbox.Event) { e.Headers = map[string]string{"": "v"} },
+		"long header name":   func(e *outbox.Event) { e.Headers = map[string]string{strings.Repeat("h", 256): "v"} },
+		"header value utf8":  func(e *outbox.Event) { e.Headers = map[string]string{"h": "\xc3\x28"} },
+		"header NUL":         func(e *outbox.Event) { e.Headers = map[string]string{"h": "a\x00b"} },
+		"key NUL":            func(e *outbox.Event) { e.Key = "a\x00" },
+		"correlation length": func(e *outbox.Event) { e.CorrelationID = strings.Repeat("c", 256) },
+	}
+	for name, mutate := range cases {
+		e := outbox.NewEvent("lesson.published", []byte(`{}`))
+		mutate(&e)
+		if err := e.Validate(); !errors.Is(err, outbox.ErrInvalidEvent) {
+			t.Errorf("%s: Validate() = %v, want ErrInvalidEvent", name, err)
+		}
+	}
+}
+
+// refuseTx fails the test if the helper talks to the database at all.
+type refuseTx struct{ t *testing.T }
+
+func (r refuseTx) Exec(context.Context, string, ...any) (pgconn.CommandTag, error) {
+	r.t.Fatal("Write sent a statement although an event was invalid")
+	return pgconn.CommandTag{}, nil
+}
+
+func TestWriteRejectsBeforeTouchingDatabase(t *testing.T) {
+	t.Parallel()
+	good := outbox.NewEvent("a", []byte{})
+	bad := outbox.Event{Type: "b"} // nil payload
+	err := outbox.Write(context.Background(), refuseTx{t}, good, bad)
+	if !errors.Is(err, outbox.ErrInvalidEvent) || !strings.Contains(err.Error(), "event 1") {
+		t.Fatalf("Write = %v, want ErrInvalidEvent naming event 1", err)
+	}
+}
+
+func TestWriteNothing(t *testing.T) {
+	t.Parallel()
+	if err := outbox.Write(context.Background(), refuseTx{t}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestNewJSONEvent(t *testing.T) {
+	t.Parallel()
+	e, err := outbox.NewJSONEvent("badge.awarded", map[string]int{"points": 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(e.Payload) != `{"points":3}` || e.ContentType != outbox.ContentTypeJSON || e.ID.Version() != 7 {
+		t.Fatalf("got payload %s, content type %q, id version %d", e.Payload, e.ContentType, e.ID.Version())
+	}
+	if _, err := outbox.NewJSONEvent("x", make(chan int)); err == nil {
+		t.Fatal("unmarshalable value accepted")
+	}
+}
+
+func TestNewWriterRejectsBadIdentifiers(t *testing.T) {
+	t.Parallel()
+	if _, err := outbox.NewWriter("public", `outbox"; DROP TABLE x; --`); err == nil {
+		t.Fatal("bad table name accepted")
+	}
+}

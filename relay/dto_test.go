@@ -1,0 +1,5 @@
+package relay_test
+
+import dto "github.com/prometheus/client_model/go"
+
+type dtoMetric struct{ dto.Metric }

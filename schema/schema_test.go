@@ -1,0 +1,104 @@
+package schema_test
+
+import (
+	"context"
+	"strings"
+	"testing"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/jackc/pgx/v5/stdlib"
+
+	"github.com/outbox-relay/outbox-relay/internal/ident"
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/schema"
+)
+
+// TestUpDownUp applies every migration, rolls back to zero, and applies them
+// again, checking the table and its objects come and go.
+func TestUpDownUp(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool, err := pgxpool.New(ctx, testenv.DatabaseURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	s := testenv.Name("mig")
+	t.Cleanup(func() { _, _ = pool.Exec(context.Background(), "DROP SCHEMA IF EXISTS "+ident.Quote(s)+" CASCADE") })
+	db := stdlib.OpenDBFromPool(pool)
+	defer db.Close()
+	m, err := schema.NewMigrator(db, s, "events_out")
+	if err != nil {
+		t.Fatal(err)
+	}
+	objects := func() int {
+		var n int
+		err := pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+		     WHERE n.nspname = $1 AND c.relkind IN ('r', 'i') AND c.relname NOT LIKE 'events\_out\_schema\_version%')
+		  + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $1)`, s).Scan(&n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	for round := 1; round <= 2; round++ {
+		res, err := m.Up(ctx)
+		if err != nil {
+			t.Fatalf("round %d up: %v", round, err)
+		}
+		if len(res) == 0 {
+			t.Fatalf("round %d: nothing applied", round)
+		}
+		if v, _ := m.Version(ctx); v != m.Latest() {
+			t.Fatalf("round %d: version %d, want %d", round, v, m.Latest())
+		}
+		// table, pkey, id index, pending index, dead index, 2 functions
+		if n := objects(); n != 7 {
+			t.Fatalf("round %d: %d objects after up, want 7", round, n)
+		}
+		var id, ctype, headers string
+		err = pool.QueryRow(ctx, `INSERT INTO `+ident.Quote(s)+`.events_out (event_type, payload) VALUES ('lesson.published', '{"a":1}')
+			RETURNING id::text, content_type, headers::text`).Scan(&id, &ctype, &headers)
+		if err != nil {
+			t.Fatalf("plain insert: %v", err)
+		}
+		if id[14] != '7' || ctype != "application/json" || headers != "{}" {
+			t.Fatalf("defaults: id %s (want version 7), content type %q, headers %s", id, ctype, headers)
+		}
+		if _, err := m.DownTo(ctx, 0); err != nil {
+			t.Fatalf("round %d down: %v", round, err)
+		}
+		if n := objects(); n != 0 {
+			t.Fatalf("round %d: %d objects left after down to 0", round, n)
+		}
+	}
+}
+
+func TestRenderQuotesIdentifiers(t *testing.T) {
+	t.Parallel()
+	fsys, err := schema.Render(ident.Table{Schema: "app", Name: "outbox"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := fsysRead(fsys)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`CREATE TABLE "app"."outbox"`, `"app"."outbox_uuid_v7"()`, `pg_notify('app.outbox', '')`} {
+		if !strings.Contains(data, want) {
+			t.Errorf("rendered migration lacks %s", want)
+		}
+	}
+	if strings.Contains(data, "{{") {
+		t.Error("unrendered template action left")
+	}
+}
+
+func TestRejectsBadIdentifiers(t *testing.T) {
+	t.Parallel()
+	for _, bad := range [][2]string{{"public", "out-box"}, {"Public", "outbox"}, {"public", ""}, {"x;drop", "outbox"}, {"public", strings.Repeat("a", 49)}} {
+		if _, err := schema.NewMigrator(nil, bad[0], bad[1]); err == nil {
+			t.Errorf("%q.%q accepted", bad[0], bad[1])
+		}
+	}
+}
