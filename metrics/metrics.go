@@ -20,6 +20,10 @@ const (
 	WakePoll      = "poll"
 	WakeReconnect = "reconnect"
 
+	StageClaim   = "claim"
+	StagePublish = "publish"
+	StageMark    = "mark"
+
 	OtherEventType = "other"
 )
 
@@ -27,25 +31,28 @@ const (
 var (
 	Links       = []string{LinkPostgres, LinkListen, LinkAMQP}
 	WakeSources = []string{WakeNotify, WakePoll, WakeReconnect}
+	Stages      = []string{StageClaim, StagePublish, StageMark}
 )
 
 // Metrics is the relay's set of collectors.
 type Metrics struct {
-	Published        *prometheus.CounterVec // event_type
-	Failed           *prometheus.CounterVec // event_type, reason
-	Returned         *prometheus.CounterVec // event_type: unroutable returns, failed or accepted
-	Dead             *prometheus.CounterVec // event_type, reason: rows parked dead
-	BatchDuration    prometheus.Histogram   // claim to commit
-	BatchSize        prometheus.Histogram   // rows claimed per non-empty batch
-	PublishLatency   prometheus.Histogram   // publish to confirm, per batch
-	EndToEndLatency  prometheus.Histogram   // created_at to confirm, per event
-	Pending          prometheus.Gauge       // pending rows
-	OldestPendingAge prometheus.Gauge       // seconds
-	DeadRows         prometheus.Gauge       // rows parked dead
-	LinkUp           *prometheus.GaugeVec   // link
-	Reconnects       *prometheus.CounterVec // link
-	Wakeups          *prometheus.CounterVec // source
-	BuildInfo        *prometheus.GaugeVec   // version, commit, go_version
+	Published        *prometheus.CounterVec   // event_type
+	Failed           *prometheus.CounterVec   // event_type, reason
+	Returned         *prometheus.CounterVec   // event_type: unroutable returns, failed or accepted
+	Dead             *prometheus.CounterVec   // event_type, reason: rows parked dead
+	BatchDuration    prometheus.Histogram     // claim to commit
+	StageDuration    *prometheus.HistogramVec // stage: claim, publish, mark
+	Retries          *prometheus.CounterVec   // event_type: rows scheduled for another attempt
+	BatchSize        prometheus.Histogram     // rows claimed per non-empty batch
+	PublishLatency   prometheus.Histogram     // publish to confirm, per batch
+	EndToEndLatency  prometheus.Histogram     // created_at to confirm, per event
+	Pending          prometheus.Gauge         // pending rows
+	OldestPendingAge prometheus.Gauge         // seconds
+	DeadRows         prometheus.Gauge         // rows parked dead
+	LinkUp           *prometheus.GaugeVec     // link
+	Reconnects       *prometheus.CounterVec   // link
+	Wakeups          *prometheus.CounterVec   // source
+	BuildInfo        *prometheus.GaugeVec     // version, commit, go_version
 
 	maxTypes int
 	mu       sync.Mutex
@@ -89,6 +96,15 @@ func New(reg prometheus.Registerer, cfg Config) (*Metrics, error) {
 			Help:    "Time from claiming a batch to committing its outcome.",
 			Buckets: latency,
 		}),
+		StageDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "outbox_relay_stage_duration_seconds",
+			Help:    "Time spent per batch in each stage: claim (select and lock), publish (until the last confirm), mark (record outcome and commit).",
+			Buckets: latency,
+		}, []string{"stage"}),
+		Retries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "outbox_relay_retries_scheduled_total",
+			Help: "Failed events scheduled for another attempt with backoff, by event type.",
+		}, []string{"event_type"}),
 		BatchSize: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "outbox_relay_batch_size",
 			Help:    "Rows claimed per non-empty batch.",
@@ -136,7 +152,7 @@ func New(reg prometheus.Registerer, cfg Config) (*Metrics, error) {
 		types:    make(map[string]struct{}),
 	}
 	for _, c := range []prometheus.Collector{m.Published, m.Failed, m.Returned, m.Dead, m.BatchDuration,
-		m.BatchSize, m.PublishLatency, m.EndToEndLatency, m.Pending, m.OldestPendingAge, m.DeadRows,
+		m.StageDuration, m.Retries, m.BatchSize, m.PublishLatency, m.EndToEndLatency, m.Pending, m.OldestPendingAge, m.DeadRows,
 		m.LinkUp, m.Reconnects, m.Wakeups, m.BuildInfo} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
@@ -145,6 +161,9 @@ func New(reg prometheus.Registerer, cfg Config) (*Metrics, error) {
 	for _, l := range Links {
 		m.LinkUp.WithLabelValues(l)
 		m.Reconnects.WithLabelValues(l)
+	}
+	for _, s := range Stages {
+		m.StageDuration.WithLabelValues(s)
 	}
 	for _, s := range WakeSources {
 		m.Wakeups.WithLabelValues(s)

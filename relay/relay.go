@@ -289,6 +289,7 @@ func (r *Relay) runOnce(ctx context.Context, pool *pgxpool.Pool, probe bool) (in
 		return 0, r.pgFailed(err)
 	}
 	r.setLink(metrics.LinkPostgres, nil)
+	r.m.StageDuration.WithLabelValues(metrics.StageClaim).Observe(time.Since(start).Seconds())
 	n := len(msgs) + len(invalid)
 	if n == 0 {
 		return 0, tx.Commit(settle)
@@ -306,6 +307,7 @@ func (r *Relay) runOnce(ctx context.Context, pool *pgxpool.Pool, probe bool) (in
 	errs := r.pub.Publish(pubCtx, msgs)
 	confirmedAt := time.Now()
 	r.m.PublishLatency.Observe(confirmedAt.Sub(pubStart).Seconds())
+	r.m.StageDuration.WithLabelValues(metrics.StagePublish).Observe(confirmedAt.Sub(pubStart).Seconds())
 
 	var (
 		done     []int64
@@ -340,6 +342,7 @@ func (r *Relay) runOnce(ctx context.Context, pool *pgxpool.Pool, probe bool) (in
 	if err := tx.Commit(bookCtx); err != nil {
 		return n, r.pgFailed(fmt.Errorf("commit batch: %w", err))
 	}
+	r.m.StageDuration.WithLabelValues(metrics.StageMark).Observe(time.Since(confirmedAt).Seconds())
 	r.m.BatchDuration.Observe(time.Since(start).Seconds())
 	if linkDown != nil {
 		r.setLink(metrics.LinkAMQP, linkDown)
@@ -426,6 +429,7 @@ func (r *Relay) record(ctx context.Context, tx pgx.Tx, done []int64, failed []fa
 			continue
 		}
 		delays[i] = backoff(attempt, r.cfg.Relay.RetryMinBackoff, r.cfg.Relay.RetryMaxBackoff).Milliseconds()
+		r.m.Retries.WithLabelValues(r.m.EventType(f.msg.Type)).Inc()
 		r.log.Debug("publish failed, will retry", zap.String("event_id", f.msg.ID.String()),
 			zap.String("event_type", f.msg.Type), zap.Int("attempt", attempt),
 			zap.Int64("retry_in_ms", delays[i]), zap.Error(f.err))
