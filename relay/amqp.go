@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"regexp"
+	"strconv"
 	"sync"
 	"time"
 
@@ -22,14 +24,22 @@ type AMQPPublisher struct {
 	conn    *amqp.Connection
 	ch      *amqp.Channel
 	returns chan amqp.Return
+	closes  chan *amqp.Error
 	lastErr error
 	window  int
+	// maxSize is amqp.max_message_size, lowered to what the broker reports
+	// if it closes the channel over a message that was too large for it.
+	maxSize int
 }
+
+// tooLargeClose matches RabbitMQ's channel error for an oversized message:
+// "PRECONDITION_FAILED - message size 2097152 is larger than configured max size 1048576".
+var tooLargeClose = regexp.MustCompile(`larger than configured max size (\d+)`)
 
 // NewAMQPPublisher returns a publisher for cfg (defaults applied). window is
 // the most messages one Publish call sends; it sizes the return buffer.
 func NewAMQPPublisher(cfg AMQPConfig, window int, log *zap.Logger) *AMQPPublisher {
-	return &AMQPPublisher{cfg: cfg, log: log, window: window, lastErr: errors.New("not connected yet")}
+	return &AMQPPublisher{cfg: cfg, log: log, window: window, maxSize: cfg.MaxMessageSize, lastErr: errors.New("not connected yet")}
 }
 
 // Ready reports whether the channel is open.
@@ -89,6 +99,7 @@ func (p *AMQPPublisher) ensure(ctx context.Context) error {
 	// message, so a buffer as large as one batch means a return is always
 	// in the buffer by the time its ack is seen.
 	p.returns = ch.NotifyReturn(make(chan amqp.Return, 2*p.window+16))
+	p.closes = ch.NotifyClose(make(chan *amqp.Error, 1))
 	p.conn, p.ch, p.lastErr = conn, ch, nil
 	return nil
 }
@@ -98,7 +109,7 @@ func (p *AMQPPublisher) closeLocked() {
 	if p.conn != nil {
 		_ = p.conn.Close()
 	}
-	p.conn, p.ch, p.returns = nil, nil, nil
+	p.conn, p.ch, p.returns, p.closes = nil, nil, nil, nil
 }
 
 // Close closes the connection. It is safe to call more than once.
@@ -125,8 +136,8 @@ func (p *AMQPPublisher) Publish(ctx context.Context, msgs []Message) []error {
 	byID := make(map[string]int, len(msgs))
 	for i := range msgs {
 		m := &msgs[i]
-		if len(m.Body) > p.cfg.MaxMessageSize {
-			errs[i] = &PublishError{Reason: ReasonTooLarge, Err: fmt.Errorf("payload is %d bytes, amqp.max_message_size is %d", len(m.Body), p.cfg.MaxMessageSize)}
+		if len(m.Body) > p.maxSize {
+			errs[i] = &PublishError{Reason: ReasonTooLarge, Err: fmt.Errorf("payload is %d bytes, the broker accepts at most %d (amqp.max_message_size)", len(m.Body), p.maxSize)}
 			continue
 		}
 		dc, err := ch.PublishWithDeferredConfirmWithContext(ctx, p.cfg.Exchange, m.Type, true, false, toPublishing(m))
@@ -163,6 +174,9 @@ func (p *AMQPPublisher) Publish(ctx context.Context, msgs []Message) []error {
 		}
 	}
 	p.drainReturns(byID, errs)
+	if ch.IsClosed() {
+		p.learnMaxSize(msgs, errs)
+	}
 	if timedOut || ch.IsClosed() {
 		// Late confirms and returns of this batch must not be mistaken for
 		// the next one's: start over on a fresh channel.
@@ -170,6 +184,39 @@ func (p *AMQPPublisher) Publish(ctx context.Context, msgs []Message) []error {
 		p.closeLocked()
 	}
 	return errs
+}
+
+// learnMaxSize handles a channel the broker closed because a message was
+// larger than its max_message_size: the limit is learned from the close
+// reason and the oversized messages fail permanently, so one poisoned event
+// cannot fail its batch forever. The others stay connection failures.
+func (p *AMQPPublisher) learnMaxSize(msgs []Message, errs []error) {
+	var closeErr *amqp.Error
+	select {
+	case closeErr = <-p.closes:
+	default:
+	}
+	if closeErr == nil || closeErr.Code != amqp.PreconditionFailed {
+		return
+	}
+	match := tooLargeClose.FindStringSubmatch(closeErr.Reason)
+	if match == nil {
+		return
+	}
+	limit, err := strconv.Atoi(match[1])
+	if err != nil || limit <= 0 {
+		return
+	}
+	if limit < p.maxSize {
+		p.log.Warn("the broker's max message size is below amqp.max_message_size; using the broker's",
+			zap.Int("broker_max_message_size", limit), zap.Int("amqp_max_message_size", p.cfg.MaxMessageSize))
+		p.maxSize = limit
+	}
+	for i := range msgs {
+		if len(msgs[i].Body) > limit {
+			errs[i] = &PublishError{Reason: ReasonTooLarge, Err: fmt.Errorf("payload is %d bytes, the broker accepts at most %d: %s", len(msgs[i].Body), limit, closeErr.Reason)}
+		}
+	}
 }
 
 func (p *AMQPPublisher) drainReturns(byID map[string]int, errs []error) {
@@ -180,10 +227,10 @@ func (p *AMQPPublisher) drainReturns(byID map[string]int, errs []error) {
 				return
 			}
 			i, mine := byID[r.MessageId]
-			if !mine || errs[i] != nil || p.cfg.Unroutable == UnroutableAccept {
+			if !mine || errs[i] != nil {
 				continue
 			}
-			errs[i] = &PublishError{Reason: ReasonUnroutable, Err: fmt.Errorf("returned by the broker: %d %s (no queue bound to exchange %q for routing key %q)", r.ReplyCode, r.ReplyText, r.Exchange, r.RoutingKey)}
+			errs[i] = &PublishError{Reason: ReasonUnroutable, Accepted: p.cfg.Unroutable == UnroutableAccept, Err: fmt.Errorf("returned by the broker: %d %s (no queue bound to exchange %q for routing key %q)", r.ReplyCode, r.ReplyText, r.Exchange, r.RoutingKey)}
 		default:
 			return
 		}

@@ -62,6 +62,9 @@ var Reasons = []Reason{ReasonNack, ReasonUnroutable, ReasonTimeout, ReasonConnec
 type PublishError struct {
 	Reason Reason
 	Err    error
+	// Accepted marks a return the configuration accepts (amqp.unroutable:
+	// accept): the event counts as delivered, and is only counted.
+	Accepted bool
 }
 
 func (e *PublishError) Error() string {

@@ -315,6 +315,10 @@ func (r *Relay) runOnce(ctx context.Context, pool *pgxpool.Pool, probe bool) (in
 		linkDown error
 	)
 	for i, m := range msgs {
+		if pe, ok := errs[i].(*PublishError); ok && pe.Accepted {
+			r.m.Returned.WithLabelValues(r.m.EventType(m.Type)).Inc()
+			errs[i] = nil
+		}
 		if errs[i] == nil {
 			done = append(done, m.Seq)
 			r.m.Published.WithLabelValues(r.m.EventType(m.Type)).Inc()

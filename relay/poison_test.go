@@ -1,0 +1,86 @@
+package relay_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/outbox"
+)
+
+// TestPoisonEvents: among 10,000 good events, one unroutable type and one
+// payload above the broker's max message size. Every good event arrives, the
+// two poison rows end dead with a last_error naming the reason, and the
+// relay never stalls on them.
+func TestPoisonEvents(t *testing.T) {
+	t.Parallel()
+	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+	deliveries := b.Consume(t, b.Queue(t, "good.#", nil))
+	cfg := config(o, b)
+	cfg.AMQP.MaxMessageSize = 1 << 20 // as a broker with max_message_size = 1 MiB
+	cfg.Relay.MaxAttempts = 3
+	cfg.Relay.RetryMinBackoff = 10 * time.Millisecond
+	cfg.Relay.RetryMaxBackoff = 20 * time.Millisecond
+	r := start(t, cfg)
+
+	w, _ := outbox.NewWriter(o.Schema, o.Table.Name)
+	ctx := context.Background()
+	unroutable := outbox.NewEvent("nobody.listens", []byte(`{}`))
+	oversized := outbox.NewEvent("good.huge", bytes.Repeat([]byte("x"), 2<<20))
+	const good = 10000
+	for txn := 0; txn < good/500; txn++ {
+		events := make([]outbox.Event, 0, 501)
+		for i := 0; i < 500; i++ {
+			events = append(events, outbox.NewEvent("good.event", fmt.Appendf(nil, `{"n":%d}`, txn*500+i)))
+		}
+		switch txn {
+		case 3:
+			events = append(events, unroutable)
+		case 7:
+			events = append(events, oversized)
+		}
+		if err := pgx.BeginFunc(ctx, o.Pool, func(tx pgx.Tx) error { return w.Write(ctx, tx, events...) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := testenv.Receive(t, deliveries, good, time.Minute)
+	seen := map[string]bool{}
+	for _, d := range got {
+		if d.MessageId == oversized.ID.String() {
+			t.Fatal("the oversized event was published")
+		}
+		seen[d.MessageId] = true
+	}
+	if len(seen) != good {
+		t.Fatalf("%d distinct good events, want %d", len(seen), good)
+	}
+	testenv.Eventually(t, 30*time.Second, "both poison rows dead", func() bool {
+		return o.Count(t, "dead_at IS NOT NULL") == 2
+	})
+	for _, c := range []struct {
+		ev       outbox.Event
+		reason   string
+		attempts int
+	}{{unroutable, "unroutable", 3}, {oversized, "too_large", 1}} {
+		var lastErr string
+		var attempts int
+		if err := o.Pool.QueryRow(ctx, `SELECT last_error, attempts FROM `+o.Table.Quoted()+` WHERE id = $1`, c.ev.ID).Scan(&lastErr, &attempts); err != nil {
+			t.Fatal(err)
+		}
+		if !strings.HasPrefix(lastErr, c.reason) || attempts != c.attempts {
+			t.Errorf("%s: last_error %q after %d attempts; want %q after %d", c.ev.Type, lastErr, attempts, c.reason, c.attempts)
+		}
+	}
+	if n := o.Count(t, "dispatched_at IS NOT NULL"); n != good {
+		t.Fatalf("%d rows dispatched, want %d", n, good)
+	}
+	if err := r.Ready(); err != nil {
+		t.Fatalf("relay not ready after poison events: %v", err)
+	}
+}
