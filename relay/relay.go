@@ -113,7 +113,9 @@ func (r *Relay) Run(ctx context.Context) error {
 		return fmt.Errorf("postgres.dsn: %s", Redact(err.Error()))
 	}
 	poolCfg.MaxConns = r.cfg.Postgres.MaxConns
-	poolCfg.ConnConfig.RuntimeParams["application_name"] = "outbox-relay"
+	if poolCfg.ConnConfig.RuntimeParams["application_name"] == "" {
+		poolCfg.ConnConfig.RuntimeParams["application_name"] = "outbox-relay"
+	}
 	pool, err := pgxpool.NewWithConfig(context.WithoutCancel(ctx), poolCfg)
 	if err != nil {
 		return fmt.Errorf("postgres pool: %w", err)
