@@ -43,6 +43,8 @@ type Metrics struct {
 	BatchDuration    prometheus.Histogram     // claim to commit
 	StageDuration    *prometheus.HistogramVec // stage: claim, publish, mark
 	Retries          *prometheus.CounterVec   // event_type: rows scheduled for another attempt
+	PartitionsOwned  prometheus.Gauge         // ordered mode: partitions leased by this replica
+	HorizonWait      prometheus.Gauge         // ordered mode: seconds the commit horizon waits for old transactions
 	BatchSize        prometheus.Histogram     // rows claimed per non-empty batch
 	PublishLatency   prometheus.Histogram     // publish to confirm, per batch
 	EndToEndLatency  prometheus.Histogram     // created_at to confirm, per event
@@ -105,6 +107,14 @@ func New(reg prometheus.Registerer, cfg Config) (*Metrics, error) {
 			Name: "outbox_relay_retries_scheduled_total",
 			Help: "Failed events scheduled for another attempt with backoff, by event type.",
 		}, []string{"event_type"}),
+		PartitionsOwned: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "outbox_relay_partitions_owned",
+			Help: "Virtual partitions leased by this replica (relay.ordering: partition_key; 0 otherwise).",
+		}),
+		HorizonWait: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "outbox_relay_commit_horizon_wait_seconds",
+			Help: "Ordered mode: how long committed keyed rows have been held back waiting for older, still open transactions to end.",
+		}),
 		BatchSize: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "outbox_relay_batch_size",
 			Help:    "Rows claimed per non-empty batch.",
@@ -152,7 +162,7 @@ func New(reg prometheus.Registerer, cfg Config) (*Metrics, error) {
 		types:    make(map[string]struct{}),
 	}
 	for _, c := range []prometheus.Collector{m.Published, m.Failed, m.Returned, m.Dead, m.BatchDuration,
-		m.StageDuration, m.Retries, m.BatchSize, m.PublishLatency, m.EndToEndLatency, m.Pending, m.OldestPendingAge, m.DeadRows,
+		m.StageDuration, m.Retries, m.PartitionsOwned, m.HorizonWait, m.BatchSize, m.PublishLatency, m.EndToEndLatency, m.Pending, m.OldestPendingAge, m.DeadRows,
 		m.LinkUp, m.Reconnects, m.Wakeups, m.BuildInfo} {
 		if err := reg.Register(c); err != nil {
 			return nil, err

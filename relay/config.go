@@ -80,6 +80,20 @@ type EngineConfig struct {
 	// StatsInterval is how often backlog and dead counts are read from the
 	// table for metrics. Default 5s.
 	StatsInterval time.Duration `yaml:"stats_interval"`
+	// Ordering is "none" (default: rows are published in claim order, in
+	// parallel across replicas) or "partition_key": rows with the same
+	// partition_key reach the broker in sequence order, one in flight per key;
+	// rows without a key stay unordered.
+	Ordering string `yaml:"ordering"`
+	// Partitions is the number of virtual partitions keys are hashed into;
+	// replicas lease partitions through PostgreSQL advisory locks and split
+	// them evenly. Ordered mode only. Default 64. Changing it while relays
+	// run is safe (order is kept by row locks), but all replicas should agree.
+	Partitions int `yaml:"partitions"`
+	// OnDead, in ordered mode, is "continue" (default: a dead row no longer
+	// blocks its key) or "block" (the key waits until an operator retries or
+	// purges the dead row).
+	OnDead string `yaml:"on_dead"`
 }
 
 // WakeConfig chooses how the relay learns that rows are waiting.
@@ -103,6 +117,12 @@ type WakeConfig struct {
 const (
 	WakePoll   = "poll"
 	WakeNotify = "notify"
+
+	OrderingNone         = "none"
+	OrderingPartitionKey = "partition_key"
+
+	OnDeadContinue = "continue"
+	OnDeadBlock    = "block"
 
 	OnDispatchMark   = "mark"
 	OnDispatchDelete = "delete"
@@ -131,6 +151,9 @@ func (c Config) WithDefaults() Config {
 	c.Relay.RetryMaxBackoff = cmp.Or(c.Relay.RetryMaxBackoff, 5*time.Minute)
 	c.Relay.ShutdownTimeout = cmp.Or(c.Relay.ShutdownTimeout, 30*time.Second)
 	c.Relay.StatsInterval = cmp.Or(c.Relay.StatsInterval, 5*time.Second)
+	c.Relay.Ordering = cmp.Or(c.Relay.Ordering, OrderingNone)
+	c.Relay.Partitions = cmp.Or(c.Relay.Partitions, 64)
+	c.Relay.OnDead = cmp.Or(c.Relay.OnDead, OnDeadContinue)
 	c.Wake.Mode = cmp.Or(c.Wake.Mode, WakePoll)
 	if c.Wake.Mode == WakeNotify {
 		c.Wake.PollInterval = cmp.Or(c.Wake.PollInterval, 10*time.Second)
@@ -204,6 +227,11 @@ func (c Config) Validate() error {
 	}
 	positive(bad, "relay.shutdown_timeout", c.Relay.ShutdownTimeout)
 	positive(bad, "relay.stats_interval", c.Relay.StatsInterval)
+	oneOf(bad, "relay.ordering", c.Relay.Ordering, OrderingNone, OrderingPartitionKey)
+	if c.Relay.Partitions < 1 || c.Relay.Partitions > 4096 {
+		bad("relay.partitions", "must be between 1 and 4096, got %d", c.Relay.Partitions)
+	}
+	oneOf(bad, "relay.on_dead", c.Relay.OnDead, OnDeadContinue, OnDeadBlock)
 	oneOf(bad, "wake.mode", c.Wake.Mode, WakePoll, WakeNotify)
 	positive(bad, "wake.poll_interval", c.Wake.PollInterval)
 	positive(bad, "wake.min_interval", c.Wake.MinInterval)

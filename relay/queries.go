@@ -17,15 +17,72 @@ type queries struct {
 	recordFailures   string
 	readStats        string
 	notifyTrigger    string
+
+	// Ordered mode (see ordering.go).
+	claimOrdered      string
+	readHorizon       string
+	takeMemberSlot    string
+	countMembers      string
+	takePartitions    string
+	releasePartitions string
+}
+
+// partitionOf is the SQL expression for a key's virtual partition, given
+// the partition count as parameter $n.
+func partitionOf(n int) string {
+	return fmt.Sprintf(`((hashtextextended(partition_key, 0) & 2147483647) %% $%d)::int4`, n)
 }
 
 // pending is the predicate of the partial index outbox_pending; every query
 // that looks for work repeats it verbatim so the planner can use the index.
 const pending = `dispatched_at IS NULL AND dead_at IS NULL`
 
-func newQueries(t ident.Table) queries {
+func newQueries(t ident.Table, onDead string) queries {
 	tbl := t.Quoted()
+	// With on_dead: block, a dead row of a key stops the rows after it.
+	deadBlocks := ""
+	if onDead == OnDeadBlock {
+		deadBlocks = fmt.Sprintf(` AND NOT EXISTS (SELECT 1 FROM %s d WHERE d.dead_at IS NOT NULL
+             AND d.dispatched_at IS NULL AND d.partition_key = h.partition_key AND d.seq < h.seq)`, tbl)
+	}
 	return queries{
+		// Heads only: per key in the owned partitions, the lowest pending
+		// row, if it is due and at or below the commit horizon ($4). Rows
+		// without a key are claimed as in unordered mode. SKIP LOCKED skips
+		// a head another relay holds, and with it its whole key.
+		claimOrdered: fmt.Sprintf(`WITH heads AS (
+  SELECT DISTINCT ON (partition_key) seq, partition_key, available_at
+  FROM %[1]s
+  WHERE `+pending+` AND partition_key IS NOT NULL AND %[3]s = ANY($3::int4[])
+  ORDER BY partition_key, seq
+)
+SELECT seq, id, event_type, coalesce(partition_key, ''), payload, content_type,
+       headers, coalesce(correlation_id, ''), created_at, attempts
+FROM %[1]s
+WHERE `+pending+` AND available_at <= now()
+  AND (partition_key IS NULL
+       OR seq IN (SELECT h.seq FROM heads h WHERE h.seq <= $4 AND h.available_at <= now()%[2]s))
+ORDER BY seq
+LIMIT $1
+FOR UPDATE SKIP LOCKED`, tbl, deadBlocks, partitionOf(2)),
+
+		// The sequence's last value and the statement's snapshot bounds, as
+		// text since pgx has no xid8 type.
+		readHorizon: `SELECT coalesce(pg_sequence_last_value($1::regclass), 0),
+       pg_snapshot_xmin(pg_current_snapshot())::text, pg_snapshot_xmax(pg_current_snapshot())::text`,
+
+		// Session advisory locks: (class, slot) marks a live replica,
+		// (class, partition) a leased partition. CASE fixes the evaluation
+		// order so a lock already held is never taken twice.
+		takeMemberSlot: `SELECT s::int4 FROM generate_series(0, $2::int4 - 1) s WHERE pg_try_advisory_lock($1::int4, s) LIMIT 1`,
+		countMembers: `SELECT count(*) FROM pg_locks
+WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid::bigint = $1::bigint
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`,
+		takePartitions: `SELECT p::int4 FROM generate_series(0, $2::int4 - 1) p
+WHERE CASE WHEN p = ANY($3::int4[]) THEN false ELSE pg_try_advisory_lock($1::int4, p) END
+LIMIT $4`,
+		releasePartitions: `SELECT pg_advisory_unlock($1::int4, p) FROM unnest($2::int4[]) p`,
+
 		// Due pending rows in sequence order; rows locked by another relay
 		// are skipped, so replicas share the table without coordination.
 		claimBatch: fmt.Sprintf(`SELECT seq, id, event_type, coalesce(partition_key, ''), payload, content_type,

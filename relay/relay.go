@@ -53,6 +53,11 @@ type Relay struct {
 	m     *metrics.Metrics
 	pub   Publisher
 
+	// Ordered mode only; used by the claim loop's goroutine alone.
+	horizon horizon
+	leases  leases
+	seqName string
+
 	wake     chan string // wake-up source; capacity 1, coalescing
 	lastLoop atomic.Int64
 	started  atomic.Bool
@@ -81,12 +86,18 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 	r := &Relay{
 		cfg:   cfg,
 		table: cfg.table(),
-		q:     newQueries(cfg.table()),
+		q:     newQueries(cfg.table(), cfg.Relay.OnDead),
 		log:   log,
 		m:     deps.Metrics,
 		pub:   pub,
 		wake:  make(chan string, 1),
 		links: map[string]error{},
+	}
+	r.leases = leases{
+		member:      -1,
+		partitions:  cfg.Relay.Partitions,
+		classLease:  lockClass("lease " + r.table.String()),
+		classMember: lockClass("member " + r.table.String()),
 	}
 	notConnected := errors.New("not connected yet")
 	r.links[metrics.LinkPostgres] = notConnected
@@ -134,7 +145,8 @@ func (r *Relay) Run(ctx context.Context) error {
 		zap.String("exchange", r.cfg.AMQP.Exchange),
 		zap.String("wake_mode", r.cfg.Wake.Mode),
 		zap.Int("batch_size", r.cfg.Relay.BatchSize))
-	err = r.claimLoop(ctx, pool)
+	err = r.claimLoop(ctx, pool, poolCfg.ConnConfig)
+	r.leases.drop(ctx)
 
 	// Reverse order of start: claiming has stopped and its last batch is
 	// settled; now the background loops, the broker, the pool.
@@ -150,7 +162,8 @@ func (r *Relay) Run(ctx context.Context) error {
 
 // claimLoop runs batches until ctx is done. It keeps going while batches come
 // back full, polls adaptively when idle, and backs off on errors.
-func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool) error {
+func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.ConnConfig) error {
+	ordered := r.cfg.Relay.Ordering == OrderingPartitionKey
 	interval := r.cfg.Wake.MinInterval
 	failures := 0
 	checked := false
@@ -178,6 +191,27 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool) error {
 			}
 			r.setLink(metrics.LinkAMQP, nil)
 		}
+		if ordered {
+			if err := r.leases.maintain(ctx, r, connCfg); err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				r.pgFailed(err)
+				failures++
+				r.sleep(ctx, backoff(failures, 100*time.Millisecond, 5*time.Second))
+				continue
+			}
+			if err := r.horizon.advance(ctx, pool, r.q, r.seqName); err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				r.pgFailed(err)
+				failures++
+				r.sleep(ctx, backoff(failures, 100*time.Millisecond, 5*time.Second))
+				continue
+			}
+			r.m.HorizonWait.Set(r.horizon.wait(time.Now()).Seconds())
+		}
 		n, err := r.runOnce(ctx, pool, probe)
 		if err != nil {
 			if ctx.Err() != nil {
@@ -195,6 +229,11 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool) error {
 		case n > 0:
 			probe = false
 			interval = r.cfg.Wake.MinInterval
+		case ordered && r.horizon.behind():
+			// Committed rows may wait above the commit horizon: look again
+			// soon, without hammering while a long transaction holds it.
+			probe = false
+			interval = min(max(2*interval, r.cfg.Wake.MinInterval), 20*time.Millisecond, r.cfg.Wake.PollInterval)
 		default:
 			probe = true
 			if r.cfg.Wake.Mode == WakeNotify {
@@ -247,6 +286,11 @@ func (r *Relay) checkSchema(ctx context.Context, pool *pgxpool.Pool) error {
 	}
 	if !exists {
 		return fmt.Errorf("%w: %s (run `outbox-relay migrate up`, or check postgres.schema and postgres.table)", ErrTableMissing, r.table)
+	}
+	if r.cfg.Relay.Ordering == OrderingPartitionKey {
+		if err := pool.QueryRow(ctx, `SELECT pg_get_serial_sequence($1, 'seq')`, r.table.Quoted()).Scan(&r.seqName); err != nil {
+			return fmt.Errorf("find the seq sequence of %s: %w", r.table, err)
+		}
 	}
 	var enabled bool
 	if err := pool.QueryRow(ctx, r.q.notifyTrigger, r.table.Quoted(), r.table.Name+"_notify").Scan(&enabled); err != nil {
@@ -367,7 +411,13 @@ type failure struct {
 // claim locks the next due rows and turns them into messages; rows whose
 // headers cannot be decoded come back as invalid failures.
 func (r *Relay) claim(ctx context.Context, tx pgx.Tx) (msgs []Message, invalid []failure, err error) {
-	rows, err := tx.Query(ctx, r.q.claimBatch, r.cfg.Relay.BatchSize)
+	var rows pgx.Rows
+	if r.cfg.Relay.Ordering == OrderingPartitionKey {
+		rows, err = tx.Query(ctx, r.q.claimOrdered, r.cfg.Relay.BatchSize, r.cfg.Relay.Partitions,
+			r.leases.ownedPartitions(), r.horizon.safe)
+	} else {
+		rows, err = tx.Query(ctx, r.q.claimBatch, r.cfg.Relay.BatchSize)
+	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("claim batch: %w", err)
 	}
@@ -563,6 +613,16 @@ func (r *Relay) statsLoop(ctx context.Context, pool *pgxpool.Pool) {
 		case <-t.C:
 		}
 	}
+}
+
+// lockClass derives a positive advisory-lock class from a name (FNV-1a).
+func lockClass(name string) int32 {
+	h := uint32(2166136261)
+	for i := 0; i < len(name); i++ {
+		h ^= uint32(name[i])
+		h *= 16777619
+	}
+	return int32(h & 0x7fffffff)
 }
 
 func isUndefinedTable(err error) bool {

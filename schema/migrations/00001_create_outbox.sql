@@ -18,6 +18,11 @@ $$;
 -- +goose StatementEnd
 
 CREATE TABLE {{.Table}} (
+    -- The writing transaction. It is the first column on purpose: defaults
+    -- are evaluated in column order, so the transaction has its id before
+    -- it draws seq. The ordered relay relies on that to know when every
+    -- lower seq has committed or aborted (see relay/ordering.go).
+    tx_id          xid8        NOT NULL DEFAULT pg_current_xact_id(),
     seq            bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     id             uuid        NOT NULL DEFAULT {{.Func "uuid_v7"}}(),
     event_type     text        NOT NULL CHECK (event_type <> '' AND octet_length(event_type) <= 255),
@@ -31,10 +36,7 @@ CREATE TABLE {{.Table}} (
     attempts       integer     NOT NULL DEFAULT 0,
     last_error     text,
     dispatched_at  timestamptz,
-    dead_at        timestamptz,
-    -- The writing transaction, for commit-safe ordering: a row is not published
-    -- while an older transaction that may still insert rows is in progress.
-    tx_id          xid8        NOT NULL DEFAULT pg_current_xact_id()
+    dead_at        timestamptz
 );
 
 CREATE UNIQUE INDEX {{.Local "id_key"}} ON {{.Table}} (id);

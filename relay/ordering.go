@@ -1,0 +1,201 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"go.uber.org/zap"
+)
+
+// Ordered mode (relay.ordering: partition_key) keeps each key's events in
+// sequence order with three mechanisms:
+//
+//  1. Heads only. A batch takes, per key, only the lowest pending row (the
+//     head), and only if no other transaction holds it locked. The next row
+//     of a key becomes the head only once the previous one is committed as
+//     dispatched (or dead), so one row per key is in flight, across all
+//     replicas, whatever the partition leases say.
+//
+//  2. Commit horizon. seq is drawn at insert, but transactions commit in
+//     another order: a committed row with seq 12 may have an uncommitted
+//     sibling with seq 11 of the same key. A head is published only if its
+//     seq is at or below the horizon: a seq value H such that every
+//     transaction that drew a seq ≤ H has ended. The relay reads the
+//     sequence's last value L and, with a later statement, a snapshot S;
+//     once the oldest running transaction is newer than S's xmax, every
+//     transaction that had drawn a seq ≤ L has committed or aborted (each
+//     has its transaction id before it draws seq: tx_id is the table's
+//     first column), and L becomes the horizon. Cost: a transaction that
+//     stays open holds back ordered rows committed after it started, for as
+//     long as it stays open (outbox_relay_commit_horizon_wait_seconds).
+//
+//  3. Partition leases. Keys hash into relay.partitions virtual partitions;
+//     each replica holds a session advisory lock per partition it owns, on a
+//     connection of its own, so a replica that dies loses its leases with its
+//     connection. Replicas count each other through member advisory locks
+//     and each takes ceil(partitions / replicas), releasing extras between
+//     batches. Leases split the work; order never depends on them.
+
+// horizon tracks the commit horizon.
+type horizon struct {
+	safe       int64       // the horizon: every seq ≤ safe is settled
+	lastValue  int64       // sequence value read by the previous probe
+	haveLast   bool        // lastValue is set
+	candidates []candidate // (seq, xmax) pairs waiting for old transactions to end
+}
+
+type candidate struct {
+	seq   int64
+	xmax  uint64
+	since time.Time
+}
+
+// advance reads the sequence and a snapshot and moves the horizon forward.
+func (h *horizon) advance(ctx context.Context, pool *pgxpool.Pool, q queries, seqName string) error {
+	var (
+		last       int64
+		xmin, xmax string
+	)
+	if err := pool.QueryRow(ctx, q.readHorizon, seqName).Scan(&last, &xmin, &xmax); err != nil {
+		return fmt.Errorf("read commit horizon: %w", err)
+	}
+	lo, err1 := strconv.ParseUint(xmin, 10, 64)
+	hi, err2 := strconv.ParseUint(xmax, 10, 64)
+	if err := errors.Join(err1, err2); err != nil {
+		return fmt.Errorf("parse snapshot: %w", err)
+	}
+	now := time.Now()
+	// The previous probe's sequence value pairs with this snapshot, taken
+	// after it was read: every transaction that had drawn a seq ≤ that value
+	// already had a transaction id below this snapshot's xmax.
+	if h.haveLast {
+		h.candidates = append(h.candidates, candidate{seq: h.lastValue, xmax: hi, since: now})
+	}
+	h.lastValue, h.haveLast = last, true
+	// Every transaction older than xmin has ended.
+	n := 0
+	for n < len(h.candidates) && h.candidates[n].xmax <= lo {
+		h.safe = max(h.safe, h.candidates[n].seq)
+		n++
+	}
+	h.candidates = h.candidates[n:]
+	// Bound the list: merging keeps the larger seq and the later xmax, which
+	// is conservative.
+	if len(h.candidates) > 64 {
+		h.candidates[1] = candidate{seq: h.candidates[1].seq, xmax: h.candidates[1].xmax, since: h.candidates[0].since}
+		h.candidates = h.candidates[1:]
+	}
+	return nil
+}
+
+// wait is how long the oldest candidate has waited for older transactions.
+func (h *horizon) wait(now time.Time) time.Duration {
+	if len(h.candidates) == 0 {
+		return 0
+	}
+	return now.Sub(h.candidates[0].since)
+}
+
+// behind reports whether committed rows may be waiting above the horizon.
+func (h *horizon) behind() bool { return h.lastValue > h.safe }
+
+// leases holds this replica's partition leases on a dedicated connection.
+type leases struct {
+	conn        *pgx.Conn
+	member      int32 // member slot, -1 when none
+	owned       []int32
+	partitions  int
+	classLease  int32 // advisory lock class of partition leases
+	classMember int32 // advisory lock class of member slots
+	next        time.Time
+}
+
+// maxMembers bounds member slots (replicas of one table).
+const maxMembers = 1024
+
+// rebalanceEvery is how often a replica recounts members and adjusts its
+// share of partitions.
+const rebalanceEvery = time.Second
+
+// maintain (re)connects, registers as a member and takes or releases
+// partitions towards an even share. It is called between batches only.
+func (l *leases) maintain(ctx context.Context, r *Relay, connCfg *pgx.ConnConfig) error {
+	if l.conn != nil && l.conn.IsClosed() {
+		l.drop(ctx)
+	}
+	if l.conn != nil && time.Now().Before(l.next) {
+		return nil
+	}
+	l.next = time.Now().Add(rebalanceEvery)
+	if l.conn == nil {
+		cfg := connCfg.Copy()
+		conn, err := pgx.ConnectConfig(ctx, cfg)
+		if err != nil {
+			return fmt.Errorf("lease connection: %w", err)
+		}
+		l.conn = conn
+		l.member = -1
+	}
+	if err := l.rebalance(ctx, r); err != nil {
+		l.drop(ctx)
+		return err
+	}
+	return nil
+}
+
+func (l *leases) rebalance(ctx context.Context, r *Relay) error {
+	if l.member < 0 {
+		if err := l.conn.QueryRow(ctx, r.q.takeMemberSlot, l.classMember, maxMembers).Scan(&l.member); err != nil {
+			return fmt.Errorf("take member slot: %w", err)
+		}
+	}
+	var members int
+	if err := l.conn.QueryRow(ctx, r.q.countMembers, l.classMember).Scan(&members); err != nil {
+		return fmt.Errorf("count members: %w", err)
+	}
+	target := (l.partitions + max(members, 1) - 1) / max(members, 1)
+	before := len(l.owned)
+	if len(l.owned) > target {
+		extra := l.owned[target:]
+		if _, err := l.conn.Exec(ctx, r.q.releasePartitions, l.classLease, extra); err != nil {
+			return fmt.Errorf("release partitions: %w", err)
+		}
+		l.owned = slices.Clone(l.owned[:target])
+	}
+	if len(l.owned) < target {
+		rows, err := l.conn.Query(ctx, r.q.takePartitions, l.classLease, l.partitions, l.owned, target-len(l.owned))
+		if err != nil {
+			return fmt.Errorf("take partitions: %w", err)
+		}
+		got, err := pgx.CollectRows(rows, pgx.RowTo[int32])
+		if err != nil {
+			return fmt.Errorf("take partitions: %w", err)
+		}
+		l.owned = append(l.owned, got...)
+		slices.Sort(l.owned)
+	}
+	r.m.PartitionsOwned.Set(float64(len(l.owned)))
+	if len(l.owned) != before {
+		r.log.Info("partitions rebalanced", zap.Int("members", members), zap.Int("owned", len(l.owned)),
+			zap.Int("target", target), zap.Int32("member_slot", l.member))
+	}
+	return nil
+}
+
+// drop closes the lease connection: every lease goes with it.
+func (l *leases) drop(ctx context.Context) {
+	if l.conn != nil {
+		_ = l.conn.Close(context.WithoutCancel(ctx))
+	}
+	l.conn, l.member, l.owned = nil, -1, nil
+	l.next = time.Time{}
+}
+
+// ownedPartitions is the current lease set (nil before the first rebalance).
+func (l *leases) ownedPartitions() []int32 { return l.owned }
