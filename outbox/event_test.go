@@ -83,3 +83,23 @@ func TestNewWriterRejectsBadIdentifiers(t *testing.T) {
 		t.Fatal("bad table name accepted")
 	}
 }
+
+func TestTraceparentValidation(t *testing.T) {
+	t.Parallel()
+	for tp, ok := range map[string]bool{
+		"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01": true,
+		"00-00000000000000000000000000000000-00f067aa0ba902b7-01": false,
+		"00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01": false,
+		"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01": false,
+		"garbage": false,
+		"":        false,
+	} {
+		if outbox.ValidTraceparent(tp) != ok {
+			t.Errorf("ValidTraceparent(%q) = %v", tp, !ok)
+		}
+		ctx := outbox.ContextWithTraceparent(context.Background(), tp)
+		if _, stored := outbox.TraceparentFromContext(ctx); stored != ok {
+			t.Errorf("%q stored = %v", tp, stored)
+		}
+	}
+}

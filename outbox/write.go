@@ -68,7 +68,7 @@ ORDER BY u.ord`
 // commits or retries. Invalid events are rejected before anything is sent.
 // Events with a zero ID get a new UUIDv7 (the caller's slice is not modified).
 func (w *Writer) Write(ctx context.Context, tx Tx, events ...Event) error {
-	args, err := w.args(events)
+	args, err := w.args(ctx, events)
 	if err != nil || args == nil {
 		return err
 	}
@@ -80,7 +80,7 @@ func (w *Writer) Write(ctx context.Context, tx Tx, events ...Event) error {
 
 // WriteSQL is Write for a database/sql transaction (pgx stdlib driver).
 func (w *Writer) WriteSQL(ctx context.Context, tx SQLTx, events ...Event) error {
-	args, err := w.args(events)
+	args, err := w.args(ctx, events)
 	if err != nil || args == nil {
 		return err
 	}
@@ -104,10 +104,11 @@ func WriteSQL(ctx context.Context, tx SQLTx, events ...Event) error {
 
 // args validates events and lays them out as column arrays; nil args and nil
 // error mean there is nothing to write.
-func (w *Writer) args(events []Event) ([]any, error) {
+func (w *Writer) args(ctx context.Context, events []Event) ([]any, error) {
 	if len(events) == 0 {
 		return nil, nil
 	}
+	traceparent, traced := TraceparentFromContext(ctx)
 	n := len(events)
 	var (
 		ids      = make([]string, n)
@@ -139,8 +140,16 @@ func (w *Writer) args(events []Event) ([]any, error) {
 			ctypes[i] = ContentTypeJSON
 		}
 		headers[i] = "{}"
-		if len(e.Headers) > 0 {
-			b, err := json.Marshal(e.Headers)
+		h := e.Headers
+		if _, set := h[HeaderTraceparent]; traced && !set {
+			h = make(map[string]string, len(e.Headers)+1)
+			for k, v := range e.Headers {
+				h[k] = v
+			}
+			h[HeaderTraceparent] = traceparent
+		}
+		if len(h) > 0 {
+			b, err := json.Marshal(h)
 			if err != nil {
 				return nil, fmt.Errorf("event %d: %w: headers: %v", i, ErrInvalidEvent, err)
 			}
