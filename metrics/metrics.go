@@ -24,6 +24,9 @@ const (
 	StagePublish = "publish"
 	StageMark    = "mark"
 
+	CleanDispatched = "dispatched"
+	CleanDead       = "dead"
+
 	OtherEventType = "other"
 )
 
@@ -43,6 +46,7 @@ type Metrics struct {
 	BatchDuration    prometheus.Histogram     // claim to commit
 	StageDuration    *prometheus.HistogramVec // stage: claim, publish, mark
 	Retries          *prometheus.CounterVec   // event_type: rows scheduled for another attempt
+	Cleaned          *prometheus.CounterVec   // kind: dispatched, dead rows deleted by retention
 	PartitionsOwned  prometheus.Gauge         // ordered mode: partitions leased by this replica
 	HorizonWait      prometheus.Gauge         // ordered mode: seconds the commit horizon waits for old transactions
 	BatchSize        prometheus.Histogram     // rows claimed per non-empty batch
@@ -107,6 +111,10 @@ func New(reg prometheus.Registerer, cfg Config) (*Metrics, error) {
 			Name: "outbox_relay_retries_scheduled_total",
 			Help: "Failed events scheduled for another attempt with backoff, by event type.",
 		}, []string{"event_type"}),
+		Cleaned: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "outbox_relay_rows_cleaned_total",
+			Help: "Rows deleted by the retention cleaner, by kind (dispatched, dead).",
+		}, []string{"kind"}),
 		PartitionsOwned: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "outbox_relay_partitions_owned",
 			Help: "Virtual partitions leased by this replica (relay.ordering: partition_key; 0 otherwise).",
@@ -162,7 +170,7 @@ func New(reg prometheus.Registerer, cfg Config) (*Metrics, error) {
 		types:    make(map[string]struct{}),
 	}
 	for _, c := range []prometheus.Collector{m.Published, m.Failed, m.Returned, m.Dead, m.BatchDuration,
-		m.StageDuration, m.Retries, m.PartitionsOwned, m.HorizonWait, m.BatchSize, m.PublishLatency, m.EndToEndLatency, m.Pending, m.OldestPendingAge, m.DeadRows,
+		m.StageDuration, m.Retries, m.Cleaned, m.PartitionsOwned, m.HorizonWait, m.BatchSize, m.PublishLatency, m.EndToEndLatency, m.Pending, m.OldestPendingAge, m.DeadRows,
 		m.LinkUp, m.Reconnects, m.Wakeups, m.BuildInfo} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
@@ -171,6 +179,9 @@ func New(reg prometheus.Registerer, cfg Config) (*Metrics, error) {
 	for _, l := range Links {
 		m.LinkUp.WithLabelValues(l)
 		m.Reconnects.WithLabelValues(l)
+	}
+	for _, k := range []string{CleanDispatched, CleanDead} {
+		m.Cleaned.WithLabelValues(k)
 	}
 	for _, s := range Stages {
 		m.StageDuration.WithLabelValues(s)

@@ -16,10 +16,27 @@ import (
 // configuration file (see config.example.yaml, which documents every key);
 // zero values take the defaults below.
 type Config struct {
-	Postgres PostgresConfig `yaml:"postgres"`
-	AMQP     AMQPConfig     `yaml:"amqp"`
-	Relay    EngineConfig   `yaml:"relay"`
-	Wake     WakeConfig     `yaml:"wake"`
+	Postgres  PostgresConfig  `yaml:"postgres"`
+	AMQP      AMQPConfig      `yaml:"amqp"`
+	Relay     EngineConfig    `yaml:"relay"`
+	Wake      WakeConfig      `yaml:"wake"`
+	Retention RetentionConfig `yaml:"retention"`
+}
+
+// RetentionConfig bounds the table: a background cleaner deletes old
+// dispatched and dead rows in small batches, apart from the claim loop.
+type RetentionConfig struct {
+	// Dispatched is how long dispatched rows are kept (for replay and
+	// audit) before the cleaner deletes them. Default 168h (7 days). Not
+	// used with relay.on_dispatch: delete.
+	Dispatched time.Duration `yaml:"dispatched"`
+	// Dead is how long dead rows are kept. Default 0: until an operator
+	// retries or purges them.
+	Dead time.Duration `yaml:"dead"`
+	// Interval between cleaner runs. Default 1m.
+	Interval time.Duration `yaml:"interval"`
+	// BatchSize is the most rows one cleaner statement deletes. Default 1000.
+	BatchSize int `yaml:"batch_size"`
 }
 
 // PostgresConfig locates the outbox table.
@@ -154,6 +171,9 @@ func (c Config) WithDefaults() Config {
 	c.Relay.Ordering = cmp.Or(c.Relay.Ordering, OrderingNone)
 	c.Relay.Partitions = cmp.Or(c.Relay.Partitions, 64)
 	c.Relay.OnDead = cmp.Or(c.Relay.OnDead, OnDeadContinue)
+	c.Retention.Dispatched = cmp.Or(c.Retention.Dispatched, 7*24*time.Hour)
+	c.Retention.Interval = cmp.Or(c.Retention.Interval, time.Minute)
+	c.Retention.BatchSize = cmp.Or(c.Retention.BatchSize, 1000)
 	c.Wake.Mode = cmp.Or(c.Wake.Mode, WakePoll)
 	if c.Wake.Mode == WakeNotify {
 		c.Wake.PollInterval = cmp.Or(c.Wake.PollInterval, 10*time.Second)
@@ -232,6 +252,14 @@ func (c Config) Validate() error {
 		bad("relay.partitions", "must be between 1 and 4096, got %d", c.Relay.Partitions)
 	}
 	oneOf(bad, "relay.on_dead", c.Relay.OnDead, OnDeadContinue, OnDeadBlock)
+	positive(bad, "retention.dispatched", c.Retention.Dispatched)
+	if c.Retention.Dead < 0 {
+		bad("retention.dead", "must be 0 (keep dead rows until an operator acts) or a positive duration, got %s", c.Retention.Dead)
+	}
+	positive(bad, "retention.interval", c.Retention.Interval)
+	if c.Retention.BatchSize < 1 || c.Retention.BatchSize > 100000 {
+		bad("retention.batch_size", "must be between 1 and 100000, got %d", c.Retention.BatchSize)
+	}
 	oneOf(bad, "wake.mode", c.Wake.Mode, WakePoll, WakeNotify)
 	positive(bad, "wake.poll_interval", c.Wake.PollInterval)
 	positive(bad, "wake.min_interval", c.Wake.MinInterval)

@@ -64,3 +64,41 @@ func TestTraceparentForwarded(t *testing.T) {
 		t.Fatal("Write modified the caller's events")
 	}
 }
+
+// TestRetentionCleaner: dispatched and dead rows past their retention are
+// deleted in small batches; recent ones and pending rows stay.
+func TestRetentionCleaner(t *testing.T) {
+	t.Parallel()
+	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+	ctx := context.Background()
+	tbl := o.Table.Quoted()
+	// 250 old dispatched, 20 recent dispatched, 30 old dead, 5 recent dead, 7 pending in the future.
+	for _, q := range []string{
+		`INSERT INTO ` + tbl + ` (event_type, payload, dispatched_at) SELECT 'old', '\x00', now() - interval '8 days' FROM generate_series(1, 250)`,
+		`INSERT INTO ` + tbl + ` (event_type, payload, dispatched_at) SELECT 'recent', '\x00', now() - interval '1 minute' FROM generate_series(1, 20)`,
+		`INSERT INTO ` + tbl + ` (event_type, payload, dead_at, attempts) SELECT 'dead-old', '\x00', now() - interval '2 days', 10 FROM generate_series(1, 30)`,
+		`INSERT INTO ` + tbl + ` (event_type, payload, dead_at, attempts) SELECT 'dead-recent', '\x00', now(), 10 FROM generate_series(1, 5)`,
+		`INSERT INTO ` + tbl + ` (event_type, payload, available_at) SELECT 'later', '\x00', now() + interval '1 day' FROM generate_series(1, 7)`,
+	} {
+		if _, err := o.Pool.Exec(ctx, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cfg := config(o, b)
+	cfg.Retention.Dispatched = 24 * time.Hour
+	cfg.Retention.Dead = 24 * time.Hour
+	cfg.Retention.Interval = 50 * time.Millisecond
+	cfg.Retention.BatchSize = 40
+	r := start(t, cfg)
+	testenv.Eventually(t, 20*time.Second, "old rows deleted", func() bool {
+		return o.Count(t, "event_type IN ('old', 'dead-old')") == 0
+	})
+	for typ, want := range map[string]int{"recent": 20, "dead-recent": 5, "later": 7} {
+		if n := o.Count(t, "event_type = $1", typ); n != want {
+			t.Errorf("%s: %d rows left, want %d", typ, n, want)
+		}
+	}
+	if got := counterSum(t, r.Metrics.Cleaned); got != 280 {
+		t.Errorf("cleaned counter %d, want 280", got)
+	}
+}

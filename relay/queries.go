@@ -18,6 +18,9 @@ type queries struct {
 	readStats        string
 	notifyTrigger    string
 
+	cleanDispatched string
+	cleanDead       string
+
 	// Ordered mode (see ordering.go).
 	claimOrdered      string
 	readHorizon       string
@@ -108,6 +111,15 @@ SET attempts     = o.attempts + u.charge,
     dead_at      = CASE WHEN u.dead THEN now() END
 FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bool[], $5::int[]) AS u(seq, err, delay_ms, dead, charge)
 WHERE o.seq = u.seq`, tbl),
+
+		// Retention: oldest first along the primary key, a bounded batch,
+		// skipping rows another replica's cleaner holds.
+		cleanDispatched: fmt.Sprintf(`DELETE FROM %[1]s WHERE seq IN (
+  SELECT seq FROM %[1]s WHERE dispatched_at < now() - $1::bigint * interval '1 millisecond'
+  ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED)`, tbl),
+		cleanDead: fmt.Sprintf(`DELETE FROM %[1]s WHERE seq IN (
+  SELECT seq FROM %[1]s WHERE dead_at IS NOT NULL AND dead_at < now() - $1::bigint * interval '1 millisecond'
+  LIMIT $2 FOR UPDATE SKIP LOCKED)`, tbl),
 
 		readStats: fmt.Sprintf(`SELECT
   (SELECT count(*) FROM %[1]s WHERE `+pending+`),

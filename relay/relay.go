@@ -139,6 +139,7 @@ func (r *Relay) Run(ctx context.Context) error {
 		wg.Go(func() { r.listen(bg, poolCfg.ConnConfig) })
 	}
 	wg.Go(func() { r.statsLoop(bg, pool) })
+	wg.Go(func() { r.cleanLoop(bg, pool) })
 
 	r.log.Info("relay started",
 		zap.String("table", r.table.String()),
@@ -623,6 +624,48 @@ func lockClass(name string) int32 {
 		h *= 16777619
 	}
 	return int32(h & 0x7fffffff)
+}
+
+// cleanLoop deletes dispatched and dead rows past their retention, in
+// bounded batches on short transactions of their own.
+func (r *Relay) cleanLoop(ctx context.Context, pool *pgxpool.Pool) {
+	t := time.NewTicker(r.cfg.Retention.Interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if r.cfg.Relay.OnDispatch == OnDispatchMark {
+			r.clean(ctx, pool, r.q.cleanDispatched, r.cfg.Retention.Dispatched, metrics.CleanDispatched)
+		}
+		if r.cfg.Retention.Dead > 0 {
+			r.clean(ctx, pool, r.q.cleanDead, r.cfg.Retention.Dead, metrics.CleanDead)
+		}
+	}
+}
+
+func (r *Relay) clean(ctx context.Context, pool *pgxpool.Pool, query string, keep time.Duration, kind string) {
+	total := int64(0)
+	for ctx.Err() == nil {
+		tag, err := pool.Exec(ctx, query, keep.Milliseconds(), r.cfg.Retention.BatchSize)
+		if err != nil {
+			if ctx.Err() == nil && !isUndefinedTable(err) {
+				r.log.Warn("retention cleaner", zap.String("kind", kind), zap.Error(err))
+			}
+			return
+		}
+		n := tag.RowsAffected()
+		total += n
+		r.m.Cleaned.WithLabelValues(kind).Add(float64(n))
+		if n < int64(r.cfg.Retention.BatchSize) {
+			break
+		}
+	}
+	if total > 0 {
+		r.log.Info("retention cleaner deleted rows", zap.String("kind", kind), zap.Int64("rows", total), zap.Duration("older_than", keep))
+	}
 }
 
 func isUndefinedTable(err error) bool {
