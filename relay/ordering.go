@@ -199,3 +199,39 @@ func (l *leases) drop(ctx context.Context) {
 
 // ownedPartitions is the current lease set (nil before the first rebalance).
 func (l *leases) ownedPartitions() []int32 { return l.owned }
+
+// PartitionOwner is one replica's share of the partition leases.
+type PartitionOwner struct {
+	PID             int32     // backend pid of the replica's lease connection
+	ApplicationName string    // from the replica's DSN (default "outbox-relay")
+	ClientAddr      string    // empty for unix sockets
+	Since           time.Time // when the lease connection started
+	Partitions      []int32
+}
+
+// Querier is what PartitionOwners needs: a pool, a connection or a transaction.
+type Querier interface {
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+}
+
+// PartitionOwners lists the replicas holding partition leases on schema.table
+// and the partitions each holds, read from pg_locks.
+func PartitionOwners(ctx context.Context, db Querier, schema, table string) ([]PartitionOwner, error) {
+	t := Config{Postgres: PostgresConfig{Schema: schema, Table: table}}.table()
+	if err := t.Validate(); err != nil {
+		return nil, err
+	}
+	rows, err := db.Query(ctx, queryPartitionOwners, lockClass("lease "+t.String()))
+	if err != nil {
+		return nil, fmt.Errorf("partition owners: %w", err)
+	}
+	owners, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (PartitionOwner, error) {
+		var o PartitionOwner
+		err := row.Scan(&o.PID, &o.ApplicationName, &o.ClientAddr, &o.Since, &o.Partitions)
+		return o, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("partition owners: %w", err)
+	}
+	return owners, nil
+}

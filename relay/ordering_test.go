@@ -146,3 +146,57 @@ func TestOrderedPoisonBlocksOnlyItsKey(t *testing.T) {
 		t.Fatal("the poisoned head is not dead after 4 attempts")
 	}
 }
+
+// TestPartitionLeasesSplit: two ordered replicas split the partitions
+// evenly, PartitionOwners reports both, and when one stops the other takes
+// every partition.
+func TestPartitionLeasesSplit(t *testing.T) {
+	t.Parallel()
+	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+	cfg := orderedConfig(o, b)
+	ctx := context.Background()
+	owners := func() map[int32]int {
+		list, err := relay.PartitionOwners(ctx, o.Pool, o.Schema, o.Table.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := map[int32]int{}
+		for _, ow := range list {
+			m[ow.PID] = len(ow.Partitions)
+		}
+		return m
+	}
+	r1 := start(t, cfg)
+	testenv.Eventually(t, 10*time.Second, "first replica owns all 8 partitions", func() bool {
+		m := owners()
+		return len(m) == 1 && sum(m) == 8
+	})
+	start(t, cfg)
+	testenv.Eventually(t, 10*time.Second, "two replicas own 4 partitions each", func() bool {
+		m := owners()
+		if len(m) != 2 || sum(m) != 8 {
+			return false
+		}
+		for _, n := range m {
+			if n != 4 {
+				return false
+			}
+		}
+		return true
+	})
+	if err := r1.stop(); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, 10*time.Second, "the survivor owns all 8", func() bool {
+		m := owners()
+		return len(m) == 1 && sum(m) == 8
+	})
+}
+
+func sum(m map[int32]int) int {
+	n := 0
+	for _, v := range m {
+		n += v
+	}
+	return n
+}

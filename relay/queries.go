@@ -30,6 +30,16 @@ type queries struct {
 	releasePartitions string
 }
 
+// queryPartitionOwners groups the partition leases (advisory locks of the
+// lease class) by the backend holding them.
+const queryPartitionOwners = `SELECT l.pid, coalesce(a.application_name, ''), coalesce(host(a.client_addr), ''),
+       coalesce(a.backend_start, now()), array_agg(l.objid::bigint::int4 ORDER BY l.objid)
+FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid::bigint = $1::bigint
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+GROUP BY l.pid, a.application_name, a.client_addr, a.backend_start
+ORDER BY l.pid`
+
 // partitionOf is the SQL expression for a key's virtual partition, given
 // the partition count as parameter $n.
 func partitionOf(n int) string {
