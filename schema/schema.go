@@ -19,8 +19,15 @@ import (
 	"github.com/outbox-relay/outbox-relay/internal/ident"
 )
 
-//go:embed migrations/*.sql
+//go:embed migrations/*.sql inbox/*.sql
 var migrations embed.FS
+
+// The two sets of migrations: the outbox table, and the consumer-side inbox
+// table of package inbox.
+const (
+	outboxDir = "migrations"
+	inboxDir  = "inbox"
+)
 
 // VersionTableSuffix names goose's bookkeeping table, kept next to the outbox
 // table: public.outbox → public.outbox_schema_version.
@@ -36,11 +43,20 @@ type Migrator struct {
 // NewMigrator renders the migrations for schema.table. db is used as given and
 // not closed by the Migrator.
 func NewMigrator(db *sql.DB, schemaName, table string) (*Migrator, error) {
+	return newMigrator(db, schemaName, table, outboxDir)
+}
+
+// NewInboxMigrator is NewMigrator for a consumer's inbox table (package inbox).
+func NewInboxMigrator(db *sql.DB, schemaName, table string) (*Migrator, error) {
+	return newMigrator(db, schemaName, table, inboxDir)
+}
+
+func newMigrator(db *sql.DB, schemaName, table, dir string) (*Migrator, error) {
 	t := ident.Table{Schema: schemaName, Name: table}
 	if err := t.Validate(); err != nil {
 		return nil, err
 	}
-	fsys, err := Render(t)
+	fsys, err := render(t, dir)
 	if err != nil {
 		return nil, err
 	}
@@ -54,11 +70,13 @@ func NewMigrator(db *sql.DB, schemaName, table string) (*Migrator, error) {
 	return &Migrator{provider: p, db: db, table: t}, nil
 }
 
-// Render returns the migrations rendered for table t, as goose reads them.
-func Render(t ident.Table) (fs.FS, error) {
+// Render returns the outbox migrations rendered for table t, as goose reads them.
+func Render(t ident.Table) (fs.FS, error) { return render(t, outboxDir) }
+
+func render(t ident.Table, dir string) (fs.FS, error) {
 	data := templateData{t}
 	out := fstest.MapFS{}
-	err := fs.WalkDir(migrations, "migrations", func(path string, d fs.DirEntry, err error) error {
+	err := fs.WalkDir(migrations, dir, func(path string, d fs.DirEntry, err error) error {
 		if err != nil || d.IsDir() {
 			return err
 		}
@@ -74,7 +92,7 @@ func Render(t ident.Table) (fs.FS, error) {
 		if err := tmpl.Execute(&buf, data); err != nil {
 			return fmt.Errorf("render %s: %w", path, err)
 		}
-		out[strings.TrimPrefix(path, "migrations/")] = &fstest.MapFile{Data: buf.Bytes()}
+		out[strings.TrimPrefix(path, dir+"/")] = &fstest.MapFile{Data: buf.Bytes()}
 		return nil
 	})
 	return out, err
