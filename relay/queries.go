@@ -46,6 +46,25 @@ func partitionOf(n int) string {
 	return fmt.Sprintf(`((hashtextextended(partition_key, 0) & 2147483647) %% $%d)::int4`, n)
 }
 
+// messageColumns are the columns scanMessage reads, in its order.
+const messageColumns = `seq, id, event_type, coalesce(partition_key, ''), payload, content_type,
+       headers, coalesce(correlation_id, ''), created_at, attempts`
+
+// replaySelection restricts a replay to dispatched rows: $1 from seq, $2 to
+// seq (0: none), $3 since, $4 until (NULL: none), $5 types (empty: all).
+const replaySelection = `dispatched_at IS NOT NULL AND seq >= $1 AND ($2 = 0 OR seq <= $2)
+  AND ($3::timestamptz IS NULL OR created_at >= $3) AND ($4::timestamptz IS NULL OR created_at < $4)
+  AND (cardinality($5::text[]) = 0 OR event_type = ANY($5))`
+
+// countReplay and pageReplay read a replay selection; the page is $6 rows.
+func countReplay(tbl string) string {
+	return fmt.Sprintf(`SELECT count(*) FROM %s WHERE `+replaySelection, tbl)
+}
+
+func pageReplay(tbl string) string {
+	return fmt.Sprintf(`SELECT `+messageColumns+` FROM %s WHERE `+replaySelection+` ORDER BY seq LIMIT $6`, tbl)
+}
+
 // pending is the predicate of the partial index outbox_pending; every query
 // that looks for work repeats it verbatim so the planner can use the index.
 const pending = `dispatched_at IS NULL AND dead_at IS NULL`
@@ -69,8 +88,7 @@ func newQueries(t ident.Table, onDead string) queries {
   WHERE `+pending+` AND partition_key IS NOT NULL AND %[3]s = ANY($3::int4[])
   ORDER BY partition_key, seq
 )
-SELECT seq, id, event_type, coalesce(partition_key, ''), payload, content_type,
-       headers, coalesce(correlation_id, ''), created_at, attempts
+SELECT `+messageColumns+`
 FROM %[1]s
 WHERE `+pending+` AND available_at <= now()
   AND (partition_key IS NULL
@@ -98,8 +116,7 @@ LIMIT $4`,
 
 		// Due pending rows in sequence order; rows locked by another relay
 		// are skipped, so replicas share the table without coordination.
-		claimBatch: fmt.Sprintf(`SELECT seq, id, event_type, coalesce(partition_key, ''), payload, content_type,
-       headers, coalesce(correlation_id, ''), created_at, attempts
+		claimBatch: fmt.Sprintf(`SELECT `+messageColumns+`
 FROM %s
 WHERE `+pending+` AND available_at <= now()
 ORDER BY seq

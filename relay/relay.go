@@ -424,33 +424,48 @@ func (r *Relay) claim(ctx context.Context, tx pgx.Tx) (msgs []Message, invalid [
 	}
 	defer rows.Close()
 	for rows.Next() {
-		var (
-			m       Message
-			headers []byte
-		)
-		if err := rows.Scan(&m.Seq, &m.ID, &m.Type, &m.Key, &m.Body, &m.ContentType, &headers,
-			&m.CorrelationID, &m.CreatedAt, &m.Attempts); err != nil {
-			return nil, nil, fmt.Errorf("claim batch: scan: %w", err)
+		m, err := scanMessage(rows)
+		var bad *PublishError
+		switch {
+		case errors.As(err, &bad):
+			invalid = append(invalid, failure{msg: m, err: bad})
+		case err != nil:
+			return nil, nil, fmt.Errorf("claim batch: %w", err)
+		default:
+			msgs = append(msgs, m)
 		}
-		h, err := DecodeHeaders(headers)
-		if err != nil {
-			invalid = append(invalid, failure{msg: m, err: &PublishError{Reason: ReasonInvalid, Err: err}})
-			continue
-		}
-		if h == nil {
-			h = make(map[string]any, 2)
-		}
-		h[HeaderSeq] = m.Seq
-		if m.Key != "" {
-			h[HeaderPartitionKey] = m.Key
-		}
-		m.Headers = h
-		msgs = append(msgs, m)
 	}
 	if err := rows.Err(); err != nil {
 		return nil, nil, fmt.Errorf("claim batch: %w", err)
 	}
 	return msgs, invalid, nil
+}
+
+// scanMessage reads one row of the claim columns into a message, with the
+// relay's own headers added. A row whose headers cannot be decoded is
+// returned with a *PublishError of reason invalid.
+func scanMessage(rows pgx.Rows) (Message, error) {
+	var (
+		m       Message
+		headers []byte
+	)
+	if err := rows.Scan(&m.Seq, &m.ID, &m.Type, &m.Key, &m.Body, &m.ContentType, &headers,
+		&m.CorrelationID, &m.CreatedAt, &m.Attempts); err != nil {
+		return m, fmt.Errorf("scan: %w", err)
+	}
+	h, err := DecodeHeaders(headers)
+	if err != nil {
+		return m, &PublishError{Reason: ReasonInvalid, Err: err}
+	}
+	if h == nil {
+		h = make(map[string]any, 2)
+	}
+	h[HeaderSeq] = m.Seq
+	if m.Key != "" {
+		h[HeaderPartitionKey] = m.Key
+	}
+	m.Headers = h
+	return m, nil
 }
 
 // record marks the confirmed rows and schedules or parks the failed ones,
