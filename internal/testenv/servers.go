@@ -76,7 +76,7 @@ type Postgres struct {
 }
 
 // StartPostgres creates, starts and returns a private PostgreSQL server. The
-// test is skipped when PostgreSQL is not installed. Cleanup stops the server
+// test fails when PostgreSQL is not installed. Cleanup stops the server
 // and removes its directory.
 func StartPostgres(t testing.TB) *Postgres {
 	t.Helper()
@@ -311,7 +311,7 @@ type RabbitMQ struct {
 }
 
 // StartRabbitMQ creates, starts and returns a private RabbitMQ node. The test
-// is skipped when RabbitMQ is not installed. Cleanup stops the node and
+// fails when RabbitMQ is not installed. Cleanup stops the node and
 // removes its directory.
 func StartRabbitMQ(t testing.TB) *RabbitMQ {
 	t.Helper()
