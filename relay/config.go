@@ -26,6 +26,9 @@ type Config struct {
 // RetentionConfig bounds the table: a background cleaner deletes old
 // dispatched and dead rows in small batches, apart from the claim loop.
 type RetentionConfig struct {
+	// Enabled runs the cleaner. Default true; set false when something else
+	// deletes old rows or the relay's role may not DELETE.
+	Enabled *bool `yaml:"enabled"`
 	// Dispatched is how long dispatched rows are kept (for replay and
 	// audit) before the cleaner deletes them. Default 168h (7 days). Not
 	// used with relay.on_dispatch: delete.
@@ -171,6 +174,10 @@ func (c Config) WithDefaults() Config {
 	c.Relay.Ordering = cmp.Or(c.Relay.Ordering, OrderingNone)
 	c.Relay.Partitions = cmp.Or(c.Relay.Partitions, 64)
 	c.Relay.OnDead = cmp.Or(c.Relay.OnDead, OnDeadContinue)
+	if c.Retention.Enabled == nil {
+		t := true
+		c.Retention.Enabled = &t
+	}
 	c.Retention.Dispatched = cmp.Or(c.Retention.Dispatched, 7*24*time.Hour)
 	c.Retention.Interval = cmp.Or(c.Retention.Interval, time.Minute)
 	c.Retention.BatchSize = cmp.Or(c.Retention.BatchSize, 1000)

@@ -139,7 +139,9 @@ func (r *Relay) Run(ctx context.Context) error {
 		wg.Go(func() { r.listen(bg, poolCfg.ConnConfig) })
 	}
 	wg.Go(func() { r.statsLoop(bg, pool) })
-	wg.Go(func() { r.cleanLoop(bg, pool) })
+	if *r.cfg.Retention.Enabled {
+		wg.Go(func() { r.cleanLoop(bg, pool) })
+	}
 
 	r.log.Info("relay started",
 		zap.String("table", r.table.String()),
