@@ -28,6 +28,8 @@ Usage:
   outbox-relay migrate  up|down|status     apply, roll back or show schema migrations
   outbox-relay notify   enable|disable|status
                                            switch the table's NOTIFY trigger (wake.mode: notify)
+  outbox-relay status   [--json]           backlog, dead events, recent dispatches, schema version
+  outbox-relay dead     list|retry|purge   inspect, retry or delete dead events (dead help)
   outbox-relay version                     print version information
 
 Every command takes --config FILE; every key can also be set by environment,
@@ -57,6 +59,10 @@ func run(args, environ []string, stdin io.Reader, stdout, stderr io.Writer) int 
 		err = env.cmdMigrate(ctx, rest)
 	case "notify":
 		err = env.cmdNotify(ctx, rest)
+	case "status":
+		err = env.cmdStatus(ctx, rest)
+	case "dead":
+		err = env.cmdDead(ctx, rest)
 	case "version", "--version":
 		err = env.cmdVersion(rest)
 	case "help", "-h", "--help":

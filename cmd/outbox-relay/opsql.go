@@ -1,0 +1,155 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/outbox-relay/outbox-relay/internal/ident"
+	"github.com/outbox-relay/outbox-relay/schema"
+)
+
+// opsQueries holds every SQL statement of the operations commands (dead,
+// status), rendered once for the configured table. The table name is
+// validated and quoted (internal/ident); everything else is a parameter.
+type opsQueries struct {
+	tableExists string
+
+	// dead list / retry / purge.
+	deadList   string
+	deadTotal  string
+	deadSelect string
+	deadRetry  string
+	deadPurge  string
+	idStates   string
+	wakeRelay  string
+
+	// status.
+	statusBacklog    string
+	statusDispatched string
+	statusTypes      string
+	versionTable     string // quoted name of goose's version table
+	schemaVersion    string
+	notifyTrigger    string
+}
+
+// Predicates of the partial indexes outbox_pending and outbox_dead
+// (schema/migrations/00001_create_outbox.sql). Queries repeat them verbatim
+// so that the planner can use the indexes.
+const (
+	pendingRows = `dispatched_at IS NULL AND dead_at IS NULL`
+	deadRows    = `dead_at IS NOT NULL`
+)
+
+// deadMatch selects dead rows for list, retry and purge. Each parameter is a
+// filter; NULL switches it off, so one fixed statement serves every
+// combination of flags (see deadFilter.args):
+//
+//	$1 uuid[]    ids (--id)
+//	$2 text[]    event types (--type)
+//	$3 interval  died more than this long ago (--older-than)
+//	$4 interval  died at most this long ago (--newer-than)
+//	$5 bigint[]  seqs: exactly the rows an operator confirmed
+//
+// Ages are measured against the database's clock, not this process's.
+const deadMatch = deadRows + `
+  AND ($1::uuid[] IS NULL OR id = ANY($1::uuid[]))
+  AND ($2::text[] IS NULL OR event_type = ANY($2::text[]))
+  AND ($3::interval IS NULL OR dead_at < now() - $3::interval)
+  AND ($4::interval IS NULL OR dead_at >= now() - $4::interval)
+  AND ($5::bigint[] IS NULL OR seq = ANY($5::bigint[]))`
+
+func newOpsQueries(t ident.Table) opsQueries {
+	tbl := t.Quoted()
+	versionTable := t.Derived(schema.VersionTableSuffix)
+	return opsQueries{
+		tableExists: `SELECT to_regclass($1) IS NOT NULL`,
+
+		// Newest first, which is the dead index read backwards. $6 asks
+		// for the payload, $7 is the limit.
+		deadList: fmt.Sprintf(`SELECT seq, id, event_type, partition_key, content_type, headers,
+       correlation_id, created_at, available_at, attempts, last_error, dead_at,
+       extract(epoch FROM now() - dead_at)::float8,
+       CASE WHEN $6::bool THEN payload END
+FROM %s
+WHERE `+deadMatch+`
+ORDER BY dead_at DESC, seq DESC
+LIMIT $7`, tbl),
+
+		deadTotal: fmt.Sprintf(`SELECT count(*) FROM %s WHERE `+deadRows, tbl),
+
+		// The rows a confirmation prompt counts; the action then passes
+		// them back as $5, so rows that die while the operator reads the
+		// prompt are not swept up with the ones confirmed. Dead rows are
+		// few (they are parked failures), so the array stays small.
+		deadSelect: fmt.Sprintf(`SELECT seq FROM %s WHERE `+deadMatch+` ORDER BY seq`, tbl),
+
+		// Make dead rows due again with a fresh attempt budget. last_error
+		// stays for the record until the next failure overwrites it.
+		deadRetry: fmt.Sprintf(`UPDATE %s
+SET attempts = 0, dead_at = NULL, available_at = now()
+WHERE `+deadMatch+`
+RETURNING id`, tbl),
+
+		deadPurge: fmt.Sprintf(`DELETE FROM %s WHERE `+deadMatch, tbl),
+
+		// Why an --id was not retried.
+		idStates: fmt.Sprintf(`SELECT id, CASE WHEN dead_at IS NOT NULL THEN 'dead'
+                 WHEN dispatched_at IS NOT NULL THEN 'dispatched'
+                 ELSE 'pending' END
+FROM %s
+WHERE id = ANY($1::uuid[])`, tbl),
+
+		// Retried rows are updates, which the insert trigger does not
+		// announce: wake a relay in wake.mode notify ourselves (sent at
+		// commit; nobody listens in poll mode, which polls anyway).
+		wakeRelay: `SELECT pg_notify($1, '')`,
+
+		// Both counts come from one pass over the pending index; the oldest
+		// pending row is its first entry.
+		statusBacklog: fmt.Sprintf(`SELECT p.pending, p.due,
+       (SELECT extract(epoch FROM now() - created_at)::float8 FROM %[1]s WHERE `+pendingRows+` ORDER BY seq LIMIT 1),
+       (SELECT count(*) FROM %[1]s WHERE `+deadRows+`),
+       now()
+FROM (SELECT count(*) AS pending, count(*) FILTER (WHERE available_at <= now()) AS due
+      FROM %[1]s WHERE `+pendingRows+`) p`, tbl),
+
+		// No index covers dispatched_at (an index on it would tax every
+		// dispatch), so counting "dispatched in the last 5 minutes" over
+		// the whole history would scan the table. Instead only the newest
+		// $1 sequence numbers are read, by a primary-key range scan: recent
+		// dispatches are nearly always recent inserts; an old row that
+		// succeeded late (after retries) outside the window is missed. The
+		// last column says whether the window covered the whole table,
+		// i.e. the counts are exact. $1 = 0 scans everything.
+		statusDispatched: fmt.Sprintf(`WITH bounds AS (SELECT min(seq) AS lo, max(seq) AS hi FROM %[1]s)
+SELECT count(*) FILTER (WHERE dispatched_at >= now() - interval '1 minute'),
+       count(*),
+       (SELECT $1::bigint = 0 OR lo IS NULL OR lo > hi - $1::bigint FROM bounds)
+FROM %[1]s
+WHERE ($1::bigint = 0 OR seq > (SELECT coalesce(hi, 0) FROM bounds) - $1::bigint)
+  AND dispatched_at >= now() - interval '5 minutes'`, tbl),
+
+		// Pending and dead counts per event type, from the two partial
+		// indexes (the pending side reads every pending row: on a large
+		// backlog this is the most expensive statement of status). The
+		// window counts all types before LIMIT $1 cuts the list.
+		statusTypes: fmt.Sprintf(`SELECT event_type, sum(pending)::bigint, sum(dead)::bigint, count(*) OVER ()
+FROM (SELECT event_type, count(*) AS pending, 0::bigint AS dead
+      FROM %[1]s WHERE `+pendingRows+` GROUP BY event_type
+      UNION ALL
+      SELECT event_type, 0::bigint, count(*)
+      FROM %[1]s WHERE `+deadRows+` GROUP BY event_type) c
+GROUP BY event_type
+ORDER BY 2 DESC, 3 DESC, event_type
+LIMIT $1`, tbl),
+
+		// Read goose's version table directly: asking goose (Migrator.Version)
+		// would create the table when it is missing, and status must not
+		// write. goose deletes a version's row when it is rolled back.
+		versionTable:  versionTable,
+		schemaVersion: fmt.Sprintf(`SELECT coalesce(max(version_id), 0) FROM %s`, versionTable),
+
+		// NULL when the trigger is missing; 'O' (origin) and 'A' (always)
+		// fire, 'D' is disabled.
+		notifyTrigger: `SELECT tgenabled IN ('O', 'A') FROM pg_trigger WHERE tgrelid = $1::regclass AND tgname = $2`,
+	}
+}

@@ -1,0 +1,267 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"text/tabwriter"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/stdlib"
+
+	"github.com/outbox-relay/outbox-relay/internal/ident"
+	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/schema"
+)
+
+// statusTopTypes is how many event types status lists, by pending count.
+const statusTopTypes = 20
+
+// statusReport is what status prints; --json prints it as is.
+type statusReport struct {
+	Table      string    `json:"table"`
+	ObservedAt time.Time `json:"observed_at"` // the database's now()
+
+	// SchemaVersion is nil when goose's version table is missing.
+	SchemaVersion *int64 `json:"schema_version"`
+	SchemaLatest  int64  `json:"schema_latest"`  // newest migration this binary carries
+	NotifyTrigger string `json:"notify_trigger"` // enabled, disabled or missing
+
+	Pending int64 `json:"pending"`
+	DueNow  int64 `json:"due_now"`
+	// OldestPendingAgeSeconds is nil when nothing is pending.
+	OldestPendingAgeSeconds *float64 `json:"oldest_pending_age_seconds"`
+	Dead                    int64    `json:"dead"`
+
+	Dispatched dispatchCounts `json:"dispatched"`
+
+	EventTypes      []typeCounts `json:"event_types"`       // top statusTopTypes by pending
+	EventTypesTotal int64        `json:"event_types_total"` // types with pending or dead rows
+
+	// Ordering mode's partition ownership (which replica leases which
+	// partitions, from pg_locks; see relay/ordering.go) goes here: a field
+	// such as `Partitions *partitionStatus `json:"partitions,omitempty"`,
+	// filled by one more step at the end of readStatus (its query in
+	// opsql.go) and printed by one more section at the end of printStatus.
+}
+
+// dispatchCounts are rows marked dispatched recently (see statusDispatched
+// in opsql.go for why they are counted over a window of recent rows).
+type dispatchCounts struct {
+	LastMinute   int64 `json:"last_minute"`
+	Last5Minutes int64 `json:"last_5_minutes"`
+	// Exact is false when only the newest WindowRows sequence numbers were
+	// read, or when dispatched rows are not kept at all.
+	Exact      bool   `json:"exact"`
+	WindowRows int64  `json:"window_rows"` // 0: the whole table
+	Note       string `json:"note,omitempty"`
+}
+
+type typeCounts struct {
+	EventType string `json:"event_type"`
+	Pending   int64  `json:"pending"`
+	Dead      int64  `json:"dead"`
+}
+
+const statusUsage = `Usage:
+  outbox-relay status [--json] [--recent-rows N]
+
+Shows the outbox table's backlog (pending rows, due now, oldest pending age),
+dead rows, rows dispatched in the last minute and 5 minutes, pending and dead
+counts of the top 20 event types, the schema version and the NOTIFY trigger.
+All numbers come from one consistent snapshot; status never writes.
+
+Pending and dead counts read the partial indexes: cheap while dead rows are
+few, proportional to the backlog otherwise. Dispatched counts need a scan,
+so only the newest --recent-rows rows are read (0: all of them). With
+relay.on_dispatch: delete, dispatched rows are not kept: status says so
+(pass the relay's --config). The relay's metrics give exact rates
+(outbox_relay_events_published_total).
+`
+
+func (c *cliEnv) cmdStatus(ctx context.Context, args []string) error {
+	fs, path := c.flags("status")
+	fs.Usage = func() {
+		fmt.Fprint(c.stderr, statusUsage, "\nFlags:\n")
+		fs.PrintDefaults()
+	}
+	asJSON := fs.Bool("json", false, "print one JSON object")
+	window := fs.Int64("recent-rows", 100000, "count dispatched rows among the newest N rows only (0: scan the whole table)")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return usagef("status: unexpected argument %q", fs.Arg(0))
+	}
+	if *window < 0 {
+		return usagef("status --recent-rows: must be 0 (everything) or more, got %d", *window)
+	}
+	cfg, err := c.loadConfig(*path, "postgres.")
+	if err != nil {
+		return err
+	}
+	conn, q, t, err := connectOutbox(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+
+	rep, err := readStatus(ctx, conn, q, t, statusOptions{
+		window:         *window,
+		keepDispatched: cfg.Relay.OnDispatch != relay.OnDispatchDelete,
+	})
+	if err != nil {
+		return fmt.Errorf("status of %s: %w", t, err)
+	}
+	if *asJSON {
+		enc := json.NewEncoder(c.stdout)
+		enc.SetIndent("", "  ")
+		enc.SetEscapeHTML(false)
+		return enc.Encode(rep)
+	}
+	return printStatus(c.stdout, rep, cfg.Wake.Mode)
+}
+
+type statusOptions struct {
+	window         int64 // --recent-rows
+	keepDispatched bool  // relay.on_dispatch is mark
+}
+
+// readStatus reads every number in one read-only REPEATABLE READ
+// transaction, so they add up (and now() is one instant).
+func readStatus(ctx context.Context, conn *pgx.Conn, q opsQueries, t ident.Table, opt statusOptions) (statusReport, error) {
+	rep := statusReport{Table: t.String(), EventTypes: []typeCounts{}}
+	latest, err := latestMigration(conn, t)
+	if err != nil {
+		return rep, err
+	}
+	rep.SchemaLatest = latest
+
+	err = pgx.BeginTxFunc(ctx, conn, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly}, func(tx pgx.Tx) error {
+		if err := tx.QueryRow(ctx, q.statusBacklog).Scan(&rep.Pending, &rep.DueNow,
+			&rep.OldestPendingAgeSeconds, &rep.Dead, &rep.ObservedAt); err != nil {
+			return fmt.Errorf("backlog: %w", err)
+		}
+
+		if opt.keepDispatched {
+			d := &rep.Dispatched
+			if err := tx.QueryRow(ctx, q.statusDispatched, opt.window).Scan(&d.LastMinute, &d.Last5Minutes, &d.Exact); err != nil {
+				return fmt.Errorf("dispatched: %w", err)
+			}
+			if !d.Exact {
+				d.WindowRows = opt.window
+				d.Note = fmt.Sprintf("counted among the newest %d rows only, see --recent-rows", opt.window)
+			}
+		} else {
+			rep.Dispatched.Note = "unknown: relay.on_dispatch is delete, so dispatched rows are not kept"
+		}
+
+		rows, err := tx.Query(ctx, q.statusTypes, statusTopTypes)
+		if err != nil {
+			return fmt.Errorf("event types: %w", err)
+		}
+		var tc typeCounts
+		if _, err := pgx.ForEachRow(rows, []any{&tc.EventType, &tc.Pending, &tc.Dead, &rep.EventTypesTotal}, func() error {
+			rep.EventTypes = append(rep.EventTypes, tc)
+			return nil
+		}); err != nil {
+			return fmt.Errorf("event types: %w", err)
+		}
+
+		var versioned bool
+		if err := tx.QueryRow(ctx, q.tableExists, q.versionTable).Scan(&versioned); err != nil {
+			return fmt.Errorf("schema version: %w", err)
+		}
+		if versioned {
+			var v int64
+			if err := tx.QueryRow(ctx, q.schemaVersion).Scan(&v); err != nil {
+				return fmt.Errorf("schema version: %w", err)
+			}
+			rep.SchemaVersion = &v
+		}
+
+		var enabled *bool
+		err = tx.QueryRow(ctx, q.notifyTrigger, t.Quoted(), t.Name+"_notify").Scan(&enabled)
+		switch {
+		case errors.Is(err, pgx.ErrNoRows):
+			rep.NotifyTrigger = "missing"
+		case err != nil:
+			return fmt.Errorf("notify trigger: %w", err)
+		case enabled != nil && *enabled:
+			rep.NotifyTrigger = "enabled"
+		default:
+			rep.NotifyTrigger = "disabled"
+		}
+		return nil
+	})
+	return rep, err
+}
+
+// latestMigration is the newest migration version this binary carries. The
+// database/sql handle goose wants is never used, so it opens no connection.
+func latestMigration(conn *pgx.Conn, t ident.Table) (int64, error) {
+	db := stdlib.OpenDB(*conn.Config())
+	defer db.Close()
+	m, err := schema.NewMigrator(db, t.Schema, t.Name)
+	if err != nil {
+		return 0, err
+	}
+	return m.Latest(), nil
+}
+
+func printStatus(w io.Writer, rep statusReport, wakeMode string) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	line := func(key, format string, args ...any) { fmt.Fprintf(tw, key+":\t"+format+"\n", args...) }
+
+	line("table", "%s", rep.Table)
+	switch v := rep.SchemaVersion; {
+	case v == nil:
+		line("schema version", "unknown: no version table (run `outbox-relay migrate up`)")
+	case *v < rep.SchemaLatest:
+		line("schema version", "%d, behind the latest %d (run `outbox-relay migrate up`)", *v, rep.SchemaLatest)
+	case *v > rep.SchemaLatest:
+		line("schema version", "%d, newer than this binary knows (%d): upgrade it", *v, rep.SchemaLatest)
+	default:
+		line("schema version", "%d (latest)", *v)
+	}
+	trigger := rep.NotifyTrigger
+	if wakeMode == relay.WakeNotify && trigger != "enabled" {
+		trigger += " (wake.mode is notify: run `outbox-relay notify enable`)"
+	}
+	line("notify trigger", "%s", trigger)
+	line("pending", "%d (%d due now)", rep.Pending, rep.DueNow)
+	if rep.OldestPendingAgeSeconds != nil {
+		line("oldest pending", "%s", formatAge(time.Duration(*rep.OldestPendingAgeSeconds*float64(time.Second))))
+	} else {
+		line("oldest pending", "-")
+	}
+	line("dead", "%d", rep.Dead)
+	d := rep.Dispatched
+	note := ""
+	if d.Note != "" {
+		note = " (" + d.Note + ")"
+	}
+	line("dispatched", "%d in the last minute, %d in the last 5 minutes%s", d.LastMinute, d.Last5Minutes, note)
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+
+	if len(rep.EventTypes) == 0 {
+		fmt.Fprintln(w, "event types: none pending or dead")
+		return nil
+	}
+	title := "event types"
+	if rep.EventTypesTotal > int64(len(rep.EventTypes)) {
+		title = fmt.Sprintf("event types (top %d of %d by pending)", len(rep.EventTypes), rep.EventTypesTotal)
+	}
+	fmt.Fprintf(w, "\n%s:\n", title)
+	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "  TYPE\tPENDING\tDEAD")
+	for _, tc := range rep.EventTypes {
+		fmt.Fprintf(tw, "  %s\t%d\t%d\n", cell(tc.EventType, 60), tc.Pending, tc.Dead)
+	}
+	return tw.Flush()
+}
