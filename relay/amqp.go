@@ -20,13 +20,14 @@ type AMQPPublisher struct {
 	cfg AMQPConfig
 	log *zap.Logger
 
-	mu      sync.Mutex // serialises Publish and guards the fields below
-	conn    *amqp.Connection
-	ch      *amqp.Channel
-	returns chan amqp.Return
-	closes  chan *amqp.Error
-	lastErr error
-	window  int
+	mu       sync.Mutex // serialises Publish and guards the fields below
+	conn     *amqp.Connection
+	ch       *amqp.Channel
+	returns  chan amqp.Return
+	returned map[string]amqp.Return // returns received, not yet matched to a batch
+	closes   chan *amqp.Error
+	lastErr  error
+	window   int
 	// maxSize is amqp.max_message_size, lowered to what the broker reports
 	// if it closes the channel over a message that was too large for it.
 	maxSize int
@@ -37,9 +38,11 @@ type AMQPPublisher struct {
 var tooLargeClose = regexp.MustCompile(`larger than configured max size (\d+)`)
 
 // NewAMQPPublisher returns a publisher for cfg (defaults applied). window is
-// the most messages one Publish call sends; it sizes the return buffer.
+// the most messages one Send call sends; two batches may be in flight, and
+// the return buffer is sized for them.
 func NewAMQPPublisher(cfg AMQPConfig, window int, log *zap.Logger) *AMQPPublisher {
-	return &AMQPPublisher{cfg: cfg, log: log, window: window, maxSize: cfg.MaxMessageSize, lastErr: errors.New("not connected yet")}
+	return &AMQPPublisher{cfg: cfg, log: log, window: window, maxSize: cfg.MaxMessageSize,
+		returned: map[string]amqp.Return{}, lastErr: errors.New("not connected yet")}
 }
 
 // Ready reports whether the channel is open.
@@ -96,16 +99,18 @@ func (p *AMQPPublisher) ensure(ctx context.Context) error {
 		}
 	}
 	// basic.return is dispatched synchronously before the confirm of the same
-	// message, so a buffer as large as one batch means a return is always
-	// in the buffer by the time its ack is seen.
-	p.returns = ch.NotifyReturn(make(chan amqp.Return, 2*p.window+16))
+	// message, so a buffer larger than the batches in flight means a return
+	// is always in the buffer by the time its ack is seen.
+	p.returns = ch.NotifyReturn(make(chan amqp.Return, 4*p.window+16))
 	p.closes = ch.NotifyClose(make(chan *amqp.Error, 1))
 	p.conn, p.ch, p.lastErr = conn, ch, nil
 	return nil
 }
 
-// closeLocked drops the current link, if any.
+// closeLocked drops the current link, if any, keeping the returns already
+// received: a batch still waiting may need them.
 func (p *AMQPPublisher) closeLocked() {
+	p.collectReturns()
 	if p.conn != nil {
 		_ = p.conn.Close()
 	}
@@ -121,44 +126,64 @@ func (p *AMQPPublisher) Close() error {
 	return nil
 }
 
-// Publish implements Publisher: every message is published before any
-// confirm is awaited, then the confirms and returns are matched up.
-func (p *AMQPPublisher) Publish(ctx context.Context, msgs []Message) []error {
+// Send implements Publisher: it publishes every message without waiting;
+// Wait on the result collects the confirms and returns.
+func (p *AMQPPublisher) Send(ctx context.Context, msgs []Message) Pending {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	errs := make([]error, len(msgs))
+	b := &amqpBatch{p: p, msgs: msgs, errs: make([]error, len(msgs))}
 	if err := p.ensure(ctx); err != nil {
-		fillAll(errs, &PublishError{Reason: ReasonConnection, Err: err})
-		return errs
+		fillAll(b.errs, &PublishError{Reason: ReasonConnection, Err: err})
+		return b
 	}
-	ch := p.ch
-	confirms := make([]*amqp.DeferredConfirmation, len(msgs))
-	byID := make(map[string]int, len(msgs))
+	b.ch = p.ch
+	b.confirms = make([]*amqp.DeferredConfirmation, len(msgs))
+	b.byID = make(map[string]int, len(msgs))
+	b.deadline = time.Now().Add(p.cfg.ConfirmTimeout)
 	for i := range msgs {
 		m := &msgs[i]
 		if len(m.Body) > p.maxSize {
-			errs[i] = &PublishError{Reason: ReasonTooLarge, Err: fmt.Errorf("payload is %d bytes, the broker accepts at most %d (amqp.max_message_size)", len(m.Body), p.maxSize)}
+			b.errs[i] = &PublishError{Reason: ReasonTooLarge, Err: fmt.Errorf("payload is %d bytes, the broker accepts at most %d (amqp.max_message_size)", len(m.Body), p.maxSize)}
 			continue
 		}
-		dc, err := ch.PublishWithDeferredConfirmWithContext(ctx, p.cfg.Exchange, m.Type, true, false, toPublishing(m))
+		dc, err := b.ch.PublishWithDeferredConfirmWithContext(ctx, p.cfg.Exchange, m.Type, true, false, toPublishing(m))
 		if err != nil {
 			// The channel is unusable: fail this message and every later one.
 			p.lastErr = fmt.Errorf("publish: %w", err)
 			for j := i; j < len(msgs); j++ {
-				if errs[j] == nil {
-					errs[j] = &PublishError{Reason: ReasonConnection, Err: err}
+				if b.errs[j] == nil {
+					b.errs[j] = &PublishError{Reason: ReasonConnection, Err: err}
 				}
 			}
 			break
 		}
-		confirms[i] = dc
-		byID[m.ID.String()] = i
+		b.confirms[i] = dc
+		b.byID[m.ID.String()] = i
 	}
+	return b
+}
 
-	waitCtx, cancel := context.WithTimeout(ctx, p.cfg.ConfirmTimeout)
+// amqpBatch is one sent batch awaiting its confirms.
+type amqpBatch struct {
+	p        *AMQPPublisher
+	ch       *amqp.Channel
+	msgs     []Message
+	errs     []error
+	confirms []*amqp.DeferredConfirmation
+	byID     map[string]int
+	deadline time.Time
+}
+
+// Wait collects the batch's confirms (until amqp.confirm_timeout after it
+// was sent, or ctx) and its returns.
+func (b *amqpBatch) Wait(ctx context.Context) []error {
+	if b.ch == nil {
+		return b.errs
+	}
+	waitCtx, cancel := context.WithDeadline(ctx, b.deadline)
 	defer cancel()
 	timedOut := false
-	for i, dc := range confirms {
+	for i, dc := range b.confirms {
 		if dc == nil {
 			continue
 		}
@@ -166,24 +191,58 @@ func (p *AMQPPublisher) Publish(ctx context.Context, msgs []Message) []error {
 		switch {
 		case err != nil:
 			timedOut = true
-			errs[i] = &PublishError{Reason: ReasonTimeout, Err: fmt.Errorf("no confirm within %s", p.cfg.ConfirmTimeout)}
-		case !ack && ch.IsClosed():
-			errs[i] = &PublishError{Reason: ReasonConnection, Err: errors.New("channel closed before the confirm")}
+			b.errs[i] = &PublishError{Reason: ReasonTimeout, Err: fmt.Errorf("no confirm within %s", b.p.cfg.ConfirmTimeout)}
+		case !ack && b.ch.IsClosed():
+			b.errs[i] = &PublishError{Reason: ReasonConnection, Err: errors.New("channel closed before the confirm")}
 		case !ack:
-			errs[i] = &PublishError{Reason: ReasonNack, Err: errors.New("broker nacked the message")}
+			b.errs[i] = &PublishError{Reason: ReasonNack, Err: errors.New("broker nacked the message")}
 		}
 	}
-	p.drainReturns(byID, errs)
-	if ch.IsClosed() {
-		p.learnMaxSize(msgs, errs)
+	p := b.p
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.collectReturns()
+	for id, i := range b.byID {
+		r, returned := p.returned[id]
+		if !returned {
+			continue
+		}
+		delete(p.returned, id)
+		if b.errs[i] == nil {
+			b.errs[i] = &PublishError{Reason: ReasonUnroutable, Accepted: p.cfg.Unroutable == UnroutableAccept, Err: fmt.Errorf(
+				"returned by the broker: %d %s (no queue bound to exchange %q for routing key %q)", r.ReplyCode, r.ReplyText, r.Exchange, r.RoutingKey)}
+		}
 	}
-	if timedOut || ch.IsClosed() {
+	if len(p.returned) > 4*p.window {
+		clear(p.returned) // returns of batches long settled
+	}
+	if b.ch.IsClosed() {
+		p.learnMaxSize(b.msgs, b.errs)
+	}
+	if (timedOut || b.ch.IsClosed()) && p.ch == b.ch {
 		// Late confirms and returns of this batch must not be mistaken for
-		// the next one's: start over on a fresh channel.
+		// later ones: start over on a fresh channel.
 		p.lastErr = errors.New("channel reset after a lost or late confirm")
 		p.closeLocked()
 	}
-	return errs
+	return b.errs
+}
+
+// collectReturns moves the returns received so far into p.returned, keyed
+// by message id. A return is dispatched before the confirm of its message,
+// so once a batch's confirms are in, its returns are too.
+func (p *AMQPPublisher) collectReturns() {
+	for {
+		select {
+		case r, ok := <-p.returns:
+			if !ok {
+				return
+			}
+			p.returned[r.MessageId] = r
+		default:
+			return
+		}
+	}
 }
 
 // learnMaxSize handles a channel the broker closed because a message was
@@ -215,24 +274,6 @@ func (p *AMQPPublisher) learnMaxSize(msgs []Message, errs []error) {
 	for i := range msgs {
 		if len(msgs[i].Body) > limit {
 			errs[i] = &PublishError{Reason: ReasonTooLarge, Err: fmt.Errorf("payload is %d bytes, the broker accepts at most %d: %s", len(msgs[i].Body), limit, closeErr.Reason)}
-		}
-	}
-}
-
-func (p *AMQPPublisher) drainReturns(byID map[string]int, errs []error) {
-	for {
-		select {
-		case r, ok := <-p.returns:
-			if !ok {
-				return
-			}
-			i, mine := byID[r.MessageId]
-			if !mine || errs[i] != nil {
-				continue
-			}
-			errs[i] = &PublishError{Reason: ReasonUnroutable, Accepted: p.cfg.Unroutable == UnroutableAccept, Err: fmt.Errorf("returned by the broker: %d %s (no queue bound to exchange %q for routing key %q)", r.ReplyCode, r.ReplyText, r.Exchange, r.RoutingKey)}
-		default:
-			return
 		}
 	}
 }

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
 )
 
@@ -26,14 +25,19 @@ import (
 //     another order: a committed row with seq 12 may have an uncommitted
 //     sibling with seq 11 of the same key. A head is published only if its
 //     seq is at or below the horizon: a seq value H such that every
-//     transaction that drew a seq ≤ H has ended. The relay reads the
-//     sequence's last value L and, with a later statement, a snapshot S;
-//     once the oldest running transaction is newer than S's xmax, every
-//     transaction that had drawn a seq ≤ L has committed or aborted (each
-//     has its transaction id before it draws seq: tx_id is the table's
-//     first column), and L becomes the horizon. Cost: a transaction that
-//     stays open holds back ordered rows committed after it started, for as
-//     long as it stays open (outbox_relay_commit_horizon_wait_seconds).
+//     transaction that drew a seq ≤ H has ended. Each writer has its
+//     transaction id before it draws seq (tx_id is the table's first
+//     column; defaults are evaluated in column order). So the relay reads
+//     the sequence's last value L and then takes a fresh transaction id X,
+//     larger than every id assigned before; once the oldest running
+//     transaction is X or newer, everyone who drew a seq ≤ L has ended and
+//     L becomes the horizon. (A snapshot's xmax is not such a bound: it is
+//     the latest *completed* id plus one, and running transactions may hold
+//     larger ids.) Taking X costs one transaction id per probe, only while
+//     new rows arrive, committed asynchronously. Cost for producers: none;
+//     a transaction that stays open holds back ordered rows committed after
+//     it started, for as long as it stays open
+//     (outbox_relay_commit_horizon_wait_seconds).
 //
 //  3. Partition leases. Keys hash into relay.partitions virtual partitions;
 //     each replica holds a session advisory lock per partition it owns, on a
@@ -45,54 +49,64 @@ import (
 // horizon tracks the commit horizon.
 type horizon struct {
 	safe       int64       // the horizon: every seq ≤ safe is settled
-	lastValue  int64       // sequence value read by the previous probe
-	haveLast   bool        // lastValue is set
-	candidates []candidate // (seq, xmax) pairs waiting for old transactions to end
+	latest     int64       // the highest seq of any candidate (or safe)
+	candidates []candidate // (seq, xid) pairs waiting for old transactions to end
 }
 
 type candidate struct {
 	seq   int64
-	xmax  uint64
+	xid   uint64 // a transaction id taken after seq was read
 	since time.Time
 }
 
-// advance reads the sequence and a snapshot and moves the horizon forward.
-func (h *horizon) advance(ctx context.Context, pool *pgxpool.Pool, q queries, seqName string) error {
+// advance reads the sequence and, if it moved, takes a fresh transaction id
+// as a new candidate; then it promotes every candidate whose older
+// transactions have all ended. It runs on the lease connection, whose
+// commits are asynchronous: the transaction ids it takes need no flush.
+func (h *horizon) advance(ctx context.Context, conn *pgx.Conn, q queries, seqName string) error {
+	if conn == nil {
+		return errors.New("read commit horizon: no lease connection")
+	}
 	var (
-		last       int64
-		xmin, xmax string
+		last      int64
+		xid, xmin string
 	)
-	if err := pool.QueryRow(ctx, q.readHorizon, seqName).Scan(&last, &xmin, &xmax); err != nil {
+	if err := conn.QueryRow(ctx, q.readHorizon, seqName, h.latest).Scan(&last, &xid, &xmin); err != nil {
 		return fmt.Errorf("read commit horizon: %w", err)
 	}
-	lo, err1 := strconv.ParseUint(xmin, 10, 64)
-	hi, err2 := strconv.ParseUint(xmax, 10, 64)
-	if err := errors.Join(err1, err2); err != nil {
-		return fmt.Errorf("parse snapshot: %w", err)
+	lo, err := strconv.ParseUint(xmin, 10, 64)
+	if err != nil {
+		return fmt.Errorf("parse snapshot xmin %q: %w", xmin, err)
 	}
 	now := time.Now()
-	// The previous probe's sequence value pairs with this snapshot, taken
-	// after it was read: every transaction that had drawn a seq ≤ that value
-	// already had a transaction id below this snapshot's xmax.
-	if h.haveLast {
-		h.candidates = append(h.candidates, candidate{seq: h.lastValue, xmax: hi, since: now})
+	if xid != "" {
+		x, err := strconv.ParseUint(xid, 10, 64)
+		if err != nil {
+			return fmt.Errorf("parse transaction id %q: %w", xid, err)
+		}
+		h.candidates = append(h.candidates, candidate{seq: last, xid: x, since: now})
+		h.latest = max(h.latest, last)
 	}
-	h.lastValue, h.haveLast = last, true
 	// Every transaction older than xmin has ended.
 	n := 0
-	for n < len(h.candidates) && h.candidates[n].xmax <= lo {
+	for n < len(h.candidates) && h.candidates[n].xid <= lo {
 		h.safe = max(h.safe, h.candidates[n].seq)
 		n++
 	}
 	h.candidates = h.candidates[n:]
-	// Bound the list: merging keeps the larger seq and the later xmax, which
+	// Bound the list: merging keeps the larger seq and the larger id, which
 	// is conservative.
 	if len(h.candidates) > 64 {
-		h.candidates[1] = candidate{seq: h.candidates[1].seq, xmax: h.candidates[1].xmax, since: h.candidates[0].since}
+		h.candidates[1].since = h.candidates[0].since
 		h.candidates = h.candidates[1:]
 	}
 	return nil
 }
+
+// reset forgets candidates: after the lease connection was replaced, its
+// transaction ids are still valid bounds, but keeping the state simple costs
+// only one more probe.
+func (h *horizon) reset() { h.candidates, h.latest = nil, h.safe }
 
 // wait is how long the oldest candidate has waited for older transactions.
 func (h *horizon) wait(now time.Time) time.Duration {
@@ -103,7 +117,7 @@ func (h *horizon) wait(now time.Time) time.Duration {
 }
 
 // behind reports whether committed rows may be waiting above the horizon.
-func (h *horizon) behind() bool { return h.lastValue > h.safe }
+func (h *horizon) behind() bool { return len(h.candidates) > 0 }
 
 // leases holds this replica's partition leases on a dedicated connection.
 type leases struct {
@@ -135,6 +149,8 @@ func (l *leases) maintain(ctx context.Context, r *Relay, connCfg *pgx.ConnConfig
 	l.next = time.Now().Add(rebalanceEvery)
 	if l.conn == nil {
 		cfg := connCfg.Copy()
+		// The horizon probe's transaction ids need no durability.
+		cfg.RuntimeParams["synchronous_commit"] = "off"
 		conn, err := pgx.ConnectConfig(ctx, cfg)
 		if err != nil {
 			return fmt.Errorf("lease connection: %w", err)

@@ -26,20 +26,33 @@ type Message struct {
 	Attempts      int
 }
 
-// Publisher is what the relay needs from a broker: publish a batch with all
-// confirms outstanding together, and report per message. The AMQP
-// implementation is AMQPPublisher; tests may supply their own.
+// Publisher is what the relay needs from a broker: send a batch with all
+// confirms outstanding together, and later collect the outcome per message.
+// The relay keeps up to two batches in flight: it sends the next while the
+// previous one's confirms arrive. The AMQP implementation is AMQPPublisher.
 type Publisher interface {
-	// Publish sends msgs and returns one error per message, in order: nil
-	// means the broker confirmed that exact message; otherwise a
-	// *PublishError. It returns when every message is settled or ctx is done.
-	Publish(ctx context.Context, msgs []Message) []error
+	// Send publishes msgs without waiting for confirms. Calls are made from
+	// one goroutine; batches are waited for in the order they were sent.
+	Send(ctx context.Context, msgs []Message) Pending
 	// Connect establishes the broker link if it is down; idempotent.
 	Connect(ctx context.Context) error
 	// Ready reports whether the broker link is up (nil) or why not.
 	Ready() error
 	// Close releases the broker connection.
 	Close() error
+}
+
+// Pending is a sent batch.
+type Pending interface {
+	// Wait returns one error per message, in order: nil means the broker
+	// confirmed that exact message; otherwise a *PublishError. It returns
+	// when every message is settled, the confirm timeout passed, or ctx is done.
+	Wait(ctx context.Context) []error
+}
+
+// Publish sends msgs and waits for the outcome.
+func Publish(ctx context.Context, p Publisher, msgs []Message) []error {
+	return p.Send(ctx, msgs).Wait(ctx)
 }
 
 // Reason classifies a publish failure. The values are metric label values.

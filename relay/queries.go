@@ -97,10 +97,14 @@ ORDER BY seq
 LIMIT $1
 FOR UPDATE SKIP LOCKED`, tbl, deadBlocks, partitionOf(2)),
 
-		// The sequence's last value and the statement's snapshot bounds, as
-		// text since pgx has no xid8 type.
-		readHorizon: `SELECT coalesce(pg_sequence_last_value($1::regclass), 0),
-       pg_snapshot_xmin(pg_current_snapshot())::text, pg_snapshot_xmax(pg_current_snapshot())::text`,
+		// The sequence's last value L; if it passed $2, a fresh transaction
+		// id taken after L was read (the subquery is a fence: the CASE
+		// depends on its output); and the oldest running transaction.
+		// As text: pgx has no xid8 type.
+		readHorizon: `SELECT s.l,
+       CASE WHEN s.l > $2::bigint THEN pg_current_xact_id()::text ELSE '' END,
+       pg_snapshot_xmin(pg_current_snapshot())::text
+FROM (SELECT coalesce(pg_sequence_last_value($1::regclass), 0) AS l OFFSET 0) s`,
 
 		// Session advisory locks: (class, slot) marks a live replica,
 		// (class, partition) a leased partition. CASE fixes the evaluation

@@ -171,6 +171,17 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 	failures := 0
 	checked := false
 	probe := false // the last batch was empty: probe before claiming
+	var inflight *batch
+	// drain outlives ctx by relay.shutdown_timeout: at shutdown, batches
+	// already sent get that long for their confirms, and are then settled.
+	drain, cancelDrain := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelDrain()
+	stopDrain := context.AfterFunc(ctx, func() {
+		r.log.Info("stopping: no new claims; batches in flight get their confirms and commit",
+			zap.Duration("shutdown_timeout", r.cfg.Relay.ShutdownTimeout))
+		time.AfterFunc(r.cfg.Relay.ShutdownTimeout, cancelDrain)
+	})
+	defer stopDrain()
 	for ctx.Err() == nil {
 		r.lastLoop.Store(time.Now().UnixNano())
 		if !checked {
@@ -204,7 +215,9 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 				r.sleep(ctx, backoff(failures, 100*time.Millisecond, 5*time.Second))
 				continue
 			}
-			if err := r.horizon.advance(ctx, pool, r.q, r.seqName); err != nil {
+			if err := r.horizon.advance(ctx, r.leases.conn, r.q, r.seqName); err != nil {
+				r.leases.drop(ctx)
+				r.horizon.reset()
 				if ctx.Err() != nil {
 					return nil
 				}
@@ -215,10 +228,25 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			}
 			r.m.HorizonWait.Set(r.horizon.wait(time.Now()).Seconds())
 		}
-		n, err := r.runOnce(ctx, pool, probe)
+		// Pipelining: a full batch stays in flight (its confirms arriving)
+		// while the next one is claimed and sent; then the older one is
+		// settled. A partial batch is settled at once, before any wait.
+		next, err := r.claimAndSend(ctx, drain, pool, probe)
+		n := next.size()
+		if inflight != nil {
+			err = errors.Join(err, r.settle(ctx, drain, inflight))
+			inflight = nil
+		}
+		if next != nil {
+			if n == r.cfg.Relay.BatchSize && err == nil && ctx.Err() == nil {
+				inflight, probe, failures = next, false, 0
+				continue // more is waiting
+			}
+			err = errors.Join(err, r.settle(ctx, drain, next))
+		}
 		if err != nil {
 			if ctx.Err() != nil {
-				return nil
+				break
 			}
 			failures++
 			r.sleep(ctx, backoff(failures, 100*time.Millisecond, 5*time.Second))
@@ -246,6 +274,9 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			}
 		}
 		r.waitWake(ctx, interval)
+	}
+	if inflight != nil {
+		_ = r.settle(ctx, drain, inflight)
 	}
 	return nil
 }
@@ -310,60 +341,77 @@ func (r *Relay) checkSchema(ctx context.Context, pool *pgxpool.Pool) error {
 	return nil
 }
 
-// runOnce claims one batch, publishes it and records the outcome in the same
-// transaction. It returns the number of rows claimed.
-func (r *Relay) runOnce(ctx context.Context, pool *pgxpool.Pool, probe bool) (int, error) {
+// batch is a claimed batch on its way: its transaction holds the rows'
+// locks until settle commits the outcome.
+type batch struct {
+	tx      pgx.Tx
+	msgs    []Message
+	invalid []failure
+	pending Pending
+	claimed time.Time // claim began
+	sent    time.Time // publish began
+}
+
+// size is the number of rows claimed; 0 for no batch.
+func (b *batch) size() int {
+	if b == nil {
+		return 0
+	}
+	return len(b.msgs) + len(b.invalid)
+}
+
+// claimAndSend claims the next batch and publishes it without waiting for
+// confirms. It returns nil when nothing is due. With probe, a cheap query
+// without a transaction first checks that something is due.
+func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, probe bool) (*batch, error) {
 	if probe {
 		var due bool
 		if err := pool.QueryRow(ctx, r.q.probePending).Scan(&due); err != nil {
-			return 0, r.pgFailed(fmt.Errorf("probe pending: %w", err))
+			return nil, r.pgFailed(fmt.Errorf("probe pending: %w", err))
 		}
 		r.setLink(metrics.LinkPostgres, nil)
 		if !due {
-			return 0, nil
+			return nil, nil
 		}
 	}
-	start := time.Now()
+	b := &batch{claimed: time.Now()}
 	tx, err := pool.Begin(ctx)
 	if err != nil {
-		return 0, r.pgFailed(fmt.Errorf("begin: %w", err))
+		return nil, r.pgFailed(fmt.Errorf("begin: %w", err))
 	}
-	// From here on the batch is finished even if ctx is cancelled: the
-	// publish gets relay.shutdown_timeout, the bookkeeping its own bound.
-	settle := context.WithoutCancel(ctx)
-	defer func() { _ = tx.Rollback(settle) }()
-
-	msgs, invalid, err := r.claim(ctx, tx)
+	b.tx = tx
+	b.msgs, b.invalid, err = r.claim(ctx, tx)
 	if err != nil {
-		return 0, r.pgFailed(err)
+		_ = tx.Rollback(drain)
+		return nil, r.pgFailed(err)
 	}
 	r.setLink(metrics.LinkPostgres, nil)
-	r.m.StageDuration.WithLabelValues(metrics.StageClaim).Observe(time.Since(start).Seconds())
-	n := len(msgs) + len(invalid)
-	if n == 0 {
-		return 0, tx.Commit(settle)
+	r.m.StageDuration.WithLabelValues(metrics.StageClaim).Observe(time.Since(b.claimed).Seconds())
+	if b.size() == 0 {
+		return nil, tx.Commit(drain)
 	}
-	r.m.BatchSize.Observe(float64(n))
+	r.m.BatchSize.Observe(float64(b.size()))
+	b.sent = time.Now()
+	b.pending = r.pub.Send(drain, b.msgs)
+	return b, nil
+}
 
-	pubCtx, cancel := context.WithCancel(settle)
-	defer cancel()
-	stop := context.AfterFunc(ctx, func() {
-		r.log.Info("draining the batch in flight", zap.Int("batch_size", n), zap.Duration("shutdown_timeout", r.cfg.Relay.ShutdownTimeout))
-		time.AfterFunc(r.cfg.Relay.ShutdownTimeout, cancel)
-	})
-	defer stop()
-	pubStart := time.Now()
-	errs := r.pub.Publish(pubCtx, msgs)
+// settle waits for a sent batch's confirms and records the outcome in its
+// transaction: confirmed rows dispatched, failed rows retried or parked,
+// rows whose link dropped left untouched. It always ends the transaction.
+func (r *Relay) settle(ctx, drain context.Context, b *batch) error {
+	defer func() { _ = b.tx.Rollback(drain) }()
+	errs := b.pending.Wait(drain)
 	confirmedAt := time.Now()
-	r.m.PublishLatency.Observe(confirmedAt.Sub(pubStart).Seconds())
-	r.m.StageDuration.WithLabelValues(metrics.StagePublish).Observe(confirmedAt.Sub(pubStart).Seconds())
+	r.m.PublishLatency.Observe(confirmedAt.Sub(b.sent).Seconds())
+	r.m.StageDuration.WithLabelValues(metrics.StagePublish).Observe(confirmedAt.Sub(b.sent).Seconds())
 
 	var (
 		done     []int64
 		failed   []failure
 		linkDown error
 	)
-	for i, m := range msgs {
+	for i, m := range b.msgs {
 		if pe, ok := errs[i].(*PublishError); ok && pe.Accepted {
 			r.m.Returned.WithLabelValues(r.m.EventType(m.Type)).Inc()
 			errs[i] = nil
@@ -385,25 +433,25 @@ func (r *Relay) runOnce(ctx context.Context, pool *pgxpool.Pool, probe bool) (in
 		}
 		failed = append(failed, failure{msg: m, err: pe})
 	}
-	failed = append(failed, invalid...)
+	failed = append(failed, b.invalid...)
 
-	bookCtx, cancelBook := context.WithTimeout(settle, 30*time.Second)
-	defer cancelBook()
-	if err := r.record(bookCtx, tx, done, failed); err != nil {
-		return n, r.pgFailed(err)
+	bookCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	if err := r.record(bookCtx, b.tx, done, failed); err != nil {
+		return r.pgFailed(err)
 	}
-	if err := tx.Commit(bookCtx); err != nil {
-		return n, r.pgFailed(fmt.Errorf("commit batch: %w", err))
+	if err := b.tx.Commit(bookCtx); err != nil {
+		return r.pgFailed(fmt.Errorf("commit batch: %w", err))
 	}
 	r.m.StageDuration.WithLabelValues(metrics.StageMark).Observe(time.Since(confirmedAt).Seconds())
-	r.m.BatchDuration.Observe(time.Since(start).Seconds())
+	r.m.BatchDuration.Observe(time.Since(b.claimed).Seconds())
 	if linkDown != nil {
 		r.setLink(metrics.LinkAMQP, linkDown)
-		return n, linkDown
+		return linkDown
 	}
 	r.setLink(metrics.LinkAMQP, nil)
-	r.log.Debug("batch relayed", zap.Int("batch_size", n), zap.Int("confirmed", len(done)), zap.Int("failed", len(failed)))
-	return n, nil
+	r.log.Debug("batch relayed", zap.Int("batch_size", b.size()), zap.Int("confirmed", len(done)), zap.Int("failed", len(failed)))
+	return nil
 }
 
 type failure struct {

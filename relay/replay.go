@@ -118,7 +118,7 @@ func (r *Replayer) Replay(ctx context.Context, db Querier, pub Publisher, sel Re
 		}
 		// Confirmed messages are counted up to the first failure, so the
 		// resume point never skips an unconfirmed event.
-		errs := pub.Publish(ctx, msgs)
+		errs := Publish(ctx, pub, msgs)
 		for i, m := range msgs {
 			if errs[i] != nil {
 				return p, fmt.Errorf("%w: event %s (seq %d): %v", ErrReplayFailed, m.ID, m.Seq, errs[i])
