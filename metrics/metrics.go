@@ -6,6 +6,7 @@ package metrics
 import (
 	"runtime"
 	"sync"
+	"sync/atomic"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -59,10 +60,12 @@ type Metrics struct {
 	Reconnects       *prometheus.CounterVec   // link
 	Wakeups          *prometheus.CounterVec   // source
 	BuildInfo        *prometheus.GaugeVec     // version, commit, go_version
+	Ready            prometheus.GaugeFunc     // 1 while the readiness func (SetReadiness) returns nil
 
-	maxTypes int
-	mu       sync.Mutex
-	types    map[string]struct{}
+	readiness atomic.Pointer[func() error]
+	maxTypes  int
+	mu        sync.Mutex
+	types     map[string]struct{}
 }
 
 // Config bounds label cardinality.
@@ -169,15 +172,23 @@ func New(reg prometheus.Registerer, cfg Config) (*Metrics, error) {
 		maxTypes: cfg.MaxEventTypes,
 		types:    make(map[string]struct{}),
 	}
+	m.Ready = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "outbox_relay_ready",
+		Help: "1 while the relay is ready as /readyz reports it (its links up, the claim loop not stuck), else 0.",
+	}, func() float64 {
+		if f := m.readiness.Load(); f != nil && (*f)() == nil {
+			return 1
+		}
+		return 0
+	})
 	for _, c := range []prometheus.Collector{m.Published, m.Failed, m.Returned, m.Dead, m.BatchDuration,
 		m.StageDuration, m.Retries, m.Cleaned, m.PartitionsOwned, m.HorizonWait, m.BatchSize, m.PublishLatency, m.EndToEndLatency, m.Pending, m.OldestPendingAge, m.DeadRows,
-		m.LinkUp, m.Reconnects, m.Wakeups, m.BuildInfo} {
+		m.LinkUp, m.Reconnects, m.Wakeups, m.BuildInfo, m.Ready} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
 	}
 	for _, l := range Links {
-		m.LinkUp.WithLabelValues(l)
 		m.Reconnects.WithLabelValues(l)
 	}
 	for _, k := range []string{CleanDispatched, CleanDead} {
@@ -192,6 +203,10 @@ func New(reg prometheus.Registerer, cfg Config) (*Metrics, error) {
 	m.BuildInfo.WithLabelValues(cfg.Version, cfg.Commit, runtime.Version()).Set(1)
 	return m, nil
 }
+
+// SetReadiness sets the function behind outbox_relay_ready (relay.New
+// passes the relay's Ready); until then the gauge reads 0.
+func (m *Metrics) SetReadiness(ready func() error) { m.readiness.Store(&ready) }
 
 // EventType returns the label value for an event type: the type itself for
 // the first MaxEventTypes distinct types seen, "other" after that.

@@ -105,6 +105,12 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 	if cfg.Wake.Mode == WakeNotify {
 		r.links[metrics.LinkListen] = notConnected
 	}
+	// Only the links this configuration uses get a link_up series: in poll
+	// mode there is no listen link, rather than one that reads 0 forever.
+	for link := range r.links {
+		r.m.LinkUp.WithLabelValues(link).Set(0)
+	}
+	r.m.SetReadiness(r.Ready)
 	return r, nil
 }
 
