@@ -251,3 +251,29 @@ func PartitionOwners(ctx context.Context, db Querier, schema, table string) ([]P
 	}
 	return owners, nil
 }
+
+// PartitionBacklog counts pending keyed rows per virtual partition, for a
+// table whose keys hash into partitions partitions.
+func PartitionBacklog(ctx context.Context, db Querier, schema, table string, partitions int) (map[int32]int64, error) {
+	t := Config{Postgres: PostgresConfig{Schema: schema, Table: table}}.table()
+	if err := t.Validate(); err != nil {
+		return nil, err
+	}
+	rows, err := db.Query(ctx, fmt.Sprintf(queryPartitionBacklog, t.Quoted(), partitionOf(1)), partitions)
+	if err != nil {
+		return nil, fmt.Errorf("partition backlog: %w", err)
+	}
+	out := map[int32]int64{}
+	var (
+		p int32
+		n int64
+	)
+	_, err = pgx.ForEachRow(rows, []any{&p, &n}, func() error {
+		out[p] = n
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("partition backlog: %w", err)
+	}
+	return out, nil
+}

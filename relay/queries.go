@@ -40,6 +40,11 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid::bi
 GROUP BY l.pid, a.application_name, a.client_addr, a.backend_start
 ORDER BY l.pid`
 
+// queryPartitionBacklog counts pending keyed rows per partition; format
+// with the table and partitionOf(1).
+const queryPartitionBacklog = `SELECT %[2]s AS p, count(*) FROM %[1]s
+WHERE ` + pending + ` AND partition_key IS NOT NULL GROUP BY p`
+
 // partitionOf is the SQL expression for a key's virtual partition, given
 // the partition count as parameter $n.
 func partitionOf(n int) string {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -41,11 +42,27 @@ type statusReport struct {
 	EventTypes      []typeCounts `json:"event_types"`       // top statusTopTypes by pending
 	EventTypesTotal int64        `json:"event_types_total"` // types with pending or dead rows
 
-	// Ordering mode's partition ownership (which replica leases which
-	// partitions, from pg_locks; see relay/ordering.go) goes here: a field
-	// such as `Partitions *partitionStatus `json:"partitions,omitempty"`,
-	// filled by one more step at the end of readStatus (its query in
-	// opsql.go) and printed by one more section at the end of printStatus.
+	// Partitions is set in ordered mode (relay.ordering: partition_key):
+	// which replica leases which partitions, and their backlogs.
+	Partitions *partitionStatus `json:"partitions,omitempty"`
+}
+
+// partitionStatus is the lease ownership of ordered mode.
+type partitionStatus struct {
+	Count   int              `json:"count"` // relay.partitions
+	Owners  []partitionOwner `json:"owners"`
+	Pending map[int32]int64  `json:"pending_by_partition"` // keyed pending rows
+	// Unowned lists partitions no replica holds (none while relays run).
+	Unowned []int32 `json:"unowned"`
+}
+
+type partitionOwner struct {
+	PID             int32     `json:"pid"`
+	ApplicationName string    `json:"application_name"`
+	ClientAddr      string    `json:"client_addr"`
+	Since           time.Time `json:"since"`
+	Partitions      []int32   `json:"partitions"`
+	Pending         int64     `json:"pending"`
 }
 
 // dispatchCounts are rows marked dispatched recently (see statusDispatched
@@ -112,6 +129,7 @@ func (c *cliEnv) cmdStatus(ctx context.Context, args []string) error {
 	rep, err := readStatus(ctx, conn, q, t, statusOptions{
 		window:         *window,
 		keepDispatched: cfg.Relay.OnDispatch != relay.OnDispatchDelete,
+		partitions:     partitionsIfOrdered(cfg.Relay),
 	})
 	if err != nil {
 		return fmt.Errorf("status of %s: %w", t, err)
@@ -125,9 +143,18 @@ func (c *cliEnv) cmdStatus(ctx context.Context, args []string) error {
 	return printStatus(c.stdout, rep, cfg.Wake.Mode)
 }
 
+// partitionsIfOrdered is relay.partitions in ordered mode, else 0.
+func partitionsIfOrdered(e relay.EngineConfig) int {
+	if e.Ordering == relay.OrderingPartitionKey {
+		return e.Partitions
+	}
+	return 0
+}
+
 type statusOptions struct {
 	window         int64 // --recent-rows
 	keepDispatched bool  // relay.on_dispatch is mark
+	partitions     int   // relay.partitions in ordered mode; 0: not ordered
 }
 
 // readStatus reads every number in one read-only REPEATABLE READ
@@ -183,6 +210,14 @@ func readStatus(ctx context.Context, conn *pgx.Conn, q opsQueries, t ident.Table
 			rep.SchemaVersion = &v
 		}
 
+		if opt.partitions > 0 {
+			ps, err := readPartitions(ctx, tx, t, opt.partitions)
+			if err != nil {
+				return err
+			}
+			rep.Partitions = ps
+		}
+
 		var enabled *bool
 		err = tx.QueryRow(ctx, q.notifyTrigger, t.Quoted(), t.Name+"_notify").Scan(&enabled)
 		switch {
@@ -198,6 +233,58 @@ func readStatus(ctx context.Context, conn *pgx.Conn, q opsQueries, t ident.Table
 		return nil
 	})
 	return rep, err
+}
+
+// readPartitions reads lease owners (pg_locks) and per-partition backlogs.
+func readPartitions(ctx context.Context, tx pgx.Tx, t ident.Table, n int) (*partitionStatus, error) {
+	owners, err := relay.PartitionOwners(ctx, tx, t.Schema, t.Name)
+	if err != nil {
+		return nil, err
+	}
+	backlog, err := relay.PartitionBacklog(ctx, tx, t.Schema, t.Name, n)
+	if err != nil {
+		return nil, err
+	}
+	ps := &partitionStatus{Count: n, Pending: backlog, Owners: []partitionOwner{}, Unowned: []int32{}}
+	owned := map[int32]bool{}
+	for _, o := range owners {
+		po := partitionOwner{PID: o.PID, ApplicationName: o.ApplicationName, ClientAddr: o.ClientAddr, Since: o.Since, Partitions: o.Partitions}
+		for _, p := range o.Partitions {
+			owned[p] = true
+			po.Pending += backlog[p]
+		}
+		ps.Owners = append(ps.Owners, po)
+	}
+	for p := int32(0); p < int32(n); p++ {
+		if !owned[p] {
+			ps.Unowned = append(ps.Unowned, p)
+		}
+	}
+	return ps, nil
+}
+
+// ranges writes sorted partitions compactly: 0-3,8,10-11.
+func ranges(ps []int32) string {
+	var b strings.Builder
+	for i := 0; i < len(ps); {
+		j := i
+		for j+1 < len(ps) && ps[j+1] == ps[j]+1 {
+			j++
+		}
+		if b.Len() > 0 {
+			b.WriteByte(',')
+		}
+		if j > i {
+			fmt.Fprintf(&b, "%d-%d", ps[i], ps[j])
+		} else {
+			fmt.Fprintf(&b, "%d", ps[i])
+		}
+		i = j + 1
+	}
+	if b.Len() == 0 {
+		return "-"
+	}
+	return b.String()
 }
 
 // latestMigration is the newest migration version this binary carries. The
@@ -249,6 +336,9 @@ func printStatus(w io.Writer, rep statusReport, wakeMode string) error {
 		return err
 	}
 
+	if err := printPartitions(w, rep.Partitions); err != nil {
+		return err
+	}
 	if len(rep.EventTypes) == 0 {
 		fmt.Fprintln(w, "event types: none pending or dead")
 		return nil
@@ -262,6 +352,31 @@ func printStatus(w io.Writer, rep statusReport, wakeMode string) error {
 	fmt.Fprintln(tw, "  TYPE\tPENDING\tDEAD")
 	for _, tc := range rep.EventTypes {
 		fmt.Fprintf(tw, "  %s\t%d\t%d\n", cell(tc.EventType, 60), tc.Pending, tc.Dead)
+	}
+	return tw.Flush()
+}
+
+func printPartitions(w io.Writer, ps *partitionStatus) error {
+	if ps == nil {
+		return nil
+	}
+	fmt.Fprintf(w, "\npartitions (ordering: partition_key, %d partitions, %d replicas):\n", ps.Count, len(ps.Owners))
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "  OWNER PID\tAPPLICATION\tADDRESS\tSINCE\tPARTITIONS\tPENDING")
+	for _, o := range ps.Owners {
+		addr := o.ClientAddr
+		if addr == "" {
+			addr = "local"
+		}
+		fmt.Fprintf(tw, "  %d\t%s\t%s\t%s\t%s\t%d\n", o.PID, cell(o.ApplicationName, 30), addr,
+			o.Since.UTC().Format(time.RFC3339), ranges(o.Partitions), o.Pending)
+	}
+	if len(ps.Unowned) > 0 {
+		var pending int64
+		for _, p := range ps.Unowned {
+			pending += ps.Pending[p]
+		}
+		fmt.Fprintf(tw, "  unowned\t-\t-\t-\t%s\t%d\n", ranges(ps.Unowned), pending)
 	}
 	return tw.Flush()
 }

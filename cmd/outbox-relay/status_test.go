@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"regexp"
@@ -8,7 +9,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap/zaptest"
+
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/metrics"
+	"github.com/outbox-relay/outbox-relay/relay"
 )
 
 // statusFixture inserts, in this order (so that the newest sequence numbers
@@ -172,3 +178,65 @@ func TestStatusEmptyAndMissing(t *testing.T) {
 }
 
 func matches(re, s string) bool { return regexp.MustCompile(re).MatchString(s) }
+
+// TestStatusPartitions: in ordered mode, status shows which replica leases
+// which partitions and the keyed backlog of each.
+func TestStatusPartitions(t *testing.T) {
+	t.Parallel()
+	o := testenv.NewOutbox(t)
+	b := testenv.NewBroker(t)
+	insertRows(t, o,
+		opsRow{typ: "a", key: "k1", availableIn: time.Hour}, opsRow{typ: "a", key: "k2", availableIn: time.Hour},
+		opsRow{typ: "a", key: "k3", availableIn: time.Hour}, opsRow{typ: "a", availableIn: time.Hour})
+	env := opsEnv(o, "OUTBOX_RELAY_RELAY_ORDERING=partition_key", "OUTBOX_RELAY_RELAY_PARTITIONS=8")
+
+	// Before any relay runs, every partition is unowned.
+	rep := statusJSON(t, env)
+	if rep.Partitions == nil || len(rep.Partitions.Owners) != 0 || len(rep.Partitions.Unowned) != 8 {
+		t.Fatalf("partitions before a relay runs: %+v", rep.Partitions)
+	}
+	total := int64(0)
+	for _, n := range rep.Partitions.Pending {
+		total += n
+	}
+	if total != 3 {
+		t.Fatalf("keyed pending by partition sums to %d, want 3 (the keyless row is not partitioned)", total)
+	}
+
+	m, err := metrics.New(prometheus.NewRegistry(), metrics.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	declare := false
+	r, err := relay.New(relay.Config{
+		Postgres: relay.PostgresConfig{DSN: o.DSN, Schema: o.Schema},
+		AMQP:     relay.AMQPConfig{URL: b.URL, Exchange: b.Exchange, DeclareExchange: &declare},
+		Relay:    relay.EngineConfig{Ordering: relay.OrderingPartitionKey, Partitions: 8},
+	}, relay.Deps{Logger: zaptest.NewLogger(t), Metrics: m})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	})
+	testenv.Eventually(t, 10*time.Second, "one replica owning all 8 partitions", func() bool {
+		rep = statusJSON(t, env)
+		return len(rep.Partitions.Owners) == 1 && len(rep.Partitions.Owners[0].Partitions) == 8
+	})
+	if o := rep.Partitions.Owners[0]; o.Pending != 3 || len(rep.Partitions.Unowned) != 0 || o.PID == 0 {
+		t.Fatalf("owner %+v, unowned %v; want pending 3, nothing unowned", o, rep.Partitions.Unowned)
+	}
+	code, out, errOut := runCLI(t, env, "status")
+	if code != 0 {
+		t.Fatalf("status: %s", errOut)
+	}
+	if !matches(`partitions \(ordering: partition_key, 8 partitions, 1 replicas\):\n\s+OWNER PID.*\n\s+\d+\s+outbox-relay\s+\S+\s+\S+\s+0-7\s+3\n`, out) {
+		t.Fatalf("status output lacks the partition table:\n%s", out)
+	}
+}

@@ -1,0 +1,140 @@
+package main
+
+import (
+	"cmp"
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/outbox-relay/outbox-relay/relay"
+)
+
+type drainResult struct {
+	n        int
+	elapsed  time.Duration
+	rate     float64
+	walBytes float64
+
+	batches                 uint64
+	meanBatch               float64
+	claim, publish, mark    time.Duration // mean per batch
+	claimT, publishT, markT time.Duration // total
+}
+
+// drainSection pre-fills a backlog and times the relay emptying it, with
+// on_dispatch: mark (the default) and, unless disabled, delete.
+func (b *bench) drainSection(ctx context.Context) error {
+	modes := []string{relay.OnDispatchMark}
+	if b.opts.delete {
+		modes = append(modes, relay.OnDispatchDelete)
+	}
+	for _, mode := range modes {
+		// The machine's load drifts: measure the ceiling again just before
+		// each drain, with the best window (or the relay's batch size).
+		window := cmp.Or(b.ceilingWindow, relayBatchSize())
+		ceil, err := b.publishRun(ctx, window, false, min(b.opts.ceilTime, 2*time.Second))
+		if err != nil {
+			return fmt.Errorf("ceiling before on_dispatch %s: %w", mode, err)
+		}
+		res, err := b.drain(ctx, b.opts.backlog, mode)
+		if err != nil {
+			return fmt.Errorf("on_dispatch %s: %w", mode, err)
+		}
+		p := "drain." + mode
+		b.out.rate(p+".rate", res.rate, "events/s",
+			fmt.Sprintf("%d events in %.2fs, until the consumer had all and 0 were pending", res.n, res.elapsed.Seconds()))
+		b.out.rate(p+".ceiling_just_before", ceil.rate, "msg/s", fmt.Sprintf("window %d, %.1fs, just before this drain", window, ceil.elapsed.Seconds()))
+		b.out.ratio(p+".ratio_to_ceiling_just_before", res.rate, ceil.rate, "target ≥ 0.90")
+		if b.ceiling > 0 {
+			b.out.ratio(p+".ratio_to_ceiling", res.rate, b.ceiling, "to broker.ceiling; target ≥ 0.90")
+		}
+		b.out.line(p+".wal_per_event", fmt.Sprintf("%.0f", res.walBytes/float64(res.n)), "bytes",
+			"cluster-wide WAL during the drain (after a CHECKPOINT, so full-page images included) / events")
+		b.out.line(p+".batches", fmt.Sprint(res.batches), "", fmt.Sprintf("mean %.0f rows", res.meanBatch))
+		b.out.line(p+".stage_claim", ms(res.claim), "ms", fmt.Sprintf("mean per claim; summed: %.0f%% of the drain's wall time", pct(res.claimT, res.elapsed)))
+		b.out.line(p+".stage_publish", ms(res.publish), "ms", fmt.Sprintf("mean per batch, first publish to last confirm; summed: %.0f%%", pct(res.publishT, res.elapsed)))
+		b.out.line(p+".stage_mark", ms(res.mark), "ms", fmt.Sprintf("mean per batch, mark and commit; summed: %.0f%% (pipelined batches overlap, so the sums may exceed 100%%)", pct(res.markT, res.elapsed)))
+		if mode == relay.OnDispatchMark {
+			b.capacity = res.rate
+		}
+	}
+	return nil
+}
+
+func pct(part, whole time.Duration) float64 {
+	if whole <= 0 {
+		return 0
+	}
+	return 100 * part.Seconds() / whole.Seconds()
+}
+
+// drain fills n events, then runs the in-process relay (default poll mode,
+// the given on_dispatch) until a consumer has received all n and the table
+// has none pending.
+func (b *bench) drain(ctx context.Context, n int, onDispatch string) (drainResult, error) {
+	res := drainResult{n: n}
+	if err := b.reset(ctx, false); err != nil {
+		return res, err
+	}
+	if err := b.fill(ctx, 0, n); err != nil {
+		return res, err
+	}
+	// A checkpoint now makes the WAL figure repeatable: every page the
+	// drain touches writes one full-page image, as after any checkpoint.
+	if _, err := b.pool.Exec(ctx, "CHECKPOINT"); err != nil {
+		return res, fmt.Errorf("checkpoint: %w", err)
+	}
+	if err := b.purge(); err != nil {
+		return res, err
+	}
+	cons, err := b.startConsumer(nil)
+	if err != nil {
+		return res, err
+	}
+	defer cons.stop()
+	lsn0, err := b.walLSN(ctx)
+	if err != nil {
+		return res, err
+	}
+	cfg := b.relayConfig()
+	cfg.Relay.OnDispatch = onDispatch
+	start := time.Now()
+	r, err := b.startRelay(ctx, cfg)
+	if err != nil {
+		return res, err
+	}
+	defer r.stop()
+	limit := time.Minute + time.Duration(n)*time.Millisecond // ≥ 1,000 events/s or give up
+	if err := cons.waitCount(ctx, int64(n), limit); err != nil {
+		return res, err
+	}
+	err = waitFor(ctx, 30*time.Second, 5*time.Millisecond, func() (bool, error) {
+		p, err := b.pending(ctx)
+		return p == 0, err
+	})
+	if err != nil {
+		return res, fmt.Errorf("pending rows after the consumer had all: %w", err)
+	}
+	res.elapsed = time.Since(start)
+	lsn1, err := b.walLSN(ctx)
+	if err != nil {
+		return res, err
+	}
+	if res.walBytes, err = b.walDiff(ctx, lsn0, lsn1); err != nil {
+		return res, err
+	}
+	res.rate = float64(n) / res.elapsed.Seconds()
+	if got := cons.count.Load(); got != int64(n) {
+		// More than n means duplicates (at-least-once): worth seeing.
+		b.out.line(fmt.Sprintf("drain.%s.received", onDispatch), fmt.Sprint(got), "messages", fmt.Sprintf("expected %d", n))
+	}
+	if err := r.stop(); err != nil {
+		return res, err
+	}
+
+	st := r.batchStats()
+	res.batches, res.meanBatch = st.batches, st.meanBatch
+	res.claim, res.publish, res.mark = st.claim, st.publish, st.mark
+	res.claimT, res.publishT, res.markT = st.claimT, st.publishT, st.markT
+	return res, nil
+}

@@ -1,0 +1,143 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/outbox-relay/outbox-relay/relay"
+)
+
+type latencyPoint struct {
+	name   string
+	rate   float64
+	notify bool
+	note   string
+}
+
+// latencySection measures commit→receive latency with plain-SQL producers
+// offering one event per transaction at fixed rates: the absolute
+// rates and fractions of the drain capacity in default poll mode, and
+// notify mode at the first absolute rate and at half capacity.
+func (b *bench) latencySection(ctx context.Context) error {
+	if b.capacity == 0 {
+		// Without the drain section, measure capacity with a short drain.
+		n := min(b.opts.backlog, 20_000)
+		res, err := b.drain(ctx, n, relay.OnDispatchMark)
+		if err != nil {
+			return fmt.Errorf("capacity: %w", err)
+		}
+		b.capacity = res.rate
+		b.out.rate("latency.capacity", res.rate, "events/s", fmt.Sprintf("drain of %d events, as the drain section was not run", n))
+	}
+	var points []latencyPoint
+	for _, r := range b.opts.rates {
+		points = append(points, latencyPoint{name: fmt.Sprintf("poll.rate_%d", r), rate: float64(r)})
+	}
+	for _, f := range b.opts.fractions {
+		points = append(points, latencyPoint{name: fmt.Sprintf("poll.capacity_%dpct", f), rate: b.capacity * float64(f) / 100,
+			note: fmt.Sprintf("%d%% of the drain capacity", f)})
+	}
+	if len(b.opts.rates) > 0 {
+		r := b.opts.rates[0]
+		points = append(points, latencyPoint{name: fmt.Sprintf("notify.rate_%d", r), rate: float64(r), notify: true})
+	}
+	if !b.opts.quick {
+		points = append(points, latencyPoint{name: "notify.capacity_50pct", rate: b.capacity / 2, notify: true,
+			note: "50% of the drain capacity"})
+	}
+	for _, p := range points {
+		if err := b.latencyPoint(ctx, p); err != nil {
+			return fmt.Errorf("%s: %w", p.name, err)
+		}
+	}
+	return nil
+}
+
+func (b *bench) latencyPoint(ctx context.Context, p latencyPoint) error {
+	if err := b.reset(ctx, p.notify); err != nil {
+		return err
+	}
+	if err := b.purge(); err != nil {
+		return err
+	}
+	// Event numbers are dense from 0, so both times live in slices.
+	maxEvents := int(p.rate*b.opts.latTime.Seconds()) + 1
+	commits := make([]int64, maxEvents)
+	recv := make([]int64, maxEvents)
+	cons, err := b.startConsumer(recv)
+	if err != nil {
+		return err
+	}
+	defer cons.stop()
+	cfg := b.relayConfig()
+	if p.notify {
+		cfg.Wake.Mode = relay.WakeNotify
+	}
+	r, err := b.startRelay(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer r.stop()
+	// Start from an idle relay, polling at its idle interval.
+	if err := sleepCtx(ctx, 200*time.Millisecond); err != nil {
+		return err
+	}
+	res, err := b.produce(ctx, b.opts.latTime, p.rate, func(k int64, at time.Time) {
+		if k < int64(len(commits)) {
+			commits[k] = at.UnixNano()
+		}
+	})
+	if err != nil {
+		return err
+	}
+	pendingAfter, err := b.pending(ctx)
+	if err != nil {
+		return err
+	}
+	waitErr := cons.waitCount(ctx, res.commits, 15*time.Second)
+	if err := r.stop(); err != nil {
+		return err
+	}
+	st := r.batchStats()
+	cons.stop()
+
+	var lat []time.Duration
+	missing := 0
+	for k, c := range commits {
+		if c == 0 {
+			continue
+		}
+		if recv[k] == 0 {
+			missing++
+			continue
+		}
+		lat = append(lat, time.Duration(recv[k]-c))
+	}
+	sortDurations(lat)
+	pfx := "latency." + p.name
+	achieved := fmt.Sprintf("offered %.0f/s, achieved %.0f/s", p.rate, res.rate)
+	if res.rate < 0.97*p.rate {
+		achieved += " (NOT achieved: the producer connections could not commit faster)"
+	}
+	notes := []string{achieved}
+	if p.note != "" {
+		notes = append(notes, p.note)
+	}
+	if res.errors > 0 {
+		notes = append(notes, fmt.Sprintf("%d failed: %v", res.errors, res.firstErr))
+	}
+	b.out.rate(pfx+".offered", p.rate, "events/s", notes...)
+	b.out.rate(pfx+".achieved", res.rate, "events/s",
+		fmt.Sprintf("%d events committed, %d pending when producers stopped", res.commits, pendingAfter), st.String())
+	for _, q := range []struct {
+		name string
+		p    float64
+	}{{"p50", 50}, {"p95", 95}, {"p99", 99}, {"max", 100}} {
+		b.out.line(pfx+"."+q.name, ms(percentile(lat, q.p)), "ms")
+	}
+	if missing > 0 || waitErr != nil {
+		b.out.line(pfx+".missing", fmt.Sprint(missing), "events", "committed but not received within 15s")
+	}
+	return nil
+}
