@@ -118,6 +118,7 @@ func (b *bench) broker(ctx context.Context) error {
 		}
 		b.out.rate(fmt.Sprintf("broker.window_%d", w), res.rate, "msg/s",
 			fmt.Sprintf("%d confirmed in %.2fs, sliding window of %d outstanding", res.n, res.elapsed.Seconds(), w))
+		b.cpuLine(fmt.Sprintf("broker.window_%d.cpu", w), res.cpu0, res.cpu1, -1)
 		if res.rate > best {
 			best, bestWindow = res.rate, w
 		}
@@ -136,9 +137,10 @@ func (b *bench) broker(ctx context.Context) error {
 }
 
 type publishResult struct {
-	n       int64
-	elapsed time.Duration
-	rate    float64
+	n          int64
+	elapsed    time.Duration
+	rate       float64
+	cpu0, cpu1 cpuSnap
 }
 
 // publishRun publishes for d on a fresh connection. With
@@ -198,6 +200,7 @@ func (b *bench) publishRun(ctx context.Context, window int, stopAndWait bool, d 
 			return context.Cause(ctx)
 		}
 	}
+	res.cpu0 = b.cpuSnapshot()
 	start := time.Now()
 	end := start.Add(d)
 	for time.Now().Before(end) {
@@ -233,6 +236,7 @@ func (b *bench) publishRun(ctx context.Context, window int, stopAndWait bool, d 
 		}
 	}
 	res.elapsed = time.Since(start)
+	res.cpu1 = b.cpuSnapshot()
 	res.n = acked
 	res.rate = float64(acked) / res.elapsed.Seconds()
 	if nacked > 0 || returned.Load() > 0 {

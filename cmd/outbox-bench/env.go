@@ -51,6 +51,7 @@ type bench struct {
 	cleanups []func(context.Context) error // run in reverse order
 
 	capacity      float64 // measured drain rate (events/s), for the latency points
+	brokerPID     int     // the local broker process, 0 if not found
 	ceiling       float64 // best broker ceiling (msg/s)
 	ceilingWindow int     // the window that reached it
 }
@@ -123,6 +124,7 @@ func (b *bench) setup(ctx context.Context) error {
 	if v, ok := conn.Properties["version"].(string); ok {
 		b.mqVersion = v
 	}
+	b.brokerPID = findBrokerPID(b.opts.amqpURL)
 	ch, err := conn.Channel()
 	if err != nil {
 		return fmt.Errorf("amqp channel: %w", err)
@@ -209,6 +211,9 @@ func (b *bench) header(ctx context.Context) {
 	out.line("postgres.version", b.pgVersion, "")
 	out.line("postgres.settings", b.pgSettings(ctx), "")
 	out.line("rabbitmq.version", b.mqVersion, "")
+	if b.brokerPID > 0 {
+		out.line("rabbitmq.pid", strconv.Itoa(b.brokerPID), "", "the local process listening on the AMQP port; its CPU is reported")
+	}
 	out.line("go.version", runtime.Version(), "")
 	out.line("git.commit", gitDescribe(), "")
 	out.line("relay.source", relaySourceHash(), "", "sha256 of relay/*.go at start: which engine was measured")
@@ -379,12 +384,18 @@ func (b *bench) insertSQL() string {
 func (b *bench) relayConfig() relay.Config {
 	var c relay.Config
 	c.Postgres.DSN = b.opts.dsn
+	// Tag the engine's connections so their backends can be found.
+	if dsn, err := withAppName(b.opts.dsn, b.engineAppName()); err == nil {
+		c.Postgres.DSN = dsn
+	}
 	c.Postgres.Schema = b.name
 	c.AMQP.URL = b.opts.amqpURL
 	c.AMQP.Exchange = b.name
 	c.Relay.ShutdownTimeout = 10 * time.Second
 	return c
 }
+
+func (b *bench) engineAppName() string { return b.name + "_engine" }
 
 // purge empties the queue of what an earlier measurement left behind.
 func (b *bench) purge() error {

@@ -78,7 +78,7 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 		fs.PrintDefaults()
 	}
 	only := fs.String("only", "", "comma-separated sections to run (default all): "+strings.Join(allSections, ","))
-	windows := fs.String("windows", "500,2000", "broker ceiling: outstanding-confirm windows to try")
+	windows := fs.String("windows", "", "broker ceiling: outstanding-confirm windows to try (default 500,1000,2000,5000, quick 500,2000)")
 	rates := fs.String("rates", "1000,5000", "latency: fixed offered rates, events/s")
 	fractions := fs.String("fractions", "25,50,90", "latency: offered rates as percent of the measured drain capacity")
 	fs.BoolVar(&o.quick, "quick", false, "small sizes and short windows: the whole run takes under a minute")
@@ -110,6 +110,12 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 		return o, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
 	var err error
+	if *windows == "" {
+		*windows = "500,1000,2000,5000"
+		if o.quick {
+			*windows = "500,2000"
+		}
+	}
 	if o.windows, err = intList(*windows); err != nil {
 		return o, fmt.Errorf("-windows: %w", err)
 	}

@@ -416,10 +416,10 @@ func (c *cliEnv) confirmRows(ctx context.Context, conn *pgx.Conn, q opsQueries, 
 	return false, fmt.Errorf("not confirmed: nothing %s", past)
 }
 
-// isTerminal reports whether r is a character device, that is a terminal
+// isTerminal reports whether r (a stream) is a character device, that is a terminal
 // someone can answer a prompt on. /dev/null is a character device too; the
 // prompt then reads end of input, which counts as no.
-func isTerminal(r io.Reader) bool {
+func isTerminal(r any) bool {
 	f, ok := r.(interface{ Stat() (os.FileInfo, error) })
 	if !ok {
 		return false

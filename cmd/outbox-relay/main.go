@@ -30,6 +30,7 @@ Usage:
                                            switch the table's NOTIFY trigger (wake.mode: notify)
   outbox-relay status   [--json]           backlog, dead events, recent dispatches, schema version
   outbox-relay dead     list|retry|purge   inspect, retry or delete dead events (dead help)
+  outbox-relay replay   [selection]        publish dispatched events again (replay -h)
   outbox-relay version                     print version information
 
 Every command takes --config FILE; every key can also be set by environment,
@@ -63,6 +64,8 @@ func run(args, environ []string, stdin io.Reader, stdout, stderr io.Writer) int 
 		err = env.cmdStatus(ctx, rest)
 	case "dead":
 		err = env.cmdDead(ctx, rest)
+	case "replay":
+		err = env.cmdReplay(ctx, rest)
 	case "version", "--version":
 		err = env.cmdVersion(rest)
 	case "help", "-h", "--help":
