@@ -1,7 +1,8 @@
 // Command consumer is EduPulse's search indexer: it reads lesson, quiz and
-// badge events from the edupulse.events exchange and "indexes" them by
-// printing one line each. Delivery is at least once, so it drops messages
-// whose id it has already seen.
+// badge events from the edupulse.events exchange, "indexes" each one into
+// edupulse.search_documents and prints a line. Delivery is at least once, so
+// it records each message id in an inbox table (package inbox) in the same
+// transaction as the index write, and drops messages it has seen.
 //
 //	go run ./examples/edupulse/consumer -count 100
 package main
@@ -16,12 +17,20 @@ import (
 	"os/signal"
 	"syscall"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/jackc/pgx/v5/stdlib"
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/outbox-relay/outbox-relay/examples/edupulse"
+	"github.com/outbox-relay/outbox-relay/inbox"
+	"github.com/outbox-relay/outbox-relay/schema"
 )
 
-const localURL = "amqp://guest:guest@127.0.0.1:5672/"
+const (
+	localURL = "amqp://guest:guest@127.0.0.1:5672/"
+	localDSN = "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"
+)
 
 // bindings cover whole event families, so new event types of a family reach
 // the indexer without a change here.
@@ -35,6 +44,7 @@ func run() int {
 	queue := flag.String("queue", "edupulse.search-indexer", "queue to declare and consume")
 	durable := flag.Bool("durable", false, "declare a durable queue that keeps events while the indexer is down (default: exclusive, deleted on exit)")
 	count := flag.Int("count", 0, "exit after indexing this many distinct events, 0 = until SIGINT/SIGTERM")
+	dsn := flag.String("dsn", "", "PostgreSQL URL of the indexer's own database (default $OUTBOX_RELAY_POSTGRES_DSN, else "+localDSN+")")
 	flag.Parse()
 	if *count < 0 || flag.NArg() > 0 {
 		fmt.Fprintln(os.Stderr, "consumer: -count must be 0 or more, and no arguments")
@@ -43,7 +53,12 @@ func run() int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
-	ix := &indexer{seen: newSeenSet(10_000)}
+	ix, err := newIndexer(ctx, cmp.Or(*dsn, os.Getenv("OUTBOX_RELAY_POSTGRES_DSN"), localDSN))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "consumer:", err)
+		return 1
+	}
+	defer ix.pool.Close()
 	if err := ix.run(ctx, cmp.Or(*url, os.Getenv("OUTBOX_RELAY_AMQP_URL"), localURL), *exchange, *queue, *durable, *count); err != nil {
 		fmt.Fprintln(os.Stderr, "consumer:", err)
 		return 1
@@ -52,8 +67,39 @@ func run() int {
 }
 
 type indexer struct {
-	seen                                    *seenSet
+	pool                                    *pgxpool.Pool
+	inbox                                   *inbox.Inbox
 	received, indexed, duplicates, rejected int
+}
+
+// newIndexer connects to the indexer's database and creates its tables: the
+// inbox (by its migration) and the search documents.
+func newIndexer(ctx context.Context, dsn string) (*indexer, error) {
+	pool, err := pgxpool.New(ctx, dsn)
+	if err != nil {
+		return nil, fmt.Errorf("connect to the indexer's database: %w", err)
+	}
+	db := stdlib.OpenDBFromPool(pool)
+	defer db.Close()
+	m, err := schema.NewInboxMigrator(db, "edupulse", "search_inbox")
+	if err == nil {
+		_, err = m.Up(ctx)
+	}
+	if err == nil {
+		_, err = pool.Exec(ctx, `CREATE TABLE IF NOT EXISTS edupulse.search_documents (
+			message_id text PRIMARY KEY, event_type text NOT NULL, summary text NOT NULL,
+			indexed_at timestamptz NOT NULL DEFAULT now())`)
+	}
+	if err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("create the indexer's tables: %w", err)
+	}
+	in, err := inbox.New("edupulse", "search_inbox", "search-indexer")
+	if err != nil {
+		pool.Close()
+		return nil, err
+	}
+	return &indexer{pool: pool, inbox: in}, nil
 }
 
 func (ix *indexer) run(ctx context.Context, url, exchange, queue string, durable bool, count int) error {
@@ -101,7 +147,7 @@ func (ix *indexer) run(ctx context.Context, url, exchange, queue string, durable
 			if !ok {
 				return errors.New("delivery channel closed: connection to the broker lost")
 			}
-			if err := ix.handle(d); err != nil {
+			if err := ix.handle(ctx, d); err != nil {
 				return err
 			}
 		}
@@ -109,15 +155,11 @@ func (ix *indexer) run(ctx context.Context, url, exchange, queue string, durable
 	return nil
 }
 
-// handle indexes one delivery and settles it. It acks only after indexing,
-// so a crash before that gets the message redelivered, not lost.
-func (ix *indexer) handle(d amqp.Delivery) error {
+// handle indexes one delivery and settles it. The inbox record and the
+// index write commit together, and the ack comes after the commit: a crash
+// in between redelivers the message, which the inbox then drops.
+func (ix *indexer) handle(ctx context.Context, d amqp.Delivery) error {
 	ix.received++
-	if d.MessageId != "" && !ix.seen.add(d.MessageId) {
-		ix.duplicates++
-		fmt.Printf("%-16s id=%s duplicate, dropped\n", d.RoutingKey, d.MessageId)
-		return d.Ack(false)
-	}
 	summary, err := edupulse.Summarize(d.RoutingKey, d.Body)
 	if err != nil {
 		// Redelivering a message we cannot read would loop forever; without a
@@ -126,35 +168,25 @@ func (ix *indexer) handle(d amqp.Delivery) error {
 		fmt.Printf("%-16s id=%s rejected: %v\n", d.RoutingKey, d.MessageId, err)
 		return d.Nack(false, false)
 	}
+	var first bool
+	err = pgx.BeginFunc(ctx, ix.pool, func(tx pgx.Tx) error {
+		if first, err = ix.inbox.Claim(ctx, tx, d.MessageId); err != nil || !first {
+			return err
+		}
+		_, err := tx.Exec(ctx, `INSERT INTO edupulse.search_documents (message_id, event_type, summary) VALUES ($1, $2, $3)`,
+			d.MessageId, d.RoutingKey, summary)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("index %s: %w", d.MessageId, err)
+	}
+	if !first {
+		ix.duplicates++
+		fmt.Printf("%-16s id=%s duplicate, dropped\n", d.RoutingKey, d.MessageId)
+		return d.Ack(false)
+	}
 	ix.indexed++
 	fmt.Printf("%-16s seq=%-6v id=%s corr=%s  %s\n",
 		d.RoutingKey, d.Headers["x-outbox-seq"], d.MessageId, d.CorrelationId, summary)
 	return d.Ack(false)
-}
-
-// seenSet remembers the last n message ids, forgetting the oldest first. A
-// duplicate comes from a relay retry shortly after the original, so a window
-// of recent ids catches them; a durable inbox table would catch them all.
-type seenSet struct {
-	ids  map[string]struct{}
-	ring []string
-	next int
-}
-
-func newSeenSet(n int) *seenSet {
-	return &seenSet{ids: make(map[string]struct{}, n), ring: make([]string, n)}
-}
-
-// add records id and reports whether it was new.
-func (s *seenSet) add(id string) bool {
-	if _, ok := s.ids[id]; ok {
-		return false
-	}
-	if old := s.ring[s.next]; old != "" {
-		delete(s.ids, old)
-	}
-	s.ring[s.next] = id
-	s.ids[id] = struct{}{}
-	s.next = (s.next + 1) % len(s.ring)
-	return true
 }
