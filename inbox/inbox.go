@@ -8,25 +8,19 @@ package inbox
 
 import (
 	"context"
-	"database/sql"
 	"errors"
 	"fmt"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgconn"
-
 	"github.com/outbox-relay/outbox-relay/internal/ident"
+	"github.com/outbox-relay/outbox-relay/outbox"
 )
 
-// Tx is the method Claim needs from a pgx transaction.
-type Tx interface {
-	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
-}
+// Tx is the method Claim needs from a pgx transaction (the same as outbox.Tx).
+type Tx = outbox.Tx
 
 // SQLTx is the method ClaimSQL needs from a database/sql transaction.
-type SQLTx interface {
-	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
-}
+type SQLTx = outbox.SQLTx
 
 // Inbox records processed message ids in one table for one consumer name,
 // so several consumers can share a table without seeing each other's ids.

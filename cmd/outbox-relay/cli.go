@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"runtime/debug"
+	"slices"
 	"strings"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -40,18 +41,25 @@ func (e *configError) Error() string { return e.err.Error() }
 
 func (e *configError) lines() []string {
 	var out []string
-	var walk func(error)
-	walk = func(err error) {
-		if j, ok := err.(interface{ Unwrap() []error }); ok {
-			for _, e := range j.Unwrap() {
-				walk(e)
-			}
-			return
-		}
+	for _, err := range leafErrors(e.err) {
 		out = append(out, err.Error())
 	}
-	walk(e.err)
 	return out
+}
+
+// leafErrors flattens errors.Join trees into their leaves, in order.
+func leafErrors(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		var out []error
+		for _, e := range j.Unwrap() {
+			out = append(out, leafErrors(e)...)
+		}
+		return out
+	}
+	if err == nil {
+		return nil
+	}
+	return []error{err}
 }
 
 // flags returns a FlagSet with the common --config flag.
@@ -91,27 +99,12 @@ func filterErrors(err error, prefixes []string) error {
 		return err
 	}
 	var keep []error
-	var walk func(error)
-	walk = func(err error) {
-		if j, ok := err.(interface{ Unwrap() []error }); ok {
-			for _, e := range j.Unwrap() {
-				walk(e)
-			}
-			return
-		}
+	for _, err := range leafErrors(err) {
 		var fe *relay.FieldError
-		if !errors.As(err, &fe) {
+		if !errors.As(err, &fe) || slices.ContainsFunc(prefixes, func(p string) bool { return strings.HasPrefix(fe.Key, p) }) {
 			keep = append(keep, err)
-			return
-		}
-		for _, p := range prefixes {
-			if strings.HasPrefix(fe.Key, p) {
-				keep = append(keep, err)
-				return
-			}
 		}
 	}
-	walk(err)
 	return errors.Join(keep...)
 }
 
