@@ -197,7 +197,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 				}
 				r.setLink(metrics.LinkPostgres, err)
 				failures++
-				r.sleep(ctx, backoff(failures, 100*time.Millisecond, 5*time.Second))
+				r.sleep(ctx, r.reconnectDelay(failures))
 				continue
 			}
 			checked = true
@@ -206,7 +206,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			if err := r.pub.Connect(ctx); err != nil {
 				r.setLink(metrics.LinkAMQP, err)
 				failures++
-				r.sleep(ctx, backoff(failures, 100*time.Millisecond, 5*time.Second))
+				r.sleep(ctx, r.reconnectDelay(failures))
 				continue
 			}
 			r.setLink(metrics.LinkAMQP, nil)
@@ -218,7 +218,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 				}
 				r.pgFailed(err)
 				failures++
-				r.sleep(ctx, backoff(failures, 100*time.Millisecond, 5*time.Second))
+				r.sleep(ctx, r.reconnectDelay(failures))
 				continue
 			}
 			if err := r.horizon.advance(ctx, r.leases.conn, r.q, r.seqName); err != nil {
@@ -229,7 +229,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 				}
 				r.pgFailed(err)
 				failures++
-				r.sleep(ctx, backoff(failures, 100*time.Millisecond, 5*time.Second))
+				r.sleep(ctx, r.reconnectDelay(failures))
 				continue
 			}
 			r.m.HorizonWait.Set(r.horizon.wait(time.Now()).Seconds())
@@ -255,7 +255,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 				break
 			}
 			failures++
-			r.sleep(ctx, backoff(failures, 100*time.Millisecond, 5*time.Second))
+			r.sleep(ctx, r.reconnectDelay(failures))
 			continue
 		}
 		failures = 0
@@ -574,6 +574,13 @@ func (r *Relay) pgFailed(err error) error {
 	return err
 }
 
+// reconnectDelay is the wait before retrying a failed link: 100 ms doubling
+// to 1 s, jittered. The cap is low on purpose: a dial or a probe per second
+// costs nothing, and the relay claims within a second of a link's return.
+func (r *Relay) reconnectDelay(failures int) time.Duration {
+	return backoff(failures, 100*time.Millisecond, time.Second)
+}
+
 // backoff is the capped exponential delay before attempt n (n ≥ 1), with
 // "equal jitter": uniformly in [d/2, d].
 func backoff(n int, lo, hi time.Duration) time.Duration {
@@ -644,7 +651,7 @@ func (r *Relay) listen(ctx context.Context, connCfg *pgx.ConnConfig) {
 			}
 			r.setLink(metrics.LinkListen, err)
 			failures++
-			r.sleep(ctx, backoff(failures, 100*time.Millisecond, 5*time.Second))
+			r.sleep(ctx, r.reconnectDelay(failures))
 			continue
 		}
 		failures = 0
