@@ -8,13 +8,17 @@ import (
 	"context"
 	"database/sql"
 	"embed"
+	"errors"
 	"fmt"
+	"hash/fnv"
 	"io/fs"
 	"strings"
 	"testing/fstest"
 	"text/template"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/pressly/goose/v3"
+	"github.com/pressly/goose/v3/lock"
 
 	"github.com/outbox-relay/outbox-relay/internal/ident"
 )
@@ -60,14 +64,31 @@ func newMigrator(db *sql.DB, schemaName, table, dir string) (*Migrator, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Relays started together with migrate.auto must not race: a session
+	// advisory lock, one per table, serialises them.
+	locker, err := lock.NewPostgresSessionLocker(
+		lock.WithLockID(lockID(dir+" "+t.String())),
+		lock.WithLockTimeout(1, 300), // try every second, for 5 minutes
+	)
+	if err != nil {
+		return nil, fmt.Errorf("goose locker: %w", err)
+	}
 	p, err := goose.NewProvider(goose.DialectPostgres, db, fsys,
 		goose.WithTableName(t.Schema+"."+t.Name+"_"+VersionTableSuffix),
 		goose.WithDisableGlobalRegistry(true),
+		goose.WithSessionLocker(locker),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("goose provider: %w", err)
 	}
 	return &Migrator{provider: p, db: db, table: t}, nil
+}
+
+// lockID derives a migration lock id from a name (FNV-1a, 64 bits).
+func lockID(name string) int64 {
+	h := fnv.New64a()
+	_, _ = h.Write([]byte("outbox-relay migrate " + name))
+	return int64(h.Sum64() &^ (1 << 63))
 }
 
 // Render returns the outbox migrations rendered for table t, as goose reads them.
@@ -109,8 +130,20 @@ func (d templateData) ChannelLiteral() string {
 
 // Up applies all pending migrations, creating the schema first if needed.
 func (m *Migrator) Up(ctx context.Context) ([]*goose.MigrationResult, error) {
-	if _, err := m.db.ExecContext(ctx, "CREATE SCHEMA IF NOT EXISTS "+ident.Quote(m.table.Schema)); err != nil {
-		return nil, fmt.Errorf("create schema %s: %w", m.table.Schema, err)
+	// CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when
+	// the schema exists; a least-privilege migration role may lack it.
+	var exists bool
+	if err := m.db.QueryRowContext(ctx, "SELECT to_regnamespace($1) IS NOT NULL", ident.Quote(m.table.Schema)).Scan(&exists); err != nil {
+		return nil, fmt.Errorf("look up schema %s: %w", m.table.Schema, err)
+	}
+	if !exists {
+		// Concurrent creators can both pass IF NOT EXISTS and collide on
+		// the catalog's unique index; the loser finds the schema there.
+		_, err := m.db.ExecContext(ctx, "CREATE SCHEMA IF NOT EXISTS "+ident.Quote(m.table.Schema))
+		var pgErr *pgconn.PgError
+		if err != nil && !(errors.As(err, &pgErr) && (pgErr.Code == "23505" || pgErr.Code == "42P06")) {
+			return nil, fmt.Errorf("create schema %s: %w", m.table.Schema, err)
+		}
 	}
 	return m.provider.Up(ctx)
 }

@@ -102,3 +102,34 @@ func TestRejectsBadIdentifiers(t *testing.T) {
 		}
 	}
 }
+
+// TestConcurrentUp: relays starting together with migrate.auto migrate one
+// at a time; none fails and the table is created once.
+func TestConcurrentUp(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool, err := pgxpool.New(ctx, testenv.DatabaseURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	s := testenv.Name("mig")
+	t.Cleanup(func() { _, _ = pool.Exec(context.Background(), "DROP SCHEMA IF EXISTS "+ident.Quote(s)+" CASCADE") })
+	errs := make(chan error, 4)
+	for range 4 {
+		go func() {
+			db := stdlib.OpenDBFromPool(pool)
+			defer db.Close()
+			m, err := schema.NewMigrator(db, s, "outbox")
+			if err == nil {
+				_, err = m.Up(ctx)
+			}
+			errs <- err
+		}()
+	}
+	for range 4 {
+		if err := <-errs; err != nil {
+			t.Errorf("concurrent up: %v", err)
+		}
+	}
+}
