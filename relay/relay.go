@@ -188,6 +188,16 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		time.AfterFunc(r.cfg.Relay.ShutdownTimeout, cancelDrain)
 	})
 	defer stopDrain()
+	// pause settles a batch left in flight (a link check failed before the
+	// next claim) and waits before the next attempt.
+	pause := func() {
+		if inflight != nil {
+			_ = r.settle(ctx, drain, inflight)
+			inflight = nil
+		}
+		failures++
+		r.sleep(ctx, r.reconnectDelay(failures))
+	}
 	for ctx.Err() == nil {
 		r.lastLoop.Store(time.Now().UnixNano())
 		if !checked {
@@ -196,8 +206,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 					return err
 				}
 				r.setLink(metrics.LinkPostgres, err)
-				failures++
-				r.sleep(ctx, r.reconnectDelay(failures))
+				pause()
 				continue
 			}
 			checked = true
@@ -205,31 +214,23 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		if r.pub.Ready() != nil {
 			if err := r.pub.Connect(ctx); err != nil {
 				r.setLink(metrics.LinkAMQP, err)
-				failures++
-				r.sleep(ctx, r.reconnectDelay(failures))
+				pause()
 				continue
 			}
 			r.setLink(metrics.LinkAMQP, nil)
 		}
 		if ordered {
-			if err := r.leases.maintain(ctx, r, connCfg); err != nil {
-				if ctx.Err() != nil {
-					return nil
-				}
-				r.pgFailed(err)
-				failures++
-				r.sleep(ctx, r.reconnectDelay(failures))
-				continue
+			err := r.leases.maintain(ctx, r, connCfg)
+			if err == nil {
+				err = r.horizon.advance(ctx, r.leases.conn, r.q, r.seqName)
 			}
-			if err := r.horizon.advance(ctx, r.leases.conn, r.q, r.seqName); err != nil {
+			if err != nil {
 				r.leases.drop(ctx)
 				r.horizon.reset()
-				if ctx.Err() != nil {
-					return nil
+				if ctx.Err() == nil {
+					r.pgFailed(err)
 				}
-				r.pgFailed(err)
-				failures++
-				r.sleep(ctx, r.reconnectDelay(failures))
+				pause()
 				continue
 			}
 			r.m.HorizonWait.Set(r.horizon.wait(time.Now()).Seconds())
@@ -251,11 +252,9 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			err = errors.Join(err, r.settle(ctx, drain, next))
 		}
 		if err != nil {
-			if ctx.Err() != nil {
-				break
+			if ctx.Err() == nil {
+				pause()
 			}
-			failures++
-			r.sleep(ctx, r.reconnectDelay(failures))
 			continue
 		}
 		failures = 0
