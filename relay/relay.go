@@ -133,6 +133,11 @@ func (r *Relay) Run(ctx context.Context) error {
 	if poolCfg.ConnConfig.RuntimeParams["application_name"] == "" {
 		poolCfg.ConnConfig.RuntimeParams["application_name"] = "outbox-relay"
 	}
+	// The relay's own writes (marks, retries, cleaning) need no flush at
+	// commit: one lost in a database crash only makes the relay publish
+	// those events again, which at-least-once allows. Not waiting for the
+	// WAL flush keeps the relay off the producers' commit path.
+	poolCfg.ConnConfig.RuntimeParams["synchronous_commit"] = "off"
 	pool, err := pgxpool.NewWithConfig(context.WithoutCancel(ctx), poolCfg)
 	if err != nil {
 		return fmt.Errorf("postgres pool: %w", err)
@@ -235,19 +240,20 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			}
 			r.m.HorizonWait.Set(r.horizon.wait(time.Now()).Seconds())
 		}
-		// Pipelining: a full batch stays in flight (its confirms arriving)
-		// while the next one is claimed and sent; then the older one is
-		// settled. A partial batch is settled at once, before any wait.
+		// Pipelining: a batch stays in flight (its confirms arriving) while
+		// the next one is claimed and sent; then the older one is settled.
+		// While events flow the loop does not sleep; the first empty claim
+		// settles what is in flight before any wait.
 		next, err := r.claimAndSend(ctx, drain, pool, probe)
-		n := next.size()
 		if inflight != nil {
 			err = errors.Join(err, r.settle(ctx, drain, inflight))
 			inflight = nil
 		}
 		if next != nil {
-			if n == r.cfg.Relay.BatchSize && err == nil && ctx.Err() == nil {
+			if err == nil && ctx.Err() == nil {
 				inflight, probe, failures = next, false, 0
-				continue // more is waiting
+				interval = r.cfg.Wake.MinInterval
+				continue // more may be waiting
 			}
 			err = errors.Join(err, r.settle(ctx, drain, next))
 		}
@@ -257,26 +263,18 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			}
 			continue
 		}
+		// Nothing was claimed: wait before looking again.
 		failures = 0
 		switch {
-		case n == r.cfg.Relay.BatchSize:
-			probe = false
-			continue // more is waiting
-		case n > 0:
-			probe = false
-			interval = r.cfg.Wake.MinInterval
 		case ordered && r.horizon.behind():
 			// Committed rows may wait above the commit horizon: look again
 			// soon, without hammering while a long transaction holds it.
 			probe = false
 			interval = min(max(2*interval, r.cfg.Wake.MinInterval), 20*time.Millisecond, r.cfg.Wake.PollInterval)
+		case r.cfg.Wake.Mode == WakeNotify:
+			probe, interval = true, r.cfg.Wake.PollInterval
 		default:
-			probe = true
-			if r.cfg.Wake.Mode == WakeNotify {
-				interval = r.cfg.Wake.PollInterval
-			} else {
-				interval = min(2*interval, r.cfg.Wake.PollInterval)
-			}
+			probe, interval = true, min(2*interval, r.cfg.Wake.PollInterval)
 		}
 		r.waitWake(ctx, interval)
 	}
