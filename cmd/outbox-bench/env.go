@@ -237,7 +237,7 @@ func (b *bench) header(ctx context.Context) {
 	out.line("config.latency_fractions", joinInts(o.fractions), "% of drain capacity")
 	out.line("config.rss_backlogs", fmt.Sprintf("%d,%d", o.rssSmall, o.rssLarge), "events")
 	out.line("relay.batch_size", strconv.Itoa(def.Relay.BatchSize), "", "relay defaults, used unless a line says otherwise")
-	out.line("relay.max_conns", strconv.Itoa(int(def.Postgres.MaxConns)), "")
+	out.line("postgres.max_conns", strconv.Itoa(int(def.Postgres.MaxConns)), "")
 	out.line("relay.wake.min_interval", def.Wake.MinInterval.String(), "")
 	out.line("relay.wake.poll_interval", def.Wake.PollInterval.String(), "")
 	out.line("relay.on_dispatch", def.Relay.OnDispatch, "")
