@@ -50,7 +50,9 @@ type PostgresConfig struct {
 	Schema string `yaml:"schema"`
 	// Table is the outbox table's name. Default "outbox".
 	Table string `yaml:"table"`
-	// MaxConns bounds the relay's pool (the LISTEN connection is extra). Default 4.
+	// MaxConns bounds the relay's pool (the LISTEN and lease connections are
+	// extra). Up to MaxConns-2 (at most 4) sent batches await their confirms
+	// at once, each on a connection of its own. Default 6.
 	MaxConns int32 `yaml:"max_conns"`
 }
 
@@ -155,7 +157,7 @@ const (
 func (c Config) WithDefaults() Config {
 	c.Postgres.Schema = cmp.Or(c.Postgres.Schema, "public")
 	c.Postgres.Table = cmp.Or(c.Postgres.Table, "outbox")
-	c.Postgres.MaxConns = cmp.Or(c.Postgres.MaxConns, 4)
+	c.Postgres.MaxConns = cmp.Or(c.Postgres.MaxConns, 6)
 	c.AMQP.ExchangeType = cmp.Or(c.AMQP.ExchangeType, "topic")
 	if c.AMQP.DeclareExchange == nil {
 		t := true

@@ -182,7 +182,6 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 	failures := 0
 	checked := false
 	probe := false // the last batch was empty: probe before claiming
-	var inflight *batch
 	// drain outlives ctx by relay.shutdown_timeout: at shutdown, batches
 	// already sent get that long for their confirms, and are then settled.
 	drain, cancelDrain := context.WithCancel(context.WithoutCancel(ctx))
@@ -193,18 +192,39 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		time.AfterFunc(r.cfg.Relay.ShutdownTimeout, cancelDrain)
 	})
 	defer stopDrain()
-	// pause settles a batch left in flight (a link check failed before the
-	// next claim) and waits before the next attempt.
-	pause := func() {
-		if inflight != nil {
-			_ = r.settle(ctx, drain, inflight)
-			inflight = nil
+	// Pipelining: sent batches go to a settler that waits for their
+	// confirms and commits their outcome in order, while this loop claims
+	// and sends the next ones. Batches in flight never share a row (each
+	// holds its rows' locks; claims skip locked rows) and, in ordered mode,
+	// never a key (a key's head is locked until its batch commits).
+	sent := make(chan *batch, r.inflightLimit()-1)
+	settleErr := make(chan error, 1)
+	settled := make(chan struct{})
+	go func() {
+		defer close(settled)
+		for b := range sent {
+			if err := r.settle(ctx, drain, b); err != nil {
+				select {
+				case settleErr <- err:
+				default:
+				}
+			}
 		}
+	}()
+	defer func() { close(sent); <-settled }()
+
+	pause := func() {
 		failures++
 		r.sleep(ctx, r.reconnectDelay(failures))
 	}
 	for ctx.Err() == nil {
 		r.lastLoop.Store(time.Now().UnixNano())
+		select {
+		case <-settleErr: // the settler set the link state
+			pause()
+			continue
+		default:
+		}
 		if !checked {
 			if err := r.checkSchema(ctx, pool); err != nil {
 				if errors.Is(err, ErrTableMissing) {
@@ -240,28 +260,19 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			}
 			r.m.HorizonWait.Set(r.horizon.wait(time.Now()).Seconds())
 		}
-		// Pipelining: a batch stays in flight (its confirms arriving) while
-		// the next one is claimed and sent; then the older one is settled.
-		// While events flow the loop does not sleep; the first empty claim
-		// settles what is in flight before any wait.
 		next, err := r.claimAndSend(ctx, drain, pool, probe)
-		if inflight != nil {
-			err = errors.Join(err, r.settle(ctx, drain, inflight))
-			inflight = nil
-		}
-		if next != nil {
-			if err == nil && ctx.Err() == nil {
-				inflight, probe, failures = next, false, 0
-				interval = r.cfg.Wake.MinInterval
-				continue // more may be waiting
-			}
-			err = errors.Join(err, r.settle(ctx, drain, next))
-		}
 		if err != nil {
 			if ctx.Err() == nil {
 				pause()
 			}
 			continue
+		}
+		if next != nil {
+			// Blocks while the pipeline is full: the settler makes room
+			// within amqp.confirm_timeout.
+			sent <- next
+			probe, failures, interval = false, 0, r.cfg.Wake.MinInterval
+			continue // more may be waiting; no sleep while events flow
 		}
 		// Nothing was claimed: wait before looking again.
 		failures = 0
@@ -278,10 +289,14 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		}
 		r.waitWake(ctx, interval)
 	}
-	if inflight != nil {
-		_ = r.settle(ctx, drain, inflight)
-	}
 	return nil
+}
+
+// inflightLimit is how many sent batches may await their confirms at once.
+// Each holds a pool connection; two are kept for claiming and the stats and
+// cleaner loops.
+func (r *Relay) inflightLimit() int {
+	return max(1, min(4, int(r.cfg.Postgres.MaxConns)-2))
 }
 
 // waitWake blocks until a wake-up signal, the interval, or ctx.
