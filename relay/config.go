@@ -52,7 +52,7 @@ type PostgresConfig struct {
 	Table string `yaml:"table"`
 	// MaxConns bounds the relay's pool (the LISTEN and lease connections are
 	// extra). Up to MaxConns-2 (at most 4) sent batches await their confirms
-	// at once, each on a connection of its own. Default 6.
+	// at once, each on a connection of its own. Default 4 (2 batches).
 	MaxConns int32 `yaml:"max_conns"`
 }
 
@@ -157,7 +157,7 @@ const (
 func (c Config) WithDefaults() Config {
 	c.Postgres.Schema = cmp.Or(c.Postgres.Schema, "public")
 	c.Postgres.Table = cmp.Or(c.Postgres.Table, "outbox")
-	c.Postgres.MaxConns = cmp.Or(c.Postgres.MaxConns, 6)
+	c.Postgres.MaxConns = cmp.Or(c.Postgres.MaxConns, 4)
 	c.AMQP.ExchangeType = cmp.Or(c.AMQP.ExchangeType, "topic")
 	if c.AMQP.DeclareExchange == nil {
 		t := true

@@ -39,9 +39,10 @@ const (
 	secIdle      = "idle"
 	secLatency   = "latency"
 	secRSS       = "rss"
+	secOrdered   = "ordered"
 )
 
-var allSections = []string{secBroker, secDrain, secProducers, secIdle, secLatency, secRSS}
+var allSections = []string{secBroker, secDrain, secProducers, secIdle, secLatency, secRSS, secOrdered}
 
 // options are the command-line settings; zero durations and sizes are
 // filled per mode (full or -quick) by withDefaults.
@@ -234,6 +235,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		{secIdle, b.idleSection},
 		{secLatency, b.latencySection},
 		{secRSS, b.rssSection},
+		{secOrdered, b.orderedSection},
 	} {
 		if !opts.runs(s.name) {
 			continue

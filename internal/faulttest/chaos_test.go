@@ -28,10 +28,10 @@ import (
 const (
 	chaosBatch = 200 // relay.batch_size
 	// chaosInFlight is how many claimed batches the relay can have sent and
-	// not yet committed: up to 4 await their confirms (with the default
+	// not yet committed: 2 await their confirms (with the default
 	// postgres.max_conns) while it claims and sends the next one
 	// (relay.claimLoop). A fault at the wrong moment republishes them all.
-	chaosInFlight   = 5
+	chaosInFlight   = 3
 	chaosTxEvents   = 10               // events per producer transaction
 	chaosKeys       = 1000             // distinct partition keys
 	chaosRelayKills = 5                // SIGKILLs of the relay
