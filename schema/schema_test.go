@@ -22,9 +22,12 @@ func TestUpDownUp(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer pool.Close()
 	s := testenv.Name("mig")
-	t.Cleanup(func() { _, _ = pool.Exec(context.Background(), "DROP SCHEMA IF EXISTS "+ident.Quote(s)+" CASCADE") })
+	// Cleanups run after the test function returns: drop, then close.
+	t.Cleanup(func() {
+		_, _ = pool.Exec(context.Background(), "DROP SCHEMA IF EXISTS "+ident.Quote(s)+" CASCADE")
+		pool.Close()
+	})
 	db := stdlib.OpenDBFromPool(pool)
 	defer db.Close()
 	m, err := schema.NewMigrator(db, s, "events_out")
@@ -112,9 +115,12 @@ func TestConcurrentUp(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer pool.Close()
 	s := testenv.Name("mig")
-	t.Cleanup(func() { _, _ = pool.Exec(context.Background(), "DROP SCHEMA IF EXISTS "+ident.Quote(s)+" CASCADE") })
+	// Cleanups run after the test function returns: drop, then close.
+	t.Cleanup(func() {
+		_, _ = pool.Exec(context.Background(), "DROP SCHEMA IF EXISTS "+ident.Quote(s)+" CASCADE")
+		pool.Close()
+	})
 	errs := make(chan error, 4)
 	for range 4 {
 		go func() {
