@@ -24,7 +24,7 @@ type AMQPPublisher struct {
 	conn     *amqp.Connection
 	ch       *amqp.Channel
 	returns  chan amqp.Return
-	returned map[string]amqp.Return // returns received, not yet matched to a batch
+	returned map[string]returned // returns received, not yet matched to a batch
 	closes   chan *amqp.Error
 	lastErr  error
 	window   int
@@ -42,7 +42,7 @@ var tooLargeClose = regexp.MustCompile(`larger than configured max size (\d+)`)
 // the return buffer is sized for them.
 func NewAMQPPublisher(cfg AMQPConfig, window int, log *zap.Logger) *AMQPPublisher {
 	return &AMQPPublisher{cfg: cfg, log: log, window: window, maxSize: cfg.MaxMessageSize,
-		returned: map[string]amqp.Return{}, lastErr: errors.New("not connected yet")}
+		returned: map[string]returned{}, lastErr: errors.New("not connected yet")}
 }
 
 // Ready reports whether the channel is open.
@@ -163,6 +163,12 @@ func (p *AMQPPublisher) Send(ctx context.Context, msgs []Message) Pending {
 	return b
 }
 
+// returned is a basic.return waiting to be matched to its batch.
+type returned struct {
+	amqp.Return
+	at time.Time
+}
+
 // amqpBatch is one sent batch awaiting its confirms.
 type amqpBatch struct {
 	p        *AMQPPublisher
@@ -203,18 +209,24 @@ func (b *amqpBatch) Wait(ctx context.Context) []error {
 	defer p.mu.Unlock()
 	p.collectReturns()
 	for id, i := range b.byID {
-		r, returned := p.returned[id]
-		if !returned {
+		ret, ok := p.returned[id]
+		if !ok {
 			continue
 		}
 		delete(p.returned, id)
+		r := ret.Return
 		if b.errs[i] == nil {
 			b.errs[i] = &PublishError{Reason: ReasonUnroutable, Accepted: p.cfg.Unroutable == UnroutableAccept, Err: fmt.Errorf(
 				"returned by the broker: %d %s (no queue bound to exchange %q for routing key %q)", r.ReplyCode, r.ReplyText, r.Exchange, r.RoutingKey)}
 		}
 	}
-	if len(p.returned) > 4*p.window {
-		clear(p.returned) // returns of batches long settled
+	// A return nobody claimed belongs to a batch that timed out and was
+	// settled without it; batches still in flight are younger than their
+	// confirm timeout, so only older entries go.
+	for id, ret := range p.returned {
+		if time.Since(ret.at) > 2*p.cfg.ConfirmTimeout {
+			delete(p.returned, id)
+		}
 	}
 	if b.ch.IsClosed() {
 		p.learnMaxSize(b.msgs, b.errs)
@@ -238,7 +250,7 @@ func (p *AMQPPublisher) collectReturns() {
 			if !ok {
 				return
 			}
-			p.returned[r.MessageId] = r
+			p.returned[r.MessageId] = returned{Return: r, at: time.Now()}
 		default:
 			return
 		}
