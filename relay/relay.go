@@ -274,20 +274,23 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			probe, failures, interval = false, 0, r.cfg.Wake.MinInterval
 			continue // more may be waiting; no sleep while events flow
 		}
-		// Nothing was claimed: wait before looking again.
+		// Nothing was claimed: wait before looking again. In poll mode the
+		// first wait after events flowed is min_interval, then it doubles.
 		failures = 0
+		wait := interval
 		switch {
 		case ordered && r.horizon.behind():
 			// Committed rows may wait above the commit horizon: look again
 			// soon, without hammering while a long transaction holds it.
 			probe = false
-			interval = min(max(2*interval, r.cfg.Wake.MinInterval), 20*time.Millisecond, r.cfg.Wake.PollInterval)
+			wait = min(wait, 20*time.Millisecond)
+			interval = min(2*interval, 20*time.Millisecond, r.cfg.Wake.PollInterval)
 		case r.cfg.Wake.Mode == WakeNotify:
-			probe, interval = true, r.cfg.Wake.PollInterval
+			probe, wait = true, r.cfg.Wake.PollInterval
 		default:
 			probe, interval = true, min(2*interval, r.cfg.Wake.PollInterval)
 		}
-		r.waitWake(ctx, interval)
+		r.waitWake(ctx, wait)
 	}
 	return nil
 }
