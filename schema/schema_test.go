@@ -18,16 +18,7 @@ import (
 func TestUpDownUp(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	pool, err := pgxpool.New(ctx, testenv.DatabaseURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := testenv.Name("mig")
-	// Cleanups run after the test function returns: drop, then close.
-	t.Cleanup(func() {
-		_, _ = pool.Exec(context.Background(), "DROP SCHEMA IF EXISTS "+ident.Quote(s)+" CASCADE")
-		pool.Close()
-	})
+	pool, s := schemaPool(t)
 	db := stdlib.OpenDBFromPool(pool)
 	defer db.Close()
 	m, err := schema.NewMigrator(db, s, "events_out")
@@ -106,21 +97,28 @@ func TestRejectsBadIdentifiers(t *testing.T) {
 	}
 }
 
+// schemaPool returns a pool on the shared database and a fresh schema name;
+// the schema is dropped, then the pool closed, when the test ends.
+func schemaPool(t *testing.T) (*pgxpool.Pool, string) {
+	t.Helper()
+	pool, err := pgxpool.New(context.Background(), testenv.DatabaseURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := testenv.Name("mig")
+	t.Cleanup(func() {
+		_, _ = pool.Exec(context.Background(), "DROP SCHEMA IF EXISTS "+ident.Quote(s)+" CASCADE")
+		pool.Close()
+	})
+	return pool, s
+}
+
 // TestConcurrentUp: relays starting together with migrate.auto migrate one
 // at a time; none fails and the table is created once.
 func TestConcurrentUp(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	pool, err := pgxpool.New(ctx, testenv.DatabaseURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := testenv.Name("mig")
-	// Cleanups run after the test function returns: drop, then close.
-	t.Cleanup(func() {
-		_, _ = pool.Exec(context.Background(), "DROP SCHEMA IF EXISTS "+ident.Quote(s)+" CASCADE")
-		pool.Close()
-	})
+	pool, s := schemaPool(t)
 	errs := make(chan error, 4)
 	for range 4 {
 		go func() {
