@@ -50,29 +50,7 @@ func start(t *testing.T, cfg relay.Config) *running {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- r.Run(ctx) }()
-	stopped := false
-	var runErr error
-	stop := func() error {
-		if !stopped {
-			stopped = true
-			cancel()
-			select {
-			case runErr = <-done:
-			case <-time.After(30 * time.Second):
-				t.Fatal("relay did not stop within 30s")
-			}
-		}
-		return runErr
-	}
-	t.Cleanup(func() {
-		if err := stop(); err != nil {
-			t.Errorf("relay Run: %v", err)
-		}
-	})
-	return &running{Relay: r, Metrics: m, stop: stop}
+	return &running{Relay: r, Metrics: m, stop: testenv.RunRelay(t, r)}
 }
 
 // written is what a test wrote, to compare with what arrived.

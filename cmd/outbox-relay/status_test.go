@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"regexp"
@@ -216,15 +215,7 @@ func TestStatusPartitions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- r.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Error(err)
-		}
-	})
+	testenv.RunRelay(t, r)
 	testenv.Eventually(t, 10*time.Second, "one replica owning all 8 partitions", func() bool {
 		rep = statusJSON(t, env)
 		return len(rep.Partitions.Owners) == 1 && len(rep.Partitions.Owners[0].Partitions) == 8

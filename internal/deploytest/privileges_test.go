@@ -330,26 +330,12 @@ func leastPrivilege(t *testing.T, blocks map[string]string, c privilegeCase) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	runCtx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- r.Run(runCtx) }()
-	stopped := false
+	stop := testenv.RunRelay(t, r)
 	stopRelay := func() {
-		if stopped {
-			return
-		}
-		stopped = true
-		stop()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("relay as %s: Run: %v", relayRole, err)
-			}
-		case <-time.After(30 * time.Second):
-			t.Error("relay did not stop within 30s")
+		if err := stop(); err != nil {
+			t.Errorf("relay as %s: Run: %v", relayRole, err)
 		}
 	}
-	t.Cleanup(stopRelay)
 
 	// Every event arrives, once the duplicates a redelivery could add are
 	// dropped, and in ordered mode each key's events come in seq order.

@@ -93,18 +93,10 @@ func startRelay(t *testing.T, cfg relay.Config) *runningRelay {
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve() }()
 
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- r.Run(ctx) }()
+	stopRelay := testenv.RunRelay(t, r)
 	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("relay Run: %v", err)
-			}
-		case <-time.After(30 * time.Second):
-			t.Error("relay did not stop within 30s")
+		if err := stopRelay(); err != nil {
+			t.Errorf("relay Run: %v", err)
 		}
 		sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer scancel()
