@@ -52,7 +52,7 @@ const (
 //
 // CHAOS_EVENTS sets the size (default 20,000; the full run is
 // 100,000), CHAOS_RATE the events per second (default: the writing takes
-// about a minute), CHAOS_SEED the fault schedule.
+// about 90 s), CHAOS_SEED the fault schedule.
 //
 // Not parallel: it would compete for the 2 cores with the other tests while
 // its servers restart, and its figures are about the relay, not the machine.
@@ -61,7 +61,7 @@ func TestChaos(t *testing.T) {
 		t.Skip("chaos suite: skipped with -short")
 	}
 	total := envInt(t, "CHAOS_EVENTS", 20000)
-	rate := float64(envInt(t, "CHAOS_RATE", max(1, total/60)))
+	rate := float64(envInt(t, "CHAOS_RATE", max(1, total/90)))
 	seed := uint64(time.Now().UnixNano())
 	if os.Getenv("CHAOS_SEED") != "" {
 		seed = uint64(envInt(t, "CHAOS_SEED", 1))
@@ -74,8 +74,20 @@ func TestChaos(t *testing.T) {
 	// Everything ends by then: at the default size, under 5 minutes with
 	// the servers' start and cleanup.
 	deadline := runStart.Add(producing + chaosSlack + chaosDrain - 20*time.Second)
+	pgBegin := time.Now()
 	pg := testenv.StartPostgres(t)
+	rmqBegin := time.Now()
 	rmq := testenv.StartRabbitMQ(t)
+	// What each fault is expected to take, from the servers' first start on
+	// this machine at this moment, raised by every fault measured later: the
+	// schedule keeps that much time in hand for the faults still to come, so
+	// all of them begin while the producer writes even when a loaded machine
+	// makes a RabbitMQ restart take 15 s instead of 5.
+	expect := map[string]time.Duration{
+		"relay-kill":       500 * time.Millisecond,
+		"rabbitmq-restart": time.Since(rmqBegin) + 2*time.Second,
+		"postgres-restart": rmqBegin.Sub(pgBegin) + time.Second,
+	}
 	o := testenv.NewOutboxAt(t, pg.DSN())
 	b := testenv.NewBrokerAt(t, rmq.URL())
 	queue := durableQueue(t, rmq.URL(), b.Exchange)
@@ -109,8 +121,9 @@ func TestChaos(t *testing.T) {
 	t.Cleanup(func() { cancelProd(); <-prod.done })
 
 	// The faults, shuffled, over 10%..85% of the producing period: each one
-	// a random gap after the previous one finished (a RabbitMQ restart takes
-	// seconds), the gap drawn around an even share of the time left.
+	// a random gap after the previous one finished, the gap drawn around an
+	// even share of the time left once the expected duration of the faults
+	// still to come is set aside (nextFaultAt).
 	var kinds []string
 	for range chaosRelayKills {
 		kinds = append(kinds, "relay-kill")
@@ -127,13 +140,13 @@ func TestChaos(t *testing.T) {
 	var timeline []string
 	overlapped := 0
 	for i, kind := range kinds {
-		at := from
+		at := from + time.Duration(rng.Int64N(int64(max(from, 1))))
 		if i > 0 {
-			now := time.Since(prod.started())
-			share := (to - now) / time.Duration(len(kinds)-i)
-			at = now + max(time.Second, share/2+time.Duration(rng.Int64N(int64(max(share, 1)))))
-		} else {
-			at += time.Duration(rng.Int64N(int64(max(from, 1))))
+			var reserve time.Duration
+			for _, k := range kinds[i:] {
+				reserve += expect[k]
+			}
+			at = nextFaultAt(time.Since(prod.started()), to, reserve, len(kinds)-i, rng)
 		}
 		relays.waitUntil(prod.started().Add(at))
 		before := time.Now()
@@ -149,6 +162,7 @@ func TestChaos(t *testing.T) {
 		case "postgres-restart":
 			pg.Restart(t)
 		}
+		expect[kind] = max(expect[kind], time.Since(before))
 		timeline = append(timeline, fmt.Sprintf("+%.1fs %s (%v, written %d, received %d)",
 			before.Sub(prod.started()).Seconds(), kind, time.Since(before).Round(10*time.Millisecond),
 			written, cons.unique()))
@@ -244,6 +258,21 @@ func TestChaos(t *testing.T) {
 	}
 	checkTable(t, o, ids)
 	relays.report(prod.started())
+}
+
+// nextFaultAt returns when (as an offset from the producer's start) the next
+// of left faults begins, now being the offset at which the previous one
+// ended: a random gap around an even share of the time until to, after
+// reserve (what the faults still to come are expected to take) is set aside.
+// With no time to share, the next fault follows at once (after 300ms, for
+// the relay to be up again).
+func nextFaultAt(now, to, reserve time.Duration, left int, rng *rand.Rand) time.Duration {
+	const minGap = 300 * time.Millisecond
+	share := (to - now - reserve) / time.Duration(left)
+	if share <= minGap {
+		return now + minGap
+	}
+	return now + share/2 + time.Duration(rng.Int64N(int64(share)))
 }
 
 // durableQueue declares a durable queue bound to exchange with "#" (a
@@ -841,4 +870,29 @@ func tail(s string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+func TestNextFaultAt(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for range 1000 {
+		now := time.Duration(rng.Int64N(int64(60 * time.Second)))
+		reserve := time.Duration(rng.Int64N(int64(40 * time.Second)))
+		left := 1 + rng.IntN(7)
+		to := 76 * time.Second
+		at := nextFaultAt(now, to, reserve, left, rng)
+		share := (to - now - reserve) / time.Duration(left)
+		switch {
+		case share <= 300*time.Millisecond:
+			if at != now+300*time.Millisecond {
+				t.Fatalf("no time to share (now %v, reserve %v, left %d): got %v, want now+300ms", now, reserve, left, at)
+			}
+		case at < now+share/2 || at >= now+share*3/2:
+			t.Fatalf("now %v, reserve %v, left %d: got %v, want within [%v, %v)", now, reserve, left, at, now+share/2, now+share*3/2)
+		}
+	}
+	// The faults still to come fit: with the whole budget reserved, the
+	// next one starts at once.
+	if at := nextFaultAt(10*time.Second, 76*time.Second, 70*time.Second, 3, rng); at != 10300*time.Millisecond {
+		t.Fatalf("budget exhausted: got %v, want 10.3s", at)
+	}
 }
