@@ -103,10 +103,12 @@ func (h *horizon) advance(ctx context.Context, conn *pgx.Conn, q queries, seqNam
 	return nil
 }
 
-// reset forgets candidates: after the lease connection was replaced, its
-// transaction ids are still valid bounds, but keeping the state simple costs
-// only one more probe.
-func (h *horizon) reset() { h.candidates, h.latest = nil, h.safe }
+// reset forgets everything, the horizon included: it runs whenever the lease
+// connection is replaced, which may be after a database crash or a failover,
+// and then sequence values above the last durable one can be handed out
+// again to transactions that are still running, so an old horizon would
+// vouch for them. Starting over costs one probe round.
+func (h *horizon) reset() { h.candidates, h.latest, h.safe = nil, 0, 0 }
 
 // wait is how long the oldest candidate has waited for older transactions.
 func (h *horizon) wait(now time.Time) time.Duration {
@@ -157,6 +159,8 @@ func (l *leases) maintain(ctx context.Context, r *Relay, connCfg *pgx.ConnConfig
 		}
 		l.conn = conn
 		l.member = -1
+		// A new connection may follow a crash the old one did not report.
+		r.horizon.reset()
 	}
 	if err := l.rebalance(ctx, r); err != nil {
 		l.drop(ctx)

@@ -43,6 +43,9 @@ const (
 // ErrTableMissing is returned by Run when the outbox table does not exist.
 var ErrTableMissing = errors.New("outbox table does not exist")
 
+// errNotConnected is every link's state before its first attempt.
+var errNotConnected = errors.New("not connected yet")
+
 // Relay moves committed outbox rows to the broker. Create it with New and
 // run it with Run; it holds no resources until Run.
 type Relay struct {
@@ -99,11 +102,10 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 		classLease:  lockClass("lease " + r.table.String()),
 		classMember: lockClass("member " + r.table.String()),
 	}
-	notConnected := errors.New("not connected yet")
-	r.links[metrics.LinkPostgres] = notConnected
-	r.links[metrics.LinkAMQP] = notConnected
+	r.links[metrics.LinkPostgres] = errNotConnected
+	r.links[metrics.LinkAMQP] = errNotConnected
 	if cfg.Wake.Mode == WakeNotify {
-		r.links[metrics.LinkListen] = notConnected
+		r.links[metrics.LinkListen] = errNotConnected
 	}
 	// Only the links this configuration uses get a link_up series: in poll
 	// mode there is no listen link, rather than one that reads 0 forever.
@@ -583,9 +585,12 @@ func (r *Relay) record(ctx context.Context, tx pgx.Tx, done []int64, failed []fa
 	return nil
 }
 
-// pgFailed records a database error on the postgres link.
+// pgFailed records a database error on the postgres link; an error caused by
+// the relay's own shutdown (a cancelled context) is not a link failure.
 func (r *Relay) pgFailed(err error) error {
-	r.setLink(metrics.LinkPostgres, err)
+	if !errors.Is(err, context.Canceled) {
+		r.setLink(metrics.LinkPostgres, err)
+	}
 	return err
 }
 
@@ -615,18 +620,21 @@ func (r *Relay) setLink(link string, err error) {
 	r.links[link] = err
 	r.mu.Unlock()
 	wasUp := known && prev == nil
+	first := !known || prev == errNotConnected
 	switch {
 	case err == nil && !wasUp:
 		r.m.LinkUp.WithLabelValues(link).Set(1)
-		if known && prev != nil && prev.Error() != "not connected yet" {
+		if first {
+			r.log.Info("link up", zap.String("link", link))
+		} else {
 			r.m.Reconnects.WithLabelValues(link).Inc()
 			r.log.Info("link restored", zap.String("link", link))
-		} else {
-			r.log.Info("link up", zap.String("link", link))
 		}
-	case err != nil && (wasUp || !known):
+	case err != nil && (wasUp || first):
+		// Once when an up link fails, and once when a link cannot be
+		// established at start; not again for every retry.
 		r.m.LinkUp.WithLabelValues(link).Set(0)
-		r.log.Warn("link down", zap.String("link", link), zap.String("error", Redact(err.Error())))
+		r.log.Warn("link down", zap.String("link", link), zap.Bool("never_up", first), zap.String("error", Redact(err.Error())))
 	}
 }
 
