@@ -38,7 +38,8 @@ type RetentionConfig struct {
 	Dead time.Duration `yaml:"dead"`
 	// Interval between cleaner runs. Default 1m.
 	Interval time.Duration `yaml:"interval"`
-	// BatchSize is the most rows one cleaner statement deletes. Default 1000.
+	// BatchSize is the most rows one cleaner statement reads (a page of the
+	// table in seq order) and so deletes. Default 1000.
 	BatchSize int `yaml:"batch_size"`
 }
 

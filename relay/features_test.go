@@ -6,9 +6,13 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap/zaptest"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/metrics"
 	"github.com/outbox-relay/outbox-relay/outbox"
+	"github.com/outbox-relay/outbox-relay/relay"
 )
 
 // TestDelayedEvent: an event with AvailableAt in the future is published no
@@ -100,5 +104,55 @@ func TestRetentionCleaner(t *testing.T) {
 	}
 	if got := counterSum(t, r.Metrics.Cleaned); got != 280 {
 		t.Errorf("cleaned counter %d, want 280", got)
+	}
+}
+
+// TestRetentionCleanerStopsAtRecentRows: with nothing (or little) expired,
+// one cleaner pass reads a page or two of the primary key, not the whole
+// retained history (there is no index on dispatched_at to find expired rows).
+func TestRetentionCleanerStopsAtRecentRows(t *testing.T) {
+	t.Parallel()
+	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+	ctx := context.Background()
+	tbl := o.Table.Quoted()
+	for _, q := range []string{
+		// 300 expired, then 20,000 dispatched within the retention, with 40
+		// dead rows among the old ones (kept: retention.dead is 0).
+		`INSERT INTO ` + tbl + ` (event_type, payload, created_at, dispatched_at) SELECT 'old', '\x00', now() - interval '9 days', now() - interval '8 days' FROM generate_series(1, 300)`,
+		`INSERT INTO ` + tbl + ` (event_type, payload, created_at, dead_at, attempts) SELECT 'dead', '\x00', now() - interval '9 days', now() - interval '8 days', 10 FROM generate_series(1, 40)`,
+		`INSERT INTO ` + tbl + ` (event_type, payload, dispatched_at) SELECT 'recent', '\x00', now() FROM generate_series(1, 20000)`,
+	} {
+		if _, err := o.Pool.Exec(ctx, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cfg := config(o, b)
+	cfg.Retention.Dispatched = 24 * time.Hour
+	cfg.Retention.BatchSize = 500
+	m, err := metrics.New(prometheus.NewRegistry(), metrics.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := relay.New(cfg, relay.Deps{Logger: zaptest.NewLogger(t), Metrics: m})
+	if err != nil {
+		t.Fatal(err)
+	}
+	deleted, pages := relay.CleanDispatchedOnce(ctx, r, o.Pool)
+	if deleted != 300 {
+		t.Errorf("first pass deleted %d rows, want the 300 expired ones", deleted)
+	}
+	// Page 1 holds the 340 old rows and 160 recent ones (it deleted some, so
+	// the walk goes on); page 2 deletes nothing and holds recent rows.
+	if pages != 2 {
+		t.Errorf("first pass read %d pages of 500, want 2 (the whole table is %d pages)", pages, 20340/500+1)
+	}
+	deleted, pages = relay.CleanDispatchedOnce(ctx, r, o.Pool)
+	if deleted != 0 || pages != 1 {
+		t.Errorf("second pass: deleted %d, read %d pages; want 0 and 1", deleted, pages)
+	}
+	for typ, want := range map[string]int{"old": 0, "dead": 40, "recent": 20000} {
+		if n := o.Count(t, "event_type = $1", typ); n != want {
+			t.Errorf("%s: %d rows left, want %d", typ, n, want)
+		}
 	}
 }

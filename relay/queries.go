@@ -148,11 +148,28 @@ SET attempts     = o.attempts + u.charge,
 FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bool[], $5::int[]) AS u(seq, err, delay_ms, dead, charge)
 WHERE o.seq = u.seq`, tbl),
 
-		// Retention: oldest first along the primary key, a bounded batch,
-		// skipping rows another replica's cleaner holds.
-		cleanDispatched: fmt.Sprintf(`DELETE FROM %[1]s WHERE seq IN (
-  SELECT seq FROM %[1]s WHERE dispatched_at < now() - $1::bigint * interval '1 millisecond'
-  ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED)`, tbl),
+		// Retention: one page of $2 rows along the primary key after seq $3,
+		// deleting those dispatched before the cutoff. No index covers
+		// dispatched_at (every mark would pay for it), so the cleaner walks
+		// seq in bounded pages and stops at the first page that deleted
+		// nothing and holds a row created after the cutoff: rows are
+		// created in about seq order and none is dispatched before it is
+		// created. A cutoff-free walk over the whole retained history at
+		// every run is what this avoids. The transaction-level advisory
+		// lock ($4) lets one replica's cleaner run at a time; the others
+		// see an empty page. Returns deleted, the page's last seq, the
+		// page's row count and whether it held a row newer than the cutoff.
+		cleanDispatched: fmt.Sprintf(`WITH page AS (
+  SELECT seq, created_at FROM %[1]s
+  WHERE seq > $3 AND (SELECT pg_try_advisory_xact_lock($4::int4, 0))
+  ORDER BY seq LIMIT $2
+), gone AS (
+  DELETE FROM %[1]s o USING page p
+  WHERE o.seq = p.seq AND o.dispatched_at < now() - $1::bigint * interval '1 millisecond'
+  RETURNING o.seq
+)
+SELECT (SELECT count(*) FROM gone), coalesce((SELECT max(seq) FROM page), 0), (SELECT count(*) FROM page),
+       coalesce((SELECT bool_or(created_at >= now() - $1::bigint * interval '1 millisecond') FROM page), false)`, tbl),
 		cleanDead: fmt.Sprintf(`DELETE FROM %[1]s WHERE seq IN (
   SELECT seq FROM %[1]s WHERE dead_at IS NOT NULL AND dead_at < now() - $1::bigint * interval '1 millisecond'
   LIMIT $2 FOR UPDATE SKIP LOCKED)`, tbl),

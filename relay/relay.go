@@ -101,6 +101,8 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 		partitions:  cfg.Relay.Partitions,
 		classLease:  lockClass("lease " + r.table.String()),
 		classMember: lockClass("member " + r.table.String()),
+		// Transaction-level, so a replica that dies mid-statement frees it.
+		classCleaner: lockClass("cleaner " + r.table.String()),
 	}
 	r.links[metrics.LinkPostgres] = errNotConnected
 	r.links[metrics.LinkAMQP] = errNotConnected
@@ -739,31 +741,69 @@ func (r *Relay) cleanLoop(ctx context.Context, pool *pgxpool.Pool) {
 		case <-t.C:
 		}
 		if r.cfg.Relay.OnDispatch == OnDispatchMark {
-			r.clean(ctx, pool, r.q.cleanDispatched, r.cfg.Retention.Dispatched, metrics.CleanDispatched)
+			r.cleanDispatched(ctx, pool)
 		}
 		if r.cfg.Retention.Dead > 0 {
-			r.clean(ctx, pool, r.q.cleanDead, r.cfg.Retention.Dead, metrics.CleanDead)
+			r.cleanDead(ctx, pool)
 		}
 	}
 }
 
-func (r *Relay) clean(ctx context.Context, pool *pgxpool.Pool, query string, keep time.Duration, kind string) {
+// cleanDispatched deletes dispatched rows past retention.dispatched, one
+// page of retention.batch_size rows (by seq) per statement, from the oldest
+// until the rows are too recent (queries.cleanDispatched). It returns the
+// rows deleted and the pages read.
+func (r *Relay) cleanDispatched(ctx context.Context, pool *pgxpool.Pool) (total, pages int64) {
+	keep := r.cfg.Retention.Dispatched
+	var after int64
+	for ctx.Err() == nil {
+		pages++
+		var deleted, last, rows int64
+		var recent bool
+		err := pool.QueryRow(ctx, r.q.cleanDispatched, keep.Milliseconds(), r.cfg.Retention.BatchSize,
+			after, r.leases.classCleaner).Scan(&deleted, &last, &rows, &recent)
+		if err != nil {
+			r.cleanFailed(err, metrics.CleanDispatched)
+			return total, pages
+		}
+		total += deleted
+		r.m.Cleaned.WithLabelValues(metrics.CleanDispatched).Add(float64(deleted))
+		if rows < int64(r.cfg.Retention.BatchSize) || (deleted == 0 && recent) {
+			break
+		}
+		after = last
+	}
+	r.cleaned(metrics.CleanDispatched, total, keep)
+	return total, pages
+}
+
+// cleanDead deletes dead rows past retention.dead, through the dead index.
+func (r *Relay) cleanDead(ctx context.Context, pool *pgxpool.Pool) {
+	keep := r.cfg.Retention.Dead
 	total := int64(0)
 	for ctx.Err() == nil {
-		tag, err := pool.Exec(ctx, query, keep.Milliseconds(), r.cfg.Retention.BatchSize)
+		tag, err := pool.Exec(ctx, r.q.cleanDead, keep.Milliseconds(), r.cfg.Retention.BatchSize)
 		if err != nil {
-			if ctx.Err() == nil && !isUndefinedTable(err) {
-				r.log.Warn("retention cleaner", zap.String("kind", kind), zap.Error(err))
-			}
+			r.cleanFailed(err, metrics.CleanDead)
 			return
 		}
 		n := tag.RowsAffected()
 		total += n
-		r.m.Cleaned.WithLabelValues(kind).Add(float64(n))
+		r.m.Cleaned.WithLabelValues(metrics.CleanDead).Add(float64(n))
 		if n < int64(r.cfg.Retention.BatchSize) {
 			break
 		}
 	}
+	r.cleaned(metrics.CleanDead, total, keep)
+}
+
+func (r *Relay) cleanFailed(err error, kind string) {
+	if !errors.Is(err, context.Canceled) && !isUndefinedTable(err) {
+		r.log.Warn("retention cleaner", zap.String("kind", kind), zap.Error(err))
+	}
+}
+
+func (r *Relay) cleaned(kind string, total int64, keep time.Duration) {
 	if total > 0 {
 		r.log.Info("retention cleaner deleted rows", zap.String("kind", kind), zap.Int64("rows", total), zap.Duration("older_than", keep))
 	}

@@ -1,0 +1,13 @@
+package relay
+
+import (
+	"context"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// CleanDispatchedOnce runs one pass of the retention cleaner over pool and
+// returns the rows it deleted and the pages it read.
+func CleanDispatchedOnce(ctx context.Context, r *Relay, pool *pgxpool.Pool) (deleted, pages int64) {
+	return r.cleanDispatched(ctx, pool)
+}
