@@ -2,8 +2,8 @@
 // delivery allows. The consumer records each message id it processes in its
 // own database, in the same transaction as the work the message causes; a
 // message whose id is already recorded is a duplicate and is skipped. Create
-// the table with schema.NewInboxMigrator (or `outbox-relay migrate` of the
-// inbox, see README).
+// the table from the consumer's code with schema.NewInboxMigrator (its Up,
+// as examples/edupulse/consumer does at start).
 package inbox
 
 import (
