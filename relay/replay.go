@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -25,18 +26,31 @@ type ReplaySelection struct {
 
 // ReplayOptions tunes a replay.
 type ReplayOptions struct {
-	BatchSize int     // rows read and published per round; default 500
-	Rate      float64 // most events per second; 0 means as fast as confirms allow
-	// Progress, if set, is called after each confirmed batch.
+	BatchSize int // rows read per page; default 500
+	// Rate is the most events per second; 0 means as fast as confirms
+	// allow. It holds per message, not per page: a page is sent in small
+	// slices (about 20 a second), each sent when the schedule allows, so
+	// at most one slice (Rate/20 events, at least 1) goes ahead of it.
+	Rate float64
+	// Progress, if set, is called after each send the broker confirmed in
+	// full: a page, or with Rate a slice of one.
 	Progress func(ReplayProgress)
 }
 
-// ReplayProgress reports a replay's position. LastSeq is the highest seq
-// confirmed so far: an interrupted replay resumes at LastSeq+1.
+// ReplayProgress reports a replay's position.
 type ReplayProgress struct {
 	Total, Done int64
-	LastSeq     int64
-	Elapsed     time.Duration
+	// LastSeq is the highest seq confirmed so far; every selected event
+	// up to it was confirmed.
+	LastSeq int64
+	// Resume is where an interrupted replay continues (its FromSeq): the
+	// first selected seq not known to be confirmed. Nothing below it is sent
+	// again by resuming there. After a partial failure it is the seq of the
+	// first failed event, and Resent counts the events above it that the
+	// broker did confirm in the same send: resuming sends those again.
+	Resume  int64
+	Resent  int
+	Elapsed time.Duration
 }
 
 // Replayer re-publishes dispatched events of one table.
@@ -90,25 +104,37 @@ func (r *Replayer) Count(ctx context.Context, db Querier, sel ReplaySelection) (
 // ErrReplayFailed is returned when the broker did not confirm part of a batch.
 var ErrReplayFailed = errors.New("replay: publish not confirmed")
 
-// Replay publishes the selected events again, in seq order, in batches with
-// confirms, each message marked with HeaderReplay. The table is only read.
-// It stops at the first batch the broker did not fully confirm, or when ctx
-// is done; the returned progress says where to resume.
+// slicesPerSecond is how finely Replay paces a rate-limited replay.
+const slicesPerSecond = 20
+
+// Replay publishes the selected events again, in seq order, with confirms,
+// each message marked with HeaderReplay. The table is only read. It stops
+// at the first send the broker did not fully confirm, or when ctx is done
+// (a send in flight is settled first, within amqp.confirm_timeout); the
+// returned progress says where to resume.
 func (r *Replayer) Replay(ctx context.Context, db Querier, pub Publisher, sel ReplaySelection, opts ReplayOptions) (ReplayProgress, error) {
 	if opts.BatchSize <= 0 {
 		opts.BatchSize = 500
+	}
+	slice := opts.BatchSize
+	if opts.Rate > 0 {
+		slice = min(max(int(math.Ceil(opts.Rate/slicesPerSecond)), 1), opts.BatchSize)
 	}
 	total, err := r.Count(ctx, db, sel)
 	if err != nil {
 		return ReplayProgress{}, err
 	}
-	p := ReplayProgress{Total: total, LastSeq: sel.FromSeq - 1}
+	p := ReplayProgress{Total: total, LastSeq: sel.FromSeq - 1, Resume: max(sel.FromSeq, 1)}
 	start := time.Now()
 	stamp := start.UTC().Format(time.RFC3339)
+	stop := func(err error) (ReplayProgress, error) {
+		p.Elapsed = time.Since(start)
+		return p, err
+	}
 	for ctx.Err() == nil {
-		msgs, err := r.readPage(ctx, db, sel, p.LastSeq+1, opts.BatchSize)
+		msgs, err := r.readPage(ctx, db, sel, p.Resume, opts.BatchSize)
 		if err != nil {
-			return p, err
+			return stop(err)
 		}
 		if len(msgs) == 0 {
 			break
@@ -116,32 +142,73 @@ func (r *Replayer) Replay(ctx context.Context, db Querier, pub Publisher, sel Re
 		for i := range msgs {
 			msgs[i].Headers[HeaderReplay] = stamp
 		}
-		// Confirmed messages are counted up to the first failure, so the
-		// resume point never skips an unconfirmed event.
-		errs := Publish(ctx, pub, msgs)
-		for i, m := range msgs {
-			if errs[i] != nil {
-				return p, fmt.Errorf("%w: event %s (seq %d): %v", ErrReplayFailed, m.ID, m.Seq, errs[i])
+		for len(msgs) > 0 {
+			if opts.Rate > 0 {
+				// The next event's place in the schedule.
+				waitUntil(ctx, start.Add(time.Duration(float64(p.Done)/opts.Rate*float64(time.Second))))
 			}
-			p.Done++
-			p.LastSeq = m.Seq
-		}
-		p.Elapsed = time.Since(start)
-		if opts.Progress != nil {
-			opts.Progress(p)
-		}
-		if opts.Rate > 0 {
-			ahead := time.Duration(float64(p.Done)/opts.Rate*float64(time.Second)) - time.Since(start)
-			if ahead > 0 {
-				select {
-				case <-ctx.Done():
-				case <-time.After(ahead):
-				}
+			if ctx.Err() != nil {
+				return stop(ctx.Err())
+			}
+			n := min(slice, len(msgs))
+			if err := r.send(ctx, pub, msgs[:n], &p); err != nil {
+				return stop(err)
+			}
+			msgs = msgs[n:]
+			if opts.Progress != nil {
+				p.Elapsed = time.Since(start)
+				opts.Progress(p)
 			}
 		}
 	}
-	p.Elapsed = time.Since(start)
-	return p, ctx.Err()
+	return stop(ctx.Err())
+}
+
+// send publishes msgs and waits for their confirms, even once ctx is done
+// (the wait is bounded by the confirm timeout), so that an interrupted
+// replay knows exactly what was confirmed. It advances p over the confirmed
+// prefix; at the first failure it returns an error and leaves p.Resume at
+// the failed event.
+func (r *Replayer) send(ctx context.Context, pub Publisher, msgs []Message, p *ReplayProgress) error {
+	errs := pub.Send(ctx, msgs).Wait(context.WithoutCancel(ctx))
+	for i, m := range msgs {
+		if err := errs[i]; err != nil && !accepted(err) {
+			for _, later := range errs[i+1:] {
+				if later == nil || accepted(later) {
+					p.Resent++
+				}
+			}
+			p.Resume = m.Seq
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return fmt.Errorf("%w: event %s (seq %d): %v", ErrReplayFailed, m.ID, m.Seq, err)
+		}
+		p.Done++
+		p.LastSeq = m.Seq
+		p.Resume = m.Seq + 1
+	}
+	return nil
+}
+
+// accepted reports a return that amqp.unroutable: accept counts as delivered.
+func accepted(err error) bool {
+	var pe *PublishError
+	return errors.As(err, &pe) && pe.Accepted
+}
+
+// waitUntil sleeps until t or until ctx is done.
+func waitUntil(ctx context.Context, t time.Time) {
+	d := time.Until(t)
+	if d <= 0 {
+		return
+	}
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	select {
+	case <-ctx.Done():
+	case <-timer.C:
+	}
 }
 
 func (r *Replayer) readPage(ctx context.Context, db Querier, sel ReplaySelection, from int64, limit int) ([]Message, error) {

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -64,7 +66,10 @@ func TestReplay(t *testing.T) {
 		t.Fatalf("interrupted replay: done %d, err %v; want 30, canceled", p.Done, err)
 	}
 	// ...and resumed from the seq after the last confirmed one.
-	sel.FromSeq = p.LastSeq + 1
+	if p.Resume != p.LastSeq+1 || p.Resent != 0 {
+		t.Fatalf("interrupted between sends: resume %d, last seq %d, resent %d", p.Resume, p.LastSeq, p.Resent)
+	}
+	sel.FromSeq = p.Resume
 	p2, err := rp.Replay(ctx, o.Pool, pub, sel, relay.ReplayOptions{BatchSize: 30, Rate: 2000})
 	if err != nil || p2.Done != 70 {
 		t.Fatalf("resumed replay: done %d, err %v; want 70", p2.Done, err)
@@ -78,5 +83,131 @@ func TestReplay(t *testing.T) {
 	}
 	if d, quiet := testenv.Quiet(live, 200*time.Millisecond); !quiet {
 		t.Fatalf("replay reached the original exchange: %s", d.MessageId)
+	}
+}
+
+// dispatched inserts n rows of each given type (cycling through types),
+// already dispatched, and returns their seqs in order.
+func dispatched(t *testing.T, o *testenv.Outbox, n int, types ...string) []int64 {
+	t.Helper()
+	rows, err := o.Pool.Query(context.Background(), `INSERT INTO `+o.Table.Quoted()+` (event_type, payload, dispatched_at)
+SELECT ($2::text[])[1 + (i - 1) % cardinality($2::text[])], '{}', now() FROM generate_series(1, $1::int) i
+RETURNING seq`, n, types)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seqs, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	if err != nil {
+		t.Fatal(err)
+	}
+	slices.Sort(seqs)
+	return seqs
+}
+
+func newReplay(t *testing.T, o *testenv.Outbox, b *testenv.Broker) (*relay.Replayer, relay.Publisher) {
+	t.Helper()
+	cfg := relay.Config{AMQP: relay.AMQPConfig{URL: b.URL, Exchange: b.Exchange}}.WithDefaults()
+	*cfg.AMQP.DeclareExchange = false
+	pub := relay.NewAMQPPublisher(cfg.AMQP, 500, zaptest.NewLogger(t))
+	t.Cleanup(func() { pub.Close() })
+	rp, err := relay.NewReplayer(o.Schema, o.Table.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rp, pub
+}
+
+// TestReplayRate: --rate holds per message, not per page. 60 events at 40/s
+// with a page of 500 must take about 1.5 s, spread out, not go out at once.
+func TestReplayRate(t *testing.T) {
+	t.Parallel()
+	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+	copies := b.Consume(t, b.Queue(t, "#", nil))
+	dispatched(t, o, 60, "a")
+	rp, pub := newReplay(t, o, b)
+
+	// When each copy arrives, read while the replay runs.
+	arrivals := make(chan []time.Time, 1)
+	go func() {
+		var at []time.Time
+		for range copies {
+			if at = append(at, time.Now()); len(at) == 60 {
+				arrivals <- at
+				return
+			}
+		}
+	}()
+	var (
+		mu    sync.Mutex
+		sends int
+	)
+	start := time.Now()
+	p, err := rp.Replay(context.Background(), o.Pool, pub, relay.ReplaySelection{}, relay.ReplayOptions{
+		BatchSize: 500, Rate: 40,
+		Progress: func(relay.ReplayProgress) { mu.Lock(); sends++; mu.Unlock() },
+	})
+	elapsed := time.Since(start)
+	if err != nil || p.Done != 60 {
+		t.Fatalf("replay: done %d, err %v", p.Done, err)
+	}
+	// The schedule sends event i at i/40 s; at most one slice (2 events)
+	// runs ahead of it, so the last leaves at 58/40 = 1.45 s at the earliest.
+	if elapsed < 1200*time.Millisecond || elapsed > 20*time.Second {
+		t.Fatalf("60 events at --rate 40 took %s, want about 1.5 s", elapsed)
+	}
+	if sends < 20 {
+		t.Errorf("the page went out in %d sends, want it paced in small slices", sends)
+	}
+	var arrived []time.Time
+	select {
+	case arrived = <-arrivals:
+	case <-time.After(20 * time.Second):
+		t.Fatal("not all 60 copies arrived")
+	}
+	early := 0
+	for _, at := range arrived {
+		if at.Sub(arrived[0]) < 500*time.Millisecond {
+			early++
+		}
+	}
+	// In the first half second after the first copy arrived, about 22 may
+	// (0.5 s at 40/s plus one slice); a per-page limit would deliver all 60.
+	if early > 32 {
+		t.Errorf("%d of 60 copies arrived within 500ms of the first: not rate limited", early)
+	}
+}
+
+// TestReplayPartialFailure: when the broker refuses one event of a send,
+// the replay stops with the resume point at that event, counts the later
+// events of the send that were confirmed (a resume sends them again), and
+// a resume from there sends nothing below it again.
+func TestReplayPartialFailure(t *testing.T) {
+	t.Parallel()
+	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+	// Only type a is routable: the b event is returned (mandatory publish).
+	copies := b.Consume(t, b.Queue(t, "a", nil))
+	seqs := dispatched(t, o, 5, "a", "a", "b", "a", "a")
+	rp, pub := newReplay(t, o, b)
+	ctx := context.Background()
+
+	p, err := rp.Replay(ctx, o.Pool, pub, relay.ReplaySelection{}, relay.ReplayOptions{BatchSize: 10})
+	if !errors.Is(err, relay.ErrReplayFailed) {
+		t.Fatalf("replay over an unroutable event: err %v, want ErrReplayFailed", err)
+	}
+	if p.Done != 2 || p.LastSeq != seqs[1] || p.Resume != seqs[2] || p.Resent != 2 {
+		t.Fatalf("progress %+v; want done 2, last seq %d, resume %d, resent 2", p, seqs[1], seqs[2])
+	}
+	testenv.Receive(t, copies, 4, 10*time.Second) // the two before and the two after the failure
+
+	// Resuming past the bad event (here: only type a) sends the events
+	// from the resume point on, and none below it.
+	p, err = rp.Replay(ctx, o.Pool, pub, relay.ReplaySelection{FromSeq: p.Resume, Types: []string{"a"}}, relay.ReplayOptions{})
+	if err != nil || p.Done != 2 {
+		t.Fatalf("resumed: done %d, err %v", p.Done, err)
+	}
+	for _, d := range testenv.Receive(t, copies, 2, 10*time.Second) {
+		if s := d.Headers[relay.HeaderSeq].(int64); s < seqs[2] {
+			t.Errorf("resume re-sent seq %d, below its start %d", s, seqs[2])
+		}
 	}
 }
