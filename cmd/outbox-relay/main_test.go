@@ -55,6 +55,10 @@ func TestBadConfigExits2(t *testing.T) {
 		{"bad wake mode", validYAML + "wake:\n  mode: listen\n", nil, "wake.mode"},
 		{"bad amqp url", validYAML, []string{"OUTBOX_RELAY_AMQP_URL=http://x"}, "amqp.url"},
 		{"bad log level", validYAML + "log:\n  level: loud\n", nil, "log.level"},
+		{"metrics addr not an address", validYAML, []string{"OUTBOX_RELAY_METRICS_ADDR=not an address"}, `metrics.addr: must be host:port or :port`},
+		{"metrics port out of range", validYAML, []string{"OUTBOX_RELAY_METRICS_ADDR=127.0.0.1:65536"}, `metrics.addr: must be host:port or :port (e.g. ":9464" or "127.0.0.1:9464", port 0 to 65535) or "off"`},
+		{"explicit zero batch size", validYAML + "relay:\n  batch_size: 0\n", nil, "relay.batch_size: 0 is not allowed"},
+		{"explicit zero duration from env", validYAML, []string{"OUTBOX_RELAY_RETENTION_DISPATCHED=0s"}, "retention.dispatched: 0 is not allowed"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -8,8 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"reflect"
+	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -25,20 +28,31 @@ import (
 const EnvPrefix = "OUTBOX_RELAY_"
 
 // File is the whole configuration file.
+//
+// A key left out takes its default. A number or duration set explicitly to
+// 0 (in the file or the environment) is an error when the key's default is
+// not 0: 0 would silently mean the default, which is rarely what it looks
+// like (retention.dispatched: 0 is not "keep nothing", amqp.confirm_timeout:
+// 0 is not "wait forever"). Keys whose default is 0 (retention.dead) take 0
+// as the meaning their documentation gives.
 type File struct {
 	relay.Config `yaml:",inline"`
 	Metrics      Metrics `yaml:"metrics"`
 	Log          Log     `yaml:"log"`
 	Migrate      Migrate `yaml:"migrate"`
+
+	// zeros are the keys set to 0 whose default is not 0, for Validate.
+	zeros []string
 }
 
 // Metrics configures the HTTP endpoint.
 type Metrics struct {
-	// Addr serves /metrics, /healthz and /readyz. Default ":9464"; "off"
-	// disables the endpoint.
+	// Addr serves /metrics, /healthz and /readyz: host:port or :port (all
+	// interfaces), the port a number from 0 to 65535 (0: any free port, logged
+	// at start). Default ":9464"; "off" disables the endpoint.
 	Addr string `yaml:"addr"`
 	// MaxEventTypes caps distinct event_type label values; further types are
-	// counted as "other". Default 100.
+	// counted as "other". Default 100; at least 1.
 	MaxEventTypes int `yaml:"max_event_types"`
 }
 
@@ -70,8 +84,15 @@ func (f File) WithDefaults() File {
 // Validate returns every problem, each a *relay.FieldError naming its key.
 func (f File) Validate() error {
 	var errs []error
+	for _, key := range f.zeros {
+		errs = append(errs, &relay.FieldError{Key: key, Problem: fmt.Sprintf(
+			"0 is not allowed: it would silently mean the default (%s); leave the key out for the default, or give the value you want", defaultOf(key))})
+	}
 	if err := f.Config.Validate(); err != nil {
 		errs = append(errs, err)
+	}
+	if err := validateAddr(f.Metrics.Addr); err != nil {
+		errs = append(errs, &relay.FieldError{Key: "metrics.addr", Problem: err.Error()})
 	}
 	if f.Metrics.MaxEventTypes < 1 {
 		errs = append(errs, &relay.FieldError{Key: "metrics.max_event_types", Problem: fmt.Sprintf("must be at least 1, got %d", f.Metrics.MaxEventTypes)})
@@ -87,6 +108,65 @@ func (f File) Validate() error {
 		errs = append(errs, &relay.FieldError{Key: "log.format", Problem: fmt.Sprintf("must be json or console, got %q", f.Log.Format)})
 	}
 	return errors.Join(errs...)
+}
+
+// validateAddr checks a listen address: "off", host:port or :port with a
+// numeric port. Whether it is free is only known when listening.
+func validateAddr(addr string) error {
+	if addr == "off" {
+		return nil
+	}
+	allowed := `must be host:port or :port (e.g. ":9464" or "127.0.0.1:9464", port 0 to 65535) or "off"`
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%s, got %q", allowed, addr)
+	}
+	if n, err := strconv.ParseUint(port, 10, 16); err != nil || strconv.FormatUint(n, 10) != port {
+		return fmt.Errorf("%s, got %q (port %q)", allowed, addr, port)
+	}
+	if host != "" && net.ParseIP(host) == nil && !hostname.MatchString(host) {
+		return fmt.Errorf("%s, got %q (host %q is neither an IP address nor a host name)", allowed, addr, host)
+	}
+	return nil
+}
+
+var hostname = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*\.?$`)
+
+// defaults is File's zero value with the defaults filled in.
+var defaults = File{}.WithDefaults()
+
+// defaultOf renders the default of a key, for messages.
+func defaultOf(key string) string {
+	var out string
+	walk(reflect.ValueOf(&defaults).Elem(), "", func(path string, v reflect.Value) {
+		if path != key {
+			return
+		}
+		if kindOf(v) == "duration" {
+			out = time.Duration(v.Int()).String()
+		} else {
+			out = fmt.Sprint(v.Interface())
+		}
+	})
+	return out
+}
+
+// defaultedZero reports whether v, the value of a key, is a number or
+// duration set to 0 while the key's default is not 0.
+func defaultedZero(key string, v reflect.Value) bool {
+	if k := kindOf(v); (k != "int" && k != "duration") || v.Int() != 0 {
+		return false
+	}
+	d := defaultOf(key)
+	return d != "0" && d != "0s"
+}
+
+// noteZero records or forgets key among the explicit zeros.
+func (f *File) noteZero(key string, v reflect.Value) {
+	f.zeros = slices.DeleteFunc(f.zeros, func(k string) bool { return k == key })
+	if defaultedZero(key, v) {
+		f.zeros = append(f.zeros, key)
+	}
 }
 
 // Load reads path (if not empty), applies the environment (KEY=VALUE
@@ -126,7 +206,40 @@ func Parse(data []byte, f *File) error {
 	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
 		return errors.New("more than one YAML document; put everything in one")
 	}
+	set := setKeys(&doc)
+	walk(reflect.ValueOf(f).Elem(), "", func(path string, v reflect.Value) {
+		if set[path] {
+			f.noteZero(path, v)
+		}
+	})
 	return nil
+}
+
+// setKeys returns the dotted paths of the document's leaf keys that have a
+// value (a YAML null, "key:" alone, counts as left out).
+func setKeys(doc *yaml.Node) map[string]bool {
+	set := map[string]bool{}
+	var visit func(n *yaml.Node, prefix string)
+	visit = func(n *yaml.Node, prefix string) {
+		if n.Kind == yaml.DocumentNode && len(n.Content) > 0 {
+			visit(n.Content[0], prefix)
+			return
+		}
+		if n.Kind != yaml.MappingNode {
+			return
+		}
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			path := strings.TrimPrefix(prefix+"."+n.Content[i].Value, ".")
+			switch v := n.Content[i+1]; {
+			case v.Kind == yaml.MappingNode:
+				visit(v, path)
+			case v.Kind == yaml.ScalarNode && v.Tag != "!!null":
+				set[path] = true
+			}
+		}
+	}
+	visit(doc, "")
+	return set
 }
 
 // unknownKeys reports every key of the document that is not a configuration
@@ -198,6 +311,9 @@ func walk(v reflect.Value, prefix string, fn func(path string, v reflect.Value))
 	t := v.Type()
 	for i := 0; i < t.NumField(); i++ {
 		sf := t.Field(i)
+		if !sf.IsExported() {
+			continue
+		}
 		name, opts, _ := strings.Cut(sf.Tag.Get("yaml"), ",")
 		fv := v.Field(i)
 		if opts == "inline" {
@@ -247,7 +363,9 @@ func applyEnv(f *File, environ []string) error {
 		delete(env, name)
 		if err := setValue(v, raw); err != nil {
 			errs = append(errs, &relay.FieldError{Key: path, Problem: fmt.Sprintf("from %s: %v", name, err)})
+			return
 		}
+		f.noteZero(path, v)
 	})
 	unknown := make([]string, 0, len(env))
 	for k := range env {

@@ -2,6 +2,7 @@ package config
 
 import (
 	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
@@ -142,4 +143,87 @@ func FuzzParse(f *testing.F) {
 		}
 		_ = file.WithDefaults().Validate()
 	})
+}
+
+// TestExplicitZero: a number or duration set to 0 is an error naming the
+// key when 0 would silently stand for the default; where 0 is the default
+// (retention.dead), it is the documented meaning and allowed.
+func TestExplicitZero(t *testing.T) {
+	const base = "postgres:\n  dsn: postgres://x@127.0.0.1/db\namqp:\n  url: amqp://x@127.0.0.1/\n  exchange: e\n"
+	load := func(t *testing.T, yaml string, env ...string) error {
+		t.Helper()
+		p := filepath.Join(t.TempDir(), "c.yaml")
+		if err := os.WriteFile(p, []byte(base+yaml), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		f, err := Load(p, env)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return f.Validate()
+	}
+	for _, tc := range []struct {
+		name, yaml string
+		env        []string
+		key        string // "" for no error
+	}{
+		{"batch size in the file", "relay:\n  batch_size: 0\n", nil, "relay.batch_size"},
+		{"duration in the file", "retention:\n  dispatched: 0s\n", nil, "retention.dispatched"},
+		{"another duration", "wake:\n  poll_interval: 0ms\n", nil, "wake.poll_interval"},
+		{"file section of its own", "metrics:\n  max_event_types: 0\n", nil, "metrics.max_event_types"},
+		{"from the environment", "", []string{"OUTBOX_RELAY_RELAY_MAX_ATTEMPTS=0"}, "relay.max_attempts"},
+		{"int32 from the environment", "", []string{"OUTBOX_RELAY_POSTGRES_MAX_CONNS=0"}, "postgres.max_conns"},
+		{"environment overrides a file zero", "relay:\n  batch_size: 0\n", []string{"OUTBOX_RELAY_RELAY_BATCH_SIZE=20"}, ""},
+		{"YAML null is left out", "relay:\n  batch_size:\n", nil, ""},
+		{"zero is the default", "retention:\n  dead: 0s\n", []string{"OUTBOX_RELAY_RETENTION_DEAD=0s"}, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := load(t, tc.yaml, tc.env...)
+			if tc.key == "" {
+				if err != nil {
+					t.Fatalf("want valid, got %v", err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.key+": 0 is not allowed") || !strings.Contains(err.Error(), "default (") {
+				t.Fatalf("error %v does not reject 0 for %s naming the default", err, tc.key)
+			}
+		})
+	}
+}
+
+func TestMetricsAddr(t *testing.T) {
+	for addr, ok := range map[string]bool{
+		"off": true, ":9464": true, "127.0.0.1:9464": true, "[::1]:9464": true, "localhost:0": true,
+		"relay-1.example.com:80": true, ":65535": true,
+		"not an address": false, ":65536": false, "127.0.0.1:99999": false, ":-1": false, "9464": false,
+		":http": false, "bad host:80": false, "": false, "on": false, ":+80": false,
+	} {
+		f := File{}.WithDefaults()
+		f.Metrics.Addr = addr
+		err := f.Validate()
+		var bad bool
+		for _, e := range leaves(err) {
+			if strings.HasPrefix(e.Error(), "metrics.addr: must be host:port or :port") && strings.Contains(e.Error(), `"off"`) {
+				bad = true
+			}
+		}
+		if bad == ok {
+			t.Errorf("metrics.addr %q: accepted %v, want %v (%v)", addr, !bad, ok, err)
+		}
+	}
+}
+
+func leaves(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		var out []error
+		for _, e := range j.Unwrap() {
+			out = append(out, leaves(e)...)
+		}
+		return out
+	}
+	if err == nil {
+		return nil
+	}
+	return []error{err}
 }
