@@ -2,11 +2,10 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/jackc/pgx/v5"
-
-	"github.com/outbox-relay/outbox-relay/internal/ident"
 )
 
 // cmdNotify switches the table's statement-level NOTIFY trigger. It is off
@@ -27,35 +26,32 @@ func (c *cliEnv) cmdNotify(ctx context.Context, args []string) error {
 	if action != "enable" && action != "disable" && action != "status" {
 		return usagef("notify: unknown action %q: use enable, disable or status", action)
 	}
-	cfg, err := c.loadConfig(*path, "postgres.")
+	conn, q, t, err := c.openOutbox(ctx, *path) // redacts connect errors, checks the table
 	if err != nil {
 		return err
 	}
-	conn, err := pgx.Connect(ctx, cfg.Postgres.DSN)
-	if err != nil {
-		return fmt.Errorf("connect: %w", err)
-	}
 	defer conn.Close(context.WithoutCancel(ctx))
-	t := ident.Table{Schema: cfg.Postgres.Schema, Name: cfg.Postgres.Table}
 	switch action {
 	case "enable", "disable":
-		verb := "ENABLE"
+		stmt := q.notifyEnable
 		if action == "disable" {
-			verb = "DISABLE"
+			stmt = q.notifyDisable
 		}
-		if _, err := conn.Exec(ctx, "ALTER TABLE "+t.Quoted()+" "+verb+" TRIGGER "+t.Local("notify")); err != nil {
+		if _, err := conn.Exec(ctx, stmt); err != nil {
 			return fmt.Errorf("notify %s on %s: %w", action, t, err)
 		}
 		fmt.Fprintf(c.stdout, "NOTIFY trigger on %s %sd\n", t, action)
 	case "status":
-		var enabled bool
-		err := conn.QueryRow(ctx, `SELECT tgenabled IN ('O', 'A') FROM pg_trigger WHERE tgrelid = $1::regclass AND tgname = $2`,
-			t.Quoted(), t.Name+"_notify").Scan(&enabled)
+		var enabled *bool
+		err := conn.QueryRow(ctx, q.notifyTrigger, t.Quoted(), t.Name+"_notify").Scan(&enabled)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("%s has no NOTIFY trigger (run `outbox-relay migrate up`)", t)
+		}
 		if err != nil {
-			return fmt.Errorf("notify status of %s (is the table migrated?): %w", t, err)
+			return fmt.Errorf("notify status of %s: %w", t, err)
 		}
 		state := "disabled"
-		if enabled {
+		if enabled != nil && *enabled {
 			state = "enabled"
 		}
 		fmt.Fprintf(c.stdout, "NOTIFY trigger on %s is %s\n", t, state)

@@ -8,7 +8,7 @@ import (
 )
 
 // opsQueries holds every SQL statement of the operations commands (dead,
-// status), rendered once for the configured table. The table name is
+// status, notify, and the table check of replay), rendered once for the configured table. The table name is
 // validated and quoted (internal/ident); everything else is a parameter.
 type opsQueries struct {
 	tableExists string
@@ -29,6 +29,10 @@ type opsQueries struct {
 	versionTable     string // quoted name of goose's version table
 	schemaVersion    string
 	notifyTrigger    string
+
+	// notify enable / disable.
+	notifyEnable  string
+	notifyDisable string
 }
 
 // Predicates of the partial indexes outbox_pending and outbox_dead
@@ -151,5 +155,10 @@ LIMIT $1`, tbl),
 		// NULL when the trigger is missing; 'O' (origin) and 'A' (always)
 		// fire, 'D' is disabled.
 		notifyTrigger: `SELECT tgenabled IN ('O', 'A') FROM pg_trigger WHERE tgrelid = $1::regclass AND tgname = $2`,
+
+		// The trigger the migration creates, disabled there (see
+		// schema/migrations/00001_create_outbox.sql).
+		notifyEnable:  fmt.Sprintf(`ALTER TABLE %s ENABLE TRIGGER %s`, tbl, t.Local("notify")),
+		notifyDisable: fmt.Sprintf(`ALTER TABLE %s DISABLE TRIGGER %s`, tbl, t.Local("notify")),
 	}
 }
