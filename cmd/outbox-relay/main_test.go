@@ -8,6 +8,16 @@ import (
 	"testing"
 )
 
+// TestMain runs the command itself when TEST_OUTBOX_RELAY_MAIN=1, so tests
+// can start the test binary as a real outbox-relay process (to signal it).
+// The variable is outside OUTBOX_RELAY_*, which the command checks.
+func TestMain(m *testing.M) {
+	if os.Getenv("TEST_OUTBOX_RELAY_MAIN") == "1" {
+		main()
+	}
+	os.Exit(m.Run())
+}
+
 // runCLI runs the command in-process with the given environment.
 func runCLI(t *testing.T, env []string, args ...string) (code int, stdout, stderr string) {
 	t.Helper()

@@ -5,6 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -23,11 +28,19 @@ outbox table is only read. Select with any of:
                                  such as 90m or 7d (that long ago)
   --type T (repeatable)          event types
   --all                          everything dispatched (no other selector)
---dry-run counts what would be sent. On a terminal a progress line shows the
-rate and the time left. If interrupted (Ctrl-C) or the broker fails, it
-prints the --from-seq to resume from; nothing confirmed is sent twice by
-resuming.
+--dry-run counts what would be sent. --rate N holds per event: a page is
+sent in small slices (about 20 a second), never all at once. Progress (done,
+rate, time left) is one rewritten line on a terminal, otherwise a line every
+5 seconds and at the end.
+If interrupted (Ctrl-C; a second one quits at once) or cut off by a broker
+failure, it prints the command that resumes: the same selection from the
+first event not confirmed. Nothing confirmed before that event is sent
+again. After a broker failure, events of the failed send that the broker
+confirmed after it are sent again by resuming (it says how many); consumers
+drop them by message id like any duplicate.
 `
+
+const defaultReplayBatch = 500
 
 func (c *cliEnv) cmdReplay(ctx context.Context, args []string) error {
 	fs, path := c.flags("replay")
@@ -44,7 +57,7 @@ func (c *cliEnv) cmdReplay(ctx context.Context, args []string) error {
 	all := fs.Bool("all", false, "replay every dispatched event")
 	exchange := fs.String("exchange", "", "publish the copies to this exchange instead of amqp.exchange")
 	rate := fs.Float64("rate", 0, "most events per second (0: as fast as confirms allow)")
-	batch := fs.Int("batch-size", 500, "events read and published per round")
+	batch := fs.Int("batch-size", defaultReplayBatch, "events read per page")
 	dryRun := fs.Bool("dry-run", false, "only count the selected events")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -68,8 +81,8 @@ func (c *cliEnv) cmdReplay(ctx context.Context, args []string) error {
 		return usagef("replay: --all cannot be combined with another selector")
 	case *from < 0 || *to < 0 || (*to != 0 && *to < *from):
 		return usagef("replay: --from-seq and --to-seq must be positive, with --to-seq ≥ --from-seq")
-	case *rate < 0:
-		return usagef("replay --rate: must be 0 (unlimited) or positive, got %v", *rate)
+	case *rate < 0 || math.IsNaN(*rate) || math.IsInf(*rate, 0):
+		return usagef("replay --rate: must be 0 (unlimited) or a positive number of events per second, got %v", *rate)
 	case *batch < 1 || *batch > 10000:
 		return usagef("replay --batch-size: must be between 1 and 10000, got %d", *batch)
 	}
@@ -114,28 +127,120 @@ func (c *cliEnv) cmdReplay(ctx context.Context, args []string) error {
 	if err := pub.Connect(ctx); err != nil {
 		return fmt.Errorf("broker: %w", err)
 	}
-	live := isTerminal(c.stderr)
+	// A second SIGINT/SIGTERM after the first kills the process at once.
+	context.AfterFunc(ctx, c.stopSignals)
+	pr := newProgress(c.stderr, isTerminal(c.stderr))
 	p, err := rp.Replay(ctx, pool, pub, sel, relay.ReplayOptions{
 		BatchSize: *batch,
 		Rate:      *rate,
-		Progress:  func(p relay.ReplayProgress) { progressLine(c.stderr, p, live) },
+		Progress:  pr.update,
 	})
-	if live {
-		fmt.Fprintln(c.stderr)
-	}
+	pr.finish(p)
 	fmt.Fprintf(c.stdout, "replayed %d of %d events to exchange %q in %s\n", p.Done, p.Total, amqpCfg.Exchange, p.Elapsed.Round(time.Millisecond))
-	if err != nil {
-		resume := fmt.Sprintf("resume with --from-seq %d (and the same other selectors)", p.LastSeq+1)
-		if errors.Is(err, context.Canceled) {
-			return fmt.Errorf("interrupted after seq %d: %s", p.LastSeq, resume)
-		}
-		return fmt.Errorf("%w; %s", err, resume)
+	if err == nil {
+		return nil
 	}
-	return nil
+	resume := resumeCommand(*path, sel, p.Resume, *exchange, *rate, *batch)
+	if errors.Is(err, context.Canceled) {
+		return fmt.Errorf("replay interrupted after %d of %d events (every selected event before seq %d was confirmed); resume with:\n  %s",
+			p.Done, p.Total, p.Resume, resume)
+	}
+	again := ""
+	if p.Resent > 0 {
+		again = fmt.Sprintf("\n%d later events of the failed send were confirmed: resuming sends them again (consumers drop them by message id)", p.Resent)
+	}
+	return fmt.Errorf("%w%s\nnothing before seq %d is sent again; resume with:\n  %s", err, again, p.Resume, resume)
 }
 
-// progressLine reports a replay's progress: one rewritten line on a
-// terminal, a plain line per batch otherwise.
+// resumeCommand is the command line that continues an interrupted replay:
+// the same selection and options from seq from on. Ages (--since 7d) are
+// given as the times they stood for, so the command means the same later;
+// --all becomes --from-seq alone, which selects the same events.
+func resumeCommand(configPath string, sel relay.ReplaySelection, from int64, exchange string, rate float64, batch int) string {
+	args := []string{"outbox-relay", "replay"}
+	if configPath != "" {
+		if abs, err := filepath.Abs(configPath); err == nil {
+			configPath = abs
+		}
+		args = append(args, "--config", configPath)
+	}
+	args = append(args, "--from-seq", strconv.FormatInt(from, 10))
+	if sel.ToSeq != 0 {
+		args = append(args, "--to-seq", strconv.FormatInt(sel.ToSeq, 10))
+	}
+	if !sel.Since.IsZero() {
+		args = append(args, "--since", sel.Since.UTC().Format(time.RFC3339Nano))
+	}
+	if !sel.Until.IsZero() {
+		args = append(args, "--until", sel.Until.UTC().Format(time.RFC3339Nano))
+	}
+	for _, t := range sel.Types {
+		args = append(args, "--type", t)
+	}
+	if exchange != "" {
+		args = append(args, "--exchange", exchange)
+	}
+	if rate > 0 {
+		args = append(args, "--rate", strconv.FormatFloat(rate, 'g', -1, 64))
+	}
+	if batch != defaultReplayBatch {
+		args = append(args, "--batch-size", strconv.Itoa(batch))
+	}
+	for i, a := range args {
+		args[i] = shellQuote(a)
+	}
+	return strings.Join(args, " ")
+}
+
+var shellSafe = regexp.MustCompile(`^[A-Za-z0-9_./:@%+,=-]+$`)
+
+// shellQuote quotes s for a POSIX shell when it needs it.
+func shellQuote(s string) string {
+	if shellSafe.MatchString(s) {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+// progress prints a replay's progress: on a terminal one line rewritten
+// every 100ms at most, otherwise a plain line every 5 seconds at most (a
+// short replay prints only its final state, which finish always prints).
+type progress struct {
+	w       io.Writer
+	live    bool
+	every   time.Duration
+	last    time.Time
+	printed relay.ReplayProgress
+}
+
+func newProgress(w io.Writer, live bool) *progress {
+	every := 5 * time.Second
+	if live {
+		every = 100 * time.Millisecond
+	}
+	return &progress{w: w, live: live, every: every, last: time.Now()}
+}
+
+func (pr *progress) update(p relay.ReplayProgress) {
+	if now := time.Now(); now.Sub(pr.last) >= pr.every {
+		pr.last = now
+		pr.printed = p
+		progressLine(pr.w, p, pr.live)
+	}
+}
+
+func (pr *progress) finish(p relay.ReplayProgress) {
+	if p != pr.printed {
+		progressLine(pr.w, p, pr.live)
+	}
+	if pr.live {
+		fmt.Fprintln(pr.w)
+	}
+}
+
+// progressLine prints one progress report: done of total, the average rate
+// since the start and the time left at that rate. On a terminal it rewrites
+// the current line.
 func progressLine(w io.Writer, p relay.ReplayProgress, live bool) {
 	rate := float64(p.Done) / max(p.Elapsed.Seconds(), 1e-3)
 	eta := "-"
@@ -146,7 +251,11 @@ func progressLine(w io.Writer, p relay.ReplayProgress, live bool) {
 	if p.Total > 0 {
 		pct = 100 * float64(p.Done) / float64(p.Total)
 	}
-	line := fmt.Sprintf("replay: %d/%d (%.1f%%) %.0f events/s, ETA %s, last seq %d", p.Done, p.Total, pct, rate, eta, p.LastSeq)
+	last := "-"
+	if p.Done > 0 {
+		last = strconv.FormatInt(p.LastSeq, 10)
+	}
+	line := fmt.Sprintf("replay: %d/%d (%.1f%%) %.0f events/s, ETA %s, last seq %s", p.Done, p.Total, pct, rate, eta, last)
 	if live {
 		fmt.Fprintf(w, "\r\033[K%s", line)
 		return
