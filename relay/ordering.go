@@ -156,6 +156,14 @@ func (l *leases) maintain(ctx context.Context, r *Relay, connCfg *pgx.ConnConfig
 		cfg := connCfg.Copy()
 		// The horizon probe's transaction ids need no durability.
 		cfg.RuntimeParams["synchronous_commit"] = "off"
+		// Server-side keepalives: if this replica's host vanishes or is cut
+		// off, PostgreSQL ends the session within about 25 s and its leases
+		// go to the others, instead of after the OS default of two hours.
+		for k, v := range map[string]string{"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3"} {
+			if _, set := cfg.RuntimeParams[k]; !set {
+				cfg.RuntimeParams[k] = v
+			}
+		}
 		conn, err := pgx.ConnectConfig(ctx, cfg)
 		if err != nil {
 			return fmt.Errorf("lease connection: %w", err)
