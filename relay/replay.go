@@ -29,8 +29,10 @@ type ReplayOptions struct {
 	BatchSize int // rows read per page; default 500
 	// Rate is the most events per second; 0 means as fast as confirms
 	// allow. It holds per message, not per page: a page is sent in small
-	// slices (about 20 a second), each sent when the schedule allows, so
-	// at most one slice (Rate/20 events, at least 1) goes ahead of it.
+	// slices (about 20 a second, Rate/20 events, at least 1), each when
+	// the previous one's share of time is up, so no window of time sees
+	// more than Rate per second plus one slice; time lost to slow confirms
+	// is not made up in a burst.
 	Rate float64
 	// Progress, if set, is called after each send the broker confirmed in
 	// full: a page, or with Rate a slice of one.
@@ -127,6 +129,7 @@ func (r *Replayer) Replay(ctx context.Context, db Querier, pub Publisher, sel Re
 	p := ReplayProgress{Total: total, LastSeq: sel.FromSeq - 1, Resume: max(sel.FromSeq, 1)}
 	start := time.Now()
 	stamp := start.UTC().Format(time.RFC3339)
+	next := start // when the next slice may go (with Rate)
 	stop := func(err error) (ReplayProgress, error) {
 		p.Elapsed = time.Since(start)
 		return p, err
@@ -143,14 +146,19 @@ func (r *Replayer) Replay(ctx context.Context, db Querier, pub Publisher, sel Re
 			msgs[i].Headers[HeaderReplay] = stamp
 		}
 		for len(msgs) > 0 {
+			n := min(slice, len(msgs))
 			if opts.Rate > 0 {
-				// The next event's place in the schedule.
-				waitUntil(ctx, start.Add(time.Duration(float64(p.Done)/opts.Rate*float64(time.Second))))
+				// A slice of n events uses n/Rate of time. A replay that
+				// fell behind (slow confirms) does not catch up in a burst.
+				waitUntil(ctx, next)
+				if now := time.Now(); now.After(next) {
+					next = now
+				}
+				next = next.Add(time.Duration(float64(n) / opts.Rate * float64(time.Second)))
 			}
 			if ctx.Err() != nil {
 				return stop(ctx.Err())
 			}
-			n := min(slice, len(msgs))
 			if err := r.send(ctx, pub, msgs[:n], &p); err != nil {
 				return stop(err)
 			}

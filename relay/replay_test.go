@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"sync"
 	"testing"
 	"time"
 
@@ -126,54 +125,42 @@ func TestReplayRate(t *testing.T) {
 	dispatched(t, o, 60, "a")
 	rp, pub := newReplay(t, o, b)
 
-	// When each copy arrives, read while the replay runs.
-	arrivals := make(chan []time.Time, 1)
-	go func() {
-		var at []time.Time
-		for range copies {
-			if at = append(at, time.Now()); len(at) == 60 {
-				arrivals <- at
-				return
-			}
-		}
-	}()
-	var (
-		mu    sync.Mutex
-		sends int
-	)
+	// When each send was confirmed, and how many events it brought.
+	type confirmed struct {
+		at   time.Time
+		done int64
+	}
+	var sends []confirmed
 	start := time.Now()
 	p, err := rp.Replay(context.Background(), o.Pool, pub, relay.ReplaySelection{}, relay.ReplayOptions{
 		BatchSize: 500, Rate: 40,
-		Progress: func(relay.ReplayProgress) { mu.Lock(); sends++; mu.Unlock() },
+		Progress: func(p relay.ReplayProgress) { sends = append(sends, confirmed{time.Now(), p.Done}) },
 	})
 	elapsed := time.Since(start)
 	if err != nil || p.Done != 60 {
 		t.Fatalf("replay: done %d, err %v", p.Done, err)
 	}
-	// The schedule sends event i at i/40 s; at most one slice (2 events)
-	// runs ahead of it, so the last leaves at 58/40 = 1.45 s at the earliest.
+	testenv.Receive(t, copies, 60, 20*time.Second)
+	// Slices of 2 events, each 50 ms apart: the last leaves at 1.45 s at
+	// the earliest. A per-page limit sends all 60 at once.
 	if elapsed < 1200*time.Millisecond || elapsed > 20*time.Second {
 		t.Fatalf("60 events at --rate 40 took %s, want about 1.5 s", elapsed)
 	}
-	if sends < 20 {
-		t.Errorf("the page went out in %d sends, want it paced in small slices", sends)
+	if len(sends) < 20 {
+		t.Fatalf("the page went out in %d sends, want it paced in small slices", len(sends))
 	}
-	var arrived []time.Time
-	select {
-	case arrived = <-arrivals:
-	case <-time.After(20 * time.Second):
-		t.Fatal("not all 60 copies arrived")
-	}
-	early := 0
-	for _, at := range arrived {
-		if at.Sub(arrived[0]) < 500*time.Millisecond {
-			early++
+	// No half second sees more than 20 events plus a slice (and slack for
+	// a confirm that arrives late, with the next one right behind it).
+	for i, s := range sends {
+		before := int64(0)
+		for _, e := range sends[:i] {
+			if s.at.Sub(e.at) >= 500*time.Millisecond {
+				before = e.done
+			}
 		}
-	}
-	// In the first half second after the first copy arrived, about 22 may
-	// (0.5 s at 40/s plus one slice); a per-page limit would deliver all 60.
-	if early > 32 {
-		t.Errorf("%d of 60 copies arrived within 500ms of the first: not rate limited", early)
+		if s.done-before > 28 {
+			t.Fatalf("%d events confirmed within 500ms up to %s: not rate limited", s.done-before, s.at.Sub(start))
+		}
 	}
 }
 
