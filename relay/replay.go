@@ -122,11 +122,12 @@ func (r *Replayer) Replay(ctx context.Context, db Querier, pub Publisher, sel Re
 	if opts.Rate > 0 {
 		slice = min(max(int(math.Ceil(opts.Rate/slicesPerSecond)), 1), opts.BatchSize)
 	}
+	p := ReplayProgress{LastSeq: sel.FromSeq - 1, Resume: max(sel.FromSeq, 1)}
 	total, err := r.Count(ctx, db, sel)
 	if err != nil {
-		return ReplayProgress{}, err
+		return p, err
 	}
-	p := ReplayProgress{Total: total, LastSeq: sel.FromSeq - 1, Resume: max(sel.FromSeq, 1)}
+	p.Total = total
 	start := time.Now()
 	stamp := start.UTC().Format(time.RFC3339)
 	next := start // when the next slice may go (with Rate)
