@@ -310,10 +310,25 @@ type RabbitMQ struct {
 	reaper   *reaper
 }
 
+// RabbitMQOptions tunes a private RabbitMQ node.
+type RabbitMQOptions struct {
+	// Conf holds extra rabbitmq.conf lines, in new-style (sysctl) format,
+	// for example "max_message_size = 1048576". They come after the node's
+	// own listener and log settings.
+	Conf []string
+}
+
 // StartRabbitMQ creates, starts and returns a private RabbitMQ node. The test
 // fails when RabbitMQ is not installed. Cleanup stops the node and
 // removes its directory.
 func StartRabbitMQ(t testing.TB) *RabbitMQ {
+	t.Helper()
+	return StartRabbitMQWith(t, RabbitMQOptions{})
+}
+
+// StartRabbitMQWith is StartRabbitMQ with options, such as broker limits
+// that the shared node must not have.
+func StartRabbitMQWith(t testing.TB, opts RabbitMQOptions) *RabbitMQ {
 	t.Helper()
 	server, ctl := rabbitMQScripts()
 	if server == "" {
@@ -347,7 +362,7 @@ func StartRabbitMQ(t testing.TB) *RabbitMQ {
 		"enabled_plugins":   "[].\n",
 		"rabbitmq-env.conf": "# private node: keeps /etc/rabbitmq/rabbitmq-env.conf out\n",
 		"rabbitmq.conf": fmt.Sprintf("listeners.tcp.local = 127.0.0.1:%d\n"+
-			"log.console = false\nlog.file.level = info\n", r.port),
+			"log.console = false\nlog.file.level = info\n", r.port) + confLines(opts.Conf),
 	}
 	for name, content := range files {
 		mode := os.FileMode(0o644)
@@ -365,6 +380,16 @@ func StartRabbitMQ(t testing.TB) *RabbitMQ {
 	}
 	t.Logf("testenv: private rabbitmq %s on 127.0.0.1:%d ready in %v", r.node, r.port, time.Since(begin).Round(time.Millisecond))
 	return r
+}
+
+// confLines joins configuration lines, each ending with a newline.
+func confLines(lines []string) string {
+	var b strings.Builder
+	for _, l := range lines {
+		b.WriteString(strings.TrimRight(l, "\n"))
+		b.WriteByte('\n')
+	}
+	return b.String()
 }
 
 // URL returns the AMQP URL of the node (user guest, vhost /).
