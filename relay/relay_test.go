@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/prometheus/client_golang/prometheus"
 	amqp "github.com/rabbitmq/amqp091-go"
+	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
@@ -39,14 +40,20 @@ type running struct {
 }
 
 // start runs a relay until the test ends (or Stop), failing the test if Run
-// returns an error.
+// returns an error. Each relay has a metrics registry of its own.
 func start(t *testing.T, cfg relay.Config) *running {
+	t.Helper()
+	return startLogged(t, cfg, zaptest.NewLogger(t))
+}
+
+// startLogged is start with the given logger.
+func startLogged(t *testing.T, cfg relay.Config, log *zap.Logger) *running {
 	t.Helper()
 	m, err := metrics.New(prometheus.NewRegistry(), metrics.Config{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	r, err := relay.New(cfg, relay.Deps{Logger: zaptest.NewLogger(t), Metrics: m})
+	r, err := relay.New(cfg, relay.Deps{Logger: log, Metrics: m})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -217,28 +224,39 @@ func btoi(b bool) int {
 	return 0
 }
 
-// TestTwoRelays runs two relays on one table: every event is published once
-// and every row dispatched.
+// TestTwoRelays runs two relays on one table: both take part in the work,
+// every event is published once and every row is dispatched once.
 func TestTwoRelays(t *testing.T) {
 	t.Parallel()
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
 	deliveries := b.Consume(t, b.Queue(t, "#", nil))
 	cfg := config(o, b)
-	cfg.Relay.BatchSize = 50 // many small batches, so both relays get work
+	cfg.Relay.BatchSize = 50
+	cfg.Wake.PollInterval = 10 * time.Millisecond
 	r1, r2 := start(t, cfg), start(t, cfg)
+	// Both relays are up and have found the table empty at least once
+	// before anything is written; then the whole backlog commits at once.
+	// Each relay looks again within its 10 ms poll interval, while one
+	// relay alone needs 100 batches of 50 (each a claim, a broker confirm
+	// round trip and a commit, at most two in flight) to drain it: far more
+	// than 10 ms, so both relays claim batches, and a relay that stays at 0
+	// is one that could not claim beside the other.
+	idle := func(r *running) bool {
+		return r.Ready() == nil && value(t, r.Metrics.Wakeups.WithLabelValues(metrics.WakePoll)) > 0
+	}
+	testenv.Eventually(t, 20*time.Second, "both relays ready and idle", func() bool { return idle(r1) && idle(r2) })
+
 	w, _ := outbox.NewWriter(o.Schema, o.Table.Name)
 	ctx := context.Background()
 	const total = 5000
 	ids := map[string]int{}
-	for txn := 0; txn < total/50; txn++ {
-		events := make([]outbox.Event, 50)
-		for i := range events {
-			events[i] = outbox.NewEvent("quiz.submitted", fmt.Appendf(nil, `{"n":%d}`, txn*50+i))
-			ids[events[i].ID.String()] = 0
-		}
-		if err := pgx.BeginFunc(ctx, o.Pool, func(tx pgx.Tx) error { return w.Write(ctx, tx, events...) }); err != nil {
-			t.Fatal(err)
-		}
+	events := make([]outbox.Event, total)
+	for i := range events {
+		events[i] = outbox.NewEvent("quiz.submitted", fmt.Appendf(nil, `{"n":%d}`, i))
+		ids[events[i].ID.String()] = 0
+	}
+	if err := pgx.BeginFunc(ctx, o.Pool, func(tx pgx.Tx) error { return w.Write(ctx, tx, events...) }); err != nil {
+		t.Fatal(err)
 	}
 	for _, d := range testenv.Receive(t, deliveries, total, time.Minute) {
 		if _, ok := ids[d.MessageId]; !ok {
@@ -254,15 +272,25 @@ func TestTwoRelays(t *testing.T) {
 	if _, quiet := testenv.Quiet(deliveries, 300*time.Millisecond); !quiet {
 		t.Fatal("a duplicate arrived")
 	}
+	// Dispatched at the first attempt: no row was failed, retried or
+	// published twice.
 	testenv.Eventually(t, 10*time.Second, "all rows dispatched", func() bool {
-		return o.Count(t, "dispatched_at IS NOT NULL") == total
+		return o.Count(t, "dispatched_at IS NOT NULL AND attempts = 0") == total
 	})
+	if n := o.Count(t, "true"); n != total {
+		t.Fatalf("table has %d rows, want %d", n, total)
+	}
+	// Counters are incremented before the batch commits, so they are final
+	// once every row is dispatched.
 	p1 := counterSum(t, r1.Metrics.Published)
 	p2 := counterSum(t, r2.Metrics.Published)
+	t.Logf("relay 1 published %d, relay 2 published %d", p1, p2)
+	if p1 == 0 || p2 == 0 {
+		t.Fatalf("relays published %d and %d: one relay did all the work", p1, p2)
+	}
 	if p1+p2 != total {
 		t.Fatalf("relays published %d + %d, want %d in all", p1, p2, total)
 	}
-	t.Logf("relay 1 published %d, relay 2 published %d", p1, p2)
 }
 
 func counterSum(t *testing.T, c prometheus.Collector) int {
@@ -278,4 +306,17 @@ func counterSum(t *testing.T, c prometheus.Collector) int {
 		sum += pb.GetCounter().GetValue()
 	}
 	return int(sum)
+}
+
+// value reads one counter or gauge.
+func value(t *testing.T, m prometheus.Metric) float64 {
+	t.Helper()
+	var pb dtoMetric
+	if err := m.Write(&pb.Metric); err != nil {
+		t.Fatal(err)
+	}
+	if c := pb.GetCounter(); c != nil {
+		return c.GetValue()
+	}
+	return pb.GetGauge().GetValue()
 }
