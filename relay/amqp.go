@@ -52,6 +52,10 @@ func (p *AMQPPublisher) Ready() error {
 	if p.ch != nil && !p.ch.IsClosed() {
 		return nil
 	}
+	if p.lastErr == nil {
+		// Closed by the broker or the network since it was opened.
+		return errors.New("channel closed")
+	}
 	return p.lastErr
 }
 
@@ -112,7 +116,9 @@ func (p *AMQPPublisher) ensure(ctx context.Context) error {
 func (p *AMQPPublisher) closeLocked() {
 	p.collectReturns()
 	if p.conn != nil {
-		_ = p.conn.Close()
+		// A broker that stopped reading (a memory or disk alarm blocks
+		// publishers) never answers connection.close: give it a moment.
+		_ = p.conn.CloseDeadline(time.Now().Add(closeTimeout))
 	}
 	p.conn, p.ch, p.returns, p.closes = nil, nil, nil, nil
 }
@@ -143,7 +149,11 @@ func (p *AMQPPublisher) Send(ctx context.Context, msgs []Message) Pending {
 	for i := range msgs {
 		m := &msgs[i]
 		if len(m.Body) > p.maxSize {
-			b.errs[i] = &PublishError{Reason: ReasonTooLarge, Err: fmt.Errorf("payload is %d bytes, the broker accepts at most %d (amqp.max_message_size)", len(m.Body), p.maxSize)}
+			source := "amqp.max_message_size"
+			if p.maxSize < p.cfg.MaxMessageSize {
+				source = "the broker's max_message_size, learned when it refused a larger message"
+			}
+			b.errs[i] = &PublishError{Reason: ReasonTooLarge, Err: fmt.Errorf("payload is %d bytes, the broker accepts at most %d (%s)", len(m.Body), p.maxSize, source)}
 			continue
 		}
 		dc, err := b.ch.PublishWithDeferredConfirmWithContext(ctx, p.cfg.Exchange, m.Type, true, false, toPublishing(m))
@@ -289,6 +299,9 @@ func (p *AMQPPublisher) learnMaxSize(msgs []Message, errs []error) {
 		}
 	}
 }
+
+// closeTimeout bounds a graceful connection.close.
+const closeTimeout = 2 * time.Second
 
 func toPublishing(m *Message) amqp.Publishing {
 	return amqp.Publishing{

@@ -10,7 +10,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -353,15 +352,9 @@ func TestRabbitMQOutage(t *testing.T) {
 
 // TestRabbitMQOutageIdleRelay: an idle relay (nothing to publish) notices
 // that the broker went away: readiness and link_up{link=amqp} report it.
-//
-// KNOWN BUG (relay/amqp.go): AMQPPublisher.Ready returns p.lastErr once
-// the channel is closed, but lastErr is nil after a successful connect and
-// nothing sets it when the broker closes the connection; so Ready returns
-// nil for a closed channel, the claim loop never calls Connect, and the
-// relay reports ready with link_up 1 until an event is claimed and its
-// Send fails (TestRabbitMQOutage writes events, so it passes).
+// (A closed channel once read as ready until an event was claimed and its
+// send failed.)
 func TestRabbitMQOutageIdleRelay(t *testing.T) {
-	knownBug(t, "an idle relay reports ready while RabbitMQ is down")
 	t.Parallel()
 	rmq := testenv.StartRabbitMQ(t)
 	o, b := testenv.NewOutbox(t), testenv.NewBrokerAt(t, rmq.URL())
@@ -542,15 +535,9 @@ func TestConfirmTimeout(t *testing.T) {
 
 // TestConfirmTimeoutRecordedWhileBlocked: the timeout is recorded (attempts,
 // last_error) while the broker still blocks, not only once it recovers.
-//
-// KNOWN BUG (relay/amqp.go): after a confirm timeout, amqpBatch.Wait resets
-// the link with closeLocked, whose amqp.Connection.Close waits for the
-// broker's close-ok with no deadline while holding the publisher's mutex. A
-// blocked broker does not read the connection, so Close, the settler, the
-// claim loop (in Publisher.Ready) and Relay.Run's shutdown all hang until the
-// alarm clears; relay.shutdown_timeout does not bound it.
+// (After a confirm timeout the publisher's connection.close once waited for
+// the blocked broker's close-ok without a deadline, hanging the relay.)
 func TestConfirmTimeoutRecordedWhileBlocked(t *testing.T) {
-	knownBug(t, "a confirm timeout on a blocked broker hangs the relay in amqp.Connection.Close")
 	t.Parallel()
 	rmq, o, deliveries, r := blockedBroker(t)
 
@@ -568,15 +555,6 @@ func TestConfirmTimeoutRecordedWhileBlocked(t *testing.T) {
 		return o.Count(t, "id = ANY($1::uuid[]) AND dispatched_at IS NOT NULL", ids(blocked)) == len(blocked)
 	})
 	testenv.Eventually(t, 10*time.Second, "relay ready", func() bool { return r.Ready() == nil })
-}
-
-// knownBug skips a test that fails because of an engine bug not fixed yet,
-// so the suite stays green; OUTBOX_RELAY_KNOWN_BUGS=1 runs it, to check a fix.
-func knownBug(t *testing.T, bug string) {
-	t.Helper()
-	if os.Getenv("OUTBOX_RELAY_KNOWN_BUGS") == "" {
-		t.Skipf("KNOWN BUG, fails until fixed: %s (OUTBOX_RELAY_KNOWN_BUGS=1 runs it)", bug)
-	}
 }
 
 // TestUnroutableAcceptWithAlternateExchange: with amqp.unroutable: accept on

@@ -84,3 +84,49 @@ func TestPoisonEvents(t *testing.T) {
 		t.Fatalf("relay not ready after poison events: %v", err)
 	}
 }
+
+// TestPoisonRowsFromSQL: rows a plain-SQL writer can insert but AMQP cannot
+// carry (a nested header name, a correlation id or a content type over 255
+// bytes) are parked dead at once as invalid, and the good rows written after
+// them are delivered. Such a row used to reach the AMQP encoder, which closed
+// the connection: the relay took it for a broker outage and retried the row,
+// first in every batch, forever.
+func TestPoisonRowsFromSQL(t *testing.T) {
+	t.Parallel()
+	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+	deliveries := b.Consume(t, b.Queue(t, "#", nil))
+	r := start(t, config(o, b))
+	ctx := context.Background()
+	long := strings.Repeat("n", 256)
+	tbl := o.Table.Quoted()
+	for _, q := range []string{
+		`INSERT INTO ` + tbl + ` (event_type, payload, headers) VALUES ('bad.header', '{}', jsonb_build_object('outer', jsonb_build_object('` + long + `', 1)))`,
+		`INSERT INTO ` + tbl + ` (event_type, payload, correlation_id) VALUES ('bad.correlation', '{}', '` + long + `')`,
+		`INSERT INTO ` + tbl + ` (event_type, payload, content_type) VALUES ('bad.content_type', '{}', '` + long + `')`,
+		`INSERT INTO ` + tbl + ` (event_type, payload) SELECT 'good.event', '{}' FROM generate_series(1, 20)`,
+	} {
+		if _, err := o.Pool.Exec(ctx, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, d := range testenv.Receive(t, deliveries, 20, 30*time.Second) {
+		if d.Type != "good.event" {
+			t.Fatalf("received %s: a row AMQP cannot carry was published", d.Type)
+		}
+	}
+	testenv.Eventually(t, 10*time.Second, "the three bad rows dead, the good ones dispatched", func() bool {
+		return o.Count(t, "dead_at IS NOT NULL AND attempts = 1 AND last_error LIKE 'invalid%'") == 3 &&
+			o.Count(t, "dispatched_at IS NOT NULL") == 20
+	})
+	for typ, want := range map[string]string{"bad.header": "header name", "bad.correlation": "correlation_id", "bad.content_type": "content_type"} {
+		if n := o.Count(t, "event_type = $1 AND last_error LIKE '%' || $2 || '%'", typ, want); n != 1 {
+			t.Errorf("%s: last_error does not name %q", typ, want)
+		}
+	}
+	if n := counterSum(t, r.Metrics.Reconnects); n != 0 {
+		t.Errorf("%d reconnects: a bad row must not drop the broker link", n)
+	}
+	if err := r.Ready(); err != nil {
+		t.Fatalf("relay not ready: %v", err)
+	}
+}

@@ -117,7 +117,8 @@ func DecodeHeaders(raw []byte) (map[string]any, error) {
 	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.UseNumber()
 	var obj map[string]any
-	if err := dec.Decode(&obj); err != nil {
+	err := dec.Decode(&obj)
+	if err != nil {
 		return nil, fmt.Errorf("headers must be a JSON object: %w", err)
 	}
 	if dec.More() {
@@ -127,34 +128,49 @@ func DecodeHeaders(raw []byte) (map[string]any, error) {
 		return nil, nil
 	}
 	for k, v := range obj {
-		if len(k) > 255 {
-			return nil, fmt.Errorf("header name %.20q... is longer than 255 bytes", k)
+		if obj[k], err = amqpValue(k, v); err != nil {
+			return nil, err
 		}
-		obj[k] = amqpValue(v)
 	}
 	return obj, nil
 }
 
-func amqpValue(v any) any {
+// maxShortString is the longest AMQP short string (field names, and the
+// content-type, correlation-id and type properties): an over-long one cannot
+// be encoded, and amqp091-go closes the connection over it.
+const maxShortString = 255
+
+// amqpValue converts a decoded JSON value of header name to its AMQP form,
+// checking the names of nested tables at every depth.
+func amqpValue(name string, v any) (any, error) {
+	if len(name) > maxShortString {
+		return nil, fmt.Errorf("header name %.20q... is longer than %d bytes", name, maxShortString)
+	}
 	switch x := v.(type) {
 	case json.Number:
 		if i, err := x.Int64(); err == nil {
-			return i
+			return i, nil
 		}
 		f, _ := x.Float64()
-		return f
+		return f, nil
 	case map[string]any:
 		t := make(amqp.Table, len(x))
 		for k, e := range x {
-			t[k] = amqpValue(e)
+			var err error
+			if t[k], err = amqpValue(k, e); err != nil {
+				return nil, err
+			}
 		}
-		return t
+		return t, nil
 	case []any:
 		for i, e := range x {
-			x[i] = amqpValue(e)
+			var err error
+			if x[i], err = amqpValue("", e); err != nil {
+				return nil, err
+			}
 		}
-		return x
+		return x, nil
 	default: // string, bool, nil
-		return v
+		return v, nil
 	}
 }

@@ -528,6 +528,12 @@ func scanMessage(rows pgx.Rows) (Message, error) {
 		&m.CorrelationID, &m.CreatedAt, &m.Attempts); err != nil {
 		return m, fmt.Errorf("scan: %w", err)
 	}
+	for _, f := range []struct{ column, value string }{{"content_type", m.ContentType}, {"correlation_id", m.CorrelationID}} {
+		if len(f.value) > maxShortString {
+			return m, &PublishError{Reason: ReasonInvalid, Err: fmt.Errorf(
+				"%s is %d bytes; AMQP allows at most %d", f.column, len(f.value), maxShortString)}
+		}
+	}
 	h, err := DecodeHeaders(headers)
 	if err != nil {
 		return m, &PublishError{Reason: ReasonInvalid, Err: err}
