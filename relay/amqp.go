@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"regexp"
 	"strconv"
 	"sync"
@@ -71,13 +72,20 @@ func (p *AMQPPublisher) ensure(ctx context.Context) error {
 		return nil
 	}
 	p.closeLocked()
+	dial := amqp.DefaultDial(10 * time.Second)
+	if dl, ok := ctx.Deadline(); ok {
+		dial = amqp.DefaultDial(time.Until(dl))
+	}
 	dialCfg := amqp.Config{
 		Heartbeat:  10 * time.Second,
 		Properties: amqp.Table{"connection_name": "outbox-relay"},
-		Dial:       amqp.DefaultDial(10 * time.Second),
-	}
-	if dl, ok := ctx.Deadline(); ok {
-		dialCfg.Dial = amqp.DefaultDial(time.Until(dl))
+		Dial: func(network, addr string) (net.Conn, error) {
+			c, err := dial(network, addr)
+			if err != nil {
+				return nil, err
+			}
+			return writeDeadlineConn{Conn: c, timeout: p.cfg.ConfirmTimeout}, nil
+		},
 	}
 	conn, err := amqp.DialConfig(p.cfg.URL, dialCfg)
 	if err != nil {
@@ -298,6 +306,24 @@ func (p *AMQPPublisher) learnMaxSize(msgs []Message, errs []error) {
 			errs[i] = &PublishError{Reason: ReasonTooLarge, Err: fmt.Errorf("payload is %d bytes, the broker accepts at most %d: %s", len(msgs[i].Body), limit, closeErr.Reason)}
 		}
 	}
+}
+
+// writeDeadlineConn fails a write to the broker that takes longer than
+// timeout. A broker blocked by a memory or disk alarm stops reading; once
+// the socket buffers are full, an unbounded write would hold the
+// publisher's lock for as long as the alarm lasts, hanging settling and
+// shutdown. A failed write closes the connection, so the batch fails with
+// reason connection and is retried.
+type writeDeadlineConn struct {
+	net.Conn
+	timeout time.Duration
+}
+
+func (c writeDeadlineConn) Write(b []byte) (int, error) {
+	if err := c.Conn.SetWriteDeadline(time.Now().Add(c.timeout)); err != nil {
+		return 0, err
+	}
+	return c.Conn.Write(b)
 }
 
 // closeTimeout bounds a graceful connection.close.

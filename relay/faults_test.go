@@ -557,6 +557,47 @@ func TestConfirmTimeoutRecordedWhileBlocked(t *testing.T) {
 	testenv.Eventually(t, 10*time.Second, "relay ready", func() bool { return r.Ready() == nil })
 }
 
+// TestBlockedBrokerFullSocketStops: under a memory alarm the broker stops
+// reading, and a batch larger than the socket buffers (40 events of 1 MiB)
+// leaves the publisher blocked in a write. The write fails after
+// amqp.confirm_timeout, so the relay still stops within its shutdown timeout
+// instead of waiting for the alarm to clear; a relay started after the alarm
+// delivers every event.
+func TestBlockedBrokerFullSocketStops(t *testing.T) {
+	t.Parallel()
+	rmq, o, deliveries, r := blockedBroker(t)
+	unblock := blockPublishers(t, rmq)
+	big := map[string]outbox.Event{}
+	for range 40 {
+		ev := outbox.NewEvent("report.exported", bytes.Repeat([]byte("r"), 1<<20))
+		big[ev.ID.String()] = ev
+		commitEvents(t, o, ev)
+	}
+	// The relay has claimed them and is publishing into the blocked socket.
+	testenv.Eventually(t, 10*time.Second, "the big events claimed", func() bool {
+		return o.Count(t, "id = ANY($1::uuid[]) AND id IN (SELECT id FROM "+o.Table.Quoted()+" FOR UPDATE SKIP LOCKED)", ids(big)) < len(big)
+	})
+	begin := time.Now()
+	if err := r.stop(); err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	// Shutdown waits up to relay.shutdown_timeout (5s) for confirms, and a
+	// blocked write gives up after amqp.confirm_timeout (1s).
+	if took := time.Since(begin); took > 15*time.Second {
+		t.Fatalf("the relay took %v to stop while the broker was blocked", took.Round(time.Millisecond))
+	}
+	if n := o.Count(t, "id = ANY($1::uuid[]) AND dispatched_at IS NOT NULL", ids(big)); n != 0 {
+		t.Fatalf("%d events dispatched while the broker was blocked", n)
+	}
+	unblock()
+	cfg := r.Config()
+	start(t, cfg)
+	receiveAll(t, deliveries, big, time.Minute)
+	testenv.Eventually(t, 20*time.Second, "every big event dispatched", func() bool {
+		return o.Count(t, "id = ANY($1::uuid[]) AND dispatched_at IS NOT NULL", ids(big)) == len(big)
+	})
+}
+
 // TestUnroutableAcceptWithAlternateExchange: with amqp.unroutable: accept on
 // an exchange whose alternate exchange (a fanout with a bound queue) takes
 // what no binding matches, events with a routing key nothing binds land on
