@@ -70,11 +70,7 @@ func (b *bench) latencyPoint(ctx context.Context, p latencyPoint) error {
 		return err
 	}
 	defer cons.stop()
-	cfg := b.relayConfig()
-	if p.notify {
-		cfg.Wake.Mode = relay.WakeNotify
-	}
-	r, err := b.startRelay(ctx, cfg)
+	r, err := b.startLatencyRelay(ctx, p.notify)
 	if err != nil {
 		return err
 	}
@@ -101,6 +97,10 @@ func (b *bench) latencyPoint(ctx context.Context, p latencyPoint) error {
 	}
 	st := r.batchStats()
 	cons.stop()
+	where := "relay: the daemon, a process of its own"
+	if b.opts.latInproc {
+		where = "relay: in the bench process (-latency-inproc)"
+	}
 
 	var lat []time.Duration
 	missing := 0
@@ -120,7 +120,7 @@ func (b *bench) latencyPoint(ctx context.Context, p latencyPoint) error {
 	if res.rate < 0.97*p.rate {
 		achieved += " (NOT achieved: the producer connections could not commit faster)"
 	}
-	notes := []string{achieved}
+	notes := []string{achieved, where}
 	if p.note != "" {
 		notes = append(notes, p.note)
 	}
@@ -140,4 +140,36 @@ func (b *bench) latencyPoint(ctx context.Context, p latencyPoint) error {
 		b.out.line(pfx+".missing", fmt.Sprint(missing), "events", "committed but not received within 15s")
 	}
 	return nil
+}
+
+// latencyRelay is the relay of a latency point: by default the daemon in a
+// process of its own, as it runs beside an application; with
+// -latency-inproc the engine inside the bench process, where it shares the
+// Go scheduler with the 32 producers and the consumer.
+type latencyRelay interface {
+	stop() error
+	batchStats() batchStats
+}
+
+type daemon struct{ *proc }
+
+func (d daemon) batchStats() batchStats { return statsOf(d.proc) }
+
+func (b *bench) startLatencyRelay(ctx context.Context, notify bool) (latencyRelay, error) {
+	if b.opts.latInproc {
+		cfg := b.relayConfig()
+		if notify {
+			cfg.Wake.Mode = relay.WakeNotify
+		}
+		return b.startRelay(ctx, cfg)
+	}
+	mode := relay.WakePoll
+	if notify {
+		mode = relay.WakeNotify
+	}
+	p, err := b.startProc(ctx, "OUTBOX_RELAY_WAKE_MODE="+mode)
+	if err != nil {
+		return nil, err
+	}
+	return daemon{p}, nil
 }

@@ -63,6 +63,7 @@ type options struct {
 	rounds    int           // producer commit rate: a b c d, then d c b a, ...
 	idleTime  time.Duration // idle cost window
 	latTime   time.Duration // latency: per point
+	latInproc bool          // latency: the relay engine in the bench process
 	rates     []int         // latency: fixed offered rates, events/s
 	fractions []int         // latency: percent of the measured drain capacity
 	rssSmall  int
@@ -81,7 +82,7 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	only := fs.String("only", "", "comma-separated sections to run (default all): "+strings.Join(allSections, ","))
 	windows := fs.String("windows", "", "broker ceiling: outstanding-confirm windows to try (default 500,1000,2000,5000, quick 500,2000)")
 	rates := fs.String("rates", "1000,5000", "latency: fixed offered rates, events/s")
-	fractions := fs.String("fractions", "25,50,90", "latency: offered rates as percent of the measured drain capacity")
+	fractions := fs.String("fractions", "", "latency: offered rates as percent of the measured drain capacity (default 25,50,90, quick 50)")
 	fs.BoolVar(&o.quick, "quick", false, "small sizes and short windows: the whole run takes under a minute")
 	fs.StringVar(&o.dsn, "dsn", cmp.Or(os.Getenv("TEST_DATABASE_URL"), "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"), "PostgreSQL URL (default $TEST_DATABASE_URL or the local server)")
 	fs.StringVar(&o.amqpURL, "amqp", cmp.Or(os.Getenv("TEST_AMQP_URL"), "amqp://guest:guest@127.0.0.1:5672/"), "RabbitMQ URL (default $TEST_AMQP_URL or the local broker)")
@@ -91,10 +92,11 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.backlog, "backlog", 0, "drain: pre-filled backlog in events (default 200000, quick 20000)")
 	drainDelete := fs.Bool("drain-delete", true, "drain: also measure relay.on_dispatch: delete (skipped with -quick unless set explicitly)")
 	fs.IntVar(&o.producers, "producers", 32, "producer connections (one-event transactions)")
-	fs.DurationVar(&o.prodTime, "producer-time", 0, "producer commit rate: duration per mode (default 10s, quick 3s)")
+	fs.DurationVar(&o.prodTime, "producer-time", 0, "producer commit rate: duration per mode (default 10s, quick 2s)")
 	fs.IntVar(&o.rounds, "rounds", 0, "producer commit rate: rounds over the four modes, alternating order (default 2, quick 1)")
 	fs.DurationVar(&o.idleTime, "idle-time", 0, "idle cost: measuring window per wake mode (default 5s, quick 2s, poll mode only)")
 	fs.DurationVar(&o.latTime, "latency-time", 0, "latency: duration per point (default 5s, quick 2s)")
+	fs.BoolVar(&o.latInproc, "latency-inproc", false, "latency: run the relay engine inside the bench process instead of the daemon as a process of its own")
 	fs.IntVar(&o.rssSmall, "rss-small", 1000, "RSS: small pending backlog")
 	fs.IntVar(&o.rssLarge, "rss-large", 0, "RSS: large pending backlog (default 1000000, quick 100000)")
 	fs.DurationVar(&o.rssTime, "rss-time", 0, "RSS: sampling window per backlog (default 5s, quick 1.5s)")
@@ -122,6 +124,12 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	}
 	if o.rates, err = intList(*rates); err != nil {
 		return o, fmt.Errorf("-rates: %w", err)
+	}
+	if *fractions == "" {
+		*fractions = "25,50,90"
+		if o.quick {
+			*fractions = "50"
+		}
 	}
 	if o.fractions, err = intList(*fractions); err != nil {
 		return o, fmt.Errorf("-fractions: %w", err)
@@ -163,7 +171,7 @@ func (o options) withDefaults() options {
 	o.timeout = cmp.Or(o.timeout, pick(3*time.Minute, 25*time.Minute))
 	o.ceilTime = cmp.Or(o.ceilTime, pick(time.Second, 5*time.Second))
 	o.backlog = cmp.Or(o.backlog, pickN(20_000, 200_000))
-	o.prodTime = cmp.Or(o.prodTime, pick(3*time.Second, 10*time.Second))
+	o.prodTime = cmp.Or(o.prodTime, pick(2*time.Second, 10*time.Second))
 	o.rounds = cmp.Or(o.rounds, pickN(1, 2))
 	o.idleTime = cmp.Or(o.idleTime, pick(2*time.Second, 5*time.Second))
 	o.latTime = cmp.Or(o.latTime, pick(2*time.Second, 5*time.Second))

@@ -21,6 +21,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 	"go.uber.org/zap"
 
 	"github.com/outbox-relay/outbox-relay/metrics"
@@ -89,15 +91,18 @@ type batchStats struct {
 	claimT, publishT, markT time.Duration // total
 }
 
-func (p *inproc) batchStats() batchStats {
+func (p *inproc) batchStats() batchStats { return statsOf(p.reg) }
+
+// statsOf reads the batch statistics from a relay's metrics.
+func statsOf(g prometheus.Gatherer) batchStats {
 	var st batchStats
-	bsum, bcount := p.histogram("outbox_relay_batch_size", nil)
+	bsum, bcount := histogram(g, "outbox_relay_batch_size", nil)
 	st.batches = bcount
 	if bcount > 0 {
 		st.meanBatch = bsum / float64(bcount)
 	}
 	stage := func(s string) (mean, total time.Duration) {
-		sum, count := p.histogram("outbox_relay_stage_duration_seconds", map[string]string{"stage": s})
+		sum, count := histogram(g, "outbox_relay_stage_duration_seconds", map[string]string{"stage": s})
 		total = time.Duration(sum * float64(time.Second))
 		if count > 0 {
 			mean = total / time.Duration(count)
@@ -121,7 +126,11 @@ func (st batchStats) String() string {
 // histogram returns the sum and count of a histogram's series whose labels
 // include match.
 func (p *inproc) histogram(name string, match map[string]string) (sum float64, count uint64) {
-	for _, m := range p.gather(name, match) {
+	return histogram(p.reg, name, match)
+}
+
+func histogram(g prometheus.Gatherer, name string, match map[string]string) (sum float64, count uint64) {
+	for _, m := range gather(g, name, match) {
 		if h := m.GetHistogram(); h != nil {
 			sum += h.GetSampleSum()
 			count += h.GetSampleCount()
@@ -133,7 +142,7 @@ func (p *inproc) histogram(name string, match map[string]string) (sum float64, c
 // counter sums a counter's series whose labels include match.
 func (p *inproc) counter(name string, match map[string]string) float64 {
 	var v float64
-	for _, m := range p.gather(name, match) {
+	for _, m := range gather(p.reg, name, match) {
 		if c := m.GetCounter(); c != nil {
 			v += c.GetValue()
 		}
@@ -141,8 +150,8 @@ func (p *inproc) counter(name string, match map[string]string) float64 {
 	return v
 }
 
-func (p *inproc) gather(name string, match map[string]string) []*dto.Metric {
-	fams, err := p.reg.Gather()
+func gather(g prometheus.Gatherer, name string, match map[string]string) []*dto.Metric {
+	fams, err := g.Gather()
 	if err != nil {
 		return nil
 	}
@@ -285,6 +294,26 @@ func (p *proc) stop() error {
 		}
 	})
 	return p.stopErr
+}
+
+// Gather scrapes the daemon's /metrics: a proc is a prometheus.Gatherer.
+func (p *proc) Gather() ([]*dto.MetricFamily, error) {
+	client := &http.Client{Timeout: 2 * time.Second}
+	resp, err := client.Get("http://" + p.metricsAddr + "/metrics")
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := parser.TextToMetricFamilies(resp.Body)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*dto.MetricFamily, 0, len(fams))
+	for _, f := range fams {
+		out = append(out, f)
+	}
+	return out, nil
 }
 
 // scrape returns the sum of a metric's series, whatever their labels, from
