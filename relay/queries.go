@@ -123,12 +123,11 @@ WHERE CASE WHEN p = ANY($3::int4[]) THEN false ELSE pg_try_advisory_lock($1::int
 LIMIT $4`,
 		releasePartitions: `SELECT pg_advisory_unlock($1::int4, p) FROM unnest($2::int4[]) p`,
 
-		// Due pending rows in sequence order, after seq $2 (see claimFloor);
-		// rows locked by another relay are skipped, so replicas share the
-		// table without coordination.
+		// Due pending rows in sequence order; rows locked by another relay
+		// are skipped, so replicas share the table without coordination.
 		claimBatch: fmt.Sprintf(`SELECT `+messageColumns+`
 FROM %s
-WHERE `+pending+` AND available_at <= now() AND seq > $2
+WHERE `+pending+` AND available_at <= now()
 ORDER BY seq
 LIMIT $1
 FOR UPDATE SKIP LOCKED`, tbl),

@@ -217,9 +217,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 	}()
 	defer func() { close(sent); <-settled }()
 
-	var after claimFloor
 	pause := func() {
-		after = claimFloor{}
 		failures++
 		r.sleep(ctx, r.reconnectDelay(failures))
 	}
@@ -266,7 +264,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			}
 			r.m.HorizonWait.Set(r.horizon.wait(time.Now()).Seconds())
 		}
-		next, err := r.claimAndSend(ctx, drain, pool, probe, after.seq)
+		next, err := r.claimAndSend(ctx, drain, pool, probe)
 		if err != nil {
 			if ctx.Err() == nil {
 				pause()
@@ -276,17 +274,9 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		if next != nil {
 			// Blocks while the pipeline is full: the settler makes room
 			// within amqp.confirm_timeout.
-			if !ordered {
-				after.next(next, r.cfg.Relay.BatchSize)
-			}
 			sent <- next
 			probe, failures, interval = false, 0, r.cfg.Wake.MinInterval
 			continue // more may be waiting; no sleep while events flow
-		}
-		if after.seq != 0 {
-			// Nothing above the floor: look from the bottom at once.
-			after, probe = claimFloor{}, false
-			continue
 		}
 		// Nothing was claimed: wait before looking again. In poll mode the
 		// first wait after events flowed is min_interval, then it doubles.
@@ -307,35 +297,6 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		r.waitWake(ctx, wait)
 	}
 	return nil
-}
-
-// claimFloor lets a drain skip the rows its own batches in flight hold
-// locked: while claims come back full, the next one starts after the last
-// seq claimed instead of stepping over every locked row from the lowest
-// pending seq. Rows below the floor that become due meanwhile (a lower seq
-// committed late, a retry whose backoff ended, a row another replica gave
-// back) are picked up by every sweepEvery-th claim, which starts from the
-// bottom, and by the first claim after a batch that was not full.
-type claimFloor struct {
-	seq   int64 // claim rows with seq > seq; 0: from the bottom
-	since int   // full claims since the last one from the bottom
-}
-
-const sweepEvery = 8
-
-// next moves the floor past batch b, just sent.
-func (f *claimFloor) next(b *batch, batchSize int) {
-	if b.size() < batchSize || f.since+1 >= sweepEvery {
-		*f = claimFloor{}
-		return
-	}
-	f.since++
-	for _, m := range b.msgs {
-		f.seq = max(f.seq, m.Seq)
-	}
-	for _, m := range b.invalid {
-		f.seq = max(f.seq, m.msg.Seq)
-	}
 }
 
 // inflightLimit is how many sent batches may await their confirms at once.
@@ -427,7 +388,7 @@ func (b *batch) size() int {
 // claimAndSend claims the next batch and publishes it without waiting for
 // confirms. It returns nil when nothing is due. With probe, a cheap query
 // without a transaction first checks that something is due.
-func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, probe bool, after int64) (*batch, error) {
+func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, probe bool) (*batch, error) {
 	if probe {
 		var due bool
 		if err := pool.QueryRow(ctx, r.q.probePending).Scan(&due); err != nil {
@@ -444,7 +405,7 @@ func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, pro
 		return nil, r.pgFailed(fmt.Errorf("begin: %w", err))
 	}
 	b.tx = tx
-	b.msgs, b.invalid, err = r.claim(ctx, tx, after)
+	b.msgs, b.invalid, err = r.claim(ctx, tx)
 	if err != nil {
 		_ = tx.Rollback(drain)
 		return nil, r.pgFailed(err)
@@ -523,16 +484,15 @@ type failure struct {
 	err *PublishError
 }
 
-// claim locks the next due rows (unordered mode: with seq > after) and turns
-// them into messages; rows whose headers cannot be decoded come back as
-// invalid failures.
-func (r *Relay) claim(ctx context.Context, tx pgx.Tx, after int64) (msgs []Message, invalid []failure, err error) {
+// claim locks the next due rows and turns them into messages; rows whose
+// headers cannot be decoded come back as invalid failures.
+func (r *Relay) claim(ctx context.Context, tx pgx.Tx) (msgs []Message, invalid []failure, err error) {
 	var rows pgx.Rows
 	if r.cfg.Relay.Ordering == OrderingPartitionKey {
 		rows, err = tx.Query(ctx, r.q.claimOrdered, r.cfg.Relay.BatchSize, r.cfg.Relay.Partitions,
 			r.leases.ownedPartitions(), r.horizon.safe)
 	} else {
-		rows, err = tx.Query(ctx, r.q.claimBatch, r.cfg.Relay.BatchSize, after)
+		rows, err = tx.Query(ctx, r.q.claimBatch, r.cfg.Relay.BatchSize)
 	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("claim batch: %w", err)
