@@ -92,10 +92,10 @@ func (b *bench) latencyPoint(ctx context.Context, p latencyPoint) error {
 		return err
 	}
 	waitErr := cons.waitCount(ctx, res.commits, 15*time.Second)
+	st := r.batchStats() // before stop: the daemon's metrics go with it
 	if err := r.stop(); err != nil {
 		return err
 	}
-	st := r.batchStats()
 	cons.stop()
 	where := "relay: the daemon, a process of its own"
 	if b.opts.latInproc {

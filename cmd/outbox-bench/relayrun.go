@@ -251,8 +251,12 @@ func (b *bench) startProc(ctx context.Context, env ...string) (*proc, error) {
 	cmd.Env = append(cmd.Env, env...)
 	cmd.Stdout = io.Discard
 	cmd.Stderr = p.stderr
-	// The child dies with the bench, even if the bench is killed.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	// The child dies with the bench, even if the bench is killed. It runs in
+	// a session of its own: with the kernel's scheduler autogroups (on by
+	// default), CPU is shared between sessions first, and a relay sidecar
+	// has its own (its own cgroup under Kubernetes or systemd) rather than
+	// a slice of the bench's, which runs the 32 producers and the consumer.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setsid: true}
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start outbox-relay: %w", err)
 	}
