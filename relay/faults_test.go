@@ -57,19 +57,6 @@ func linkLogs(logs *observer.ObservedLogs, msg, link string) int {
 	return logs.FilterMessage(msg).FilterField(zap.String("link", link)).Len()
 }
 
-// metricValue reads one gauge or counter series.
-func metricValue(t *testing.T, m prometheus.Metric) float64 {
-	t.Helper()
-	var pb dtoMetric
-	if err := m.Write(&pb.Metric); err != nil {
-		t.Fatal(err)
-	}
-	if g := pb.GetGauge(); g != nil {
-		return g.GetValue()
-	}
-	return pb.GetCounter().GetValue()
-}
-
 // writeEvents commits n events of type typ in one transaction and returns
 // them by message id.
 func writeEvents(t *testing.T, o *testenv.Outbox, typ string, n int) map[string]outbox.Event {
@@ -270,7 +257,7 @@ func TestBrokerEnforcedMaxMessageSize(t *testing.T) {
 
 	// The limit is remembered: a second oversized event is parked before it
 	// is sent, so the channel is not closed (and reopened) again.
-	reconnects := metricValue(t, r.Metrics.Reconnects.WithLabelValues(metrics.LinkAMQP))
+	reconnects := value(t, r.Metrics.Reconnects.WithLabelValues(metrics.LinkAMQP))
 	again := outbox.NewEvent("good.huge", bytes.Repeat([]byte("y"), limit+1))
 	more := writeEvents(t, o, "good.later", 50)
 	commitEvents(t, o, again)
@@ -278,7 +265,7 @@ func TestBrokerEnforcedMaxMessageSize(t *testing.T) {
 	testenv.Eventually(t, 10*time.Second, "second oversized row dead", func() bool {
 		return o.Count(t, "id = $1 AND dead_at IS NOT NULL AND last_error LIKE 'too_large%'", again.ID) == 1
 	})
-	if got := metricValue(t, r.Metrics.Reconnects.WithLabelValues(metrics.LinkAMQP)); got != reconnects {
+	if got := value(t, r.Metrics.Reconnects.WithLabelValues(metrics.LinkAMQP)); got != reconnects {
 		t.Errorf("amqp reconnects went from %v to %v: the learned limit was not applied before sending", reconnects, got)
 	}
 	if err := r.Ready(); err != nil {
@@ -312,7 +299,7 @@ func TestRabbitMQOutage(t *testing.T) {
 		err := r.Ready()
 		return err != nil && strings.Contains(err.Error(), metrics.LinkAMQP+":")
 	})
-	if up := metricValue(t, r.Metrics.LinkUp.WithLabelValues(metrics.LinkAMQP)); up != 0 {
+	if up := value(t, r.Metrics.LinkUp.WithLabelValues(metrics.LinkAMQP)); up != 0 {
 		t.Errorf("link_up{link=amqp} = %v while the broker is down, want 0", up)
 	}
 	time.Sleep(outage) // the fault lasts; the relay keeps redialling
@@ -339,10 +326,10 @@ func TestRabbitMQOutage(t *testing.T) {
 	if down != 1 || restored != 1 {
 		t.Errorf("amqp: %d \"link down\" and %d \"link restored\" logs, want 1 each (one per state change, not per retry)", down, restored)
 	}
-	if n := metricValue(t, r.Metrics.Reconnects.WithLabelValues(metrics.LinkAMQP)); n != 1 {
+	if n := value(t, r.Metrics.Reconnects.WithLabelValues(metrics.LinkAMQP)); n != 1 {
 		t.Errorf("reconnects_total{link=amqp} = %v, want 1", n)
 	}
-	if up := metricValue(t, r.Metrics.LinkUp.WithLabelValues(metrics.LinkAMQP)); up != 1 {
+	if up := value(t, r.Metrics.LinkUp.WithLabelValues(metrics.LinkAMQP)); up != 1 {
 		t.Errorf("link_up{link=amqp} = %v after the broker is back, want 1", up)
 	}
 	if err := r.Ready(); err != nil {
@@ -366,7 +353,7 @@ func TestRabbitMQOutageIdleRelay(t *testing.T) {
 		err := r.Ready()
 		return err != nil && strings.Contains(err.Error(), metrics.LinkAMQP+":")
 	})
-	if up := metricValue(t, r.Metrics.LinkUp.WithLabelValues(metrics.LinkAMQP)); up != 0 {
+	if up := value(t, r.Metrics.LinkUp.WithLabelValues(metrics.LinkAMQP)); up != 0 {
 		t.Errorf("link_up{link=amqp} = %v while the broker is down, want 0", up)
 	}
 	rmq.Start(t)
@@ -401,7 +388,7 @@ func TestPostgresOutage(t *testing.T) {
 		err := r.Ready()
 		return err != nil && strings.Contains(err.Error(), metrics.LinkPostgres+":")
 	})
-	if up := metricValue(t, r.Metrics.LinkUp.WithLabelValues(metrics.LinkPostgres)); up != 0 {
+	if up := value(t, r.Metrics.LinkUp.WithLabelValues(metrics.LinkPostgres)); up != 0 {
 		t.Errorf("link_up{link=postgres} = %v while the database is down, want 0", up)
 	}
 	time.Sleep(outage) // the fault lasts; the relay keeps retrying
@@ -420,7 +407,7 @@ func TestPostgresOutage(t *testing.T) {
 	if down != 1 || restored != 1 {
 		t.Errorf("postgres: %d \"link down\" and %d \"link restored\" logs, want 1 each (one per state change, not per retry)", down, restored)
 	}
-	if n := metricValue(t, r.Metrics.Reconnects.WithLabelValues(metrics.LinkPostgres)); n != 1 {
+	if n := value(t, r.Metrics.Reconnects.WithLabelValues(metrics.LinkPostgres)); n != 1 {
 		t.Errorf("reconnects_total{link=postgres} = %v, want 1", n)
 	}
 	if n := linkLogs(logs, "link down", metrics.LinkAMQP); n != 0 {
@@ -527,7 +514,7 @@ func TestConfirmTimeout(t *testing.T) {
 	testenv.Eventually(t, 20*time.Second, "blocked events dispatched after the alarm cleared", func() bool {
 		return o.Count(t, "id = ANY($1::uuid[]) AND dispatched_at IS NOT NULL", ids(blocked)) == len(blocked)
 	})
-	if got := metricValue(t, r.Metrics.Failed.WithLabelValues("invoice.sent", string(relay.ReasonTimeout))); got < float64(len(blocked)) {
+	if got := value(t, r.Metrics.Failed.WithLabelValues("invoice.sent", string(relay.ReasonTimeout))); got < float64(len(blocked)) {
 		t.Errorf("events_failed_total{reason=timeout} = %v, want at least %d", got, len(blocked))
 	}
 	testenv.Eventually(t, 10*time.Second, "relay ready", func() bool { return r.Ready() == nil })
@@ -694,7 +681,7 @@ func TestUnroutableAcceptWithoutAlternateExchange(t *testing.T) {
 	if c := o.Count(t, "attempts <> 0 OR last_error IS NOT NULL"); c != 0 {
 		t.Errorf("%d rows were retried; accepted returns must not be", c)
 	}
-	if got := metricValue(t, r.Metrics.Returned.WithLabelValues("nobody.binds")); got != n {
+	if got := value(t, r.Metrics.Returned.WithLabelValues("nobody.binds")); got != n {
 		t.Errorf("events_returned_total{event_type=nobody.binds} = %v, want %d", got, n)
 	}
 	if got := counterSum(t, r.Metrics.Returned); got != n {

@@ -162,7 +162,7 @@ func TestOrderedPoisonBlocksOnlyItsKey(t *testing.T) {
 			time.Sleep(20 * time.Millisecond) // pacing of the producer, not a wait for a condition
 		}
 		var lat []time.Duration
-		for _, a := range receiveStamped(t, arrivals, len(ids), 30*time.Second) {
+		for _, a := range testenv.Receive(t, arrivals, len(ids), 30*time.Second) {
 			id := a.d.MessageId
 			if blocked[id] {
 				if _, dead := attempts(); dead {
@@ -243,7 +243,7 @@ func TestOrderedPoisonBlocksOnlyItsKey(t *testing.T) {
 
 	// Then the head is parked dead and the key resumes, in order.
 	prev := int64(0)
-	for _, a := range receiveStamped(t, arrivals, 5, 20*time.Second) {
+	for _, a := range testenv.Receive(t, arrivals, 5, 20*time.Second) {
 		if !blocked[a.d.MessageId] {
 			t.Fatalf("unexpected message %s", a.d.MessageId)
 		}
@@ -323,25 +323,6 @@ func stamped(d <-chan amqp.Delivery) <-chan arrival {
 			out <- arrival{m, time.Now()}
 		}
 	}()
-	return out
-}
-
-func receiveStamped(t *testing.T, a <-chan arrival, n int, timeout time.Duration) []arrival {
-	t.Helper()
-	out := make([]arrival, 0, n)
-	deadline := time.NewTimer(timeout)
-	defer deadline.Stop()
-	for len(out) < n {
-		select {
-		case m, ok := <-a:
-			if !ok {
-				t.Fatalf("consumer closed after %d of %d messages", len(out), n)
-			}
-			out = append(out, m)
-		case <-deadline.C:
-			t.Fatalf("received %d of %d messages within %s", len(out), n, timeout)
-		}
-	}
 	return out
 }
 
@@ -587,18 +568,12 @@ func testOnDeadContinue(t *testing.T) {
 // bindQueue binds queue to the test's exchange with one more binding key.
 func bindQueue(t *testing.T, b *testenv.Broker, queue, key string) {
 	t.Helper()
-	conn, err := amqp.Dial(b.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	ch, err := conn.Channel()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ch.QueueBind(queue, key, b.Exchange, false, nil); err != nil {
-		t.Fatalf("bind %s to %s: %v", key, queue, err)
-	}
+	withChannel(t, b.URL, func(ch *amqp.Channel) error {
+		if err := ch.QueueBind(queue, key, b.Exchange, false, nil); err != nil {
+			return fmt.Errorf("bind %s to %s: %w", key, queue, err)
+		}
+		return nil
+	})
 }
 
 // TestPartitionLeasesSplit: two ordered replicas split the partitions

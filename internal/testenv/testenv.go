@@ -204,11 +204,12 @@ func (b *Broker) Consume(t testing.TB, queue string) <-chan amqp.Delivery {
 	return d
 }
 
-// Receive collects n deliveries, failing the test if they do not all arrive
-// within timeout.
-func Receive(t testing.TB, d <-chan amqp.Delivery, n int, timeout time.Duration) []amqp.Delivery {
+// Receive collects n deliveries (or anything a consumer sends, such as
+// deliveries stamped with their arrival time), failing the test if they do
+// not all arrive within timeout.
+func Receive[T any](t testing.TB, d <-chan T, n int, timeout time.Duration) []T {
 	t.Helper()
-	out := make([]amqp.Delivery, 0, n)
+	out := make([]T, 0, n)
 	deadline := time.NewTimer(timeout)
 	defer deadline.Stop()
 	for len(out) < n {
