@@ -39,8 +39,8 @@ type AMQPPublisher struct {
 var tooLargeClose = regexp.MustCompile(`larger than configured max size (\d+)`)
 
 // NewAMQPPublisher returns a publisher for cfg (defaults applied). window is
-// the most messages one Send call sends; two batches may be in flight, and
-// the return buffer is sized for them.
+// the most messages one Send call sends; up to five batches may be in flight
+// (Relay.inflightLimit + 1), and the return buffer is sized for them.
 func NewAMQPPublisher(cfg AMQPConfig, window int, log *zap.Logger) *AMQPPublisher {
 	return &AMQPPublisher{cfg: cfg, log: log, window: window, maxSize: cfg.MaxMessageSize,
 		returned: map[string]returned{}, lastErr: errors.New("not connected yet")}
@@ -113,7 +113,7 @@ func (p *AMQPPublisher) ensure(ctx context.Context) error {
 	// basic.return is dispatched synchronously before the confirm of the same
 	// message, so a buffer larger than the batches in flight means a return
 	// is always in the buffer by the time its ack is seen.
-	p.returns = ch.NotifyReturn(make(chan amqp.Return, 4*p.window+16))
+	p.returns = ch.NotifyReturn(make(chan amqp.Return, 5*p.window+16))
 	p.closes = ch.NotifyClose(make(chan *amqp.Error, 1))
 	p.conn, p.ch, p.lastErr = conn, ch, nil
 	return nil

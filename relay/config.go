@@ -53,7 +53,8 @@ type PostgresConfig struct {
 	Table string `yaml:"table"`
 	// MaxConns bounds the relay's pool (the LISTEN and lease connections are
 	// extra). Up to MaxConns-2 (at most 4) sent batches await their confirms
-	// at once, each on a connection of its own. Default 4 (2 batches).
+	// at once, each on a connection of its own, while the next is sent.
+	// Default 4 (2 batches awaiting, 3 in flight).
 	MaxConns int32 `yaml:"max_conns"`
 }
 

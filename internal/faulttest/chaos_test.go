@@ -48,7 +48,7 @@ const (
 // them to a private RabbitMQ, and meanwhile the harness SIGKILLs the relay 5
 // times, restarts RabbitMQ twice and PostgreSQL once. An independent consumer
 // counts deliveries by message_id: nothing may be lost, and duplicates may not
-// exceed what was in flight at the faults (faults × 2 batches × batch_size).
+// exceed what was in flight at the faults (faults × 3 batches × batch_size).
 //
 // CHAOS_EVENTS sets the size (default 20,000; the full run is
 // 100,000), CHAOS_RATE the events per second (default: the writing takes
