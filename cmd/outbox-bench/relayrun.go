@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -93,16 +92,21 @@ type batchStats struct {
 
 func (p *inproc) batchStats() batchStats { return statsOf(p.reg) }
 
-// statsOf reads the batch statistics from a relay's metrics.
+// statsOf reads the batch statistics from a relay's metrics, gathered once
+// (for the daemon, one scrape).
 func statsOf(g prometheus.Gatherer) batchStats {
 	var st batchStats
-	bsum, bcount := histogram(g, "outbox_relay_batch_size", nil)
+	fams, err := g.Gather()
+	if err != nil {
+		return st
+	}
+	bsum, bcount := histogram(fams, "outbox_relay_batch_size", nil)
 	st.batches = bcount
 	if bcount > 0 {
 		st.meanBatch = bsum / float64(bcount)
 	}
 	stage := func(s string) (mean, total time.Duration) {
-		sum, count := histogram(g, "outbox_relay_stage_duration_seconds", map[string]string{"stage": s})
+		sum, count := histogram(fams, "outbox_relay_stage_duration_seconds", map[string]string{"stage": s})
 		total = time.Duration(sum * float64(time.Second))
 		if count > 0 {
 			mean = total / time.Duration(count)
@@ -125,12 +129,8 @@ func (st batchStats) String() string {
 
 // histogram returns the sum and count of a histogram's series whose labels
 // include match.
-func (p *inproc) histogram(name string, match map[string]string) (sum float64, count uint64) {
-	return histogram(p.reg, name, match)
-}
-
-func histogram(g prometheus.Gatherer, name string, match map[string]string) (sum float64, count uint64) {
-	for _, m := range gather(g, name, match) {
+func histogram(fams []*dto.MetricFamily, name string, match map[string]string) (sum float64, count uint64) {
+	for _, m := range gather(fams, name, match) {
 		if h := m.GetHistogram(); h != nil {
 			sum += h.GetSampleSum()
 			count += h.GetSampleCount()
@@ -139,22 +139,8 @@ func histogram(g prometheus.Gatherer, name string, match map[string]string) (sum
 	return sum, count
 }
 
-// counter sums a counter's series whose labels include match.
-func (p *inproc) counter(name string, match map[string]string) float64 {
-	var v float64
-	for _, m := range gather(p.reg, name, match) {
-		if c := m.GetCounter(); c != nil {
-			v += c.GetValue()
-		}
-	}
-	return v
-}
-
-func gather(g prometheus.Gatherer, name string, match map[string]string) []*dto.Metric {
-	fams, err := g.Gather()
-	if err != nil {
-		return nil
-	}
+// gather returns the series of family name whose labels include match.
+func gather(fams []*dto.MetricFamily, name string, match map[string]string) []*dto.Metric {
 	var out []*dto.Metric
 	for _, f := range fams {
 		if f.GetName() != name {
@@ -320,41 +306,20 @@ func (p *proc) Gather() ([]*dto.MetricFamily, error) {
 	return out, nil
 }
 
-// scrape returns the sum of a metric's series, whatever their labels, from
-// the daemon's /metrics.
+// scrape returns the sum of a counter's or gauge's series, whatever their
+// labels, from the daemon's /metrics.
 func (p *proc) scrape(name string) (float64, error) {
-	client := &http.Client{Timeout: 2 * time.Second}
-	resp, err := client.Get("http://" + p.metricsAddr + "/metrics")
+	fams, err := p.Gather()
 	if err != nil {
 		return 0, err
 	}
-	defer resp.Body.Close()
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	var sum float64
-	found := false
-	for sc.Scan() {
-		line := sc.Text()
-		rest, ok := strings.CutPrefix(line, name)
-		if !ok || rest == "" || (rest[0] != ' ' && rest[0] != '{') {
-			continue
-		}
-		f := strings.Fields(rest[strings.LastIndexByte(rest, '}')+1:])
-		if len(f) == 0 {
-			continue
-		}
-		v, err := strconv.ParseFloat(f[0], 64)
-		if err != nil {
-			return 0, fmt.Errorf("metric %s: %w", name, err)
-		}
-		sum += v
-		found = true
-	}
-	if err := sc.Err(); err != nil {
-		return 0, err
-	}
-	if !found {
+	series := gather(fams, name, nil)
+	if len(series) == 0 {
 		return 0, fmt.Errorf("metric %s not found", name)
+	}
+	var sum float64
+	for _, m := range series {
+		sum += m.GetCounter().GetValue() + m.GetGauge().GetValue()
 	}
 	return sum, nil
 }
