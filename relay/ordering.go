@@ -129,10 +129,7 @@ type leases struct {
 	partitions  int
 	classLease  int32 // advisory lock class of partition leases
 	classMember int32 // advisory lock class of member slots
-	// classCleaner is the advisory lock class of the retention cleaner
-	// (one replica at a time); it lives here with the other lock classes.
-	classCleaner int32
-	next         time.Time
+	next        time.Time
 }
 
 // maxMembers bounds member slots (replicas of one table).

@@ -29,7 +29,8 @@ type Message struct {
 // Publisher is what the relay needs from a broker: send a batch with all
 // confirms outstanding together, and later collect the outcome per message.
 // The relay keeps several batches in flight (postgres.max_conns - 1, at most
-// 5): it sends the next while earlier ones' confirms arrive. The AMQP implementation is AMQPPublisher.
+// 5): it sends the next while earlier ones' confirms arrive. The AMQP
+// implementation is AMQPPublisher.
 type Publisher interface {
 	// Send publishes msgs without waiting for confirms. Calls are made from
 	// one goroutine; batches are waited for in the order they were sent.

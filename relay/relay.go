@@ -61,6 +61,11 @@ type Relay struct {
 	leases  leases
 	seqName string
 
+	// cleanerLock is the advisory lock class that lets one replica's
+	// retention cleaner run at a time (taken per statement, so a replica
+	// that dies mid-statement frees it).
+	cleanerLock int32
+
 	wake     chan string // wake-up source; capacity 1, coalescing
 	lastLoop atomic.Int64
 	started  atomic.Bool
@@ -95,14 +100,14 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 		pub:   pub,
 		wake:  make(chan string, 1),
 		links: map[string]error{},
+
+		cleanerLock: lockClass("cleaner " + cfg.table().String()),
 	}
 	r.leases = leases{
 		member:      -1,
 		partitions:  cfg.Relay.Partitions,
 		classLease:  lockClass("lease " + r.table.String()),
 		classMember: lockClass("member " + r.table.String()),
-		// Transaction-level, so a replica that dies mid-statement frees it.
-		classCleaner: lockClass("cleaner " + r.table.String()),
 	}
 	r.links[metrics.LinkPostgres] = errNotConnected
 	r.links[metrics.LinkAMQP] = errNotConnected
@@ -767,7 +772,7 @@ func (r *Relay) cleanDispatched(ctx context.Context, pool *pgxpool.Pool) (total,
 		var deleted, last, rows int64
 		var recent bool
 		err := pool.QueryRow(ctx, r.q.cleanDispatched, keep.Milliseconds(), r.cfg.Retention.BatchSize,
-			after, r.leases.classCleaner).Scan(&deleted, &last, &rows, &recent)
+			after, r.cleanerLock).Scan(&deleted, &last, &rows, &recent)
 		if err != nil {
 			r.cleanFailed(err, metrics.CleanDispatched)
 			return total, pages
