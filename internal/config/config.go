@@ -219,26 +219,12 @@ func Parse(data []byte, f *File) error {
 // value (a YAML null, "key:" alone, counts as left out).
 func setKeys(doc *yaml.Node) map[string]bool {
 	set := map[string]bool{}
-	var visit func(n *yaml.Node, prefix string)
-	visit = func(n *yaml.Node, prefix string) {
-		if n.Kind == yaml.DocumentNode && len(n.Content) > 0 {
-			visit(n.Content[0], prefix)
-			return
+	walkMappings(doc, func(path, _ string, _, value *yaml.Node) bool {
+		if value.Kind == yaml.ScalarNode && value.Tag != "!!null" {
+			set[path] = true
 		}
-		if n.Kind != yaml.MappingNode {
-			return
-		}
-		for i := 0; i+1 < len(n.Content); i += 2 {
-			path := strings.TrimPrefix(prefix+"."+n.Content[i].Value, ".")
-			switch v := n.Content[i+1]; {
-			case v.Kind == yaml.MappingNode:
-				visit(v, path)
-			case v.Kind == yaml.ScalarNode && v.Tag != "!!null":
-				set[path] = true
-			}
-		}
-	}
-	visit(doc, "")
+		return true
+	})
 	return set
 }
 
@@ -259,31 +245,42 @@ func unknownKeys(doc *yaml.Node) error {
 		}
 	}
 	var errs []error
-	var walkNode func(n *yaml.Node, prefix string)
-	walkNode = func(n *yaml.Node, prefix string) {
+	walkMappings(doc, func(path, parent string, key, _ *yaml.Node) bool {
+		if !known[path] {
+			errs = append(errs, &relay.FieldError{Key: path, Problem: fmt.Sprintf(
+				"unknown key (line %d); allowed here: %s", key.Line, strings.Join(children[parent], ", "))})
+			return false
+		}
+		return true
+	})
+	return errors.Join(errs...)
+}
+
+// walkMappings calls fn for every key of the document's nested mappings,
+// depth first, with its dotted path and its parent's path; fn returns
+// whether to descend into the key's value when that is a mapping.
+func walkMappings(doc *yaml.Node, fn func(path, parent string, key, value *yaml.Node) bool) {
+	var visit func(n *yaml.Node, prefix string)
+	visit = func(n *yaml.Node, prefix string) {
 		if n.Kind == yaml.DocumentNode && len(n.Content) > 0 {
-			walkNode(n.Content[0], prefix)
+			visit(n.Content[0], prefix)
 			return
 		}
 		if n.Kind != yaml.MappingNode {
 			return
 		}
 		for i := 0; i+1 < len(n.Content); i += 2 {
-			key := n.Content[i].Value
-			path := key
+			key, value := n.Content[i], n.Content[i+1]
+			path := key.Value
 			if prefix != "" {
-				path = prefix + "." + key
+				path = prefix + "." + key.Value
 			}
-			if !known[path] {
-				errs = append(errs, &relay.FieldError{Key: path, Problem: fmt.Sprintf(
-					"unknown key (line %d); allowed here: %s", n.Content[i].Line, strings.Join(children[prefix], ", "))})
-				continue
+			if fn(path, prefix, key, value) {
+				visit(value, path)
 			}
-			walkNode(n.Content[i+1], path)
 		}
 	}
-	walkNode(doc, "")
-	return errors.Join(errs...)
+	visit(doc, "")
 }
 
 // Key is one configuration key: its dotted YAML path and environment name.
