@@ -51,11 +51,6 @@ type Pending interface {
 	Wait(ctx context.Context) []error
 }
 
-// Publish sends msgs and waits for the outcome.
-func Publish(ctx context.Context, p Publisher, msgs []Message) []error {
-	return p.Send(ctx, msgs).Wait(ctx)
-}
-
 // Reason classifies a publish failure. The values are metric label values.
 type Reason string
 

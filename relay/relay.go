@@ -224,7 +224,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 
 	pause := func() {
 		failures++
-		r.sleep(ctx, r.reconnectDelay(failures))
+		sleep(ctx, r.reconnectDelay(failures))
 	}
 	for ctx.Err() == nil {
 		r.lastLoop.Store(time.Now().UnixNano())
@@ -332,7 +332,8 @@ func (r *Relay) signal(src string) {
 	}
 }
 
-func (r *Relay) sleep(ctx context.Context, d time.Duration) {
+// sleep waits for d or until ctx is done.
+func sleep(ctx context.Context, d time.Duration) {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
@@ -442,7 +443,7 @@ func (r *Relay) settle(ctx, drain context.Context, b *batch) error {
 		linkDown error
 	)
 	for i, m := range b.msgs {
-		if pe, ok := errs[i].(*PublishError); ok && pe.Accepted {
+		if accepted(errs[i]) {
 			r.m.Returned.WithLabelValues(r.m.EventType(m.Type)).Inc()
 			errs[i] = nil
 		}
@@ -687,7 +688,7 @@ func (r *Relay) listen(ctx context.Context, connCfg *pgx.ConnConfig) {
 			}
 			r.setLink(metrics.LinkListen, err)
 			failures++
-			r.sleep(ctx, r.reconnectDelay(failures))
+			sleep(ctx, r.reconnectDelay(failures))
 			continue
 		}
 		failures = 0

@@ -151,7 +151,7 @@ func (r *Replayer) Replay(ctx context.Context, db Querier, pub Publisher, sel Re
 			if opts.Rate > 0 {
 				// A slice of n events uses n/Rate of time. A replay that
 				// fell behind (slow confirms) does not catch up in a burst.
-				waitUntil(ctx, next)
+				sleep(ctx, time.Until(next))
 				if now := time.Now(); now.After(next) {
 					next = now
 				}
@@ -204,20 +204,6 @@ func (r *Replayer) send(ctx context.Context, pub Publisher, msgs []Message, p *R
 func accepted(err error) bool {
 	var pe *PublishError
 	return errors.As(err, &pe) && pe.Accepted
-}
-
-// waitUntil sleeps until t or until ctx is done.
-func waitUntil(ctx context.Context, t time.Time) {
-	d := time.Until(t)
-	if d <= 0 {
-		return
-	}
-	timer := time.NewTimer(d)
-	defer timer.Stop()
-	select {
-	case <-ctx.Done():
-	case <-timer.C:
-	}
 }
 
 func (r *Replayer) readPage(ctx context.Context, db Querier, sel ReplaySelection, from int64, limit int) ([]Message, error) {
