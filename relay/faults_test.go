@@ -530,7 +530,9 @@ func TestConfirmTimeoutRecordedWhileBlocked(t *testing.T) {
 
 	unblock := blockPublishers(t, rmq)
 	blocked := writeEvents(t, o, "invoice.sent", 20)
-	testenv.Eventually(t, 10*time.Second, "blocked events retried with a timeout error while blocked", func() bool {
+	// Claim, the 1 s confirm timeout and a connection.close that waits up to
+	// 2 s for the blocked broker: seconds, and more on a loaded machine.
+	testenv.Eventually(t, 30*time.Second, "blocked events retried with a timeout error while blocked", func() bool {
 		return o.Count(t, "id = ANY($1::uuid[]) AND attempts >= 1 AND last_error LIKE 'timeout%'", ids(blocked)) == len(blocked)
 	})
 	if n := o.Count(t, "id = ANY($1::uuid[]) AND dispatched_at IS NOT NULL", ids(blocked)); n != 0 {

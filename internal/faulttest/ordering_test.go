@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/outbox"
@@ -79,7 +80,15 @@ func TestOrderingWithReplicas(t *testing.T) {
 	w, _ := outbox.NewWriter(o.Schema, o.Table.Name)
 	var written atomic.Int64
 	var wg sync.WaitGroup
-	ctx := context.Background()
+	// Producers stop with the chaos loop's deadline, so a stuck write fails
+	// the test instead of hanging it; a transaction left open would hold
+	// back every ordered relay on the server.
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	// A pair holds two connections at once: with fewer than two per
+	// producer, four producers each holding their first could wait for a
+	// second forever.
+	pool := producerPool(t, o.DSN, 8)
 	perProducer := total / 4
 	// Paced over ORDERING_SECONDS (default 15) so the kills hit live traffic.
 	pace := time.Duration(envInt(t, "ORDERING_SECONDS", 15)) * time.Second
@@ -100,7 +109,7 @@ func TestOrderingWithReplicas(t *testing.T) {
 				}
 				key := fmt.Sprint("k", rng.IntN(keys))
 				if rng.IntN(10) == 0 && perProducer-n >= 2 {
-					if err := outOfOrderPair(ctx, o, w, ev(key), ev(key)); err != nil {
+					if err := outOfOrderPair(ctx, pool, w, ev(key), ev(key)); err != nil {
 						t.Error(err)
 						return
 					}
@@ -111,7 +120,7 @@ func TestOrderingWithReplicas(t *testing.T) {
 				for len(batch) < 5 && n < perProducer {
 					batch = append(batch, ev(fmt.Sprint("k", rng.IntN(keys))))
 				}
-				if err := pgx.BeginFunc(ctx, o.Pool, func(tx pgx.Tx) error { return w.Write(ctx, tx, batch...) }); err != nil {
+				if err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error { return w.Write(ctx, tx, batch...) }); err != nil {
 					t.Error(err)
 					return
 				}
@@ -122,7 +131,6 @@ func TestOrderingWithReplicas(t *testing.T) {
 
 	// Chaos: kill and restart one relay every 1.5 s until everything arrived.
 	kills := 0
-	deadline := time.After(4 * time.Minute)
 	tick := time.NewTicker(1500 * time.Millisecond)
 	defer tick.Stop()
 wait:
@@ -130,7 +138,7 @@ wait:
 		select {
 		case <-consumerDone:
 			break wait
-		case <-deadline:
+		case <-ctx.Done():
 			break wait
 		case <-tick.C:
 			i := kills % len(relays)
@@ -165,8 +173,8 @@ wait:
 
 // outOfOrderPair writes a then b on the same key in two transactions, a
 // drawing the lower sequence, and commits b first.
-func outOfOrderPair(ctx context.Context, o *testenv.Outbox, w *outbox.Writer, a, b outbox.Event) error {
-	ta, err := o.Pool.Begin(ctx)
+func outOfOrderPair(ctx context.Context, pool *pgxpool.Pool, w *outbox.Writer, a, b outbox.Event) error {
+	ta, err := pool.Begin(ctx)
 	if err != nil {
 		return err
 	}
@@ -174,11 +182,27 @@ func outOfOrderPair(ctx context.Context, o *testenv.Outbox, w *outbox.Writer, a,
 	if err := w.Write(ctx, ta, a); err != nil {
 		return err
 	}
-	if err := pgx.BeginFunc(ctx, o.Pool, func(tb pgx.Tx) error { return w.Write(ctx, tb, b) }); err != nil {
+	if err := pgx.BeginFunc(ctx, pool, func(tb pgx.Tx) error { return w.Write(ctx, tb, b) }); err != nil {
 		return err
 	}
 	time.Sleep(time.Millisecond) // let a relay see b before a commits
 	return ta.Commit(ctx)
+}
+
+// producerPool is a pool of up to n connections, closed when the test ends.
+func producerPool(t *testing.T, dsn string, n int32) *pgxpool.Pool {
+	t.Helper()
+	cfg, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.MaxConns = n
+	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	return pool
 }
 
 func envInt(t *testing.T, name string, def int) int {
