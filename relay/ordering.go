@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"strconv"
 	"time"
@@ -25,19 +26,22 @@ import (
 //     another order: a committed row with seq 12 may have an uncommitted
 //     sibling with seq 11 of the same key. A head is published only if its
 //     seq is at or below the horizon: a seq value H such that every
-//     transaction that drew a seq ≤ H has ended. Each writer has its
-//     transaction id before it draws seq (tx_id is the table's first
-//     column; defaults are evaluated in column order). So the relay reads
-//     the sequence's last value L and then takes a fresh transaction id X,
-//     larger than every id assigned before; once the oldest running
-//     transaction is X or newer, everyone who drew a seq ≤ L has ended and
-//     L becomes the horizon. (A snapshot's xmax is not such a bound: it is
-//     the latest *completed* id plus one, and running transactions may hold
-//     larger ids.) Taking X costs one transaction id per probe, only while
-//     new rows arrive, committed asynchronously. Cost for producers: none;
-//     a transaction that stays open holds back ordered rows committed after
-//     it started, for as long as it stays open
-//     (outbox_relay_commit_horizon_wait_seconds).
+//     transaction that drew a seq ≤ H has ended. Each writer locks the
+//     outbox table (ROW EXCLUSIVE, held to its end) and has its transaction
+//     id before it draws seq (tx_id is the table's first column; defaults
+//     are evaluated in column order). So the relay reads the sequence's
+//     last value L and then takes a fresh transaction id X, larger than
+//     every id assigned before; once no transaction older than X holds a
+//     lock on the outbox table (pg_locks), everyone who drew a seq ≤ L has
+//     ended and L becomes the horizon. (A snapshot's xmax is not such a
+//     bound: it is the latest *completed* id plus one, and running
+//     transactions may hold larger ids. Its xmin is one, but it counts
+//     every transaction in the cluster, so one long transaction anywhere
+//     would stall ordered delivery.) Taking X costs one transaction id per
+//     probe, only while new rows arrive, committed asynchronously. Cost for
+//     producers: none; a transaction that has written to the outbox and
+//     stays open holds back ordered rows committed after it started, for
+//     as long as it stays open (outbox_relay_commit_horizon_wait_seconds).
 //
 //  3. Partition leases. Keys hash into relay.partitions virtual partitions;
 //     each replica holds a session advisory lock per partition it owns, on a
@@ -63,20 +67,27 @@ type candidate struct {
 // as a new candidate; then it promotes every candidate whose older
 // transactions have all ended. It runs on the lease connection, whose
 // commits are asynchronous: the transaction ids it takes need no flush.
-func (h *horizon) advance(ctx context.Context, conn *pgx.Conn, q queries, seqName string) error {
+func (h *horizon) advance(ctx context.Context, conn *pgx.Conn, q queries, seqName, table string) error {
 	if conn == nil {
 		return errors.New("read commit horizon: no lease connection")
 	}
 	var (
-		last      int64
-		xid, xmin string
+		last   int64
+		xid    string
+		writer *string
 	)
-	if err := conn.QueryRow(ctx, q.readHorizon, seqName, h.latest).Scan(&last, &xid, &xmin); err != nil {
+	if err := conn.QueryRow(ctx, q.readHorizon, seqName, h.latest, table).Scan(&last, &xid, &writer); err != nil {
 		return fmt.Errorf("read commit horizon: %w", err)
 	}
-	lo, err := strconv.ParseUint(xmin, 10, 64)
-	if err != nil {
-		return fmt.Errorf("parse snapshot xmin %q: %w", xmin, err)
+	// Every transaction older than lo has ended or has no lock on the
+	// outbox table, and so drew no seq.
+	lo := uint64(math.MaxUint64)
+	if writer != nil {
+		w, err := strconv.ParseUint(*writer, 10, 64)
+		if err != nil {
+			return fmt.Errorf("parse writer transaction id %q: %w", *writer, err)
+		}
+		lo = w
 	}
 	now := time.Now()
 	if xid != "" {
@@ -87,7 +98,6 @@ func (h *horizon) advance(ctx context.Context, conn *pgx.Conn, q queries, seqNam
 		h.candidates = append(h.candidates, candidate{seq: last, xid: x, since: now})
 		h.latest = max(h.latest, last)
 	}
-	// Every transaction older than xmin has ended.
 	n := 0
 	for n < len(h.candidates) && h.candidates[n].xid <= lo {
 		h.safe = max(h.safe, h.candidates[n].seq)

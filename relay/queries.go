@@ -104,11 +104,27 @@ FOR UPDATE SKIP LOCKED`, tbl, deadBlocks, partitionOf(2)),
 
 		// The sequence's last value L; if it passed $2, a fresh transaction
 		// id taken after L was read (the subquery is a fence: the CASE
-		// depends on its output); and the oldest running transaction.
-		// As text: pgx has no xid8 type.
+		// depends on its output); and the oldest running transaction that
+		// holds a lock on the outbox table ($3), NULL when there is none.
+		// Only such a transaction can have drawn a seq, so transactions
+		// elsewhere in the cluster do not count. It is read after L (it
+		// depends on s.l), which lets it vouch for L at once. pg_locks
+		// shows 32-bit ids: each is widened to the 64-bit id nearest the
+		// snapshot's xmax. As text: pgx has no xid8 type.
 		readHorizon: `SELECT s.l,
        CASE WHEN s.l > $2::bigint THEN pg_current_xact_id()::text ELSE '' END,
-       pg_snapshot_xmin(pg_current_snapshot())::text
+       (SELECT min(w.x)::text FROM (
+          SELECT bool_or(k.locktype = 'relation') AS writes,
+                 min(r.x + d.d - CASE WHEN d.d >= 2147483648 THEN 4294967296 ELSE 0 END)
+                   FILTER (WHERE k.locktype = 'transactionid') AS x
+          FROM pg_locks k,
+               (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS x) r,
+               LATERAL (SELECT (k.transactionid::text::bigint - (r.x & 4294967295)) & 4294967295 AS d) d
+          WHERE k.granted AND s.l IS NOT NULL
+            AND ((k.locktype = 'relation' AND k.relation = $3::regclass)
+                 OR (k.locktype = 'transactionid' AND k.mode = 'ExclusiveLock'))
+          GROUP BY k.virtualtransaction) w
+        WHERE w.writes)
 FROM (SELECT coalesce(pg_sequence_last_value($1::regclass), 0) AS l OFFSET 0) s`,
 
 		// Session advisory locks: (class, slot) marks a live replica,

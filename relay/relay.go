@@ -256,7 +256,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		if ordered {
 			err := r.leases.maintain(ctx, r, connCfg)
 			if err == nil {
-				err = r.horizon.advance(ctx, r.leases.conn, r.q, r.seqName)
+				err = r.horizon.advance(ctx, r.leases.conn, r.q, r.seqName, r.table.Quoted())
 			}
 			if err != nil {
 				r.leases.drop(ctx)
