@@ -23,6 +23,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"slices"
 	"strings"
 	"syscall"
@@ -69,6 +70,7 @@ type options struct {
 	rssSmall  int
 	rssLarge  int
 	rssTime   time.Duration
+	cpuProf   string // write the bench process's CPU profile here
 }
 
 func parseOptions(args []string, stderr io.Writer) (options, error) {
@@ -100,6 +102,7 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.rssSmall, "rss-small", 1000, "RSS: small pending backlog")
 	fs.IntVar(&o.rssLarge, "rss-large", 0, "RSS: large pending backlog (default 1000000, quick 100000)")
 	fs.DurationVar(&o.rssTime, "rss-time", 0, "RSS: sampling window per backlog (default 5s, quick 1.5s)")
+	fs.StringVar(&o.cpuProf, "cpuprofile", "", "write a CPU profile of the bench process (the drain section's relay engine runs in it) to this file")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -216,6 +219,19 @@ func run(args []string, stdout, stderr io.Writer) int {
 	ctx, cancel := context.WithTimeout(ctx, opts.timeout)
 	defer cancel()
 
+	if opts.cpuProf != "" {
+		f, err := os.Create(opts.cpuProf)
+		if err != nil {
+			fmt.Fprintln(stderr, "outbox-bench: -cpuprofile:", err)
+			return 2
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fmt.Fprintln(stderr, "outbox-bench: -cpuprofile:", err)
+			return 2
+		}
+		defer pprof.StopCPUProfile()
+	}
 	out := newReport(stdout)
 	b := &bench{opts: opts, out: out, log: stderr}
 	defer func() {
