@@ -109,6 +109,12 @@ func (p *AMQPPublisher) ensure(ctx context.Context) error {
 			p.lastErr = fmt.Errorf("declare exchange %q (set amqp.declare_exchange: false if it is managed elsewhere): %w", p.cfg.Exchange, err)
 			return p.lastErr
 		}
+	} else if err := ch.ExchangeDeclarePassive(p.cfg.Exchange, p.cfg.ExchangeType, true, false, false, false, nil); err != nil {
+		// Checked, not declared: without the exchange every publish would
+		// close the channel, and the link would flap at every batch.
+		conn.Close()
+		p.lastErr = fmt.Errorf("exchange %q not found (amqp.declare_exchange is false: declare it on the broker, or check the name): %w", p.cfg.Exchange, err)
+		return p.lastErr
 	}
 	// basic.return is dispatched synchronously before the confirm of the same
 	// message, so a buffer larger than the batches in flight means a return
@@ -181,6 +187,10 @@ func (p *AMQPPublisher) Send(ctx context.Context, msgs []Message) Pending {
 	return b
 }
 
+// errChannelClosed fails a message whose channel the broker closed before
+// confirming it.
+var errChannelClosed = errors.New("channel closed before the confirm")
+
 // returned is a basic.return waiting to be matched to its batch.
 type returned struct {
 	amqp.Return
@@ -217,7 +227,7 @@ func (b *amqpBatch) Wait(ctx context.Context) []error {
 			timedOut = true
 			b.errs[i] = &PublishError{Reason: ReasonTimeout, Err: fmt.Errorf("no confirm within %s", b.p.cfg.ConfirmTimeout)}
 		case !ack && b.ch.IsClosed():
-			b.errs[i] = &PublishError{Reason: ReasonConnection, Err: errors.New("channel closed before the confirm")}
+			b.errs[i] = &PublishError{Reason: ReasonConnection, Err: errChannelClosed}
 		case !ack:
 			b.errs[i] = &PublishError{Reason: ReasonNack, Err: errors.New("broker nacked the message")}
 		}
@@ -246,8 +256,23 @@ func (b *amqpBatch) Wait(ctx context.Context) []error {
 			delete(p.returned, id)
 		}
 	}
-	if b.ch.IsClosed() {
-		p.learnMaxSize(b.msgs, b.errs)
+	if b.ch.IsClosed() && p.ch == b.ch {
+		// The broker's reason (e.g. 404 NOT_FOUND, no such exchange) goes
+		// into the error, and so into last_error and the logs.
+		var closeErr *amqp.Error
+		select {
+		case closeErr = <-p.closes:
+		default:
+		}
+		if closeErr != nil {
+			why := fmt.Errorf("%w: %d %s", errChannelClosed, closeErr.Code, closeErr.Reason)
+			for i, err := range b.errs {
+				if pe, ok := err.(*PublishError); ok && pe.Err == errChannelClosed {
+					b.errs[i] = &PublishError{Reason: ReasonConnection, Err: why}
+				}
+			}
+			p.learnMaxSize(b.msgs, b.errs, closeErr)
+		}
 	}
 	if (timedOut || b.ch.IsClosed()) && p.ch == b.ch {
 		// Late confirms and returns of this batch must not be mistaken for
@@ -279,13 +304,8 @@ func (p *AMQPPublisher) collectReturns() {
 // larger than its max_message_size: the limit is learned from the close
 // reason and the oversized messages fail permanently, so one poisoned event
 // cannot fail its batch forever. The others stay connection failures.
-func (p *AMQPPublisher) learnMaxSize(msgs []Message, errs []error) {
-	var closeErr *amqp.Error
-	select {
-	case closeErr = <-p.closes:
-	default:
-	}
-	if closeErr == nil || closeErr.Code != amqp.PreconditionFailed {
+func (p *AMQPPublisher) learnMaxSize(msgs []Message, errs []error, closeErr *amqp.Error) {
+	if closeErr.Code != amqp.PreconditionFailed {
 		return
 	}
 	match := tooLargeClose.FindStringSubmatch(closeErr.Reason)

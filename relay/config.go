@@ -69,7 +69,8 @@ type AMQPConfig struct {
 	ExchangeType string `yaml:"exchange_type"`
 	// DeclareExchange makes the relay declare the exchange (durable) at connect.
 	// Default true; set false when the exchange is managed elsewhere or the
-	// relay's user lacks configure permission.
+	// relay's user lacks configure permission. When false, connecting checks
+	// that the exchange exists (a passive declare) and fails until it does.
 	DeclareExchange *bool `yaml:"declare_exchange"`
 	// ConfirmTimeout bounds the wait for the broker's confirms of one batch.
 	// Default 30s.

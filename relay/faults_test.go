@@ -696,3 +696,61 @@ func TestUnroutableAcceptWithoutAlternateExchange(t *testing.T) {
 		t.Error("an extra message arrived on the routed queue")
 	}
 }
+
+// TestExchangeMissing: with declare_exchange off, a relay whose exchange
+// does not exist stays not ready, saying which exchange the broker lacks;
+// an exchange deleted under a running relay fails the batch with the
+// broker's reason (404 NOT_FOUND), charges no attempt, and once the
+// exchange is back every event is delivered.
+func TestExchangeMissing(t *testing.T) {
+	t.Parallel()
+	t.Run("at_start", func(t *testing.T) {
+		t.Parallel()
+		o := testenv.NewOutbox(t)
+		missing := testenv.Name("missing")
+		r := start(t, config(o, &testenv.Broker{URL: testenv.AMQPURL(), Exchange: missing}))
+		testenv.Eventually(t, 10*time.Second, "not ready, naming the exchange", func() bool {
+			err := r.Ready()
+			return err != nil && strings.Contains(err.Error(), fmt.Sprintf("exchange %q not found", missing)) &&
+				strings.Contains(err.Error(), "NOT_FOUND - no exchange '"+missing+"'")
+		})
+	})
+	t.Run("deleted_while_running", func(t *testing.T) {
+		t.Parallel()
+		o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+		queue := b.Queue(t, "#", nil)
+		deliveries := b.Consume(t, queue)
+		r, logs := startObserved(t, config(o, b))
+		receiveAll(t, deliveries, writeEvents(t, o, "invoice.sent", 1), 10*time.Second)
+
+		ch := b.Channel(t)
+		if err := ch.ExchangeDelete(b.Exchange, false, false); err != nil {
+			t.Fatal(err)
+		}
+		events := writeEvents(t, o, "invoice.sent", 3)
+		testenv.Eventually(t, 10*time.Second, "the broker's reason logged", func() bool {
+			for _, e := range logs.FilterMessage("link down").All() {
+				if err, _ := e.ContextMap()["error"].(string); strings.Contains(err, "404 NOT_FOUND - no exchange '"+b.Exchange+"'") {
+					return true
+				}
+			}
+			return false
+		})
+		testenv.Eventually(t, 10*time.Second, "not ready while the exchange is missing", func() bool {
+			err := r.Ready()
+			return err != nil && strings.Contains(err.Error(), "not found")
+		})
+		if n := o.Count(t, "id = ANY($1::uuid[]) AND (dispatched_at IS NOT NULL OR dead_at IS NOT NULL OR attempts > 0)", ids(events)); n != 0 {
+			t.Fatalf("%d events dispatched, dead or charged an attempt with no exchange to publish to", n)
+		}
+
+		if err := ch.ExchangeDeclare(b.Exchange, "topic", true, false, false, false, nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := ch.QueueBind(queue, "#", b.Exchange, false, nil); err != nil {
+			t.Fatal(err)
+		}
+		receiveAll(t, deliveries, events, 20*time.Second)
+		testenv.Eventually(t, 10*time.Second, "ready again", func() bool { return r.Ready() == nil })
+	})
+}

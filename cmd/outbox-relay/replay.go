@@ -119,14 +119,17 @@ func (c *cliEnv) cmdReplay(ctx context.Context, args []string) error {
 
 	amqpCfg := cfg.AMQP
 	if *exchange != "" {
-		amqpCfg.Exchange = *exchange
+		// Never declared, only checked: a mistyped name must not leave a
+		// stray durable exchange behind with the copies lost in it.
+		amqpCfg.Exchange, amqpCfg.DeclareExchange = *exchange, new(false)
 	}
 	log := newLogger(cfg.Log, c.stderr)
 	pub := relay.NewAMQPPublisher(amqpCfg, *batch, log.Named("replay"))
 	defer pub.Close()
 	if err := pub.Connect(ctx); err != nil {
-		return fmt.Errorf("broker: %w", err)
+		return fmt.Errorf("broker: %w (nothing was sent)", err)
 	}
+
 	// A second SIGINT/SIGTERM after the first kills the process at once.
 	context.AfterFunc(ctx, c.stopSignals)
 	pr := newProgress(c.stderr, isTerminal(c.stderr))

@@ -272,8 +272,9 @@ func waitExit(t *testing.T, cmd *exec.Cmd) int {
 }
 
 // TestReplayExchangeAndUntil: --exchange sends the copies to another
-// exchange only; --until (with --since) bounds created_at; a replay the
-// broker refuses (no such exchange) prints the command that resumes it.
+// exchange only; --until (with --since) bounds created_at; a mistyped
+// --exchange is refused and not declared; a replay the broker stops
+// refusing midway (its exchange deleted) prints the command that resumes it.
 func TestReplayExchangeAndUntil(t *testing.T) {
 	t.Parallel()
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
@@ -311,12 +312,45 @@ func TestReplayExchangeAndUntil(t *testing.T) {
 		t.Errorf("bad --until: exit %d, %s", code, errOut)
 	}
 
-	// No such exchange: the broker closes the channel, nothing is confirmed.
+	// --exchange names no exchange: refused before anything is sent, and
+	// not declared (a typo must not leave a stray durable exchange).
 	missing := testenv.Name("missing")
 	code, _, errOut = runCLI(t, env, "replay", "--until", "1h", "--exchange", missing)
-	if code != exitFailed || !strings.Contains(errOut, "publish not confirmed") ||
-		!strings.Contains(errOut, fmt.Sprintf("nothing before seq %d is sent again; resume with:\n  outbox-relay replay --from-seq %d --until ", rows[0].seq, rows[0].seq)) ||
-		!strings.Contains(errOut, "--exchange "+missing) {
-		t.Fatalf("replay to a missing exchange: exit %d, stderr:\n%s", code, errOut)
+	if code != exitFailed || !strings.Contains(errOut, fmt.Sprintf("exchange %q not found", missing)) ||
+		!strings.Contains(errOut, "NOT_FOUND") || !strings.Contains(errOut, "nothing was sent") {
+		t.Fatalf("replay --exchange to a missing exchange: exit %d, stderr:\n%s", code, errOut)
+	}
+	if err := b.ExchangeExists(missing); err == nil {
+		t.Fatalf("replay declared the mistyped exchange %s", missing)
+	}
+
+	// The exchange disappears after the first copy (one copy a second):
+	// the broker refuses the next, nothing more is confirmed, and the
+	// command that resumes from the unconfirmed copy is printed.
+	type result struct {
+		code   int
+		errOut string
+	}
+	done := make(chan result, 1)
+	go func() {
+		code, _, errOut := runCLI(t, env, "replay", "--until", "1h", "--exchange", other.Exchange, "--rate", "1")
+		done <- result{code, errOut}
+	}()
+	if d := testenv.Receive(t, copies, 1, 10*time.Second)[0]; d.MessageId != rows[0].id.String() {
+		t.Fatalf("first copy is %s, want %s", d.MessageId, rows[0].id)
+	}
+	if err := other.Channel(t).ExchangeDelete(other.Exchange, false, false); err != nil {
+		t.Fatal(err)
+	}
+	var res result
+	select {
+	case res = <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("replay still running 30s after its exchange was deleted")
+	}
+	if res.code != exitFailed || !strings.Contains(res.errOut, "publish not confirmed") || !strings.Contains(res.errOut, "404 NOT_FOUND") ||
+		!strings.Contains(res.errOut, fmt.Sprintf("nothing before seq %d is sent again; resume with:\n  outbox-relay replay --from-seq %d --until ", rows[1].seq, rows[1].seq)) ||
+		!strings.Contains(res.errOut, "--exchange "+other.Exchange) {
+		t.Fatalf("replay whose exchange was deleted: exit %d, stderr:\n%s", res.code, res.errOut)
 	}
 }

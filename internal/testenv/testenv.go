@@ -146,6 +146,25 @@ func NewBrokerAt(t testing.TB, url string) *Broker {
 	return b
 }
 
+// ExchangeExists reports, by a passive declare, whether the broker has an
+// exchange called name; nil means it does.
+func (b *Broker) ExchangeExists(name string) error {
+	ch, err := b.conn.Channel()
+	if err != nil {
+		return err
+	}
+	defer ch.Close()
+	return ch.ExchangeDeclarePassive(name, "topic", true, false, false, false, nil)
+}
+
+// Channel opens a channel on the broker's connection, closed at cleanup.
+func (b *Broker) Channel(t testing.TB) *amqp.Channel {
+	t.Helper()
+	ch := b.channel(t)
+	t.Cleanup(func() { ch.Close() })
+	return ch
+}
+
 func (b *Broker) channel(t testing.TB) *amqp.Channel {
 	t.Helper()
 	ch, err := b.conn.Channel()
