@@ -754,3 +754,41 @@ func TestExchangeMissing(t *testing.T) {
 		testenv.Eventually(t, 10*time.Second, "ready again", func() bool { return r.Ready() == nil })
 	})
 }
+
+// TestPublishRefusedBacksOff: a user that may connect but not publish
+// (no write permission) has every batch's channel closed by the broker
+// with 403 ACCESS_REFUSED, while connecting keeps succeeding. The relay
+// must back off between attempts as for any lost link, not reconnect and
+// claim again at full speed: the reconnect delay doubles from 100 ms, so
+// the fifth reconnect comes at least 400 ms after the fourth.
+func TestPublishRefusedBacksOff(t *testing.T) {
+	t.Parallel()
+	rmq := testenv.StartRabbitMQ(t)
+	rmq.Ctl(t, "add_user", "nowrite", "nowrite")
+	rmq.Ctl(t, "set_permissions", "-p", "/", "nowrite", "^$", "^$", "^$")
+	o, b := testenv.NewOutbox(t), testenv.NewBrokerAt(t, rmq.URL())
+	cfg := config(o, b)
+	cfg.AMQP.URL = fmt.Sprintf("amqp://nowrite:nowrite@127.0.0.1:%d/", rmq.Port())
+	_, logs := startObserved(t, cfg)
+	events := writeEvents(t, o, "invoice.sent", 1)
+
+	testenv.Eventually(t, 20*time.Second, "five reconnects after refused publishes", func() bool {
+		return linkLogs(logs, "link restored", metrics.LinkAMQP) >= 5
+	})
+	restores := logs.FilterMessage("link restored").FilterField(zap.String("link", metrics.LinkAMQP)).All()
+	if gap := restores[4].Time.Sub(restores[3].Time); gap < 400*time.Millisecond {
+		t.Errorf("reconnect 5 came %v after reconnect 4: no backoff while every publish is refused", gap)
+	}
+	refused := false
+	for _, e := range logs.FilterMessage("link down").All() {
+		if err, _ := e.ContextMap()["error"].(string); strings.Contains(err, "403 ACCESS_REFUSED") {
+			refused = true
+		}
+	}
+	if !refused {
+		t.Error("no link down line carries the broker's 403 ACCESS_REFUSED")
+	}
+	if n := o.Count(t, "id = ANY($1::uuid[]) AND (dispatched_at IS NOT NULL OR dead_at IS NOT NULL OR attempts > 0)", ids(events)); n != 0 {
+		t.Fatalf("%d events dispatched, dead or charged an attempt while the broker refused them", n)
+	}
+}

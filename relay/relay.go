@@ -69,6 +69,8 @@ type Relay struct {
 	wake     chan string // wake-up source; capacity 1, coalescing
 	lastLoop atomic.Int64
 	started  atomic.Bool
+	// sendFailing is set while the last settled batch lost its broker link.
+	sendFailing atomic.Bool
 
 	mu    sync.Mutex
 	links map[string]error // nil: up
@@ -226,6 +228,15 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		failures++
 		sleep(ctx, r.reconnectDelay(failures))
 	}
+	// The links work again, unless the last settled batch lost the broker
+	// link: connecting and claiming prove nothing then (a broker that
+	// refuses every publish accepts connections), so the backoff keeps
+	// growing until a batch gets through.
+	linkOK := func() {
+		if !r.sendFailing.Load() {
+			failures = 0
+		}
+	}
 	for ctx.Err() == nil {
 		r.lastLoop.Store(time.Now().UnixNano())
 		select {
@@ -280,12 +291,13 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			// Blocks while the pipeline is full: the settler makes room
 			// within amqp.confirm_timeout.
 			sent <- next
-			probe, failures, interval = false, 0, r.cfg.Wake.MinInterval
+			probe, interval = false, r.cfg.Wake.MinInterval
+			linkOK()
 			continue // more may be waiting; no sleep while events flow
 		}
 		// Nothing was claimed: wait before looking again. In poll mode the
 		// first wait after events flowed is min_interval, then it doubles.
-		failures = 0
+		linkOK()
 		wait := interval
 		switch {
 		case ordered && r.horizon.behind():
@@ -476,6 +488,7 @@ func (r *Relay) settle(ctx, drain context.Context, b *batch) error {
 	}
 	r.m.StageDuration.WithLabelValues(metrics.StageMark).Observe(time.Since(confirmedAt).Seconds())
 	r.m.BatchDuration.Observe(time.Since(b.claimed).Seconds())
+	r.sendFailing.Store(linkDown != nil)
 	if linkDown != nil {
 		r.setLink(metrics.LinkAMQP, linkDown)
 		return linkDown
