@@ -11,3 +11,6 @@ import (
 func CleanDispatchedOnce(ctx context.Context, r *Relay, pool *pgxpool.Pool) (deleted, pages int64) {
 	return r.cleanDispatched(ctx, pool)
 }
+
+// StatsWait is statsWait, for its unit test.
+var StatsWait = statsWait

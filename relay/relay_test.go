@@ -320,3 +320,18 @@ func value(t *testing.T, m prometheus.Metric) float64 {
 	}
 	return pb.GetGauge().GetValue()
 }
+
+// TestStatsWait: the stats query runs every relay.stats_interval while it
+// is cheap, and at most 1% of the time once the counts get slow.
+func TestStatsWait(t *testing.T) {
+	for _, c := range []struct{ interval, took, want time.Duration }{
+		{5 * time.Second, 2 * time.Millisecond, 5 * time.Second},
+		{5 * time.Second, 50 * time.Millisecond, 5 * time.Second},
+		{5 * time.Second, 240 * time.Millisecond, 24 * time.Second},
+		{time.Second, 0, time.Second},
+	} {
+		if got := relay.StatsWait(c.interval, c.took); got != c.want {
+			t.Errorf("statsWait(%v, %v) = %v, want %v", c.interval, c.took, got, c.want)
+		}
+	}
+}
