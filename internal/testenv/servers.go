@@ -440,13 +440,28 @@ func (r *RabbitMQ) Kill(t testing.TB) {
 
 // Ctl runs rabbitmqctl against the node (for example "close_all_connections",
 // "set_vm_memory_high_watermark 0" to block publishers) and returns its output.
+//
+// A node that has just opened its AMQP port may still be booting, and
+// rabbitmqctl then fails without a word (exit 64 seen under load): a failed
+// call is tried again, up to three times.
 func (r *RabbitMQ) Ctl(t testing.TB, args ...string) string {
 	t.Helper()
-	out, err := r.as.run(serverStopTimeout, r.dir, r.env(), r.ctl, append([]string{"-n", r.node}, args...)...)
-	if err != nil {
-		t.Fatalf("testenv: rabbitmqctl %s: %v\n%s", strings.Join(args, " "), err, out)
+	var (
+		out string
+		err error
+	)
+	for attempt := 1; attempt <= 3; attempt++ {
+		out, err = r.as.run(serverStopTimeout, r.dir, r.env(), r.ctl, append([]string{"-n", r.node}, args...)...)
+		if err == nil {
+			return out
+		}
+		if attempt < 3 {
+			t.Logf("testenv: rabbitmqctl %s (attempt %d): %v\n%s", strings.Join(args, " "), attempt, err, out)
+			time.Sleep(time.Second) // a pause between tries of an external command
+		}
 	}
-	return out
+	t.Fatalf("testenv: rabbitmqctl %s: %v\n%s", strings.Join(args, " "), err, out)
+	return ""
 }
 
 func (r *RabbitMQ) pidFile() string { return filepath.Join(r.dir, "rabbit.pid") }
