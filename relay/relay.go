@@ -293,7 +293,14 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			sent <- next
 			probe, interval = false, r.cfg.Wake.MinInterval
 			linkOK()
-			continue // more may be waiting; no sleep while events flow
+			if r.cfg.Wake.Mode == WakePoll && !ordered && next.size() < r.cfg.Relay.BatchSize {
+				// A short batch took all that was due, so claiming again
+				// at once would mostly come back empty: three round trips
+				// for nothing, at every batch. Claim again after
+				// min_interval instead (full batches go on at once).
+				r.waitWake(ctx, r.cfg.Wake.MinInterval)
+			}
+			continue
 		}
 		// Nothing was claimed: wait before looking again. In poll mode the
 		// first wait after events flowed is min_interval, then it doubles.
