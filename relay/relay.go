@@ -743,12 +743,9 @@ func (r *Relay) statsLoop(ctx context.Context, pool *pgxpool.Pool) {
 		} else if ctx.Err() == nil && !isUndefinedTable(err) {
 			r.log.Debug("read stats", zap.Error(err))
 		}
-		t := time.NewTimer(statsWait(r.cfg.Relay.StatsInterval, took))
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		sleep(ctx, statsWait(r.cfg.Relay.StatsInterval, took))
+		if ctx.Err() != nil {
 			return
-		case <-t.C:
 		}
 	}
 }

@@ -129,7 +129,6 @@ func (c *cliEnv) cmdReplay(ctx context.Context, args []string) error {
 	if err := pub.Connect(ctx); err != nil {
 		return fmt.Errorf("broker: %w (nothing was sent)", err)
 	}
-
 	// A second SIGINT/SIGTERM after the first kills the process at once.
 	context.AfterFunc(ctx, c.stopSignals)
 	pr := newProgress(c.stderr, isTerminal(c.stderr))
