@@ -762,8 +762,11 @@ func TestExchangeMissing(t *testing.T) {
 // (no write permission) has every batch's channel closed by the broker
 // with 403 ACCESS_REFUSED, while connecting keeps succeeding. The relay
 // must back off between attempts as for any lost link, not reconnect and
-// claim again at full speed: the reconnect delay doubles from 100 ms, so
-// the fifth reconnect comes at least 400 ms after the fourth.
+// claim again at full speed. Every refused batch costs one pause, doubling
+// from 100 ms (at least half of it, with jitter) up to 1 s; a reconnect can
+// also happen before the pause of the batch just refused, so 15 reconnects
+// span at least 7 pauses of the 2nd to 8th failure: 2.7 s at the least.
+// Without backoff they would all be pauses of the first (at most 100 ms).
 func TestPublishRefusedBacksOff(t *testing.T) {
 	t.Parallel()
 	rmq := testenv.StartRabbitMQ(t)
@@ -775,12 +778,12 @@ func TestPublishRefusedBacksOff(t *testing.T) {
 	_, logs := startObserved(t, cfg)
 	events := writeEvents(t, o, "invoice.sent", 1)
 
-	testenv.Eventually(t, 20*time.Second, "five reconnects after refused publishes", func() bool {
-		return linkLogs(logs, "link restored", metrics.LinkAMQP) >= 5
+	testenv.Eventually(t, 40*time.Second, "15 reconnects after refused publishes", func() bool {
+		return linkLogs(logs, "link restored", metrics.LinkAMQP) >= 15
 	})
 	restores := logs.FilterMessage("link restored").FilterField(zap.String("link", metrics.LinkAMQP)).All()
-	if gap := restores[4].Time.Sub(restores[3].Time); gap < 400*time.Millisecond {
-		t.Errorf("reconnect 5 came %v after reconnect 4: no backoff while every publish is refused", gap)
+	if span := restores[14].Time.Sub(restores[0].Time); span < 2500*time.Millisecond {
+		t.Errorf("15 reconnects within %v: no backoff while every publish is refused", span)
 	}
 	refused := false
 	for _, e := range logs.FilterMessage("link down").All() {
