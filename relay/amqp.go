@@ -27,6 +27,7 @@ type AMQPPublisher struct {
 	returns  chan amqp.Return
 	returned map[string]returned // returns received, not yet matched to a batch
 	closes   chan *amqp.Error
+	closedBy *amqp.Error // the broker's reason for closing ch, once read from closes
 	lastErr  error
 	window   int
 	// maxSize is amqp.max_message_size, lowered to what the broker reports
@@ -120,7 +121,7 @@ func (p *AMQPPublisher) ensure(ctx context.Context) error {
 	// message, so a buffer larger than the batches in flight means a return
 	// is always in the buffer by the time its ack is seen.
 	p.returns = ch.NotifyReturn(make(chan amqp.Return, 5*p.window+16))
-	p.closes = ch.NotifyClose(make(chan *amqp.Error, 1))
+	p.closes, p.closedBy = ch.NotifyClose(make(chan *amqp.Error, 1)), nil
 	p.conn, p.ch, p.lastErr = conn, ch, nil
 	return nil
 }
@@ -134,7 +135,30 @@ func (p *AMQPPublisher) closeLocked() {
 		// publishers) never answers connection.close: give it a moment.
 		_ = p.conn.CloseDeadline(time.Now().Add(closeTimeout))
 	}
-	p.conn, p.ch, p.returns, p.closes = nil, nil, nil, nil
+	p.conn, p.ch, p.returns, p.closes, p.closedBy = nil, nil, nil, nil, nil
+}
+
+// closeReasonWait bounds the wait for the reason of a channel already seen
+// closed: amqp091-go marks the channel closed just before it delivers the
+// reason, or closes the notification channel when there is none.
+const closeReasonWait = time.Second
+
+// closeReason returns the broker's reason for closing the current channel,
+// which must already be closed, or nil when it gave none.
+func (p *AMQPPublisher) closeReason() *amqp.Error {
+	if p.closedBy != nil || p.closes == nil {
+		return p.closedBy
+	}
+	t := time.NewTimer(closeReasonWait)
+	defer t.Stop()
+	select {
+	case e, ok := <-p.closes:
+		if ok {
+			p.closedBy = e
+		}
+	case <-t.C:
+	}
+	return p.closedBy
 }
 
 // Close closes the connection. It is safe to call more than once.
@@ -172,7 +196,14 @@ func (p *AMQPPublisher) Send(ctx context.Context, msgs []Message) Pending {
 		}
 		dc, err := b.ch.PublishWithDeferredConfirmWithContext(ctx, p.cfg.Exchange, m.Type, true, false, toPublishing(m))
 		if err != nil {
-			// The channel is unusable: fail this message and every later one.
+			// The channel is unusable: fail this message and every later one,
+			// with the broker's reason if it closed the channel (a batch
+			// sent just before may have closed it: 404 NOT_FOUND, say).
+			if errors.Is(err, amqp.ErrClosed) && b.ch.IsClosed() {
+				if why := p.closeReason(); why != nil {
+					err = fmt.Errorf("%w (the broker closed the channel: %d %s)", err, why.Code, why.Reason)
+				}
+			}
 			p.lastErr = fmt.Errorf("publish: %w", err)
 			for j := i; j < len(msgs); j++ {
 				if b.errs[j] == nil {
@@ -259,12 +290,7 @@ func (b *amqpBatch) Wait(ctx context.Context) []error {
 	if b.ch.IsClosed() && p.ch == b.ch {
 		// The broker's reason (e.g. 404 NOT_FOUND, no such exchange) goes
 		// into the error, and so into last_error and the logs.
-		var closeErr *amqp.Error
-		select {
-		case closeErr = <-p.closes:
-		default:
-		}
-		if closeErr != nil {
+		if closeErr := p.closeReason(); closeErr != nil {
 			why := fmt.Errorf("%w: %d %s", errChannelClosed, closeErr.Code, closeErr.Reason)
 			for i, err := range b.errs {
 				if pe, ok := err.(*PublishError); ok && pe.Err == errChannelClosed {
