@@ -138,6 +138,15 @@ type WakeConfig struct {
 	// MinInterval is the wait between probes while events flow (poll mode).
 	// Default 2ms.
 	MinInterval time.Duration `yaml:"min_interval"`
+	// Linger replaces MinInterval as the wait after a short batch while rows
+	// are claimed faster than LingerAbove (poll mode, unordered): under a
+	// heavy flow the next batch gathers more rows, and the relay's cost per
+	// event, which producers pay for in CPU, falls. Default 20ms (within
+	// [MinInterval, PollInterval]); set it to MinInterval to never linger.
+	Linger time.Duration `yaml:"linger"`
+	// LingerAbove is the claim rate, in events/s, above which the relay
+	// lingers. Default 2000.
+	LingerAbove int `yaml:"linger_above"`
 }
 
 // Accepted values of the enumerated settings.
@@ -195,6 +204,9 @@ func (c Config) WithDefaults() Config {
 		c.Wake.PollInterval = cmp.Or(c.Wake.PollInterval, 100*time.Millisecond)
 	}
 	c.Wake.MinInterval = cmp.Or(c.Wake.MinInterval, 2*time.Millisecond)
+	// Kept within [min_interval, poll_interval] when those are set.
+	c.Wake.Linger = cmp.Or(c.Wake.Linger, min(max(20*time.Millisecond, c.Wake.MinInterval), c.Wake.PollInterval))
+	c.Wake.LingerAbove = cmp.Or(c.Wake.LingerAbove, 2000)
 	return c
 }
 
@@ -279,6 +291,13 @@ func (c Config) Validate() error {
 	positive(bad, "wake.min_interval", c.Wake.MinInterval)
 	if c.Wake.MinInterval > c.Wake.PollInterval {
 		bad("wake.min_interval", "must not exceed wake.poll_interval (%s), got %s", c.Wake.PollInterval, c.Wake.MinInterval)
+	}
+	if c.Wake.Linger < c.Wake.MinInterval || c.Wake.Linger > c.Wake.PollInterval {
+		bad("wake.linger", "must be between wake.min_interval (%s, which turns lingering off) and wake.poll_interval (%s), got %s",
+			c.Wake.MinInterval, c.Wake.PollInterval, c.Wake.Linger)
+	}
+	if c.Wake.LingerAbove < 1 {
+		bad("wake.linger_above", "must be a claim rate of at least 1 event/s, got %d", c.Wake.LingerAbove)
 	}
 	return errors.Join(errs...)
 }

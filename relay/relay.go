@@ -193,6 +193,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 	failures := 0
 	checked := false
 	probe := false // the last batch was empty: probe before claiming
+	flow := flowMeter{tau: flowTau}
 	// drain outlives ctx by relay.shutdown_timeout: at shutdown, batches
 	// already sent get that long for their confirms, and are then settled.
 	drain, cancelDrain := context.WithCancel(context.WithoutCancel(ctx))
@@ -287,6 +288,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			}
 			continue
 		}
+		flowRate := flow.add(time.Now(), next.size())
 		if next != nil {
 			// Blocks while the pipeline is full: the settler makes room
 			// within amqp.confirm_timeout.
@@ -297,10 +299,16 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 				// A short batch took all that was due, so claiming again
 				// at once would mostly come back empty: three round trips
 				// for nothing, at every batch. Claim again after
-				// min_interval instead (full batches go on at once). A
-				// plain sleep: outbox_relay_wakeups_total counts idle turns
-				// of the loop, and this is not one.
-				sleep(ctx, r.cfg.Wake.MinInterval)
+				// min_interval instead (full batches go on at once), or
+				// under a heavy flow after wake.linger, so that batches
+				// grow and cost less per event. A plain sleep:
+				// outbox_relay_wakeups_total counts idle turns of the loop,
+				// and this is not one.
+				wait := r.cfg.Wake.MinInterval
+				if flowRate > float64(r.cfg.Wake.LingerAbove) {
+					wait = r.cfg.Wake.Linger
+				}
+				sleep(ctx, wait)
 			}
 			continue
 		}

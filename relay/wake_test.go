@@ -240,3 +240,64 @@ func deref(s *string) string {
 	}
 	return *s
 }
+
+// TestLingerUnderHeavyFlow: in poll mode, the wait after a short batch is
+// wake.min_interval while rows are claimed slower than wake.linger_above,
+// and wake.linger once they come faster, so that batches grow. The same
+// steady flow of 200 events/s (one per transaction) is below the threshold
+// for one relay and above it for the other; the one that lingers claims
+// several times more rows per batch, and both deliver every event.
+func TestLingerUnderHeavyFlow(t *testing.T) {
+	t.Parallel()
+	const (
+		events = 300
+		every  = 5 * time.Millisecond
+		linger = 200 * time.Millisecond
+	)
+	meanBatch := func(t *testing.T, lingerAbove int) float64 {
+		o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+		deliveries := b.Consume(t, b.Queue(t, "#", nil))
+		cfg := config(o, b)
+		cfg.Wake.PollInterval = time.Second
+		cfg.Wake.Linger = linger
+		cfg.Wake.LingerAbove = lingerAbove
+		r := start(t, cfg)
+		testenv.Eventually(t, 20*time.Second, "relay ready", func() bool { return r.Ready() == nil })
+		w, _ := outbox.NewWriter(o.Schema, o.Table.Name)
+		ctx := context.Background()
+		tick := time.NewTicker(every)
+		defer tick.Stop()
+		for i := range events {
+			ev := outbox.NewEvent("lesson.published", fmt.Appendf(nil, `{"n":%d}`, i))
+			if err := pgx.BeginFunc(ctx, o.Pool, func(tx pgx.Tx) error { return w.Write(ctx, tx, ev) }); err != nil {
+				t.Fatal(err)
+			}
+			<-tick.C
+		}
+		testenv.Receive(t, deliveries, events, 30*time.Second)
+		var pb dtoMetric
+		if err := r.Metrics.BatchSize.Write(&pb.Metric); err != nil {
+			t.Fatal(err)
+		}
+		h := pb.GetHistogram()
+		mean := h.GetSampleSum() / float64(h.GetSampleCount())
+		t.Logf("linger_above %d/s: %d batches of mean %.1f rows", lingerAbove, h.GetSampleCount(), mean)
+		return mean
+	}
+	var quick, lingering float64
+	t.Run("below threshold", func(t *testing.T) { t.Parallel(); quick = meanBatch(t, 100000) })
+	t.Run("above threshold", func(t *testing.T) { t.Parallel(); lingering = meanBatch(t, 50) })
+	t.Cleanup(func() {
+		// 200/s claimed every 2 ms plus a round trip gives a few rows per
+		// batch; lingering 200 ms between claims gives about 40.
+		if t.Failed() {
+			return
+		}
+		if quick > 10 {
+			t.Errorf("below linger_above: mean batch %.1f rows, want a few (claims every min_interval)", quick)
+		}
+		if lingering < 3*quick || lingering < 15 {
+			t.Errorf("above linger_above: mean batch %.1f rows against %.1f below it, want several times more", lingering, quick)
+		}
+	})
+}

@@ -240,6 +240,7 @@ func (b *bench) header(ctx context.Context) {
 	out.line("postgres.max_conns", strconv.Itoa(int(def.Postgres.MaxConns)), "")
 	out.line("relay.wake.min_interval", def.Wake.MinInterval.String(), "")
 	out.line("relay.wake.poll_interval", def.Wake.PollInterval.String(), "")
+	out.line("relay.wake.linger", def.Wake.Linger.String(), "", fmt.Sprintf("after a short batch while rows are claimed faster than %d/s", def.Wake.LingerAbove))
 	out.line("relay.on_dispatch", def.Relay.OnDispatch, "")
 }
 

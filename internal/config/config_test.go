@@ -192,6 +192,49 @@ func TestExplicitZero(t *testing.T) {
 	}
 }
 
+// TestLingerBounds: wake.linger must lie between wake.min_interval and
+// wake.poll_interval, and its default follows those two when they are set.
+func TestLingerBounds(t *testing.T) {
+	const base = "postgres:\n  dsn: postgres://x@127.0.0.1/db\namqp:\n  url: amqp://x@127.0.0.1/\n  exchange: e\n"
+	for _, tc := range []struct {
+		name, wake string
+		linger     time.Duration // the value in effect, when valid
+		key        string        // "" for no error
+	}{
+		{"default", "", 20 * time.Millisecond, ""},
+		{"off", "  linger: 2ms\n", 2 * time.Millisecond, ""},
+		{"default under a short poll_interval", "  poll_interval: 10ms\n", 10 * time.Millisecond, ""},
+		{"default over a long min_interval", "  min_interval: 50ms\n", 50 * time.Millisecond, ""},
+		{"below min_interval", "  linger: 1ms\n", 0, "wake.linger"},
+		{"above poll_interval", "  linger: 200ms\n", 0, "wake.linger"},
+		{"rate not positive", "  linger_above: -5\n", 0, "wake.linger_above"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := filepath.Join(t.TempDir(), "c.yaml")
+			if err := os.WriteFile(p, []byte(base+"wake:\n"+tc.wake), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			f, err := Load(p, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = f.Validate()
+			if tc.key != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.key+": must") {
+					t.Fatalf("error %v does not name %s", err, tc.key)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("want valid, got %v", err)
+			}
+			if f.Wake.Linger != tc.linger {
+				t.Fatalf("linger %s, want %s", f.Wake.Linger, tc.linger)
+			}
+		})
+	}
+}
+
 func TestMetricsAddr(t *testing.T) {
 	for addr, ok := range map[string]bool{
 		"off": true, ":9464": true, "127.0.0.1:9464": true, "[::1]:9464": true, "localhost:0": true,
