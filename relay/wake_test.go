@@ -252,7 +252,7 @@ func TestLingerUnderHeavyFlow(t *testing.T) {
 	const (
 		events = 300
 		every  = 5 * time.Millisecond
-		linger = 200 * time.Millisecond
+		linger = 500 * time.Millisecond
 	)
 	meanBatch := func(t *testing.T, lingerAbove int) float64 {
 		o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
@@ -289,7 +289,8 @@ func TestLingerUnderHeavyFlow(t *testing.T) {
 	t.Run("above threshold", func(t *testing.T) { t.Parallel(); lingering = meanBatch(t, 50) })
 	t.Cleanup(func() {
 		// 200/s claimed every 2 ms plus a round trip gives a few rows per
-		// batch; lingering 200 ms between claims gives about 40.
+		// batch; lingering 500 ms between claims gives batches of about 100 once
+		// the flow is measured (the first claims, before that, take a row each).
 		if t.Failed() {
 			return
 		}
