@@ -14,7 +14,6 @@ const flowTau = 100 * time.Millisecond
 // exponentially decaying average over time. Each claim reports the rows it
 // took; they arrived in the time since the previous claim.
 type flowMeter struct {
-	tau  time.Duration
 	last time.Time
 	rate float64
 }
@@ -32,7 +31,7 @@ func (f *flowMeter) add(now time.Time, n int) float64 {
 		return f.rate
 	}
 	f.last = now
-	w := 1 - math.Exp(-dt/f.tau.Seconds())
+	w := 1 - math.Exp(-dt/flowTau.Seconds())
 	f.rate += w * (float64(n)/dt - f.rate)
 	return f.rate
 }

@@ -21,7 +21,7 @@ func TestFlowMeter(t *testing.T) {
 	t0 := time.Date(2026, 12, 2, 0, 0, 0, 0, time.UTC)
 	steady := func(t *testing.T) (*flowMeter, *time.Time) {
 		t.Helper()
-		f, now := &flowMeter{tau: flowTau}, t0
+		f, now := &flowMeter{}, t0
 		if got := f.add(now, 500); got != 0 {
 			t.Fatalf("first claim: rate %v, want 0 (its rows may have waited any time)", got)
 		}

@@ -193,7 +193,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 	failures := 0
 	checked := false
 	probe := false // the last batch was empty: probe before claiming
-	flow := flowMeter{tau: flowTau}
+	var flow flowMeter
 	// drain outlives ctx by relay.shutdown_timeout: at shutdown, batches
 	// already sent get that long for their confirms, and are then settled.
 	drain, cancelDrain := context.WithCancel(context.WithoutCancel(ctx))
