@@ -145,22 +145,30 @@ func FuzzParse(f *testing.F) {
 	})
 }
 
+// loadRequired loads yaml, after the required keys, with env applied, and
+// returns the file and what Validate says of it.
+func loadRequired(t *testing.T, yaml string, env ...string) (File, error) {
+	t.Helper()
+	const required = "postgres:\n  dsn: postgres://x@127.0.0.1/db\namqp:\n  url: amqp://x@127.0.0.1/\n  exchange: e\n"
+	p := filepath.Join(t.TempDir(), "c.yaml")
+	if err := os.WriteFile(p, []byte(required+yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := Load(p, env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f, f.Validate()
+}
+
 // TestExplicitZero: a number or duration set to 0 is an error naming the
 // key when 0 would silently stand for the default; where 0 is the default
 // (retention.dead), it is the documented meaning and allowed.
 func TestExplicitZero(t *testing.T) {
-	const base = "postgres:\n  dsn: postgres://x@127.0.0.1/db\namqp:\n  url: amqp://x@127.0.0.1/\n  exchange: e\n"
 	load := func(t *testing.T, yaml string, env ...string) error {
 		t.Helper()
-		p := filepath.Join(t.TempDir(), "c.yaml")
-		if err := os.WriteFile(p, []byte(base+yaml), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		f, err := Load(p, env)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return f.Validate()
+		_, err := loadRequired(t, yaml, env...)
+		return err
 	}
 	for _, tc := range []struct {
 		name, yaml string
@@ -195,7 +203,6 @@ func TestExplicitZero(t *testing.T) {
 // TestLingerBounds: wake.linger must lie between wake.min_interval and
 // wake.poll_interval, and its default follows those two when they are set.
 func TestLingerBounds(t *testing.T) {
-	const base = "postgres:\n  dsn: postgres://x@127.0.0.1/db\namqp:\n  url: amqp://x@127.0.0.1/\n  exchange: e\n"
 	for _, tc := range []struct {
 		name, wake string
 		linger     time.Duration // the value in effect, when valid
@@ -210,15 +217,7 @@ func TestLingerBounds(t *testing.T) {
 		{"rate not positive", "  linger_above: -5\n", 0, "wake.linger_above"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			p := filepath.Join(t.TempDir(), "c.yaml")
-			if err := os.WriteFile(p, []byte(base+"wake:\n"+tc.wake), 0o600); err != nil {
-				t.Fatal(err)
-			}
-			f, err := Load(p, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			err = f.Validate()
+			f, err := loadRequired(t, "wake:\n"+tc.wake)
 			if tc.key != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.key+": must") {
 					t.Fatalf("error %v does not name %s", err, tc.key)
