@@ -23,22 +23,23 @@ type queries struct {
 
 	// Ordered mode (see ordering.go).
 	claimOrdered      string
+	confirmHeads      string
 	readHorizon       string
-	takeMemberSlot    string
-	countMembers      string
+	renewLeases       string
 	takePartitions    string
 	releasePartitions string
+	releaseAll        string
 }
 
-// queryPartitionOwners groups the partition leases (advisory locks of the
-// lease class) by the backend holding them.
-const queryPartitionOwners = `SELECT l.pid, coalesce(a.application_name, ''), coalesce(host(a.client_addr), ''),
-       coalesce(a.backend_start, now()), array_agg(l.objid::bigint::int4 ORDER BY l.objid)
-FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid::bigint = $1::bigint
-  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-GROUP BY l.pid, a.application_name, a.client_addr, a.backend_start
-ORDER BY l.pid`
+// partitionOwners lists the live leases of table t grouped by replica.
+func partitionOwners(t ident.Table) string {
+	return fmt.Sprintf(`SELECT r.owner, r.pid, r.application_name, r.client_addr, r.since,
+       array_agg(l.partition ORDER BY l.partition)
+FROM %s l JOIN %s r ON r.owner = l.owner
+WHERE l.expires_at > now()
+GROUP BY r.owner, r.pid, r.application_name, r.client_addr, r.since
+ORDER BY r.pid, r.owner`, t.Derived("leases"), t.Derived("relays"))
+}
 
 // queryPartitionBacklog counts pending keyed rows per partition; format
 // with the table and partitionOf(1).
@@ -76,41 +77,59 @@ const pending = `dispatched_at IS NULL AND dead_at IS NULL`
 
 func newQueries(t ident.Table, onDead string) queries {
 	tbl := t.Quoted()
+	leasesTbl, relaysTbl := t.Derived("leases"), t.Derived("relays")
 	// With on_dead: block, a dead row of a key stops the rows after it.
 	deadBlocks := ""
 	if onDead == OnDeadBlock {
 		deadBlocks = fmt.Sprintf(` AND NOT EXISTS (SELECT 1 FROM %s d WHERE d.dead_at IS NOT NULL
-             AND d.dispatched_at IS NULL AND d.partition_key = h.partition_key AND d.seq < h.seq)`, tbl)
+             AND d.dispatched_at IS NULL AND d.partition_key = o.partition_key AND d.seq < o.seq)`, tbl)
 	}
 	return queries{
-		// Heads only: per key in the owned partitions, the lowest pending
-		// row, if it is due and at or below the commit horizon ($4). Rows
-		// without a key are claimed as in unordered mode. SKIP LOCKED skips
-		// a head another relay holds, and with it its whole key.
-		claimOrdered: fmt.Sprintf(`WITH heads AS (
-  SELECT DISTINCT ON (partition_key) seq, partition_key, available_at
-  FROM %[1]s
-  WHERE `+pending+` AND partition_key IS NOT NULL AND %[3]s = ANY($3::int4[])
-  ORDER BY partition_key, seq
+		// Heads only: due rows in seq order, keyless ones as in unordered
+		// mode, keyed ones when their partition's lease is this replica's
+		// ($3) for at least $5 ms more and no lower pending row of their key
+		// exists (one probe of pending_key per candidate, so the cost
+		// follows the rows claimed, not the backlog). SKIP LOCKED skips a
+		// head another batch holds, and with it its whole key, whose later
+		// rows see it pending. The commit horizon is checked afterwards
+		// (gate). The transaction may stay idle for at most $4 (ms): if
+		// this replica freezes, the server ends it and frees its rows.
+		claimOrdered: fmt.Sprintf(`WITH fence AS MATERIALIZED (
+  SELECT set_config('idle_in_transaction_session_timeout', $4::text, true) IS NOT NULL AS ok
+), owned AS (
+  SELECT coalesce(array_agg(l.partition), '{}') AS p FROM %[4]s l
+  WHERE l.owner = $3 AND l.expires_at > now() + $5::bigint * interval '1 millisecond'
 )
 SELECT `+messageColumns+`
-FROM %[1]s
-WHERE `+pending+` AND available_at <= now()
+FROM %[1]s o
+WHERE (SELECT ok FROM fence) AND `+pending+` AND available_at <= now()
   AND (partition_key IS NULL
-       OR seq IN (SELECT h.seq FROM heads h WHERE h.seq <= $4 AND h.available_at <= now()%[2]s))
+       OR (%[3]s = ANY((SELECT p FROM owned)::int4[])
+           AND NOT EXISTS (SELECT 1 FROM %[1]s e WHERE e.partition_key = o.partition_key AND e.seq < o.seq
+                             AND e.dispatched_at IS NULL AND e.dead_at IS NULL)%[2]s))
 ORDER BY seq
 LIMIT $1
-FOR UPDATE SKIP LOCKED`, tbl, deadBlocks, partitionOf(2)),
+FOR UPDATE SKIP LOCKED`, tbl, deadBlocks, partitionOf(2), leasesTbl),
+
+		// Of the claimed rows $1, those still their key's lowest pending
+		// row, seen by a statement that starts after the horizon was read.
+		confirmHeads: fmt.Sprintf(`SELECT o.seq FROM %[1]s o
+WHERE o.seq = ANY($1::bigint[])
+  AND NOT EXISTS (SELECT 1 FROM %[1]s e WHERE e.partition_key = o.partition_key AND e.seq < o.seq
+                    AND e.dispatched_at IS NULL AND e.dead_at IS NULL)%[2]s`, tbl, deadBlocks),
 
 		// The sequence's last value L; if it passed $2, a fresh transaction
 		// id taken after L was read (the subquery is a fence: the CASE
 		// depends on its output); and the oldest running transaction that
-		// holds a lock on the outbox table ($3), NULL when there is none.
-		// Only such a transaction can have drawn a seq, so transactions
-		// elsewhere in the cluster do not count. It is read after L (it
-		// depends on s.l), which lets it vouch for L at once. pg_locks
-		// shows 32-bit ids: each is widened to the 64-bit id nearest the
-		// snapshot's xmax. As text: pgx has no xid8 type.
+		// holds ROW EXCLUSIVE on the outbox table ($3) in this database,
+		// NULL when there is none. Every insert takes that mode and holds
+		// it to the end; readers, ANALYZE and FOR UPDATE claims take others,
+		// and other databases have tables of the same OID (clones of one
+		// template), so only these count. It is read after L (it depends on
+		// s.l), which lets it vouch for L at once. pg_locks shows 32-bit
+		// ids: each is widened to the 64-bit id nearest the snapshot's xmax.
+		// As text: pgx has no xid8 type. Last, the server's start time: a
+		// new one means a restart or failover, and the horizon starts over.
 		readHorizon: `SELECT s.l,
        CASE WHEN s.l > $2::bigint THEN pg_current_xact_id()::text ELSE '' END,
        (SELECT min(w.x)::text FROM (
@@ -121,23 +140,45 @@ FOR UPDATE SKIP LOCKED`, tbl, deadBlocks, partitionOf(2)),
                (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS x) r,
                LATERAL (SELECT (k.transactionid::text::bigint - (r.x & 4294967295)) & 4294967295 AS d) d
           WHERE k.granted AND s.l IS NOT NULL
-            AND ((k.locktype = 'relation' AND k.relation = $3::regclass)
+            AND ((k.locktype = 'relation' AND k.relation = $3::regclass AND k.mode = 'RowExclusiveLock'
+                  AND k.database = (SELECT oid FROM pg_database WHERE datname = current_database()))
                  OR (k.locktype = 'transactionid' AND k.mode = 'ExclusiveLock'))
           GROUP BY k.virtualtransaction) w
-        WHERE w.writes)
+        WHERE w.writes),
+       pg_postmaster_start_time()
 FROM (SELECT coalesce(pg_sequence_last_value($1::regclass), 0) AS l OFFSET 0) s`,
 
-		// Session advisory locks: (class, slot) marks a live replica,
-		// (class, partition) a leased partition. CASE fixes the evaluation
-		// order so a lock already held is never taken twice.
-		takeMemberSlot: `SELECT s::int4 FROM generate_series(0, $2::int4 - 1) s WHERE pg_try_advisory_lock($1::int4, s) LIMIT 1`,
-		countMembers: `SELECT count(*) FROM pg_locks
-WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid::bigint = $1::bigint
-  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`,
-		takePartitions: `SELECT p::int4 FROM generate_series(0, $2::int4 - 1) p
-WHERE CASE WHEN p = ANY($3::int4[]) THEN false ELSE pg_try_advisory_lock($1::int4, p) END
-LIMIT $4`,
-		releasePartitions: `SELECT pg_advisory_unlock($1::int4, p) FROM unnest($2::int4[]) p`,
+		// Leases ($1 owner, $2 timeout in ms, $3 partitions): register or
+		// renew this replica, forget replicas gone for an hour, renew the
+		// leases still held, and count the live replicas.
+		renewLeases: fmt.Sprintf(`WITH me AS (
+  INSERT INTO %[2]s AS r (owner, pid, application_name, client_addr, expires_at)
+  VALUES ($1, pg_backend_pid(), current_setting('application_name'), coalesce(host(inet_client_addr()), ''),
+          now() + $2::bigint * interval '1 millisecond')
+  ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at
+), gone AS (
+  DELETE FROM %[2]s WHERE expires_at < now() - interval '1 hour'
+), mine AS (
+  UPDATE %[1]s SET expires_at = now() + $2::bigint * interval '1 millisecond'
+  WHERE owner = $1 AND expires_at > now() AND partition < $3::int4
+  RETURNING partition
+)
+SELECT 1 + (SELECT count(*) FROM %[2]s WHERE expires_at > now() AND owner <> $1)::int,
+       coalesce((SELECT array_agg(partition ORDER BY partition) FROM mine), '{}'::int4[])`, leasesTbl, relaysTbl),
+		// Up to $4 partitions nobody holds a live lease on. ON CONFLICT
+		// re-checks a row another replica took meanwhile.
+		takePartitions: fmt.Sprintf(`WITH free AS (
+  SELECT p::int4 FROM generate_series(0, $3::int4 - 1) p
+  WHERE NOT EXISTS (SELECT 1 FROM %[1]s l WHERE l.partition = p AND l.expires_at > now())
+  ORDER BY p LIMIT $4
+)
+INSERT INTO %[1]s AS l (partition, owner, expires_at)
+SELECT p, $1, now() + $2::bigint * interval '1 millisecond' FROM free
+ON CONFLICT (partition) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at
+WHERE l.expires_at <= now()
+RETURNING partition`, leasesTbl),
+		releasePartitions: fmt.Sprintf(`DELETE FROM %s WHERE owner = $1 AND partition = ANY($2::int4[])`, leasesTbl),
+		releaseAll:        fmt.Sprintf(`WITH l AS (DELETE FROM %s WHERE owner = $1) DELETE FROM %s WHERE owner = $1`, leasesTbl, relaysTbl),
 
 		// Due pending rows in sequence order; rows locked by another relay
 		// are skipped, so replicas share the table without coordination.

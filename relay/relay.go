@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -60,6 +61,9 @@ type Relay struct {
 	horizon horizon
 	leases  leases
 	seqName string
+	held    int // rows the last claim left unpublished above the commit horizon
+
+	pool *pgxpool.Pool // set by Run
 
 	// cleanerLock is the advisory lock class that lets one replica's
 	// retention cleaner run at a time (taken per statement, so a replica
@@ -106,10 +110,9 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 		cleanerLock: lockClass("cleaner " + cfg.table().String()),
 	}
 	r.leases = leases{
-		member:      -1,
-		partitions:  cfg.Relay.Partitions,
-		classLease:  lockClass("lease " + r.table.String()),
-		classMember: lockClass("member " + r.table.String()),
+		owner:      newOwner(),
+		timeout:    cfg.Relay.LeaseTimeout,
+		partitions: cfg.Relay.Partitions,
 	}
 	r.links[metrics.LinkPostgres] = errNotConnected
 	r.links[metrics.LinkAMQP] = errNotConnected
@@ -153,6 +156,7 @@ func (r *Relay) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("postgres pool: %w", err)
 	}
+	r.pool = pool
 	r.lastLoop.Store(time.Now().UnixNano())
 
 	var wg sync.WaitGroup
@@ -171,7 +175,9 @@ func (r *Relay) Run(ctx context.Context) error {
 		zap.String("wake_mode", r.cfg.Wake.Mode),
 		zap.Int("batch_size", r.cfg.Relay.BatchSize))
 	err = r.claimLoop(ctx, pool, poolCfg.ConnConfig)
-	r.leases.drop(ctx)
+	if r.cfg.Relay.Ordering == OrderingPartitionKey {
+		r.leases.release(ctx, r)
+	}
 
 	// Reverse order of start: claiming has stopped and its last batch is
 	// settled; now the background loops, the broker, the pool.
@@ -266,12 +272,8 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			r.setLink(metrics.LinkAMQP, nil)
 		}
 		if ordered {
-			err := r.leases.maintain(ctx, r, connCfg)
-			if err == nil {
-				err = r.horizon.advance(ctx, r.leases.conn, r.q, r.seqName, r.table.Quoted())
-			}
-			if err != nil {
-				r.leases.drop(ctx)
+			if err := r.leases.maintain(ctx, r); err != nil {
+				r.leases.lapse()
 				r.horizon.reset()
 				if ctx.Err() == nil {
 					r.pgFailed(err)
@@ -283,6 +285,10 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		}
 		next, err := r.claimAndSend(ctx, drain, pool, probe)
 		if err != nil {
+			if ordered {
+				// The error may be a restarted or failed-over server.
+				r.horizon.reset()
+			}
 			if ctx.Err() == nil {
 				pause()
 			}
@@ -317,7 +323,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		linkOK()
 		wait := interval
 		switch {
-		case ordered && r.horizon.behind():
+		case ordered && r.held > 0:
 			// Committed rows may wait above the commit horizon: look again
 			// soon, without hammering while a long transaction holds it.
 			probe = false
@@ -441,6 +447,11 @@ func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, pro
 	}
 	b.tx = tx
 	b.msgs, b.invalid, err = r.claim(ctx, tx)
+	if err == nil && r.cfg.Relay.Ordering == OrderingPartitionKey {
+		n := b.size()
+		b.msgs, b.invalid, err = r.gate(ctx, tx, b.msgs, b.invalid)
+		r.held = n - b.size()
+	}
 	if err != nil {
 		_ = tx.Rollback(drain)
 		return nil, r.pgFailed(err)
@@ -449,6 +460,16 @@ func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, pro
 	r.m.StageDuration.WithLabelValues(metrics.StageClaim).Observe(time.Since(b.claimed).Seconds())
 	if b.size() == 0 {
 		return nil, tx.Commit(drain)
+	}
+	if r.cfg.Relay.Ordering == OrderingPartitionKey && time.Since(b.claimed) >= r.leases.claimMargin() {
+		// The claim vouched for its partitions' leases for claimMargin
+		// only: this process was stalled (GC, SIGSTOP) between claim and
+		// send, another replica may hold them now, and the server may have
+		// ended this transaction. Publishing could overtake that replica.
+		_ = tx.Rollback(drain)
+		r.log.Warn("claimed batch dropped: not sent while its partition leases were certain",
+			zap.Int("batch_size", b.size()), zap.Duration("since_claim", time.Since(b.claimed)))
+		return nil, nil
 	}
 	r.m.BatchSize.Observe(float64(b.size()))
 	b.sent = time.Now()
@@ -461,7 +482,15 @@ func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, pro
 // rows whose link dropped left untouched. It always ends the transaction.
 func (r *Relay) settle(ctx, drain context.Context, b *batch) error {
 	defer func() { _ = b.tx.Rollback(drain) }()
-	errs := b.pending.Wait(drain)
+	waitCtx := drain
+	if r.cfg.Relay.Ordering == OrderingPartitionKey {
+		// The claim transaction may stay idle for relay.lease_timeout only
+		// (claimOrdered): settle well before the server ends it.
+		var cancel context.CancelFunc
+		waitCtx, cancel = context.WithDeadline(drain, b.claimed.Add(r.cfg.Relay.LeaseTimeout*3/4))
+		defer cancel()
+	}
+	errs := b.pending.Wait(waitCtx)
 	confirmedAt := time.Now()
 	r.m.PublishLatency.Observe(confirmedAt.Sub(b.sent).Seconds())
 	r.m.StageDuration.WithLabelValues(metrics.StagePublish).Observe(confirmedAt.Sub(b.sent).Seconds())
@@ -526,7 +555,8 @@ func (r *Relay) claim(ctx context.Context, tx pgx.Tx) (msgs []Message, invalid [
 	var rows pgx.Rows
 	if r.cfg.Relay.Ordering == OrderingPartitionKey {
 		rows, err = tx.Query(ctx, r.q.claimOrdered, r.cfg.Relay.BatchSize, r.cfg.Relay.Partitions,
-			r.leases.ownedPartitions(), r.horizon.safe)
+			r.leases.owner, strconv.FormatInt(r.cfg.Relay.LeaseTimeout.Milliseconds(), 10),
+			r.leases.claimMargin().Milliseconds())
 	} else {
 		rows, err = tx.Query(ctx, r.q.claimBatch, r.cfg.Relay.BatchSize)
 	}
@@ -697,6 +727,20 @@ func (r *Relay) Ready() error {
 		errs = append(errs, fmt.Errorf("claim loop stuck since %s", last.Format(time.RFC3339)))
 	}
 	return errors.Join(errs...)
+}
+
+// Live reports nil unless, in ordered mode, the claim loop has made no
+// progress for relay.lease_timeout: its partition leases have lapsed and
+// only a restart can be trusted to fix whatever holds it (/healthz).
+func (r *Relay) Live() error {
+	if r.cfg.Relay.Ordering != OrderingPartitionKey || !r.started.Load() {
+		return nil
+	}
+	if last := time.Unix(0, r.lastLoop.Load()); time.Since(last) > r.cfg.Relay.LeaseTimeout {
+		return fmt.Errorf("%w since %s (relay.lease_timeout %s): its partition leases have lapsed",
+			errNotLive, last.Format(time.RFC3339), r.cfg.Relay.LeaseTimeout)
+	}
+	return nil
 }
 
 // listen keeps a dedicated LISTEN connection (notify mode), waking the claim
