@@ -122,7 +122,7 @@ type EngineConfig struct {
 	// sixth of it, so a replica that freezes or whose loop stops making
 	// progress loses them, and its keys move to another replica, within
 	// about 1.2 times this; its /healthz then fails. It also bounds how long
-	// a claimed batch may wait for its confirms. Default 20s; at least 1s.
+	// a claimed batch may wait for its confirms. Default 15s; at least 1s.
 	LeaseTimeout time.Duration `yaml:"lease_timeout"`
 	// OnDead, in ordered mode, is "continue" (default: a dead row no longer
 	// blocks its key) or "block" (the key waits until an operator retries or
@@ -196,7 +196,7 @@ func (c Config) WithDefaults() Config {
 	c.Relay.StatsInterval = cmp.Or(c.Relay.StatsInterval, 5*time.Second)
 	c.Relay.Ordering = cmp.Or(c.Relay.Ordering, OrderingNone)
 	c.Relay.Partitions = cmp.Or(c.Relay.Partitions, 64)
-	c.Relay.LeaseTimeout = cmp.Or(c.Relay.LeaseTimeout, 20*time.Second)
+	c.Relay.LeaseTimeout = cmp.Or(c.Relay.LeaseTimeout, 15*time.Second)
 	c.Relay.OnDead = cmp.Or(c.Relay.OnDead, OnDeadContinue)
 	if c.Retention.Enabled == nil {
 		t := true
