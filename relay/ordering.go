@@ -202,6 +202,39 @@ func (r *Relay) gate(ctx context.Context, tx pgx.Tx, msgs []Message, invalid []f
 	return msgs, invalid, nil
 }
 
+// findHeads returns the heads claimOrdered may take: it visits up to four
+// batches' worth of keys, from where the last visit stopped, so that every
+// key gets its turn however many keys there are.
+func (r *Relay) findHeads(ctx context.Context, tx pgx.Tx) ([]int64, error) {
+	visit := 4 * r.cfg.Relay.BatchSize
+	rows, err := tx.Query(ctx, r.q.findHeads, r.cursor, visit, r.leases.owned, r.cfg.Relay.Partitions)
+	if err != nil {
+		return nil, fmt.Errorf("find heads: %w", err)
+	}
+	var (
+		key    string
+		seq    int64
+		usable bool
+		heads  []int64
+		n      int
+	)
+	_, err = pgx.ForEachRow(rows, []any{&key, &seq, &usable}, func() error {
+		n++
+		if usable {
+			heads = append(heads, seq)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("find heads: %w", err)
+	}
+	r.cursor = ""
+	if n == visit {
+		r.cursor = key // the last key visited: the next visit starts there
+	}
+	return heads, nil
+}
+
 // leases are this replica's partition leases, kept in the lease table and
 // renewed by the claim loop (maintain), so they work through a pooler in
 // transaction mode and lapse when the loop stops.

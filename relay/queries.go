@@ -22,6 +22,7 @@ type queries struct {
 	cleanDead       string
 
 	// Ordered mode (see ordering.go).
+	findHeads         string
 	claimOrdered      string
 	confirmHeads      string
 	readHorizon       string
@@ -48,8 +49,11 @@ WHERE ` + pending + ` AND partition_key IS NOT NULL GROUP BY p`
 
 // partitionOf is the SQL expression for a key's virtual partition, given
 // the partition count as parameter $n.
-func partitionOf(n int) string {
-	return fmt.Sprintf(`((hashtextextended(partition_key, 0) & 2147483647) %% $%d)::int4`, n)
+func partitionOf(n int) string { return partitionOfKey("partition_key", n) }
+
+// partitionOfKey is partitionOf for the key in column col.
+func partitionOfKey(col string, n int) string {
+	return fmt.Sprintf(`((hashtextextended(%s, 0) & 2147483647) %% $%d)::int4`, col, n)
 }
 
 // messageColumns are the columns scanMessage reads, in its order.
@@ -71,9 +75,13 @@ func pageReplay(tbl string) string {
 	return fmt.Sprintf(`SELECT `+messageColumns+` FROM %s WHERE `+replaySelection+` ORDER BY seq LIMIT $6`, tbl)
 }
 
-// pending is the predicate of the partial index outbox_pending; every query
-// that looks for work repeats it verbatim so the planner can use the index.
+// pending is the predicate of the partial indexes outbox_pending and
+// outbox_pending_key; every query that looks for work repeats it verbatim
+// so the planner can use them.
 const pending = `dispatched_at IS NULL AND dead_at IS NULL`
+
+// pendingAlias is pending for a table aliased e.
+const pendingAlias = `e.dispatched_at IS NULL AND e.dead_at IS NULL`
 
 func newQueries(t ident.Table, onDead string) queries {
 	tbl := t.Quoted()
@@ -85,15 +93,33 @@ func newQueries(t ident.Table, onDead string) queries {
              AND d.dispatched_at IS NULL AND d.partition_key = o.partition_key AND d.seq < o.seq)`, tbl)
 	}
 	return queries{
-		// Heads only: due rows in seq order, keyless ones as in unordered
-		// mode, keyed ones when their partition's lease is this replica's
-		// ($3) for at least $5 ms more and no lower pending row of their key
-		// exists (one probe of pending_key per candidate, so the cost
-		// follows the rows claimed, not the backlog). SKIP LOCKED skips a
-		// head another batch holds, and with it its whole key, whose later
-		// rows see it pending. The commit horizon is checked afterwards
-		// (gate). The transaction may stay idle for at most $4 (ms): if
-		// this replica freezes, the server ends it and frees its rows.
+		// The heads of up to $2 keys from key $1 on, in key order: per key
+		// its lowest pending row, one probe of pending_key each (a loose
+		// index scan), so the cost follows the keys visited, never the rows
+		// queued behind them. Each comes with whether it can be claimed
+		// now: due, and in a partition of $3 (this replica's, as it last
+		// renewed them; claimOrdered checks the lease table itself).
+		findHeads: fmt.Sprintf(`WITH RECURSIVE walk AS (
+  (SELECT e.partition_key AS k, e.seq, e.available_at, 1 AS n FROM %[1]s e
+   WHERE `+pendingAlias+` AND e.partition_key >= $1 ORDER BY e.partition_key, e.seq LIMIT 1)
+  UNION ALL
+  SELECT nx.k, nx.seq, nx.available_at, w.n + 1 FROM walk w, LATERAL (
+    SELECT e.partition_key AS k, e.seq, e.available_at FROM %[1]s e
+    WHERE `+pendingAlias+` AND e.partition_key > w.k ORDER BY e.partition_key, e.seq LIMIT 1) nx
+  WHERE w.n < $2
+)
+SELECT k, seq, available_at <= now() AND %[2]s = ANY($3::int4[]) FROM walk`, tbl, partitionOfKey("k", 4)),
+
+		// Claims the heads $6 found by findHeads, and due keyless rows as in
+		// unordered mode (through pending_key, where they sort first), in
+		// seq order. A head is taken only while its partition's lease is
+		// this replica's ($3) for at least $5 ms more, so a replica that
+		// lost it claims nothing of it. SKIP LOCKED skips a head another
+		// batch holds (its key's later rows are never heads meanwhile); a
+		// head settled since findHeads no longer matches pending. The
+		// commit horizon is checked afterwards (gate). The transaction may
+		// stay idle for at most $4 (ms): if this replica freezes, the
+		// server ends it and frees its rows.
 		claimOrdered: fmt.Sprintf(`WITH fence AS MATERIALIZED (
   SELECT set_config('idle_in_transaction_session_timeout', $4::text, true) IS NOT NULL AS ok
 ), owned AS (
@@ -102,11 +128,11 @@ func newQueries(t ident.Table, onDead string) queries {
 )
 SELECT `+messageColumns+`
 FROM %[1]s o
-WHERE (SELECT ok FROM fence) AND `+pending+` AND available_at <= now()
-  AND (partition_key IS NULL
-       OR (%[3]s = ANY((SELECT p FROM owned)::int4[])
-           AND NOT EXISTS (SELECT 1 FROM %[1]s e WHERE e.partition_key = o.partition_key AND e.seq < o.seq
-                             AND e.dispatched_at IS NULL AND e.dead_at IS NULL)%[2]s))
+WHERE (SELECT ok FROM fence)
+  AND o.seq = ANY(ARRAY(SELECT e.seq FROM %[1]s e WHERE `+pendingAlias+` AND e.partition_key IS NULL
+                          AND e.available_at <= now() ORDER BY e.partition_key, e.seq LIMIT 4 * $1) || $6::bigint[])
+  AND `+pending+` AND available_at <= now()
+  AND (partition_key IS NULL OR (%[3]s = ANY((SELECT p FROM owned)::int4[])%[2]s))
 ORDER BY seq
 LIMIT $1
 FOR UPDATE SKIP LOCKED`, tbl, deadBlocks, partitionOf(2), leasesTbl),

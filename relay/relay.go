@@ -61,7 +61,8 @@ type Relay struct {
 	horizon horizon
 	leases  leases
 	seqName string
-	held    int // rows the last claim left unpublished above the commit horizon
+	held    int    // rows the last claim left unpublished above the commit horizon
+	cursor  string // the key findHeads starts from
 
 	pool *pgxpool.Pool // set by Run
 
@@ -554,9 +555,13 @@ type failure struct {
 func (r *Relay) claim(ctx context.Context, tx pgx.Tx) (msgs []Message, invalid []failure, err error) {
 	var rows pgx.Rows
 	if r.cfg.Relay.Ordering == OrderingPartitionKey {
+		var heads []int64
+		if heads, err = r.findHeads(ctx, tx); err != nil {
+			return nil, nil, err
+		}
 		rows, err = tx.Query(ctx, r.q.claimOrdered, r.cfg.Relay.BatchSize, r.cfg.Relay.Partitions,
 			r.leases.owner, strconv.FormatInt(r.cfg.Relay.LeaseTimeout.Milliseconds(), 10),
-			r.leases.claimMargin().Milliseconds())
+			r.leases.claimMargin().Milliseconds(), heads)
 	} else {
 		rows, err = tx.Query(ctx, r.q.claimBatch, r.cfg.Relay.BatchSize)
 	}

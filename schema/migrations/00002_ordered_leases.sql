@@ -3,11 +3,12 @@
 -- the cost of one probe per candidate row. See docs/ordering.md.
 
 -- +goose Up
--- Per key, pending rows in seq order: "is there a lower pending row of this
--- key?" is one index probe. Keyed rows only, and a dispatched or dead row
--- leaves it, so it stays as small as the backlog.
+-- Per key, pending rows in seq order: a key's head is one probe, and the
+-- heads of many keys a walk from key to key that never reads the rows queued
+-- behind them; keyless rows sort together, in seq order. A dispatched or
+-- dead row leaves it, so it stays as small as the backlog.
 CREATE INDEX {{.Local "pending_key"}} ON {{.Table}} (partition_key, seq)
-    WHERE dispatched_at IS NULL AND dead_at IS NULL AND partition_key IS NOT NULL;
+    WHERE dispatched_at IS NULL AND dead_at IS NULL;
 
 -- One row per leased partition. A lease lapses at expires_at unless its
 -- holder's claim loop renews it, so a replica that hangs or freezes loses
