@@ -202,37 +202,124 @@ func (r *Relay) gate(ctx context.Context, tx pgx.Tx, msgs []Message, invalid []f
 	return msgs, invalid, nil
 }
 
-// findHeads returns the heads claimOrdered may take: it visits up to four
-// batches' worth of keys, from where the last visit stopped, so that every
-// key gets its turn however many keys there are.
+// findHeads returns the heads claimOrdered may take: the next heads of the
+// keys whose batches settled since the last claim (one probe each: after a
+// settle, that is where the work is), and those of a walk over the keys
+// from where the last walk stopped, so that every key gets its turn however
+// many keys there are. While the settled keys yield half a batch or more
+// (a backlog), the walk is short: it only has to discover keys, and
+// visiting keys whose heads are in flight costs a probe each for nothing.
 func (r *Relay) findHeads(ctx context.Context, tx pgx.Tx) ([]int64, error) {
-	visit := 4 * r.cfg.Relay.BatchSize
-	rows, err := tx.Query(ctx, r.q.findHeads, r.cursor, visit, r.leases.owned, r.cfg.Relay.Partitions)
+	r.settledMu.Lock()
+	keys, after := r.settledKeys, r.settledSeqs
+	r.settledKeys, r.settledSeqs = nil, nil
+	flying := make(map[string]bool, len(r.flying))
+	for k := range r.flying {
+		flying[k] = true
+	}
+	r.settledMu.Unlock()
+	walk := 4 * r.cfg.Relay.BatchSize
+	if len(keys) > 0 && r.settledHits >= r.cfg.Relay.BatchSize/2 {
+		walk = max(1, r.cfg.Relay.BatchSize/16)
+	}
+	rows, err := tx.Query(ctx, r.q.findHeads, r.cursor, walk, r.leases.owned, r.cfg.Relay.Partitions, keys, after)
 	if err != nil {
 		return nil, fmt.Errorf("find heads: %w", err)
 	}
 	var (
-		key    string
-		seq    int64
-		usable bool
-		heads  []int64
-		n      int
+		walked, usable bool
+		key, last      string
+		seq            int64
+		heads          []int64
+		n, hits        int
 	)
-	_, err = pgx.ForEachRow(rows, []any{&key, &seq, &usable}, func() error {
-		n++
-		if usable {
+	_, err = pgx.ForEachRow(rows, []any{&walked, &key, &seq, &usable}, func() error {
+		if walked {
+			n++
+			last = key
+		}
+		if usable && !flying[key] {
 			heads = append(heads, seq)
+			r.found[seq] = key
+			if !walked {
+				hits++
+			}
 		}
 		return nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("find heads: %w", err)
 	}
+	if len(keys) > 0 {
+		r.settledHits = hits
+	}
 	r.cursor = ""
-	if n == visit {
-		r.cursor = key // the last key visited: the next visit starts there
+	if n == walk {
+		r.cursor = last // the next walk starts there
 	}
 	return heads, nil
+}
+
+// requeue keeps the keys of heads found but not published in this batch
+// (beyond its size, or above the horizon) for the next claim's probes, so
+// that their turn does not wait for a walk. When none is left, every head
+// found is in flight, and claiming again before a batch settles would walk
+// the keys for nothing (exhausted).
+func (r *Relay) requeue(msgs []Message) {
+	for _, m := range msgs {
+		delete(r.found, m.Seq)
+	}
+	r.exhausted = len(r.found) == 0
+	if r.exhausted {
+		return
+	}
+	r.settledMu.Lock()
+	for seq, key := range r.found {
+		if len(r.settledKeys) < 4*r.cfg.Relay.BatchSize {
+			r.settledKeys = append(r.settledKeys, key)
+			r.settledSeqs = append(r.settledSeqs, seq-1) // the probe finds seq itself
+		}
+	}
+	r.settledMu.Unlock()
+	clear(r.found)
+}
+
+// noteSent records the keys of a batch in flight: their heads are locked
+// by it, and findHeads leaves them out of the claim.
+func (r *Relay) noteSent(msgs []Message) {
+	r.settledMu.Lock()
+	defer r.settledMu.Unlock()
+	for _, m := range msgs {
+		if m.Key != "" {
+			r.flying[m.Key]++
+		}
+	}
+}
+
+// noteSettled records the keys of a settled batch's dispatched rows (done,
+// nil if its transaction did not commit): the next claim looks for their
+// next heads first.
+func (r *Relay) noteSettled(msgs []Message, done []int64) {
+	ok := make(map[int64]bool, len(done))
+	for _, s := range done {
+		ok[s] = true
+	}
+	r.settledMu.Lock()
+	for _, m := range msgs {
+		r.flying[m.Key]--
+		if r.flying[m.Key] <= 0 {
+			delete(r.flying, m.Key)
+		}
+		if m.Key != "" && ok[m.Seq] && len(r.settledKeys) < 4*r.cfg.Relay.BatchSize {
+			r.settledKeys = append(r.settledKeys, m.Key)
+			r.settledSeqs = append(r.settledSeqs, m.Seq)
+		}
+	}
+	r.settledMu.Unlock()
+	select {
+	case r.settledSig <- struct{}{}:
+	default:
+	}
 }
 
 // leases are this replica's partition leases, kept in the lease table and

@@ -93,10 +93,13 @@ func newQueries(t ident.Table, onDead string) queries {
              AND d.dispatched_at IS NULL AND d.partition_key = o.partition_key AND d.seq < o.seq)`, tbl)
 	}
 	return queries{
-		// The heads of up to $2 keys from key $1 on, in key order: per key
-		// its lowest pending row, one probe of pending_key each (a loose
-		// index scan), so the cost follows the keys visited, never the rows
-		// queued behind them. Each comes with whether it can be claimed
+		// The heads of up to $2 keys from key $1 on, in key order (walked:
+		// true), and of the keys $5 (false) past their rows $6 just
+		// dispatched: per key its lowest pending row, one probe of
+		// pending_key each (the walk is a loose index scan), so the cost
+		// follows the keys visited, never the rows queued behind them; the
+		// probe past a dispatched row also skips the index entries its
+		// key's dispatched rows leave until vacuum. Each comes with whether it can be claimed
 		// now: due, and in a partition of $3 (this replica's, as it last
 		// renewed them; claimOrdered checks the lease table itself).
 		findHeads: fmt.Sprintf(`WITH RECURSIVE walk AS (
@@ -108,7 +111,12 @@ func newQueries(t ident.Table, onDead string) queries {
     WHERE `+pendingAlias+` AND e.partition_key > w.k ORDER BY e.partition_key, e.seq LIMIT 1) nx
   WHERE w.n < $2
 )
-SELECT k, seq, available_at <= now() AND %[2]s = ANY($3::int4[]) FROM walk`, tbl, partitionOfKey("k", 4)),
+SELECT true, k, seq, available_at <= now() AND %[2]s = ANY($3::int4[]) FROM walk
+UNION ALL
+SELECT false, k, h.seq, h.available_at <= now() AND %[2]s = ANY($3::int4[])
+FROM unnest($5::text[], $6::bigint[]) t(k, after), LATERAL (
+  SELECT e.seq, e.available_at FROM %[1]s e WHERE `+pendingAlias+` AND e.partition_key = t.k AND e.seq > t.after
+  ORDER BY e.seq LIMIT 1) h`, tbl, partitionOfKey("k", 4)),
 
 		// Claims the heads $6 found by findHeads, and due keyless rows as in
 		// unordered mode (through pending_key, where they sort first), in

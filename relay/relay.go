@@ -64,6 +64,18 @@ type Relay struct {
 	held    int    // rows the last claim left unpublished above the commit horizon
 	cursor  string // the key findHeads starts from
 
+	// Ordered mode: keys whose batches settled since the last claim, and
+	// a signal for each settled batch.
+	settledMu   sync.Mutex
+	settledKeys []string
+	settledSeqs []int64 // the dispatched row of each settled key
+	settledHits int     // heads the last claim found among settled keys
+	exhausted   bool    // the last claim took every head it found
+	settledSig  chan struct{}
+	flying      map[string]int   // keys in batches in flight
+	found       map[int64]string // heads the last findHeads found, by seq
+	inflight    atomic.Int32     // batches sent and not yet settled
+
 	pool *pgxpool.Pool // set by Run
 
 	// cleanerLock is the advisory lock class that lets one replica's
@@ -106,7 +118,11 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 		m:     deps.Metrics,
 		pub:   pub,
 		wake:  make(chan string, 1),
-		links: map[string]error{},
+
+		settledSig: make(chan struct{}, 1),
+		flying:     map[string]int{},
+		found:      map[int64]string{},
+		links:      map[string]error{},
 
 		cleanerLock: lockClass("cleaner " + cfg.table().String()),
 	}
@@ -222,7 +238,12 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 	go func() {
 		defer close(settled)
 		for b := range sent {
-			if err := r.settle(ctx, drain, b); err != nil {
+			err := r.settle(ctx, drain, b)
+			if ordered {
+				r.noteSettled(b.msgs, b.done)
+			}
+			r.inflight.Add(-1)
+			if err != nil {
 				select {
 				case settleErr <- err:
 				default:
@@ -299,9 +320,16 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		if next != nil {
 			// Blocks while the pipeline is full: the settler makes room
 			// within amqp.confirm_timeout.
+			if ordered {
+				r.noteSent(next.msgs)
+			}
+			r.inflight.Add(1)
 			sent <- next
 			probe, interval = false, r.cfg.Wake.MinInterval
 			linkOK()
+			if ordered && r.exhausted {
+				r.waitSettled(ctx)
+			}
 			if r.cfg.Wake.Mode == WakePoll && !ordered && next.size() < r.cfg.Relay.BatchSize {
 				// A short batch took all that was due, so claiming again
 				// at once would mostly come back empty: three round trips
@@ -324,6 +352,10 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		linkOK()
 		wait := interval
 		switch {
+		case ordered && r.held == 0 && r.inflight.Load() > 0:
+			r.waitSettled(ctx)
+			probe = false
+			continue
 		case ordered && r.held > 0:
 			// Committed rows may wait above the commit horizon: look again
 			// soon, without hammering while a long transaction holds it.
@@ -338,6 +370,22 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		r.waitWake(ctx, wait)
 	}
 	return nil
+}
+
+// waitSettled waits until a batch in flight settles: every head due is in
+// a batch in flight, and walking the keys again before one settles would
+// find nothing for a probe per key. It cannot wait long: a batch waits for
+// its confirms for at most 3/4 of relay.lease_timeout (settle), in normal
+// operation milliseconds; keys that got their first rows meanwhile are
+// found at the next claim.
+func (r *Relay) waitSettled(ctx context.Context) {
+	if r.inflight.Load() == 0 {
+		return
+	}
+	select {
+	case <-ctx.Done():
+	case <-r.settledSig:
+	}
 }
 
 // inflightLimit is how many sent batches may await their confirms at once.
@@ -416,6 +464,7 @@ type batch struct {
 	invalid []failure
 	pending Pending
 	claimed time.Time // claim began
+	done    []int64   // rows committed as dispatched, once settled
 	sent    time.Time // publish began
 }
 
@@ -452,6 +501,7 @@ func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, pro
 		n := b.size()
 		b.msgs, b.invalid, err = r.gate(ctx, tx, b.msgs, b.invalid)
 		r.held = n - b.size()
+		r.requeue(b.msgs)
 	}
 	if err != nil {
 		_ = tx.Rollback(drain)
@@ -533,6 +583,7 @@ func (r *Relay) settle(ctx, drain context.Context, b *batch) error {
 	if err := b.tx.Commit(bookCtx); err != nil {
 		return r.pgFailed(fmt.Errorf("commit batch: %w", err))
 	}
+	b.done = done
 	r.m.StageDuration.WithLabelValues(metrics.StageMark).Observe(time.Since(confirmedAt).Seconds())
 	r.m.BatchDuration.Observe(time.Since(b.claimed).Seconds())
 	r.sendFailing.Store(linkDown != nil)
