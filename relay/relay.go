@@ -239,10 +239,12 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		defer close(settled)
 		for b := range sent {
 			err := r.settle(ctx, drain, b)
+			// Counted out before the signal: a claim loop that sees the
+			// batch in flight gets the signal after it.
+			r.inflight.Add(-1)
 			if ordered {
 				r.noteSettled(b.msgs, b.done)
 			}
-			r.inflight.Add(-1)
 			if err != nil {
 				select {
 				case settleErr <- err:
@@ -374,17 +376,21 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 
 // waitSettled waits until a batch in flight settles: every head due is in
 // a batch in flight, and walking the keys again before one settles would
-// find nothing for a probe per key. It cannot wait long: a batch waits for
-// its confirms for at most 3/4 of relay.lease_timeout (settle), in normal
-// operation milliseconds; keys that got their first rows meanwhile are
-// found at the next claim.
+// find nothing for a probe per key. A batch waits for its confirms for at
+// most 3/4 of relay.lease_timeout (settle), in normal operation
+// milliseconds; keys that got their first rows meanwhile are found at the
+// next claim.
 func (r *Relay) waitSettled(ctx context.Context) {
 	if r.inflight.Load() == 0 {
 		return
 	}
+	// Not longer than a lease renewal period: the loop renews the leases.
+	t := time.NewTimer(r.leases.renewEvery())
+	defer t.Stop()
 	select {
 	case <-ctx.Done():
 	case <-r.settledSig:
+	case <-t.C:
 	}
 }
 
