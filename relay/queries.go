@@ -200,3 +200,7 @@ SELECT (SELECT count(*) FROM gone), coalesce((SELECT max(seq) FROM page), 0), (S
   WHERE tgrelid = $1::regclass AND tgname = $2), false)`,
 	}
 }
+
+// beginWrite opens the relay's write transactions (writeTx): one simple-
+// protocol round trip, the setting scoped to the transaction.
+const beginWrite = `BEGIN; SET LOCAL synchronous_commit = off`

@@ -136,19 +136,10 @@ func (r *Relay) Run(ctx context.Context) error {
 	if !r.started.CompareAndSwap(false, true) {
 		return errors.New("relay: Run called twice")
 	}
-	poolCfg, err := pgxpool.ParseConfig(r.cfg.Postgres.DSN)
+	poolCfg, err := PoolConfig(r.cfg.Postgres)
 	if err != nil {
-		return fmt.Errorf("postgres.dsn: %s", Redact(err.Error()))
+		return err
 	}
-	poolCfg.MaxConns = r.cfg.Postgres.MaxConns
-	if poolCfg.ConnConfig.RuntimeParams["application_name"] == "" {
-		poolCfg.ConnConfig.RuntimeParams["application_name"] = "outbox-relay"
-	}
-	// The relay's own writes (marks, retries, cleaning) need no flush at
-	// commit: one lost in a database crash only makes the relay publish
-	// those events again, which at-least-once allows. Not waiting for the
-	// WAL flush keeps the relay off the producers' commit path.
-	poolCfg.ConnConfig.RuntimeParams["synchronous_commit"] = "off"
 	pool, err := pgxpool.NewWithConfig(context.WithoutCancel(ctx), poolCfg)
 	if err != nil {
 		return fmt.Errorf("postgres pool: %w", err)
@@ -435,7 +426,7 @@ func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, pro
 		}
 	}
 	b := &batch{claimed: time.Now()}
-	tx, err := pool.Begin(ctx)
+	tx, err := pool.BeginTx(ctx, writeTx)
 	if err != nil {
 		return nil, r.pgFailed(fmt.Errorf("begin: %w", err))
 	}

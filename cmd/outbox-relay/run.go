@@ -73,7 +73,7 @@ func (c *cliEnv) cmdRun(ctx context.Context, args []string) error {
 }
 
 func migrateUp(ctx context.Context, pg relay.PostgresConfig, log *zap.Logger) error {
-	db, closeDB, err := openDB(ctx, pg.DSN)
+	db, closeDB, err := openDB(ctx, pg)
 	if err != nil {
 		return err
 	}
