@@ -29,6 +29,10 @@ func (c *cliEnv) cmdRun(ctx context.Context, args []string) error {
 	}
 	log := newLogger(cfg.Log, c.stderr)
 	defer func() { _ = log.Sync() }()
+	if links := cfg.ServiceLinks(); len(links) > 0 {
+		log.Info("ignoring Kubernetes service-link variables of a Service named after the relay (enableServiceLinks: false on the pod drops them)",
+			zap.Strings("variables", links))
+	}
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
