@@ -24,6 +24,18 @@ var serviceLinkShapes = []struct {
 	{regexp.MustCompile(`^OUTBOX_RELAY_(?:[A-Z0-9_]+_)?PORT_[0-9]+_(?:TCP|UDP|SCTP)_ADDR$`), isIP},
 }
 
+// ServiceLinkName reports whether name has the shape of a Kubernetes
+// service-link variable of a Service named after the relay (whatever its
+// value), for documentation that names them.
+func ServiceLinkName(name string) bool {
+	for _, s := range serviceLinkShapes {
+		if s.name.MatchString(name) {
+			return true
+		}
+	}
+	return false
+}
+
 // serviceLink reports whether name=value is a Kubernetes service-link
 // variable of a Service named after the relay.
 func serviceLink(name, value string) bool {
