@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
-	"net/url"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -75,7 +74,10 @@ type PostgresConfig struct {
 
 // AMQPConfig says where and how events are published.
 type AMQPConfig struct {
-	// URL of the broker, amqp:// or amqps://. Required.
+	// URL of the broker, amqp:// or amqps://. Required. Several URLs, the
+	// nodes of a cluster, are separated by commas (in YAML, a list also
+	// does): the relay connects to the first that answers, in order, and
+	// moves on to the next when its node fails.
 	URL string `yaml:"url"`
 	// Exchange events are published to. Required; "" (the default exchange) is
 	// not allowed because it routes by queue name, not event type.
@@ -266,11 +268,7 @@ func (c Config) Validate() error {
 		}
 	}
 	c.validatePooler(bad)
-	if c.AMQP.URL == "" {
-		bad("amqp.url", "required: a broker URL such as amqp://user:pass@host:5672/vhost (env OUTBOX_RELAY_AMQP_URL)")
-	} else if u, err := url.Parse(c.AMQP.URL); err != nil || (u.Scheme != "amqp" && u.Scheme != "amqps") {
-		bad("amqp.url", "must be an amqp:// or amqps:// URL, got %q", RedactURL(c.AMQP.URL))
-	}
+	validateURLs(bad, c.AMQP.URL)
 	if c.AMQP.Exchange == "" {
 		bad("amqp.exchange", "required: the exchange events are published to (env OUTBOX_RELAY_AMQP_EXCHANGE)")
 	}

@@ -91,7 +91,9 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 	log := deps.Logger.Named("relay")
 	pub := deps.Publisher
 	if pub == nil {
-		pub = NewAMQPPublisher(cfg.AMQP, cfg.Relay.BatchSize, log.Named("amqp"))
+		ap := NewAMQPPublisher(cfg.AMQP, cfg.Relay.BatchSize, log.Named("amqp"))
+		ap.onNode = nodeGauge(deps.Metrics, ap.urls)
+		pub = ap
 	}
 	r := &Relay{
 		cfg:   cfg,
