@@ -32,6 +32,7 @@ package testenv
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -316,6 +317,9 @@ type RabbitMQOptions struct {
 	// for example "max_message_size = 1048576". They come after the node's
 	// own listener and log settings.
 	Conf []string
+	// Cookie is the node's Erlang cookie; the nodes of one cluster share
+	// one (StartRabbitMQCluster). Default: a random one.
+	Cookie string
 }
 
 // StartRabbitMQ creates, starts and returns a private RabbitMQ node. The test
@@ -358,7 +362,7 @@ func StartRabbitMQWith(t testing.TB, opts RabbitMQOptions) *RabbitMQ {
 	}
 
 	files := map[string]string{
-		".erlang.cookie":    randomHex(16),
+		".erlang.cookie":    cmp.Or(opts.Cookie, randomHex(16)),
 		"enabled_plugins":   "[].\n",
 		"rabbitmq-env.conf": "# private node: keeps /etc/rabbitmq/rabbitmq-env.conf out\n",
 		"rabbitmq.conf": fmt.Sprintf("listeners.tcp.local = 127.0.0.1:%d\n"+
