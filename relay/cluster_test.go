@@ -119,4 +119,3 @@ func nodeOf(u string) string {
 	host, _, _ := strings.Cut(rest, "/")
 	return host
 }
-
