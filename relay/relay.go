@@ -671,7 +671,11 @@ func (r *Relay) setLink(link string, err error) {
 		// Once when an up link fails, and once when a link cannot be
 		// established at start; not again for every retry.
 		r.m.LinkUp.WithLabelValues(link).Set(0)
-		r.log.Warn("link down", zap.String("link", link), zap.Bool("never_up", first), zap.String("error", Redact(err.Error())))
+		fields := []zap.Field{zap.String("link", link), zap.Bool("never_up", first), zap.String("error", Redact(err.Error()))}
+		if hint := tlsHint(link, err); hint != "" {
+			fields = append(fields, zap.String("hint", hint))
+		}
+		r.log.Warn("link down", fields...)
 	}
 }
 
