@@ -20,7 +20,8 @@ import (
 // TestThroughPgBouncer checks that writers and a relay with default settings
 // (poll mode, the default query exec mode) both going through PgBouncer in
 // transaction mode, PgBouncer's defaults otherwise, deliver every event and
-// mark every row.
+// mark every row, without a database error on the way (named prepared
+// statements would fail now and then, and only retries would hide it).
 func TestThroughPgBouncer(t *testing.T) {
 	t.Parallel()
 	pgb := testenv.StartPgBouncer(t, testenv.DatabaseURL())
@@ -30,7 +31,7 @@ func TestThroughPgBouncer(t *testing.T) {
 
 	cfg := config(o, b)
 	cfg.Postgres.DSN = dsn
-	start(t, cfg)
+	_, logs := startObserved(t, cfg)
 
 	// The application's own pool goes through the pooler too; pgx's default
 	// named prepared statements do not survive transaction pooling before
@@ -80,6 +81,12 @@ func TestThroughPgBouncer(t *testing.T) {
 	testenv.Eventually(t, 10*time.Second, "every row dispatched", func() bool {
 		return o.Count(t, "dispatched_at IS NOT NULL") == len(want)
 	})
+	for _, e := range logs.FilterMessage("link down").All() {
+		t.Errorf("link down through PgBouncer: %v", e.ContextMap())
+	}
+	for _, e := range logs.FilterMessage("read stats").All() {
+		t.Errorf("stats query failed through PgBouncer: %v", e.ContextMap())
+	}
 }
 
 // TestPoolerTransactionRefusesSessionFeatures checks that with
