@@ -11,8 +11,11 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap/zaptest"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/metrics"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
 )
@@ -86,6 +89,47 @@ func TestThroughPgBouncer(t *testing.T) {
 	}
 	for _, e := range logs.FilterMessage("read stats").All() {
 		t.Errorf("stats query failed through PgBouncer: %v", e.ContextMap())
+	}
+}
+
+// TestUndeclaredPgBouncerRefusesSessionModes checks that notify mode and
+// ordered mode, pointed at PgBouncer in transaction mode without
+// postgres.pooler saying so, stop at start with an error naming the pooler
+// and the fix, instead of running with notifications astray or leases left
+// on pooled sessions.
+func TestUndeclaredPgBouncerRefusesSessionModes(t *testing.T) {
+	t.Parallel()
+	pgb := testenv.StartPgBouncer(t, testenv.DatabaseURL())
+	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+	for _, tc := range []struct {
+		setting string
+		set     func(*relay.Config)
+	}{
+		{"wake.mode: notify", func(c *relay.Config) { c.Wake.Mode = relay.WakeNotify }},
+		{"relay.ordering: partition_key", func(c *relay.Config) { c.Relay.Ordering = relay.OrderingPartitionKey }},
+	} {
+		cfg := config(o, b)
+		cfg.Postgres.DSN = pgb.DSN("test")
+		tc.set(&cfg)
+		m, err := metrics.New(prometheus.NewRegistry(), metrics.Config{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err := relay.New(cfg, relay.Deps{Logger: zaptest.NewLogger(t), Metrics: m})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		err = r.Run(ctx)
+		cancel()
+		if !errors.Is(err, relay.ErrTransactionPooler) {
+			t.Fatalf("%s through PgBouncer: Run returned %v, want ErrTransactionPooler", tc.setting, err)
+		}
+		for _, want := range []string{tc.setting, "PgBouncer", "session-mode pool"} {
+			if !strings.Contains(err.Error(), want) {
+				t.Errorf("%s: error %q does not mention %q", tc.setting, err, want)
+			}
+		}
 	}
 }
 

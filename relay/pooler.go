@@ -2,6 +2,8 @@ package relay
 
 import (
 	"cmp"
+	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"slices"
@@ -64,6 +66,74 @@ func (c Config) validatePooler(bad func(string, string, ...any)) {
 // (migrations hold a session advisory lock) when postgres.pooler is
 // transaction.
 var ErrPoolerNeedsSession = fmt.Errorf("needs a direct or session-pooled connection: postgres.pooler is %s (PgBouncer in transaction mode); set OUTBOX_RELAY_POSTGRES_DSN to PostgreSQL itself (or a session-mode pool) and OUTBOX_RELAY_POSTGRES_POOLER=none for this command", PoolerTransaction)
+
+// checkSession refuses, at start, notify or ordered mode through a pooler
+// in transaction mode that postgres.pooler does not declare. Undeclared, it
+// would not fail: notifications would go astray (the fallback poll hides
+// it) and advisory-lock leases would stay on pooled server connections.
+func (r *Relay) checkSession(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.ConnConfig) error {
+	if r.cfg.Wake.Mode != WakeNotify && r.cfg.Relay.Ordering != OrderingPartitionKey {
+		return nil
+	}
+	// A few looks: another client of the pooler (our own stats loop, at
+	// start) may take the session in between.
+	pooled := false
+	for range 5 {
+		var err error
+		if pooled, err = transactionPooled(ctx, pool, connCfg); err != nil {
+			return fmt.Errorf("check for a pooler: %w", err)
+		}
+		if pooled {
+			break
+		}
+	}
+	if !pooled {
+		return nil
+	}
+	what, fix := "wake.mode: notify (LISTEN)", "use wake.mode: poll, or point postgres.dsn at PostgreSQL itself or a session-mode pool"
+	if r.cfg.Relay.Ordering == OrderingPartitionKey {
+		what, fix = "relay.ordering: partition_key (session advisory-lock leases)", "point postgres.dsn at PostgreSQL itself or a session-mode pool"
+	}
+	return fmt.Errorf("%s needs a database session of its own: %w (two connections were handed the same server session); %s", what, ErrTransactionPooler, fix)
+}
+
+// ErrTransactionPooler is returned by Run when notify or ordered mode finds
+// a pooler in transaction mode that postgres.pooler does not declare.
+var ErrTransactionPooler = errors.New("postgres.dsn leads to a pooler in transaction mode, such as PgBouncer")
+
+// transactionPooled reports whether postgres.dsn leads to a pooler that
+// hands server sessions to clients per transaction: a connection's server
+// session, once its statement is done, is then given to the next
+// transaction of another client (PgBouncer reuses the most recent one
+// first), whereas PostgreSQL, or a pooler in session mode, never gives two
+// open connections the same backend. A pooler that happens to pick another
+// session is not detected: postgres.pooler is the way to say so.
+func transactionPooled(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.ConnConfig) (bool, error) {
+	c1, err := pool.Acquire(ctx)
+	if err != nil {
+		return false, err
+	}
+	defer c1.Release()
+	var first, other int32
+	if err := c1.QueryRow(ctx, backendPID).Scan(&first); err != nil {
+		return false, err
+	}
+	c2, err := pgx.ConnectConfig(ctx, connCfg)
+	if err != nil {
+		return false, err
+	}
+	defer func() { _ = c2.Close(context.WithoutCancel(ctx)) }()
+	// Inside a transaction, so that the session is held while it is read.
+	tx, err := c2.Begin(ctx)
+	if err != nil {
+		return false, err
+	}
+	defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }()
+	if err := tx.QueryRow(ctx, backendPID).Scan(&other); err != nil {
+		return false, err
+	}
+	return first == other, nil
+}
 
 // PoolConfig parses postgres.dsn into the configuration of a pgx pool that
 // works through a pooler in transaction mode: the query exec mode of

@@ -204,3 +204,6 @@ SELECT (SELECT count(*) FROM gone), coalesce((SELECT max(seq) FROM page), 0), (S
 // beginWrite opens the relay's write transactions (writeTx): one simple-
 // protocol round trip, the setting scoped to the transaction.
 const beginWrite = `BEGIN; SET LOCAL synchronous_commit = off`
+
+// backendPID names the server session a statement ran in.
+const backendPID = `SELECT pg_backend_pid()`

@@ -240,8 +240,12 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		default:
 		}
 		if !checked {
-			if err := r.checkSchema(ctx, pool); err != nil {
-				if errors.Is(err, ErrTableMissing) {
+			err := r.checkSchema(ctx, pool)
+			if err == nil {
+				err = r.checkSession(ctx, pool, connCfg)
+			}
+			if err != nil {
+				if errors.Is(err, ErrTableMissing) || errors.Is(err, ErrTransactionPooler) {
 					return err
 				}
 				r.setLink(metrics.LinkPostgres, err)
