@@ -75,20 +75,9 @@ func (r *Relay) checkSession(ctx context.Context, pool *pgxpool.Pool, connCfg *p
 	if r.cfg.Wake.Mode != WakeNotify && r.cfg.Relay.Ordering != OrderingPartitionKey {
 		return nil
 	}
-	// A few looks: another client of the pooler (our own stats loop, at
-	// start) may take the session in between.
-	pooled := false
-	for range 5 {
-		var err error
-		if pooled, err = transactionPooled(ctx, pool, connCfg); err != nil {
-			return fmt.Errorf("check for a pooler: %w", err)
-		}
-		if pooled {
-			break
-		}
-	}
-	if !pooled {
-		return nil
+	pooled, err := TransactionPooled(ctx, pool, connCfg)
+	if err != nil || !pooled {
+		return err
 	}
 	what, fix := "wake.mode: notify (LISTEN)", "use wake.mode: poll, or point postgres.dsn at PostgreSQL itself or a session-mode pool"
 	if r.cfg.Relay.Ordering == OrderingPartitionKey {
@@ -100,6 +89,23 @@ func (r *Relay) checkSession(ctx context.Context, pool *pgxpool.Pool, connCfg *p
 // ErrTransactionPooler is returned by Run when notify or ordered mode finds
 // a pooler in transaction mode that postgres.pooler does not declare.
 var ErrTransactionPooler = errors.New("postgres.dsn leads to a pooler in transaction mode, such as PgBouncer")
+
+// TransactionPooled reports whether the pool's DSN (connCfg) leads to a
+// pooler in transaction mode (transactionPooled), looking a few times:
+// another client of the pooler (the relay's own stats loop, at start) may
+// take the session in between.
+func TransactionPooled(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.ConnConfig) (bool, error) {
+	for range 5 {
+		pooled, err := transactionPooled(ctx, pool, connCfg)
+		if err != nil {
+			return false, fmt.Errorf("check for a pooler: %w", err)
+		}
+		if pooled {
+			return true, nil
+		}
+	}
+	return false, nil
+}
 
 // transactionPooled reports whether postgres.dsn leads to a pooler that
 // hands server sessions to clients per transaction: a connection's server

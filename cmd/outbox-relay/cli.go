@@ -138,6 +138,13 @@ func openDB(ctx context.Context, pg relay.PostgresConfig) (*sql.DB, func(), erro
 	if err != nil {
 		return nil, nil, fmt.Errorf("postgres.dsn: %s", relay.Redact(err.Error()))
 	}
+	if pooled, err := relay.TransactionPooled(ctx, pool, poolCfg.ConnConfig); err != nil || pooled {
+		pool.Close()
+		if err == nil {
+			err = &configError{fmt.Errorf("migrations need a database session of their own: %w (two connections were handed the same server session); set OUTBOX_RELAY_POSTGRES_DSN to PostgreSQL itself or a session-mode pool for this command", relay.ErrTransactionPooler)}
+		}
+		return nil, nil, err
+	}
 	db := stdlib.OpenDBFromPool(pool)
 	return db, func() { db.Close(); pool.Close() }, nil
 }

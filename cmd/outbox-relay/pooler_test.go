@@ -1,8 +1,13 @@
 package main
 
 import (
+	"context"
 	"strings"
 	"testing"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
 )
 
 // TestMigrateRefusesTransactionPooler checks that migrations, which hold a
@@ -35,5 +40,40 @@ func TestMigrateRefusesTransactionPooler(t *testing.T) {
 				t.Errorf("%s: stderr does not say %q:\n%s", args, want, stderr)
 			}
 		}
+	}
+}
+
+// TestMigrateRefusesUndeclaredPgBouncer checks that `migrate` pointed at
+// PgBouncer in transaction mode without postgres.pooler saying so refuses
+// (its lock is a session advisory lock) with exit status 2, the reason and
+// the fix, creating nothing.
+func TestMigrateRefusesUndeclaredPgBouncer(t *testing.T) {
+	t.Parallel()
+	pgb := testenv.StartPgBouncer(t, testenv.DatabaseURL())
+	schema := testenv.Name("t")
+	code, _, stderr := runCLI(t, []string{
+		"OUTBOX_RELAY_POSTGRES_DSN=" + pgb.DSN("test"),
+		"OUTBOX_RELAY_POSTGRES_SCHEMA=" + schema,
+	}, "migrate", "up")
+	if code != 2 {
+		t.Fatalf("exit %d, want 2; stderr:\n%s", code, stderr)
+	}
+	for _, want := range []string{"pooler in transaction mode, such as PgBouncer", "session-mode pool"} {
+		if !strings.Contains(stderr, want) {
+			t.Errorf("stderr does not say %q:\n%s", want, stderr)
+		}
+	}
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, testenv.DatabaseURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	var n int
+	if err := conn.QueryRow(ctx, `SELECT count(*) FROM pg_namespace WHERE nspname = $1`, schema).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	if n != 0 {
+		t.Errorf("schema %s was created through the pooler", schema)
 	}
 }
