@@ -374,9 +374,9 @@ func StartRabbitMQ(t testing.TB) *RabbitMQ {
 	return StartRabbitMQWith(t, RabbitMQOptions{})
 }
 
-// StartRabbitMQWith is StartRabbitMQ with options, such as broker limits
-// that the shared node must not have.
-func StartRabbitMQWith(t testing.TB, opts RabbitMQOptions) *RabbitMQ {
+// newRabbitMQ prepares a private node's directory, files and cleanup,
+// without starting it.
+func newRabbitMQ(t testing.TB, opts RabbitMQOptions) *RabbitMQ {
 	t.Helper()
 	server, ctl := rabbitMQScripts()
 	if server == "" {
@@ -433,7 +433,14 @@ func StartRabbitMQWith(t testing.TB, opts RabbitMQOptions) *RabbitMQ {
 			t.Fatalf("testenv: rabbitmq: %v", err)
 		}
 	}
+	return r
+}
 
+// StartRabbitMQWith is StartRabbitMQ with options, such as broker limits
+// that the shared node must not have.
+func StartRabbitMQWith(t testing.TB, opts RabbitMQOptions) *RabbitMQ {
+	t.Helper()
+	r := newRabbitMQ(t, opts)
 	begin := time.Now()
 	if err := r.start(); err != nil {
 		t.Fatalf("testenv: rabbitmq: %v", err)
