@@ -167,7 +167,7 @@ func PoolConfig(c PostgresConfig) (*pgxpool.Config, error) {
 	return poolCfg, nil
 }
 
-// writeTx begins the relay's write transactions (claim and mark) with
+// writeTx begins the relay's write transactions (claim and mark, cleaning) with
 // synchronous_commit off, in the BEGIN's own round trip: their commits need
 // no WAL flush, since one lost in a database crash only makes the relay
 // publish those events again, which at-least-once allows, and not waiting

@@ -810,8 +810,10 @@ func (r *Relay) cleanDispatched(ctx context.Context, pool *pgxpool.Pool) (total,
 		pages++
 		var deleted, last, rows int64
 		var recent bool
-		err := pool.QueryRow(ctx, r.q.cleanDispatched, keep.Milliseconds(), r.cfg.Retention.BatchSize,
-			after, r.cleanerLock).Scan(&deleted, &last, &rows, &recent)
+		err := pgx.BeginTxFunc(ctx, pool, writeTx, func(tx pgx.Tx) error {
+			return tx.QueryRow(ctx, r.q.cleanDispatched, keep.Milliseconds(), r.cfg.Retention.BatchSize,
+				after, r.cleanerLock).Scan(&deleted, &last, &rows, &recent)
+		})
 		if err != nil {
 			r.cleanFailed(err, metrics.CleanDispatched)
 			return total, pages
@@ -832,7 +834,11 @@ func (r *Relay) cleanDead(ctx context.Context, pool *pgxpool.Pool) {
 	keep := r.cfg.Retention.Dead
 	total := int64(0)
 	for ctx.Err() == nil {
-		tag, err := pool.Exec(ctx, r.q.cleanDead, keep.Milliseconds(), r.cfg.Retention.BatchSize)
+		var tag pgconn.CommandTag
+		err := pgx.BeginTxFunc(ctx, pool, writeTx, func(tx pgx.Tx) (err error) {
+			tag, err = tx.Exec(ctx, r.q.cleanDead, keep.Milliseconds(), r.cfg.Retention.BatchSize)
+			return err
+		})
 		if err != nil {
 			r.cleanFailed(err, metrics.CleanDead)
 			return
