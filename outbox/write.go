@@ -56,11 +56,13 @@ func NewWriter(schema, table string) (*Writer, error) {
 // trip: one array parameter per column, unnested in the caller's order so
 // sequence numbers follow the slice.
 const insertEvents = `INSERT INTO %s
-  (id, event_type, partition_key, payload, content_type, headers, correlation_id, available_at)
+  (id, event_type, partition_key, payload, content_type, headers, correlation_id, available_at, routing_key, exchange)
 SELECT u.id::uuid, u.event_type, u.partition_key, u.payload, u.content_type, u.headers::jsonb,
-       u.correlation_id, coalesce(u.available_at, now())
-FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::text[], $7::text[], $8::timestamptz[])
-     WITH ORDINALITY AS u(id, event_type, partition_key, payload, content_type, headers, correlation_id, available_at, ord)
+       u.correlation_id, coalesce(u.available_at, now()), u.routing_key, u.exchange
+FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::text[], $7::text[], $8::timestamptz[],
+            $9::text[], $10::text[])
+     WITH ORDINALITY AS u(id, event_type, partition_key, payload, content_type, headers, correlation_id, available_at,
+                          routing_key, exchange, ord)
 ORDER BY u.ord`
 
 // Write inserts events with the caller's pgx transaction in one round trip.
@@ -119,6 +121,8 @@ func (w *Writer) args(ctx context.Context, events []Event) ([]any, error) {
 		headers  = make([]string, n)
 		corrs    = make([]*string, n)
 		avail    = make([]*time.Time, n)
+		rkeys    = make([]*string, n)
+		exchs    = make([]*string, n)
 	)
 	for i := range events {
 		e := &events[i]
@@ -161,6 +165,13 @@ func (w *Writer) args(ctx context.Context, events []Event) ([]any, error) {
 		if !e.AvailableAt.IsZero() {
 			avail[i] = &e.AvailableAt
 		}
+		// Empty stays NULL: the relay's defaults (event_type, amqp.exchange).
+		if e.RoutingKey != "" {
+			rkeys[i] = &e.RoutingKey
+		}
+		if e.Exchange != "" {
+			exchs[i] = &e.Exchange
+		}
 	}
-	return []any{ids, types, keys, payloads, ctypes, headers, corrs, avail}, nil
+	return []any{ids, types, keys, payloads, ctypes, headers, corrs, avail, rkeys, exchs}, nil
 }
