@@ -196,7 +196,11 @@ func (p *AMQPPublisher) Send(ctx context.Context, msgs []Message) Pending {
 			b.errs[i] = err
 			continue
 		}
-		pub := p.publishing(m)
+		pub, err := p.publishing(m)
+		if err != nil {
+			b.errs[i] = err
+			continue
+		}
 		if len(pub.Body) > p.maxSize {
 			source := "amqp.max_message_size"
 			if p.maxSize < p.cfg.MaxMessageSize {

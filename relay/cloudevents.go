@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 )
@@ -23,9 +24,17 @@ const (
 	ContentTypeCloudEvents  = "application/cloudevents+json"
 )
 
-// publishing is the AMQP message for m in the configured amqp.format.
-func (p *AMQPPublisher) publishing(m *Message) amqp.Publishing {
+// publishing is the AMQP message for m in the configured amqp.format. A row
+// that cannot be a valid CloudEvent fails with reason invalid, named, rather
+// than reach consumers that would reject it.
+func (p *AMQPPublisher) publishing(m *Message) (amqp.Publishing, error) {
 	pub := toPublishing(m)
+	if p.cfg.Format == FormatPlain {
+		return pub, nil
+	}
+	if err := cloudEventsValid(m); err != nil {
+		return pub, &PublishError{Reason: ReasonInvalid, Err: fmt.Errorf("%w (amqp.format is %s)", err, p.cfg.Format)}
+	}
 	switch p.cfg.Format {
 	case FormatCloudEventsBinary:
 		pub.Headers = cloudEventsHeaders(m, p.cfg.CloudEventsSource)
@@ -33,7 +42,32 @@ func (p *AMQPPublisher) publishing(m *Message) amqp.Publishing {
 		pub.Body = cloudEventsJSON(m, p.cfg.CloudEventsSource)
 		pub.ContentType = ContentTypeCloudEvents
 	}
-	return pub
+	return pub, nil
+}
+
+// cloudEventsValid checks what CloudEvents requires of the row's own
+// values: a type that is not blank, and a content type that is an RFC 2046
+// media type (or empty: datacontenttype is optional).
+func cloudEventsValid(m *Message) error {
+	if strings.TrimSpace(m.Type) == "" {
+		return fmt.Errorf("event_type %q is blank: CloudEvents requires a non-empty type", m.Type)
+	}
+	if m.ContentType != "" {
+		// Go's parser takes a lone token ("json"); RFC 2046 wants type/subtype.
+		if mt, _, err := mime.ParseMediaType(m.ContentType); err != nil || !strings.Contains(mt, "/") {
+			return fmt.Errorf("content_type %q is not a media type such as application/json (RFC 2046), as CloudEvents requires of datacontenttype", m.ContentType)
+		}
+	}
+	return nil
+}
+
+// subject is the CloudEvents subject of m: its partition key, unless blank
+// (subject must not be).
+func subject(m *Message) string {
+	if strings.TrimSpace(m.Key) == "" {
+		return ""
+	}
+	return m.Key
 }
 
 // cloudEventsHeaders returns m's headers with the CloudEvents attributes
@@ -50,8 +84,8 @@ func cloudEventsHeaders(m *Message, source string) amqp.Table {
 	h[CloudEventsHeaderPrefix+"source"] = source
 	h[CloudEventsHeaderPrefix+"type"] = m.Type
 	h[CloudEventsHeaderPrefix+"time"] = m.CreatedAt.UTC().Format(time.RFC3339Nano)
-	if m.Key != "" {
-		h[CloudEventsHeaderPrefix+"subject"] = m.Key
+	if sub := subject(m); sub != "" {
+		h[CloudEventsHeaderPrefix+"subject"] = sub
 	}
 	return h
 }
@@ -78,15 +112,15 @@ func cloudEventsJSON(m *Message, source string) []byte {
 	attr("source", source)
 	attr("type", m.Type)
 	attr("time", m.CreatedAt.UTC().Format(time.RFC3339Nano))
-	if m.Key != "" {
-		attr("subject", m.Key)
+	if sub := subject(m); sub != "" {
+		attr("subject", sub)
 	}
 	if m.ContentType != "" {
 		attr("datacontenttype", m.ContentType)
 	}
 	switch {
 	case len(m.Body) == 0:
-	case jsonMediaType(m.ContentType) && json.Valid(m.Body):
+	case jsonMediaType(m.ContentType) && json.Valid(m.Body) && utf8.Valid(m.Body): // JSON text is UTF-8 (RFC 8259)
 		b.WriteString(`,"data":`)
 		b.Write(m.Body)
 	default:

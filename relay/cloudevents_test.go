@@ -78,7 +78,8 @@ func createdAt(t *testing.T, o *testenv.Outbox, id string) time.Time {
 // the body byte for byte, datacontenttype is the content-type property, and
 // the attributes are cloudEvents:* headers as the CloudEvents AMQP binding
 // names them; subject is the partition key, when there is one. Row headers
-// stay, and a cloudEvents:* row header is an extension attribute.
+// stay, and a cloudEvents:* row header is an extension attribute. A row
+// whose content_type is no media type is parked dead, not published.
 func TestCloudEventsBinary(t *testing.T) {
 	t.Parallel()
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
@@ -94,6 +95,10 @@ func TestCloudEventsBinary(t *testing.T) {
 	unkeyed := outbox.NewEvent("quiz.submitted", []byte{0, 1, 2, 0xff})
 	unkeyed.ContentType = "application/octet-stream"
 	if err := pgx.BeginFunc(ctx, o.Pool, func(tx pgx.Tx) error { return w.Write(ctx, tx, keyed, unkeyed) }); err != nil {
+		t.Fatal(err)
+	}
+	// A row that cannot be a CloudEvent is parked, named, not published.
+	if _, err := o.Pool.Exec(ctx, `INSERT INTO `+o.Table.Quoted()+` (event_type, payload, content_type) VALUES ('bad.type', '{}', 'json')`); err != nil {
 		t.Fatal(err)
 	}
 	for _, d := range testenv.Receive(t, deliveries, 2, 20*time.Second) {
@@ -134,6 +139,9 @@ func TestCloudEventsBinary(t *testing.T) {
 			t.Errorf("%s: row header schema-version lost: %v", ev.Type, d.Headers)
 		}
 	}
+	testenv.Eventually(t, 10*time.Second, "the row whose content_type is no media type parked dead, named", func() bool {
+		return o.Count(t, `event_type = 'bad.type' AND dead_at IS NOT NULL AND last_error LIKE 'invalid: content_type "json" is not a media type%'`) == 1
+	})
 }
 
 // TestCloudEventsStructured: with amqp.format cloudevents-structured each
