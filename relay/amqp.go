@@ -18,8 +18,11 @@ import (
 // and persistent. It dials lazily and redials after the link drops; a batch in
 // flight when the link drops fails with ReasonConnection.
 type AMQPPublisher struct {
-	cfg AMQPConfig
-	log *zap.Logger
+	cfg  AMQPConfig
+	log  *zap.Logger
+	urls []string // amqp.url, one per node
+	// onNode, if set, is told the index in urls of each node connected to.
+	onNode func(i int)
 
 	mu       sync.Mutex // serialises Publish and guards the fields below
 	conn     *amqp.Connection
@@ -29,6 +32,8 @@ type AMQPPublisher struct {
 	closes   chan *amqp.Error
 	closedBy *amqp.Error // the broker's reason for closing ch, once read from closes
 	lastErr  error
+	next     int // index in urls of the node to dial next
+	node     int // index in urls of the node last connected to; -1 before
 	window   int
 	// maxSize is amqp.max_message_size, lowered to what the broker reports
 	// if it closes the channel over a message that was too large for it.
@@ -43,7 +48,7 @@ var tooLargeClose = regexp.MustCompile(`larger than configured max size (\d+)`)
 // the most messages one Send call sends; up to five batches may be in flight
 // (Relay.inflightLimit + 1), and the return buffer is sized for them.
 func NewAMQPPublisher(cfg AMQPConfig, window int, log *zap.Logger) *AMQPPublisher {
-	return &AMQPPublisher{cfg: cfg, log: log, window: window, maxSize: cfg.MaxMessageSize,
+	return &AMQPPublisher{cfg: cfg, log: log, urls: cfg.URLs(), node: -1, window: window, maxSize: cfg.MaxMessageSize,
 		returned: map[string]returned{}, lastErr: errors.New("not connected yet")}
 }
 
@@ -88,9 +93,18 @@ func (p *AMQPPublisher) ensure(ctx context.Context) error {
 			return writeDeadlineConn{Conn: c, timeout: p.cfg.ConfirmTimeout}, nil
 		},
 	}
-	conn, err := amqp.DialConfig(p.cfg.URL, dialCfg)
+	// One node per attempt: the caller's backoff between attempts applies
+	// as it does with a single node, and a node that fails to answer hands
+	// over to the next one.
+	i := p.next % len(p.urls)
+	url := p.urls[i]
+	conn, err := amqp.DialConfig(url, dialCfg)
 	if err != nil {
-		p.lastErr = fmt.Errorf("dial %s: %s", RedactURL(p.cfg.URL), Redact(err.Error()))
+		p.next = i + 1
+		p.lastErr = fmt.Errorf("dial %s: %s", RedactURL(url), Redact(err.Error()))
+		if len(p.urls) > 1 {
+			p.lastErr = fmt.Errorf("%w (node %d of %d; the next attempt tries %s)", p.lastErr, i+1, len(p.urls), nodeName(p.urls[p.next%len(p.urls)]))
+		}
 		return p.lastErr
 	}
 	ch, err := conn.Channel()
@@ -117,12 +131,24 @@ func (p *AMQPPublisher) ensure(ctx context.Context) error {
 		p.lastErr = fmt.Errorf("exchange %q not found (amqp.declare_exchange is false: declare it on the broker, or check the name): %w", p.cfg.Exchange, err)
 		return p.lastErr
 	}
+	if err := p.declareRouted(ch); err != nil {
+		conn.Close()
+		p.lastErr = err
+		return p.lastErr
+	}
 	// basic.return is dispatched synchronously before the confirm of the same
 	// message, so a buffer larger than the batches in flight means a return
 	// is always in the buffer by the time its ack is seen.
 	p.returns = ch.NotifyReturn(make(chan amqp.Return, 5*p.window+16))
 	p.closes, p.closedBy = ch.NotifyClose(make(chan *amqp.Error, 1)), nil
 	p.conn, p.ch, p.lastErr = conn, ch, nil
+	if i != p.node {
+		p.log.Info("connected to broker node", zap.String("node", nodeName(url)), zap.Int("node_index", i+1), zap.Int("nodes", len(p.urls)))
+		p.node = i
+		if p.onNode != nil {
+			p.onNode(i)
+		}
+	}
 	return nil
 }
 
@@ -186,15 +212,25 @@ func (p *AMQPPublisher) Send(ctx context.Context, msgs []Message) Pending {
 	b.deadline = time.Now().Add(p.cfg.ConfirmTimeout)
 	for i := range msgs {
 		m := &msgs[i]
-		if len(m.Body) > p.maxSize {
+		exchange, key, err := p.route(m)
+		if err != nil {
+			b.errs[i] = err
+			continue
+		}
+		pub, err := p.publishing(m)
+		if err != nil {
+			b.errs[i] = err
+			continue
+		}
+		if len(pub.Body) > p.maxSize {
 			source := "amqp.max_message_size"
 			if p.maxSize < p.cfg.MaxMessageSize {
 				source = "the broker's max_message_size, learned when it refused a larger message"
 			}
-			b.errs[i] = &PublishError{Reason: ReasonTooLarge, Err: fmt.Errorf("payload is %d bytes, the broker accepts at most %d (%s)", len(m.Body), p.maxSize, source)}
+			b.errs[i] = &PublishError{Reason: ReasonTooLarge, Err: fmt.Errorf("message body is %d bytes, the broker accepts at most %d (%s)", len(pub.Body), p.maxSize, source)}
 			continue
 		}
-		dc, err := b.ch.PublishWithDeferredConfirmWithContext(ctx, p.cfg.Exchange, m.Type, true, false, toPublishing(m))
+		dc, err := b.ch.PublishWithDeferredConfirmWithContext(ctx, exchange, key, true, false, pub)
 		if err != nil {
 			// The channel is unusable: fail this message and every later one,
 			// with the broker's reason if it closed the channel (a batch

@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
-	"net/url"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -56,11 +55,29 @@ type PostgresConfig struct {
 	// at once, each on a connection of its own, while the next is sent.
 	// Default 4 (2 batches awaiting, 3 in flight).
 	MaxConns int32 `yaml:"max_conns"`
+	// Pooler says what is between the relay and PostgreSQL: "none" (default:
+	// PostgreSQL itself or a session-mode pool) or "transaction" (PgBouncer
+	// or another pooler in transaction mode, where a session lasts one
+	// transaction). With "transaction", settings that need a session
+	// (wake.mode: notify, relay.ordering: partition_key, migrations) are
+	// refused at start with the fix.
+	Pooler string `yaml:"pooler"`
+	// QueryExecMode is how pgx sends queries: "cache_describe" (default:
+	// unnamed statements, result types cached; works through any pooler),
+	// "cache_statement" (named prepared statements, which a pooler in
+	// transaction mode carries only from PgBouncer 1.21 with
+	// max_prepared_statements set), "describe_exec", "exec" or
+	// "simple_protocol". When unset, the DSN's default_query_exec_mode if it
+	// has one.
+	QueryExecMode string `yaml:"query_exec_mode"`
 }
 
 // AMQPConfig says where and how events are published.
 type AMQPConfig struct {
-	// URL of the broker, amqp:// or amqps://. Required.
+	// URL of the broker, amqp:// or amqps://. Required. Several URLs, the
+	// nodes of a cluster, are separated by commas (in YAML, a list also
+	// does): the relay connects to the first that answers, in order, and
+	// moves on to the next when its node fails.
 	URL string `yaml:"url"`
 	// Exchange events are published to. Required; "" (the default exchange) is
 	// not allowed because it routes by queue name, not event type.
@@ -72,6 +89,12 @@ type AMQPConfig struct {
 	// relay's user lacks configure permission. When false, connecting checks
 	// that the exchange exists (a passive declare) and fails until it does.
 	DeclareExchange *bool `yaml:"declare_exchange"`
+	// Exchanges lists the other exchanges a row may name in its exchange
+	// column (a per-row override of Exchange). They are declared or checked
+	// at connect like Exchange, so a publish never closes the channel over a
+	// missing one; a row naming an exchange not listed here is parked dead
+	// (reason invalid). Default none: every event goes to Exchange.
+	Exchanges []string `yaml:"exchanges"`
 	// ConfirmTimeout bounds the wait for the broker's confirms of one batch.
 	// Default 30s.
 	ConfirmTimeout time.Duration `yaml:"confirm_timeout"`
@@ -84,6 +107,17 @@ type AMQPConfig struct {
 	// relay.max_attempts; "accept" counts it as delivered, for exchanges that
 	// have an alternate exchange.
 	Unroutable string `yaml:"unroutable"`
+	// Format is how an event becomes a message: "plain" (default: the
+	// payload is the body, see the README's wire contract),
+	// "cloudevents-binary" (CloudEvents attributes in cloudEvents:* headers,
+	// the payload as the body) or "cloudevents-structured" (the body is an
+	// application/cloudevents+json document carrying the payload). See
+	// docs/cloudevents.md.
+	Format string `yaml:"format"`
+	// CloudEventsSource is the CloudEvents source attribute (a URI-reference
+	// naming the producer, e.g. "//edupulse/lessons"). Required with the
+	// cloudevents formats, unused otherwise.
+	CloudEventsSource string `yaml:"cloudevents_source"`
 }
 
 // EngineConfig tunes the claim loop.
@@ -161,6 +195,9 @@ const (
 	WakePoll   = "poll"
 	WakeNotify = "notify"
 
+	PoolerNone        = "none"
+	PoolerTransaction = "transaction"
+
 	OrderingNone         = "none"
 	OrderingPartitionKey = "partition_key"
 
@@ -172,6 +209,10 @@ const (
 
 	UnroutableFail   = "fail"
 	UnroutableAccept = "accept"
+
+	FormatPlain                 = "plain"
+	FormatCloudEventsBinary     = "cloudevents-binary"
+	FormatCloudEventsStructured = "cloudevents-structured"
 )
 
 // WithDefaults returns c with every zero value replaced by its default.
@@ -179,6 +220,8 @@ func (c Config) WithDefaults() Config {
 	c.Postgres.Schema = cmp.Or(c.Postgres.Schema, "public")
 	c.Postgres.Table = cmp.Or(c.Postgres.Table, "outbox")
 	c.Postgres.MaxConns = cmp.Or(c.Postgres.MaxConns, 4)
+	c.Postgres.Pooler = cmp.Or(c.Postgres.Pooler, PoolerNone)
+	c.Postgres.QueryExecMode = cmp.Or(c.Postgres.QueryExecMode, dsnQueryExecMode(c.Postgres.DSN), defaultQueryExecMode)
 	c.AMQP.ExchangeType = cmp.Or(c.AMQP.ExchangeType, "topic")
 	if c.AMQP.DeclareExchange == nil {
 		t := true
@@ -187,6 +230,10 @@ func (c Config) WithDefaults() Config {
 	c.AMQP.ConfirmTimeout = cmp.Or(c.AMQP.ConfirmTimeout, 30*time.Second)
 	c.AMQP.MaxMessageSize = cmp.Or(c.AMQP.MaxMessageSize, 128<<20)
 	c.AMQP.Unroutable = cmp.Or(c.AMQP.Unroutable, UnroutableFail)
+	if len(c.AMQP.Exchanges) == 0 {
+		c.AMQP.Exchanges = nil // an empty list and none are the same
+	}
+	c.AMQP.Format = cmp.Or(c.AMQP.Format, FormatPlain)
 	c.Relay.BatchSize = cmp.Or(c.Relay.BatchSize, 500)
 	c.Relay.OnDispatch = cmp.Or(c.Relay.OnDispatch, OnDispatchMark)
 	c.Relay.MaxAttempts = cmp.Or(c.Relay.MaxAttempts, 10)
@@ -247,11 +294,14 @@ func (c Config) Validate() error {
 	if c.Postgres.MaxConns < 1 {
 		bad("postgres.max_conns", "must be at least 1, got %d", c.Postgres.MaxConns)
 	}
-	if c.AMQP.URL == "" {
-		bad("amqp.url", "required: a broker URL such as amqp://user:pass@host:5672/vhost (env OUTBOX_RELAY_AMQP_URL)")
-	} else if u, err := url.Parse(c.AMQP.URL); err != nil || (u.Scheme != "amqp" && u.Scheme != "amqps") {
-		bad("amqp.url", "must be an amqp:// or amqps:// URL, got %q", RedactURL(c.AMQP.URL))
+	oneOf(bad, "postgres.pooler", c.Postgres.Pooler, PoolerNone, PoolerTransaction)
+	if c.Postgres.QueryExecMode != "" {
+		if _, ok := queryExecModes[c.Postgres.QueryExecMode]; !ok {
+			bad("postgres.query_exec_mode", "must be one of %q, got %q", queryExecModeNames(), c.Postgres.QueryExecMode)
+		}
 	}
+	c.validatePooler(bad)
+	validateURLs(bad, c.AMQP.URL)
 	if c.AMQP.Exchange == "" {
 		bad("amqp.exchange", "required: the exchange events are published to (env OUTBOX_RELAY_AMQP_EXCHANGE)")
 	}
@@ -267,6 +317,17 @@ func (c Config) Validate() error {
 		bad("amqp.max_message_size", "must be a positive number of bytes, got %d", c.AMQP.MaxMessageSize)
 	}
 	oneOf(bad, "amqp.unroutable", c.AMQP.Unroutable, UnroutableFail, UnroutableAccept)
+	for i, x := range c.AMQP.Exchanges {
+		if x == "" || len(x) > maxShortString {
+			bad(fmt.Sprintf("amqp.exchanges[%d]", i), "must be an exchange name of 1 to %d bytes, got %q", maxShortString, x)
+		}
+	}
+	oneOf(bad, "amqp.format", c.AMQP.Format, FormatPlain, FormatCloudEventsBinary, FormatCloudEventsStructured)
+	if c.AMQP.Format != FormatPlain {
+		if err := validSource(c.AMQP.CloudEventsSource); err != nil {
+			bad("amqp.cloudevents_source", "%v (required with amqp.format %s; env OUTBOX_RELAY_AMQP_CLOUDEVENTS_SOURCE)", err, c.AMQP.Format)
+		}
+	}
 	if c.Relay.BatchSize < 1 || c.Relay.BatchSize > 10000 {
 		bad("relay.batch_size", "must be between 1 and 10000, got %d", c.Relay.BatchSize)
 	}

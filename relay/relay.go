@@ -44,6 +44,10 @@ const (
 // ErrTableMissing is returned by Run when the outbox table does not exist.
 var ErrTableMissing = errors.New("outbox table does not exist")
 
+// ErrSchemaOutdated is returned by Run when the outbox table lacks columns
+// of a migration this relay needs.
+var ErrSchemaOutdated = errors.New("outbox table is missing migrations")
+
 // errNotConnected is every link's state before its first attempt.
 var errNotConnected = errors.New("not connected yet")
 
@@ -108,7 +112,9 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 	log := deps.Logger.Named("relay")
 	pub := deps.Publisher
 	if pub == nil {
-		pub = NewAMQPPublisher(cfg.AMQP, cfg.Relay.BatchSize, log.Named("amqp"))
+		ap := NewAMQPPublisher(cfg.AMQP, cfg.Relay.BatchSize, log.Named("amqp"))
+		ap.onNode = nodeGauge(deps.Metrics, ap.urls)
+		pub = ap
 	}
 	r := &Relay{
 		cfg:   cfg,
@@ -156,19 +162,10 @@ func (r *Relay) Run(ctx context.Context) error {
 	if !r.started.CompareAndSwap(false, true) {
 		return errors.New("relay: Run called twice")
 	}
-	poolCfg, err := pgxpool.ParseConfig(r.cfg.Postgres.DSN)
+	poolCfg, err := PoolConfig(r.cfg.Postgres)
 	if err != nil {
-		return fmt.Errorf("postgres.dsn: %s", Redact(err.Error()))
+		return err
 	}
-	poolCfg.MaxConns = r.cfg.Postgres.MaxConns
-	if poolCfg.ConnConfig.RuntimeParams["application_name"] == "" {
-		poolCfg.ConnConfig.RuntimeParams["application_name"] = "outbox-relay"
-	}
-	// The relay's own writes (marks, retries, cleaning) need no flush at
-	// commit: one lost in a database crash only makes the relay publish
-	// those events again, which at-least-once allows. Not waiting for the
-	// WAL flush keeps the relay off the producers' commit path.
-	poolCfg.ConnConfig.RuntimeParams["synchronous_commit"] = "off"
 	pool, err := pgxpool.NewWithConfig(context.WithoutCancel(ctx), poolCfg)
 	if err != nil {
 		return fmt.Errorf("postgres pool: %w", err)
@@ -277,8 +274,12 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		default:
 		}
 		if !checked {
-			if err := r.checkSchema(ctx, pool); err != nil {
-				if errors.Is(err, ErrTableMissing) {
+			err := r.checkSchema(ctx, pool)
+			if err == nil {
+				err = r.checkSession(ctx, pool, connCfg)
+			}
+			if err != nil {
+				if errors.Is(err, ErrTableMissing) || errors.Is(err, ErrSchemaOutdated) || errors.Is(err, ErrTransactionPooler) {
 					return err
 				}
 				r.setLink(metrics.LinkPostgres, err)
@@ -432,7 +433,8 @@ func sleep(ctx context.Context, d time.Duration) {
 	}
 }
 
-// checkSchema fails with ErrTableMissing when the table is absent, and warns
+// checkSchema fails with ErrTableMissing when the table is absent, with
+// ErrSchemaOutdated when it lacks the routing columns, and warns
 // when the NOTIFY trigger disagrees with wake.mode.
 func (r *Relay) checkSchema(ctx context.Context, pool *pgxpool.Pool) error {
 	var exists bool
@@ -441,6 +443,13 @@ func (r *Relay) checkSchema(ctx context.Context, pool *pgxpool.Pool) error {
 	}
 	if !exists {
 		return fmt.Errorf("%w: %s (run `outbox-relay migrate up`, or check postgres.schema and postgres.table)", ErrTableMissing, r.table)
+	}
+	var routing int
+	if err := pool.QueryRow(ctx, routingColumns, r.table.Quoted()).Scan(&routing); err != nil {
+		return fmt.Errorf("check outbox columns: %w", err)
+	}
+	if routing != 2 {
+		return fmt.Errorf("%w: %s has no routing_key and exchange columns (run `outbox-relay migrate up`)", ErrSchemaOutdated, r.table)
 	}
 	if r.cfg.Relay.Ordering == OrderingPartitionKey {
 		if err := pool.QueryRow(ctx, `SELECT pg_get_serial_sequence($1, 'seq')`, r.table.Quoted()).Scan(&r.seqName); err != nil {
@@ -497,7 +506,7 @@ func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, pro
 		}
 	}
 	b := &batch{claimed: time.Now()}
-	tx, err := pool.Begin(ctx)
+	tx, err := pool.BeginTx(ctx, writeTx)
 	if err != nil {
 		return nil, r.pgFailed(fmt.Errorf("begin: %w", err))
 	}
@@ -653,10 +662,11 @@ func scanMessage(rows pgx.Rows) (Message, error) {
 		headers []byte
 	)
 	if err := rows.Scan(&m.Seq, &m.ID, &m.Type, &m.Key, &m.Body, &m.ContentType, &headers,
-		&m.CorrelationID, &m.CreatedAt, &m.Attempts); err != nil {
+		&m.CorrelationID, &m.CreatedAt, &m.Attempts, &m.RoutingKey, &m.Exchange); err != nil {
 		return m, fmt.Errorf("scan: %w", err)
 	}
-	for _, f := range []struct{ column, value string }{{"content_type", m.ContentType}, {"correlation_id", m.CorrelationID}} {
+	for _, f := range []struct{ column, value string }{{"content_type", m.ContentType}, {"correlation_id", m.CorrelationID},
+		{"routing_key", m.RoutingKey}, {"exchange", m.Exchange}} {
 		if len(f.value) > maxShortString {
 			return m, &PublishError{Reason: ReasonInvalid, Err: fmt.Errorf(
 				"%s is %d bytes; AMQP allows at most %d", f.column, len(f.value), maxShortString)}
@@ -770,7 +780,11 @@ func (r *Relay) setLink(link string, err error) {
 		// Once when an up link fails, and once when a link cannot be
 		// established at start; not again for every retry.
 		r.m.LinkUp.WithLabelValues(link).Set(0)
-		r.log.Warn("link down", zap.String("link", link), zap.Bool("never_up", first), zap.String("error", Redact(err.Error())))
+		fields := []zap.Field{zap.String("link", link), zap.Bool("never_up", first), zap.String("error", Redact(err.Error()))}
+		if hint := tlsHint(link, err); hint != "" {
+			fields = append(fields, zap.String("hint", hint))
+		}
+		r.log.Warn("link down", fields...)
 	}
 }
 
@@ -915,8 +929,10 @@ func (r *Relay) cleanDispatched(ctx context.Context, pool *pgxpool.Pool) (total,
 		pages++
 		var deleted, last, rows int64
 		var recent bool
-		err := pool.QueryRow(ctx, r.q.cleanDispatched, keep.Milliseconds(), r.cfg.Retention.BatchSize,
-			after, r.cleanerLock).Scan(&deleted, &last, &rows, &recent)
+		err := pgx.BeginTxFunc(ctx, pool, writeTx, func(tx pgx.Tx) error {
+			return tx.QueryRow(ctx, r.q.cleanDispatched, keep.Milliseconds(), r.cfg.Retention.BatchSize,
+				after, r.cleanerLock).Scan(&deleted, &last, &rows, &recent)
+		})
 		if err != nil {
 			r.cleanFailed(err, metrics.CleanDispatched)
 			return total, pages
@@ -937,7 +953,11 @@ func (r *Relay) cleanDead(ctx context.Context, pool *pgxpool.Pool) {
 	keep := r.cfg.Retention.Dead
 	total := int64(0)
 	for ctx.Err() == nil {
-		tag, err := pool.Exec(ctx, r.q.cleanDead, keep.Milliseconds(), r.cfg.Retention.BatchSize)
+		var tag pgconn.CommandTag
+		err := pgx.BeginTxFunc(ctx, pool, writeTx, func(tx pgx.Tx) (err error) {
+			tag, err = tx.Exec(ctx, r.q.cleanDead, keep.Milliseconds(), r.cfg.Retention.BatchSize)
+			return err
+		})
 		if err != nil {
 			r.cleanFailed(err, metrics.CleanDead)
 			return

@@ -43,7 +43,13 @@ type File struct {
 
 	// zeros are the keys set to 0 whose default is not 0, for Validate.
 	zeros []string
+	// serviceLinks are the Kubernetes service-link variables ignored.
+	serviceLinks []string
 }
+
+// ServiceLinks returns the OUTBOX_RELAY_* variables that were ignored as
+// Kubernetes service links (a Service named after the relay), sorted.
+func (f File) ServiceLinks() []string { return f.serviceLinks }
 
 // Metrics configures the HTTP endpoint.
 type Metrics struct {
@@ -211,6 +217,9 @@ func Parse(data []byte, f *File) error {
 		if set[path] {
 			f.noteZero(path, v)
 		}
+		if kindOf(v) == "list" && v.Len() == 0 {
+			v.SetZero() // "[]" and no list are the same
+		}
 	})
 	return nil
 }
@@ -287,7 +296,7 @@ func walkMappings(doc *yaml.Node, fn func(path, parent string, key, value *yaml.
 type Key struct {
 	Path string // e.g. "postgres.dsn"
 	Env  string // e.g. "OUTBOX_RELAY_POSTGRES_DSN"
-	Kind string // string, int, bool, duration
+	Kind string // string, int, bool, duration, list (of strings)
 }
 
 // Keys lists every configuration key, in declaration order.
@@ -337,6 +346,8 @@ func kindOf(v reflect.Value) string {
 		return "bool"
 	case v.Kind() == reflect.Int, v.Kind() == reflect.Int32, v.Kind() == reflect.Int64:
 		return "int"
+	case v.Kind() == reflect.Slice && v.Type().Elem().Kind() == reflect.String:
+		return "list"
 	default:
 		return "string"
 	}
@@ -370,6 +381,10 @@ func applyEnv(f *File, environ []string) error {
 	}
 	sort.Strings(unknown)
 	for _, k := range unknown {
+		if serviceLink(k, env[k]) {
+			f.serviceLinks = append(f.serviceLinks, k)
+			continue
+		}
 		errs = append(errs, fmt.Errorf("%s: unknown environment variable (every key is listed in config.example.yaml; env names are OUTBOX_RELAY_ plus the key path in capitals)", k))
 	}
 	return errors.Join(errs...)
@@ -399,6 +414,15 @@ func setValue(v reflect.Value, raw string) error {
 			return fmt.Errorf("%q is not an integer", raw)
 		}
 		v.SetInt(n)
+	case "list":
+		// Comma-separated in the environment: a,b,c.
+		var list []string
+		for _, item := range strings.Split(raw, ",") {
+			if item = strings.TrimSpace(item); item != "" {
+				list = append(list, item)
+			}
+		}
+		v.Set(reflect.ValueOf(list))
 	default:
 		v.SetString(raw)
 	}
