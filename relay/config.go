@@ -59,8 +59,7 @@ type PostgresConfig struct {
 	// PostgreSQL itself or a session-mode pool) or "transaction" (PgBouncer
 	// or another pooler in transaction mode, where a session lasts one
 	// transaction). With "transaction", settings that need a session
-	// (wake.mode: notify, relay.ordering: partition_key, migrations) are
-	// refused at start with the fix.
+	// (wake.mode: notify, migrations) are refused at start with the fix.
 	Pooler string `yaml:"pooler"`
 	// QueryExecMode is how pgx sends queries: "cache_describe" (default:
 	// unnamed statements, result types cached; works through any pooler),
