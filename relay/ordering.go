@@ -20,10 +20,10 @@ import (
 // Ordered mode (relay.ordering: partition_key) keeps each key's events in
 // sequence order with three mechanisms:
 //
-//  1. Heads only. A claim takes a keyed row only if no lower pending row of
-//     its key exists (one probe of the pending_key index per candidate, so
-//     the cost follows the rows claimed, not the backlog), and only if no
-//     other transaction holds it locked. The next row of a key becomes the
+//  1. Heads only. A claim takes a keyed row only if it is its key's lowest
+//     pending row (findHeads: one probe of the pending_key index per key,
+//     so the cost follows the rows claimed, not the backlog), and only if
+//     no other transaction holds it locked. The next row of a key becomes the
 //     head only once the previous one is committed as dispatched (or dead),
 //     so one row per key is in flight, across all replicas, whatever the
 //     partition leases say.
@@ -144,9 +144,6 @@ func (h *horizon) wait(now time.Time) time.Duration {
 	return now.Sub(h.candidates[0].since)
 }
 
-// behind reports whether committed rows may be waiting above the horizon.
-func (h *horizon) behind() bool { return len(h.candidates) > 0 }
-
 // gate keeps, of a claimed ordered batch, the rows that may be published
 // now: keyless rows, heads at or below the horizon known before the claim,
 // and heads the horizon, read after the claim, covers and a fresh statement
@@ -170,7 +167,6 @@ func (r *Relay) gate(ctx context.Context, tx pgx.Tx, msgs []Message, invalid []f
 	if r.horizon.safe < safe {
 		safe = 0 // the horizon started over: vouch for nothing claimed against the old one
 	}
-	r.m.HorizonWait.Set(r.horizon.wait(time.Now()).Seconds())
 	var recheck []int64
 	for _, m := range msgs {
 		if m.Key != "" && m.Seq > safe && m.Seq <= r.horizon.safe {

@@ -124,11 +124,11 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 		m:     deps.Metrics,
 		pub:   pub,
 		wake:  make(chan string, 1),
+		links: map[string]error{},
 
 		settledSig: make(chan struct{}, 1),
 		flying:     map[string]int{},
 		found:      map[int64]string{},
-		links:      map[string]error{},
 
 		cleanerLock: lockClass("cleaner " + cfg.table().String()),
 	}
@@ -306,7 +306,13 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 				pause()
 				continue
 			}
-			r.m.HorizonWait.Set(r.horizon.wait(time.Now()).Seconds())
+			// Only while rows are held back: a candidate left from the last
+			// read ages with nothing waiting on it.
+			wait := time.Duration(0)
+			if r.held > 0 {
+				wait = r.horizon.wait(time.Now())
+			}
+			r.m.HorizonWait.Set(wait.Seconds())
 		}
 		next, err := r.claimAndSend(ctx, drain, pool, probe)
 		if err != nil {
