@@ -225,18 +225,18 @@ func (r *Relay) findHeads(ctx context.Context, tx pgx.Tx) ([]int64, error) {
 	var (
 		walked, usable bool
 		key, last      string
-		seq            int64
+		from, seq      int64
 		heads          []int64
 		n, hits        int
 	)
-	_, err = pgx.ForEachRow(rows, []any{&walked, &key, &seq, &usable}, func() error {
+	_, err = pgx.ForEachRow(rows, []any{&walked, &key, &from, &seq, &usable}, func() error {
 		if walked {
 			n++
 			last = key
 		}
 		if usable && !flying[key] {
 			heads = append(heads, seq)
-			r.found[seq] = key
+			r.found[seq] = foundHead{key, from}
 			if !walked {
 				hits++
 			}
@@ -270,14 +270,24 @@ func (r *Relay) requeue(msgs []Message) {
 		return
 	}
 	r.settledMu.Lock()
-	for seq, key := range r.found {
+	for _, h := range r.found {
 		if len(r.settledKeys) < 4*r.cfg.Relay.BatchSize {
-			r.settledKeys = append(r.settledKeys, key)
-			r.settledSeqs = append(r.settledSeqs, seq-1) // the probe finds seq itself
+			// Probed from where it was found, not from just below it: a
+			// lower row of its key may have committed since.
+			r.settledKeys = append(r.settledKeys, h.key)
+			r.settledSeqs = append(r.settledSeqs, h.after)
 		}
 	}
 	r.settledMu.Unlock()
 	clear(r.found)
+}
+
+// foundHead is a head findHeads found: its key, and the seq of the key's
+// row dispatched just before (0 when found by the walk), below which the
+// key has no pending row and never will.
+type foundHead struct {
+	key   string
+	after int64
 }
 
 // noteSent records the keys of a batch in flight: their heads are locked

@@ -116,9 +116,9 @@ func newQueries(t ident.Table, onDead string) queries {
     WHERE `+pendingAlias+` AND e.partition_key > w.k ORDER BY e.partition_key, e.seq LIMIT 1) nx
   WHERE w.n < $2
 )
-SELECT true, k, seq, available_at <= now() AND %[2]s = ANY($3::int4[]) FROM walk
+SELECT true, k, 0::bigint, seq, available_at <= now() AND %[2]s = ANY($3::int4[]) FROM walk
 UNION ALL
-SELECT false, k, h.seq, h.available_at <= now() AND %[2]s = ANY($3::int4[])
+SELECT false, k, t.after, h.seq, h.available_at <= now() AND %[2]s = ANY($3::int4[])
 FROM unnest($5::text[], $6::bigint[]) t(k, after), LATERAL (
   SELECT e.seq, e.available_at FROM %[1]s e WHERE `+pendingAlias+` AND e.partition_key = t.k AND e.seq > t.after
   ORDER BY e.seq LIMIT 1) h`, tbl, partitionOfKey("k", 4)),

@@ -76,9 +76,9 @@ type Relay struct {
 	settledHits int     // heads the last claim found among settled keys
 	exhausted   bool    // the last claim took every head it found
 	settledSig  chan struct{}
-	flying      map[string]int   // keys in batches in flight
-	found       map[int64]string // heads the last findHeads found, by seq
-	inflight    atomic.Int32     // batches sent and not yet settled
+	flying      map[string]int      // keys in batches in flight
+	found       map[int64]foundHead // heads the last findHeads found, by seq
+	inflight    atomic.Int32        // batches sent and not yet settled
 
 	pool *pgxpool.Pool // set by Run
 
@@ -128,7 +128,7 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 
 		settledSig: make(chan struct{}, 1),
 		flying:     map[string]int{},
-		found:      map[int64]string{},
+		found:      map[int64]foundHead{},
 
 		cleanerLock: lockClass("cleaner " + cfg.table().String()),
 	}
