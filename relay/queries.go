@@ -56,6 +56,17 @@ func partitionOfKey(col string, n int) string {
 	return fmt.Sprintf(`((hashtextextended(%s, 0) & 2147483647) %% $%d)::int4`, col, n)
 }
 
+// deadOwners is a CTE "dead" of the replicas that registered a token ($5:
+// its advisory lock class, keyed by hashtext(owner)) and no longer hold it:
+// their process has died. Format with the relays table as %[2]s.
+const deadOwners = `held AS MATERIALIZED (
+  SELECT objid::bigint AS k FROM pg_locks
+  WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid::bigint = $5::bigint
+    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+), dead AS MATERIALIZED (
+  SELECT owner FROM %[2]s WHERE token AND (hashtext(owner)::bigint & 4294967295) NOT IN (SELECT k FROM held)
+)`
+
 // messageColumns are the columns scanMessage reads, in its order.
 const messageColumns = `seq, id, event_type, coalesce(partition_key, ''), payload, content_type,
        headers, coalesce(correlation_id, ''), created_at, attempts, coalesce(routing_key, ''), coalesce(exchange, '')`
@@ -187,14 +198,17 @@ WHERE o.seq = ANY($1::bigint[])
        pg_postmaster_start_time()
 FROM (SELECT coalesce(pg_sequence_last_value($1::regclass), 0) AS l OFFSET 0) s`,
 
-		// Leases ($1 owner, $2 timeout in ms, $3 partitions): register or
+		// Leases ($1 owner, $2 timeout in ms, $3 partitions, $4 whether this
+		// replica holds its token, $5 the token lock class): register or
 		// renew this replica, forget replicas gone for an hour, renew the
-		// leases still held, and count the live replicas.
-		renewLeases: fmt.Sprintf(`WITH me AS (
-  INSERT INTO %[2]s AS r (owner, pid, application_name, client_addr, expires_at)
+		// leases still held, and count the live replicas. A replica whose
+		// token (a session advisory lock on a connection of its own) is
+		// gone has died: its leases are free before they expire.
+		renewLeases: fmt.Sprintf(`WITH `+deadOwners+`, me AS (
+  INSERT INTO %[2]s AS r (owner, pid, application_name, client_addr, token, expires_at)
   VALUES ($1, pg_backend_pid(), current_setting('application_name'), coalesce(host(inet_client_addr()), ''),
-          now() + $2::bigint * interval '1 millisecond')
-  ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at
+          $4::bool, now() + $2::bigint * interval '1 millisecond')
+  ON CONFLICT (owner) DO UPDATE SET token = excluded.token, expires_at = excluded.expires_at
 ), gone AS (
   DELETE FROM %[2]s WHERE expires_at < now() - interval '1 hour'
 ), mine AS (
@@ -202,20 +216,23 @@ FROM (SELECT coalesce(pg_sequence_last_value($1::regclass), 0) AS l OFFSET 0) s`
   WHERE owner = $1 AND expires_at > now() AND partition < $3::int4
   RETURNING partition
 )
-SELECT 1 + (SELECT count(*) FROM %[2]s WHERE expires_at > now() AND owner <> $1)::int,
+SELECT 1 + (SELECT count(*) FROM %[2]s WHERE expires_at > now() AND owner <> $1
+              AND owner NOT IN (SELECT owner FROM dead))::int,
        coalesce((SELECT array_agg(partition ORDER BY partition) FROM mine), '{}'::int4[])`, leasesTbl, relaysTbl),
-		// Up to $4 partitions nobody holds a live lease on. ON CONFLICT
-		// re-checks a row another replica took meanwhile.
-		takePartitions: fmt.Sprintf(`WITH free AS (
+		// Up to $4 partitions nobody holds a live lease on ($5: the token
+		// lock class). ON CONFLICT re-checks a row another replica took
+		// meanwhile.
+		takePartitions: fmt.Sprintf(`WITH `+deadOwners+`, free AS (
   SELECT p::int4 FROM generate_series(0, $3::int4 - 1) p
-  WHERE NOT EXISTS (SELECT 1 FROM %[1]s l WHERE l.partition = p AND l.expires_at > now())
+  WHERE NOT EXISTS (SELECT 1 FROM %[1]s l WHERE l.partition = p AND l.expires_at > now()
+                      AND l.owner NOT IN (SELECT owner FROM dead))
   ORDER BY p LIMIT $4
 )
 INSERT INTO %[1]s AS l (partition, owner, expires_at)
 SELECT p, $1, now() + $2::bigint * interval '1 millisecond' FROM free
 ON CONFLICT (partition) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at
-WHERE l.expires_at <= now()
-RETURNING partition`, leasesTbl),
+WHERE l.expires_at <= now() OR l.owner IN (SELECT owner FROM dead)
+RETURNING partition`, leasesTbl, relaysTbl),
 		releasePartitions: fmt.Sprintf(`DELETE FROM %s WHERE owner = $1 AND partition = ANY($2::int4[])`, leasesTbl),
 		releaseAll:        fmt.Sprintf(`WITH l AS (DELETE FROM %s WHERE owner = $1) DELETE FROM %s WHERE owner = $1`, leasesTbl, relaysTbl),
 

@@ -136,6 +136,8 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 		owner:      newOwner(),
 		timeout:    cfg.Relay.LeaseTimeout,
 		partitions: cfg.Relay.Partitions,
+		tokenClass: lockClass("member " + cfg.table().String()),
+		noToken:    cfg.Postgres.Pooler == PoolerTransaction,
 	}
 	r.links[metrics.LinkPostgres] = errNotConnected
 	r.links[metrics.LinkAMQP] = errNotConnected
@@ -297,7 +299,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			r.setLink(metrics.LinkAMQP, nil)
 		}
 		if ordered {
-			if err := r.leases.maintain(ctx, r); err != nil {
+			if err := r.leases.maintain(ctx, r, connCfg); err != nil {
 				r.leases.lapse()
 				r.horizon.reset()
 				if ctx.Err() == nil {

@@ -21,12 +21,16 @@ CREATE TABLE {{.Func "leases"}} (
 );
 
 -- The replicas, each renewing its row with its leases: the live ones split
--- the partitions between them.
+-- the partitions between them. token: the replica holds a session advisory
+-- lock on a connection of its own while it lives, so its leases are free as
+-- soon as it dies, not only when they expire (not behind a pooler in
+-- transaction mode, which keeps no session).
 CREATE TABLE {{.Func "relays"}} (
     owner            text        PRIMARY KEY,
     pid              int4        NOT NULL,
     application_name text        NOT NULL,
     client_addr      text        NOT NULL,
+    token            bool        NOT NULL DEFAULT false,
     since            timestamptz NOT NULL DEFAULT now(),
     expires_at       timestamptz NOT NULL
 );
