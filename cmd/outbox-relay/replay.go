@@ -121,7 +121,8 @@ func (c *cliEnv) cmdReplay(ctx context.Context, args []string) error {
 	if *exchange != "" {
 		// Never declared, only checked: a mistyped name must not leave a
 		// stray durable exchange behind with the copies lost in it.
-		amqpCfg.Exchange, amqpCfg.DeclareExchange = *exchange, new(false)
+		noDeclare := false
+		amqpCfg.Exchange, amqpCfg.DeclareExchange = *exchange, &noDeclare
 	}
 	log := newLogger(cfg.Log, c.stderr)
 	pub := relay.NewAMQPPublisher(amqpCfg, *batch, log.Named("replay"))
