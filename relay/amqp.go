@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -79,7 +80,7 @@ func (p *AMQPPublisher) ensure(ctx context.Context) error {
 	}
 	dialCfg := amqp.Config{
 		Heartbeat:  10 * time.Second,
-		Properties: amqp.Table{"connection_name": "outbox-relay"},
+		Properties: amqp.Table{"connection_name": cmp.Or(p.cfg.ConnectionName, "outbox-relay")},
 		Dial: func(network, addr string) (net.Conn, error) {
 			c, err := dial(network, addr)
 			if err != nil {
@@ -194,7 +195,9 @@ func (p *AMQPPublisher) Send(ctx context.Context, msgs []Message) Pending {
 			b.errs[i] = &PublishError{Reason: ReasonTooLarge, Err: fmt.Errorf("payload is %d bytes, the broker accepts at most %d (%s)", len(m.Body), p.maxSize, source)}
 			continue
 		}
-		dc, err := b.ch.PublishWithDeferredConfirmWithContext(ctx, p.cfg.Exchange, m.Type, true, false, toPublishing(m))
+		pub := toPublishing(m)
+		pub.AppId = cmp.Or(p.cfg.AppID, pub.AppId)
+		dc, err := b.ch.PublishWithDeferredConfirmWithContext(ctx, p.cfg.Exchange, m.Type, true, false, pub)
 		if err != nil {
 			// The channel is unusable: fail this message and every later one,
 			// with the broker's reason if it closed the channel (a batch

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"os"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -84,6 +85,12 @@ type AMQPConfig struct {
 	// relay.max_attempts; "accept" counts it as delivered, for exchanges that
 	// have an alternate exchange.
 	Unroutable string `yaml:"unroutable"`
+	// AppID is every message's app-id property, and ConnectionName the
+	// connection's name in the broker's management UI. Default (empty):
+	// "outbox-relay/<host name>/<schema>.<table>", which tells sidecars and
+	// tables apart (in Kubernetes the host name is the pod's name).
+	AppID          string `yaml:"app_id"`
+	ConnectionName string `yaml:"connection_name"`
 }
 
 // EngineConfig tunes the claim loop.
@@ -210,6 +217,19 @@ func (c Config) WithDefaults() Config {
 	return c
 }
 
+// WithAppNames fills amqp.app_id and amqp.connection_name when empty. It is
+// apart from WithDefaults because the default depends on the host.
+func (c Config) WithAppNames() Config {
+	host, err := os.Hostname()
+	if err != nil || host == "" {
+		host = "unknown-host"
+	}
+	name := "outbox-relay/" + host + "/" + c.Postgres.Schema + "." + c.Postgres.Table
+	c.AMQP.AppID = cmp.Or(c.AMQP.AppID, name)
+	c.AMQP.ConnectionName = cmp.Or(c.AMQP.ConnectionName, name)
+	return c
+}
+
 // FieldError is a configuration error naming the offending key.
 type FieldError struct {
 	Key     string // e.g. "relay.batch_size"
@@ -259,6 +279,9 @@ func (c Config) Validate() error {
 		bad("amqp.max_message_size", "must be a positive number of bytes, got %d", c.AMQP.MaxMessageSize)
 	}
 	oneOf(bad, "amqp.unroutable", c.AMQP.Unroutable, UnroutableFail, UnroutableAccept)
+	if len(c.AMQP.AppID) > 255 { // an AMQP short string
+		bad("amqp.app_id", "must be at most 255 bytes, got %d", len(c.AMQP.AppID))
+	}
 	if c.Relay.BatchSize < 1 || c.Relay.BatchSize > 10000 {
 		bad("relay.batch_size", "must be between 1 and 10000, got %d", c.Relay.BatchSize)
 	}

@@ -84,7 +84,7 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 	if deps.Metrics == nil {
 		return nil, errors.New("relay: nil Metrics")
 	}
-	cfg = cfg.WithDefaults()
+	cfg = cfg.WithDefaults().WithAppNames()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
