@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -25,12 +24,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/relay"
 )
 
-const deadUsage = `Usage:
-  outbox-relay dead list  [--type T]... [--older-than AGE] [--newer-than AGE] [--limit N] [--json [--payload]]
-  outbox-relay dead retry (--id UUID... | --type T... | --all) [--yes]
-  outbox-relay dead purge --older-than AGE [--type T]... [--yes]
-
-A dead event is one the relay parked (dead_at set) after relay.max_attempts
+const deadLong = `A dead event is one the relay parked (dead_at set) after relay.max_attempts
 failed publishes or a permanent failure; it is never claimed again on its own.
 
   list   shows dead events, newest first.
@@ -43,41 +37,25 @@ failed publishes or a permanent failure; it is never claimed again on its own.
 
 AGE is a Go duration (90m, 72h) or a number of days (7d, also 1d12h).
 --type and --id may be repeated. Retry --type/--all and purge act on many
-rows: on a terminal they show the count and ask; otherwise they need --yes.
-`
+rows: on a terminal they show the count and ask; otherwise they need --yes.`
 
-func (c *cliEnv) cmdDead(ctx context.Context, args []string) error {
-	if len(args) == 0 {
-		return usagef("dead needs an action: list, retry or purge\n\n%s", deadUsage)
-	}
-	switch action, rest := args[0], args[1:]; action {
-	case "list":
-		return c.deadList(ctx, rest)
-	case "retry":
-		return c.deadRetry(ctx, rest)
-	case "purge":
-		return c.deadPurge(ctx, rest)
-	case "help", "-h", "--help":
-		fmt.Fprint(c.stdout, deadUsage)
-		return nil
-	default:
-		return usagef("dead: unknown action %q: use list, retry or purge", action)
-	}
+type deadListFlags struct {
+	types                stringList
+	olderThan, newerThan ageFlag
+	limit                int
+	json, payload        bool
 }
 
-// deadFlags returns the FlagSet of a dead action, whose -h prints deadUsage.
-func (c *cliEnv) deadFlags(action string) (*flag.FlagSet, *string) {
-	fs, path := c.flags("dead " + action)
-	fs.Usage = func() {
-		for _, l := range strings.Split(deadUsage, "\n") {
-			if strings.HasPrefix(l, "  outbox-relay dead "+action+" ") {
-				fmt.Fprintf(c.stderr, "Usage:\n%s\n\n", l)
-			}
-		}
-		fmt.Fprintln(c.stderr, "Flags (outbox-relay dead help explains more):")
-		fs.PrintDefaults()
-	}
-	return fs, path
+type deadRetryFlags struct {
+	ids      idList
+	types    stringList
+	all, yes bool
+}
+
+type deadPurgeFlags struct {
+	olderThan ageFlag
+	types     stringList
+	yes       bool
 }
 
 // deadFilter selects dead rows; its zero value selects them all. Each
@@ -133,23 +111,8 @@ type deadRow struct {
 	PayloadBase64 []byte          `json:"payload_base64,omitempty"`
 }
 
-func (c *cliEnv) deadList(ctx context.Context, args []string) error {
-	fs, path := c.deadFlags("list")
-	var types stringList
-	fs.Var(&types, "type", "only events of this `type` (repeatable)")
-	olderThan := ageFlag{}
-	newerThan := ageFlag{}
-	fs.Var(&olderThan, "older-than", "only events that died longer ago than this `age` (e.g. 72h, 7d)")
-	fs.Var(&newerThan, "newer-than", "only events that died at most this `age` ago (e.g. 30m, 1d)")
-	limit := fs.Int("limit", 50, "show at most this many events")
-	asJSON := fs.Bool("json", false, "print one JSON array with every field instead of a table")
-	withPayload := fs.Bool("payload", false, "with --json, include the payload: as JSON when it is valid UTF-8 JSON\n(field payload, re-encoded compactly), else base64 of the exact bytes (field payload_base64)")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return usagef("dead list: unexpected argument %q", fs.Arg(0))
-	}
+func (c *cliEnv) deadList(ctx context.Context, o deadListFlags) error {
+	limit, asJSON, withPayload, types, olderThan, newerThan := &o.limit, &o.json, &o.payload, o.types, o.olderThan, o.newerThan
 	if *limit < 1 {
 		return usagef("dead list --limit: must be at least 1, got %d", *limit)
 	}
@@ -161,7 +124,7 @@ func (c *cliEnv) deadList(ctx context.Context, args []string) error {
 	}
 	filter := deadFilter{types: types, olderThan: olderThan.d, newerThan: newerThan.d}
 
-	conn, q, _, err := c.openOutbox(ctx, *path)
+	conn, q, _, err := c.openOutbox(ctx)
 	if err != nil {
 		return err
 	}
@@ -195,10 +158,7 @@ func (c *cliEnv) deadList(ctx context.Context, args []string) error {
 	}
 
 	if *asJSON {
-		enc := json.NewEncoder(c.stdout)
-		enc.SetIndent("", "  ")
-		enc.SetEscapeHTML(false)
-		return enc.Encode(list)
+		return writeJSON(c.stdout, list)
 	}
 	var total int64
 	if err := conn.QueryRow(ctx, q.deadTotal).Scan(&total); err != nil {
@@ -220,20 +180,8 @@ func (c *cliEnv) deadList(ctx context.Context, args []string) error {
 	return nil
 }
 
-func (c *cliEnv) deadRetry(ctx context.Context, args []string) error {
-	fs, path := c.deadFlags("retry")
-	var ids idList
-	var types stringList
-	fs.Var(&ids, "id", "retry the dead event with this `uuid` (repeatable); never asks")
-	fs.Var(&types, "type", "retry every dead event of this `type` (repeatable)")
-	all := fs.Bool("all", false, "retry every dead event")
-	yes := fs.Bool("yes", false, "do not ask before retrying by --type or --all")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return usagef("dead retry: unexpected argument %q", fs.Arg(0))
-	}
+func (c *cliEnv) deadRetry(ctx context.Context, o deadRetryFlags) error {
+	ids, types, all, yes := o.ids, o.types, &o.all, &o.yes
 	selectors := 0
 	for _, given := range []bool{len(ids) > 0, len(types) > 0, *all} {
 		if given {
@@ -251,7 +199,7 @@ func (c *cliEnv) deadRetry(ctx context.Context, args []string) error {
 		}
 	}
 
-	conn, q, t, err := c.openOutbox(ctx, *path)
+	conn, q, t, err := c.openOutbox(ctx)
 	if err != nil {
 		return err
 	}
@@ -323,19 +271,8 @@ func (c *cliEnv) explainMissing(ctx context.Context, conn *pgx.Conn, q opsQuerie
 	return fmt.Errorf("%d of %d ids not retried:\n  %s", len(missing), len(ids), strings.Join(lines, "\n  "))
 }
 
-func (c *cliEnv) deadPurge(ctx context.Context, args []string) error {
-	fs, path := c.deadFlags("purge")
-	var types stringList
-	olderThan := ageFlag{}
-	fs.Var(&olderThan, "older-than", "required: delete dead events that died longer ago than this `age` (e.g. 72h, 7d)")
-	fs.Var(&types, "type", "only events of this `type` (repeatable)")
-	yes := fs.Bool("yes", false, "do not ask before deleting")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return usagef("dead purge: unexpected argument %q", fs.Arg(0))
-	}
+func (c *cliEnv) deadPurge(ctx context.Context, o deadPurgeFlags) error {
+	types, olderThan, yes := o.types, o.olderThan, &o.yes
 	if !olderThan.set {
 		return usagef("dead purge: --older-than is required, a positive age such as 72h or 7d")
 	}
@@ -344,7 +281,7 @@ func (c *cliEnv) deadPurge(ctx context.Context, args []string) error {
 	}
 	filter := deadFilter{types: types, olderThan: olderThan.d}
 
-	conn, q, t, err := c.openOutbox(ctx, *path)
+	conn, q, t, err := c.openOutbox(ctx)
 	if err != nil {
 		return err
 	}
@@ -430,8 +367,8 @@ func isTerminal(r any) bool {
 
 // openOutbox loads the configuration (only postgres.* must be valid),
 // connects and checks that the outbox table exists.
-func (c *cliEnv) openOutbox(ctx context.Context, path string) (*pgx.Conn, opsQueries, ident.Table, error) {
-	cfg, err := c.loadConfig(path, "postgres.")
+func (c *cliEnv) openOutbox(ctx context.Context) (*pgx.Conn, opsQueries, ident.Table, error) {
+	cfg, err := c.loadConfig("postgres.")
 	if err != nil {
 		return nil, opsQueries{}, ident.Table{}, err
 	}
@@ -462,6 +399,8 @@ type stringList []string
 
 func (l *stringList) String() string { return strings.Join(*l, ",") }
 
+func (l *stringList) Type() string { return "string" }
+
 func (l *stringList) Set(v string) error {
 	if v == "" {
 		return errors.New("must not be empty")
@@ -474,6 +413,8 @@ func (l *stringList) Set(v string) error {
 type idList []uuid.UUID
 
 func (l *idList) String() string { return fmt.Sprint([]uuid.UUID(*l)) }
+
+func (l *idList) Type() string { return "uuid" }
 
 func (l *idList) Set(v string) error {
 	id, err := uuid.Parse(v)
@@ -489,6 +430,8 @@ type ageFlag struct {
 	d   time.Duration
 	set bool
 }
+
+func (a *ageFlag) Type() string { return "age" }
 
 func (a *ageFlag) String() string {
 	if !a.set {

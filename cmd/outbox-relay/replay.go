@@ -17,17 +17,15 @@ import (
 	"github.com/outbox-relay/outbox-relay/relay"
 )
 
-const replayUsage = `Usage:
-  outbox-relay replay [selection] [--exchange X] [--rate N] [--batch-size N] [--dry-run]
-
-Publishes already dispatched events again, in seq order, with confirms, each
+const replayLong = `Publishes already dispatched events again, in seq order, with confirms, each
 copy marked with the header x-outbox-replay (the time of the replay). The
 outbox table is only read. Select with any of:
   --from-seq N --to-seq N        seq range (inclusive)
   --since T --until T            created_at range; T is RFC 3339 or an age
                                  such as 90m or 7d (that long ago)
   --type T (repeatable)          event types
-  --all                          everything dispatched (no other selector)
+  --all                          everything dispatched (no other selector;
+                                 asks first on a terminal, else needs --yes)
 --dry-run counts what would be sent. --rate N holds per event: a page is
 sent in small slices (about 20 a second), never all at once. Progress (done,
 rate, time left) is one rewritten line on a terminal, otherwise a line every
@@ -42,29 +40,19 @@ drop them by message id like any duplicate.
 
 const defaultReplayBatch = 500
 
-func (c *cliEnv) cmdReplay(ctx context.Context, args []string) error {
-	fs, path := c.flags("replay")
-	fs.Usage = func() {
-		fmt.Fprint(c.stderr, replayUsage, "\nFlags:\n")
-		fs.PrintDefaults()
-	}
-	var types stringList
-	fs.Var(&types, "type", "replay only this event type (repeatable)")
-	from := fs.Int64("from-seq", 0, "first seq to replay")
-	to := fs.Int64("to-seq", 0, "last seq to replay (0: no limit)")
-	since := fs.String("since", "", "created at or after: RFC 3339 time or an age such as 24h or 7d")
-	until := fs.String("until", "", "created before: RFC 3339 time or an age")
-	all := fs.Bool("all", false, "replay every dispatched event")
-	exchange := fs.String("exchange", "", "publish the copies to this exchange instead of amqp.exchange")
-	rate := fs.Float64("rate", 0, "most events per second (0: as fast as confirms allow)")
-	batch := fs.Int("batch-size", defaultReplayBatch, "events read per page")
-	dryRun := fs.Bool("dry-run", false, "only count the selected events")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return usagef("replay: unexpected argument %q", fs.Arg(0))
-	}
+// replayFlags are replay's flags.
+type replayFlags struct {
+	types                   stringList
+	from, to                int64
+	since, until, exchange  string
+	all, dryRun, yes        bool
+	rate                    float64
+	batch                   int
+}
+
+func (c *cliEnv) cmdReplay(ctx context.Context, o replayFlags) error {
+	types, from, to, since, until, all := o.types, &o.from, &o.to, &o.since, &o.until, &o.all
+	exchange, rate, batch, dryRun, path := &o.exchange, &o.rate, &o.batch, &o.dryRun, &c.configPath
 	sel := relay.ReplaySelection{FromSeq: *from, ToSeq: *to, Types: types}
 	var err error
 	if sel.Since, err = parseWhen(*since); err != nil {
@@ -86,11 +74,16 @@ func (c *cliEnv) cmdReplay(ctx context.Context, args []string) error {
 	case *batch < 1 || *batch > 10000:
 		return usagef("replay --batch-size: must be between 1 and 10000, got %d", *batch)
 	}
+	if *all && !*dryRun {
+		if err := c.needConfirmation("replay --all", o.yes); err != nil {
+			return err
+		}
+	}
 	prefixes := []string{"postgres."}
 	if !*dryRun {
 		prefixes = append(prefixes, "amqp.")
 	}
-	cfg, err := c.loadConfig(*path, prefixes...)
+	cfg, err := c.loadConfig(prefixes...)
 	if err != nil {
 		return err
 	}
@@ -115,6 +108,19 @@ func (c *cliEnv) cmdReplay(ctx context.Context, args []string) error {
 		}
 		fmt.Fprintf(c.stdout, "dry run: %d dispatched events of %s match; nothing was sent\n", n, t)
 		return nil
+	}
+	if *all && !o.yes {
+		n, err := rp.Count(ctx, pool, sel)
+		if err != nil {
+			return err
+		}
+		to := *exchange
+		if to == "" {
+			to = cfg.AMQP.Exchange
+		}
+		if err := c.confirm(fmt.Sprintf("replay all %d dispatched events of %s to exchange %q?", n, t, to), "nothing was sent"); err != nil {
+			return err
+		}
 	}
 
 	amqpCfg := cfg.AMQP
