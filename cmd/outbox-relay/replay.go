@@ -42,12 +42,12 @@ const defaultReplayBatch = 500
 
 // replayFlags are replay's flags.
 type replayFlags struct {
-	types                   stringList
-	from, to                int64
-	since, until, exchange  string
-	all, dryRun, yes        bool
-	rate                    float64
-	batch                   int
+	types                  stringList
+	from, to               int64
+	since, until, exchange string
+	all, dryRun, yes       bool
+	rate                   float64
+	batch                  int
 }
 
 func (c *cliEnv) cmdReplay(ctx context.Context, o replayFlags) error {
