@@ -49,6 +49,7 @@ type Metrics struct {
 	Retries          *prometheus.CounterVec   // event_type: rows scheduled for another attempt
 	Cleaned          *prometheus.CounterVec   // kind: dispatched, dead rows deleted by retention
 	PartitionsOwned  prometheus.Gauge         // ordered mode: partitions leased by this replica
+	Partitions       prometheus.Gauge         // ordered mode: relay.partitions
 	HorizonWait      prometheus.Gauge         // ordered mode: seconds the commit horizon waits for old transactions
 	BatchSize        prometheus.Histogram     // rows claimed per non-empty batch
 	PublishLatency   prometheus.Histogram     // publish to confirm, per batch
@@ -126,6 +127,10 @@ func New(reg prometheus.Registerer, cfg Config) (*Metrics, error) {
 		PartitionsOwned: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "outbox_relay_partitions_owned",
 			Help: "Virtual partitions leased by this replica (relay.ordering: partition_key; 0 otherwise).",
+		}),
+		Partitions: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "outbox_relay_partitions",
+			Help: "Ordered mode: relay.partitions, the virtual partitions the replicas split between them (0 otherwise).",
 		}),
 		HorizonWait: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "outbox_relay_commit_horizon_wait_seconds",
@@ -205,7 +210,7 @@ func New(reg prometheus.Registerer, cfg Config) (*Metrics, error) {
 	m.table = &tableStats{gauges: []prometheus.Gauge{m.Pending, m.OldestPendingAge, m.DeadRows, m.Delayed, m.StatsTimestamp}}
 	for _, c := range []prometheus.Collector{m.Published, m.Failed, m.Returned, m.Dead, m.BatchDuration,
 		m.StageDuration, m.Retries, m.Cleaned, m.PartitionsOwned, m.HorizonWait, m.BatchSize, m.PublishLatency, m.EndToEndLatency, m.table,
-		m.LinkUp, m.Reconnects, m.Wakeups, m.BuildInfo, m.Ready, m.StatsLeader, m.Info} {
+		m.LinkUp, m.Reconnects, m.Wakeups, m.BuildInfo, m.Ready, m.StatsLeader, m.Info, m.Partitions} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

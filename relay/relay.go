@@ -126,6 +126,9 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 	}
 	r.m.SetReadiness(r.Ready)
 	r.m.Info.WithLabelValues(r.table.String(), cfg.AMQP.Exchange).Set(1)
+	if cfg.Relay.Ordering == OrderingPartitionKey {
+		r.m.Partitions.Set(float64(cfg.Relay.Partitions))
+	}
 	r.statsOwner = cfg.AMQP.ConnectionName + "/" + uuid.NewString()
 	return r, nil
 }

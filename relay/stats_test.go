@@ -2,6 +2,9 @@ package relay_test
 
 import (
 	"context"
+	"io"
+	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -120,4 +123,39 @@ func TestTableStatsOneReplica(t *testing.T) {
 		n, _ := exporters(rest)
 		return n == 1
 	})
+}
+
+// TestReadyzNamesLinksOnly checks that /readyz says which links are down
+// but not their errors, which name hosts and users (those go to the log).
+func TestReadyzNamesLinksOnly(t *testing.T) {
+	t.Parallel()
+	declare := false
+	cfg := relay.Config{
+		Postgres: relay.PostgresConfig{DSN: "postgres://secret_user@127.0.0.1:1/db?connect_timeout=1", Schema: "s", Table: "t"},
+		AMQP:     relay.AMQPConfig{URL: "amqp://secret_user:pw@127.0.0.1:1/", Exchange: "x", DeclareExchange: &declare},
+		Relay:    relay.EngineConfig{ShutdownTimeout: time.Second},
+	}
+	r := startObservable(t, cfg)
+	testenv.Eventually(t, 20*time.Second, "both links fail with their real errors", func() bool {
+		err := r.Ready()
+		return err != nil && strings.Count(err.Error(), "127.0.0.1:1") >= 2
+	})
+	srv, err := metrics.NewServer("127.0.0.1:0", r.reg, r.Ready)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = srv.Serve() }()
+	defer srv.Shutdown(context.Background())
+	resp, err := http.Get("http://" + srv.Addr() + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusServiceUnavailable || string(body) != "not ready: amqp link down, postgres link down\n" {
+		t.Errorf("/readyz: %d %q, want 503 naming both links", resp.StatusCode, body)
+	}
+	if strings.Contains(string(body), "secret_user") || strings.Contains(string(body), "127.0.0.1") {
+		t.Errorf("/readyz shows the errors' text: %q", body)
+	}
 }
