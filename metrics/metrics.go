@@ -59,7 +59,6 @@ type Metrics struct {
 	DeadRows         prometheus.Gauge         // rows parked dead (table-wide)
 	Delayed          prometheus.Gauge         // pending rows not yet due (table-wide)
 	StatsTimestamp   prometheus.Gauge         // unix time the table-wide counts were taken
-	StatsLeader      prometheus.Gauge         // 1 while this replica takes the table-wide counts
 	Info             *prometheus.GaugeVec     // table, exchange
 	LinkUp           *prometheus.GaugeVec     // link
 	Reconnects       *prometheus.CounterVec   // link
@@ -167,10 +166,6 @@ func New(reg prometheus.Registerer, cfg Config) (*Metrics, error) {
 			Name: "outbox_relay_table_stats_timestamp_seconds",
 			Help: "Unix time the table-wide gauges (pending, delayed, dead, oldest age) were last read; they are exported by one replica per table.",
 		}),
-		StatsLeader: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "outbox_relay_table_stats_leader",
-			Help: "1 while this replica holds the table's stats lease and exports the table-wide gauges, else 0.",
-		}),
 		Info: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "outbox_relay_info",
 			Help: "Always 1; labels name the outbox table (schema.table) and the exchange this relay serves.",
@@ -207,10 +202,10 @@ func New(reg prometheus.Registerer, cfg Config) (*Metrics, error) {
 		}
 		return 0
 	})
-	m.table = &tableStats{gauges: []prometheus.Gauge{m.Pending, m.OldestPendingAge, m.DeadRows, m.Delayed, m.StatsTimestamp}}
+	m.table = newTableStats(m.Pending, m.OldestPendingAge, m.DeadRows, m.Delayed, m.StatsTimestamp)
 	for _, c := range []prometheus.Collector{m.Published, m.Failed, m.Returned, m.Dead, m.BatchDuration,
 		m.StageDuration, m.Retries, m.Cleaned, m.PartitionsOwned, m.HorizonWait, m.BatchSize, m.PublishLatency, m.EndToEndLatency, m.table,
-		m.LinkUp, m.Reconnects, m.Wakeups, m.BuildInfo, m.Ready, m.StatsLeader, m.Info, m.Partitions} {
+		m.LinkUp, m.Reconnects, m.Wakeups, m.BuildInfo, m.Ready, m.Info, m.Partitions} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

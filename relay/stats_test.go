@@ -36,20 +36,28 @@ func startObservable(t *testing.T, cfg relay.Config) observed {
 	return observed{&running{Relay: r, Metrics: m, stop: testenv.RunRelay(t, r)}, reg}
 }
 
-// exported returns the value of the unlabelled family name on o's
-// registry, and whether o exports it at all.
-func (o observed) exported(t *testing.T, name string) (float64, bool) {
+// scrape returns the values of o's unlabelled families, from one Gather.
+func (o observed) scrape(t *testing.T) map[string]float64 {
 	t.Helper()
 	families, err := o.reg.Gather()
 	if err != nil {
 		t.Fatal(err)
 	}
+	out := map[string]float64{}
 	for _, f := range families {
-		if f.GetName() == name && len(f.GetMetric()) > 0 {
-			return f.GetMetric()[0].GetGauge().GetValue(), true
+		if len(f.GetMetric()) > 0 {
+			out[f.GetName()] = f.GetMetric()[0].GetGauge().GetValue()
 		}
 	}
-	return 0, false
+	return out
+}
+
+// exported returns the value of the unlabelled family name on o's
+// registry, and whether o exports it at all.
+func (o observed) exported(t *testing.T, name string) (float64, bool) {
+	t.Helper()
+	v, ok := o.scrape(t)[name]
+	return v, ok
 }
 
 // TestDelayedRowIsNotLate checks that a pending row delayed by an hour does
@@ -88,9 +96,10 @@ func TestTableStatsOneReplica(t *testing.T) {
 	relays := []observed{startObservable(t, cfg), startObservable(t, cfg), startObservable(t, cfg)}
 	exporters := func(rs []observed) (n int, which int) {
 		for i, r := range rs {
-			_, pending := r.exported(t, "outbox_relay_pending_events")
-			_, ts := r.exported(t, "outbox_relay_table_stats_timestamp_seconds")
-			leader, _ := r.exported(t, "outbox_relay_table_stats_leader")
+			m := r.scrape(t)
+			_, pending := m["outbox_relay_pending_events"]
+			_, ts := m["outbox_relay_table_stats_timestamp_seconds"]
+			leader := m["outbox_relay_table_stats_leader"]
 			if pending != ts || pending != (leader == 1) {
 				t.Fatalf("relay %d: pending exported %v, timestamp exported %v, leader %v: they must agree", i, pending, ts, leader)
 			}
