@@ -236,8 +236,8 @@ func TestDestructiveCommandsAsk(t *testing.T) {
 	}
 }
 
-// TestJSONOutputs checks that the commands that report state print valid
-// JSON with --json.
+// TestJSONOutputs checks that the commands that report state or a result
+// print valid JSON with --json.
 func TestJSONOutputs(t *testing.T) {
 	t.Parallel()
 	o := testenv.NewOutbox(t)
@@ -249,6 +249,9 @@ func TestJSONOutputs(t *testing.T) {
 		{"notify", "status", "--json"},
 		{"status", "--json"},
 		{"dead", "list", "--json"},
+		{"dead", "retry", "--all", "--yes", "--json"},
+		{"dead", "purge", "--older-than", "1h", "--yes", "--json"},
+		{"replay", "--all", "--dry-run", "--json"},
 	} {
 		code, out, errOut := runCLI(t, env, args...)
 		if code != exitOK || !json.Valid([]byte(out)) {

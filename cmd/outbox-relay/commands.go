@@ -211,7 +211,7 @@ func (c *cliEnv) deadCommand() *cobra.Command {
 
 	var r deadRetryFlags
 	retry := &cobra.Command{
-		Use:   "retry (--id UUID... | --type T... | --all) [--yes]",
+		Use:   "retry (--id UUID... | --type T... | --all) [--yes] [--json]",
 		Short: "make dead events due again",
 		Args:  cobra.NoArgs,
 		RunE:  c.action(func(ctx context.Context, _ *cobra.Command) error { return c.deadRetry(ctx, r) }),
@@ -221,10 +221,11 @@ func (c *cliEnv) deadCommand() *cobra.Command {
 	f.Var(&r.types, "type", "retry every dead event of this `type` (repeatable)")
 	f.BoolVar(&r.all, "all", false, "retry every dead event")
 	f.BoolVar(&r.yes, "yes", false, "do not ask before retrying by --type or --all")
+	f.BoolVar(&r.json, "json", false, "print the result as one JSON object")
 
 	var p deadPurgeFlags
 	purge := &cobra.Command{
-		Use:   "purge --older-than AGE [--type T]... [--yes]",
+		Use:   "purge --older-than AGE [--type T]... [--yes] [--json]",
 		Short: "delete dead events that died longer ago than --older-than",
 		Args:  cobra.NoArgs,
 		RunE:  c.action(func(ctx context.Context, _ *cobra.Command) error { return c.deadPurge(ctx, p) }),
@@ -233,6 +234,7 @@ func (c *cliEnv) deadCommand() *cobra.Command {
 	f.Var(&p.olderThan, "older-than", "required: delete dead events that died longer ago than this `age` (e.g. 72h, 7d)")
 	f.Var(&p.types, "type", "only events of this `type` (repeatable)")
 	f.BoolVar(&p.yes, "yes", false, "do not ask before deleting")
+	f.BoolVar(&p.json, "json", false, "print the result as one JSON object")
 
 	return group(&cobra.Command{
 		Use:   "dead",
@@ -244,7 +246,7 @@ func (c *cliEnv) deadCommand() *cobra.Command {
 func (c *cliEnv) replayCommand() *cobra.Command {
 	var o replayFlags
 	cmd := &cobra.Command{
-		Use:   "replay [selection] [--exchange X] [--rate N] [--batch-size N] [--dry-run] [--yes]",
+		Use:   "replay [selection] [--exchange X] [--rate N] [--batch-size N] [--dry-run] [--yes] [--json]",
 		Short: "publish dispatched events again (by seq, time, type)",
 		Long:  replayLong,
 		Args:  cobra.NoArgs,
@@ -262,6 +264,7 @@ func (c *cliEnv) replayCommand() *cobra.Command {
 	f.IntVar(&o.batch, "batch-size", defaultReplayBatch, "events read per page")
 	f.BoolVar(&o.dryRun, "dry-run", false, "only count the selected events")
 	f.BoolVar(&o.yes, "yes", false, "do not ask before replaying --all")
+	f.BoolVar(&o.json, "json", false, "print the result (or the dry run's count) as one JSON object")
 	return cmd
 }
 

@@ -47,15 +47,40 @@ type deadListFlags struct {
 }
 
 type deadRetryFlags struct {
-	ids      idList
-	types    stringList
-	all, yes bool
+	ids            idList
+	types          stringList
+	all, yes, json bool
 }
 
 type deadPurgeFlags struct {
 	olderThan ageFlag
 	types     stringList
-	yes       bool
+	yes, json bool
+}
+
+// deadActionReport is what dead retry and purge print with --json.
+type deadActionReport struct {
+	Retried *int        `json:"retried,omitempty"`
+	Purged  *int        `json:"purged,omitempty"`
+	IDs     []uuid.UUID `json:"ids,omitempty"` // retry: the events made due again
+}
+
+// reportCount prints how many dead events verb ("retried", "purged") hit.
+func (c *cliEnv) reportCount(asJSON bool, past string, n int, ids []uuid.UUID) error {
+	if !asJSON {
+		fmt.Fprintf(c.stdout, "%s %d dead events\n", past, n)
+		return nil
+	}
+	rep := deadActionReport{IDs: ids}
+	if past == "retried" {
+		rep.Retried = &n
+		if rep.IDs == nil {
+			rep.IDs = []uuid.UUID{}
+		}
+	} else {
+		rep.Purged = &n
+	}
+	return writeJSON(c.stdout, rep)
 }
 
 // deadFilter selects dead rows; its zero value selects them all. Each
@@ -206,7 +231,7 @@ func (c *cliEnv) deadRetry(ctx context.Context, o deadRetryFlags) error {
 	defer conn.Close(context.WithoutCancel(ctx))
 
 	if mass && !*yes {
-		ok, err := c.confirmRows(ctx, conn, q, &filter, "retry")
+		ok, err := c.confirmRows(ctx, conn, q, &filter, "retry", o.json)
 		if err != nil || !ok {
 			return err
 		}
@@ -227,7 +252,9 @@ func (c *cliEnv) deadRetry(ctx context.Context, o deadRetryFlags) error {
 	if err != nil {
 		return fmt.Errorf("retry dead events in %s: %w", t, err)
 	}
-	fmt.Fprintf(c.stdout, "retried %d dead events\n", len(retried))
+	if err := c.reportCount(o.json, "retried", len(retried), retried); err != nil {
+		return err
+	}
 	if len(ids) > 0 && len(retried) < len(ids) {
 		return c.explainMissing(ctx, conn, q, ids, retried)
 	}
@@ -288,7 +315,7 @@ func (c *cliEnv) deadPurge(ctx context.Context, o deadPurgeFlags) error {
 	defer conn.Close(context.WithoutCancel(ctx))
 
 	if !*yes {
-		ok, err := c.confirmRows(ctx, conn, q, &filter, "purge")
+		ok, err := c.confirmRows(ctx, conn, q, &filter, "purge", o.json)
 		if err != nil || !ok {
 			return err
 		}
@@ -297,8 +324,7 @@ func (c *cliEnv) deadPurge(ctx context.Context, o deadPurgeFlags) error {
 	if err != nil {
 		return fmt.Errorf("purge dead events in %s: %w", t, err)
 	}
-	fmt.Fprintf(c.stdout, "purged %d dead events\n", tag.RowsAffected())
-	return nil
+	return c.reportCount(o.json, "purged", int(tag.RowsAffected()), nil)
 }
 
 func selectorFlag(all bool) string {
@@ -321,7 +347,7 @@ func (c *cliEnv) needConfirmation(command string, yes bool) error {
 // confirmRows counts the rows filter selects, asks whether to act on them,
 // and on yes pins filter to exactly those rows. With nothing to do it
 // prints the zero result and returns false without asking.
-func (c *cliEnv) confirmRows(ctx context.Context, conn *pgx.Conn, q opsQueries, filter *deadFilter, verb string) (bool, error) {
+func (c *cliEnv) confirmRows(ctx context.Context, conn *pgx.Conn, q opsQueries, filter *deadFilter, verb string, asJSON bool) (bool, error) {
 	rows, err := conn.Query(ctx, q.deadSelect, filter.args()...)
 	if err != nil {
 		return false, fmt.Errorf("select dead events: %w", err)
@@ -332,8 +358,7 @@ func (c *cliEnv) confirmRows(ctx context.Context, conn *pgx.Conn, q opsQueries, 
 	}
 	past := map[string]string{"retry": "retried", "purge": "purged"}[verb]
 	if len(seqs) == 0 {
-		fmt.Fprintf(c.stdout, "%s 0 dead events\n", past)
-		return false, nil
+		return false, c.reportCount(asJSON, past, 0, nil)
 	}
 	// The prompt goes to stderr, like rm -i's, so that stdout holds only
 	// the result.

@@ -45,7 +45,7 @@ type replayFlags struct {
 	types                  stringList
 	from, to               int64
 	since, until, exchange string
-	all, dryRun, yes       bool
+	all, dryRun, yes, json bool
 	rate                   float64
 	batch                  int
 }
@@ -106,6 +106,9 @@ func (c *cliEnv) cmdReplay(ctx context.Context, o replayFlags) error {
 		if err != nil {
 			return err
 		}
+		if o.json {
+			return writeJSON(c.stdout, replayReport{Table: t.String(), DryRun: true, Total: n})
+		}
 		fmt.Fprintf(c.stdout, "dry run: %d dispatched events of %s match; nothing was sent\n", n, t)
 		return nil
 	}
@@ -145,7 +148,15 @@ func (c *cliEnv) cmdReplay(ctx context.Context, o replayFlags) error {
 		Progress:  pr.update,
 	})
 	pr.finish(p)
-	fmt.Fprintf(c.stdout, "replayed %d of %d events to exchange %q in %s\n", p.Done, p.Total, amqpCfg.Exchange, p.Elapsed.Round(time.Millisecond))
+	if o.json {
+		rep := replayReport{Table: t.String(), Exchange: amqpCfg.Exchange, Total: p.Total, Replayed: p.Done,
+			Seconds: p.Elapsed.Seconds(), Complete: err == nil}
+		if jerr := writeJSON(c.stdout, rep); jerr != nil {
+			return jerr
+		}
+	} else {
+		fmt.Fprintf(c.stdout, "replayed %d of %d events to exchange %q in %s\n", p.Done, p.Total, amqpCfg.Exchange, p.Elapsed.Round(time.Millisecond))
+	}
 	if err == nil {
 		return nil
 	}
@@ -286,4 +297,15 @@ func parseWhen(s string) (time.Time, error) {
 		return time.Time{}, fmt.Errorf("%q is neither an RFC 3339 time (2026-11-23T09:00:00Z) nor an age such as 90m or 7d", s)
 	}
 	return time.Now().Add(-age), nil
+}
+
+// replayReport is what replay prints with --json.
+type replayReport struct {
+	Table    string  `json:"table"`
+	Exchange string  `json:"exchange,omitempty"`
+	DryRun   bool    `json:"dry_run"`
+	Total    int64   `json:"total"`    // selected events
+	Replayed int64   `json:"replayed"` // confirmed copies
+	Seconds  float64 `json:"seconds"`
+	Complete bool    `json:"complete"` // false: interrupted or failed, see stderr for the resume command
 }
