@@ -3,6 +3,7 @@ package relay_test
 import (
 	"context"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -43,5 +44,25 @@ func TestAppIDNamesHostAndTable(t *testing.T) {
 		if got := testenv.Receive(t, deliveries, 1, 10*time.Second)[0].AppId; got != want {
 			t.Errorf("amqp.app_id %q: message app-id %q, want %q", tc.set, got, want)
 		}
+	}
+}
+
+// TestConnectionNameNamesHostAndTable checks that the relay's connection
+// carries amqp.connection_name (default outbox-relay/<host>/<table>), which
+// the broker's management UI and rabbitmqctl show for each connection.
+func TestConnectionNameNamesHostAndTable(t *testing.T) {
+	t.Parallel()
+	host, err := os.Hostname()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rmq := testenv.StartRabbitMQ(t)
+	o, b := testenv.NewOutbox(t), testenv.NewBrokerAt(t, rmq.URL())
+	cfg := config(o, b)
+	r := start(t, cfg)
+	testenv.Eventually(t, 20*time.Second, "relay ready", func() bool { return r.Ready() == nil })
+	want := `{"connection_name","outbox-relay/` + host + `/` + o.Schema + `.` + o.Table.Name + `"}`
+	if out := rmq.Ctl(t, "list_connections", "client_properties"); !strings.Contains(out, want) {
+		t.Errorf("no connection with %s:\n%s", want, out)
 	}
 }
