@@ -137,17 +137,16 @@ type deadRow struct {
 }
 
 func (c *cliEnv) deadList(ctx context.Context, o deadListFlags) error {
-	limit, asJSON, withPayload, types, olderThan, newerThan := &o.limit, &o.json, &o.payload, o.types, o.olderThan, o.newerThan
-	if *limit < 1 {
-		return usagef("dead list --limit: must be at least 1, got %d", *limit)
+	if o.limit < 1 {
+		return usagef("dead list --limit: must be at least 1, got %d", o.limit)
 	}
-	if *withPayload && !*asJSON {
+	if o.payload && !o.json {
 		return usagef("dead list --payload: only with --json")
 	}
-	if olderThan.set && newerThan.set && newerThan.d <= olderThan.d {
-		return usagef("dead list: --newer-than (%s) must be longer than --older-than (%s), or nothing matches", newerThan.d, olderThan.d)
+	if o.olderThan.set && o.newerThan.set && o.newerThan.d <= o.olderThan.d {
+		return usagef("dead list: --newer-than (%s) must be longer than --older-than (%s), or nothing matches", o.newerThan.d, o.olderThan.d)
 	}
-	filter := deadFilter{types: types, olderThan: olderThan.d, newerThan: newerThan.d}
+	filter := deadFilter{types: o.types, olderThan: o.olderThan.d, newerThan: o.newerThan.d}
 
 	conn, q, _, err := c.openOutbox(ctx)
 	if err != nil {
@@ -155,7 +154,7 @@ func (c *cliEnv) deadList(ctx context.Context, o deadListFlags) error {
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 
-	rows, err := conn.Query(ctx, q.deadList, append(filter.args(), *withPayload, *limit)...)
+	rows, err := conn.Query(ctx, q.deadList, append(filter.args(), o.payload, o.limit)...)
 	if err != nil {
 		return fmt.Errorf("list dead events: %w", err)
 	}
@@ -169,7 +168,7 @@ func (c *cliEnv) deadList(ctx context.Context, o deadListFlags) error {
 			rows.Close()
 			return fmt.Errorf("list dead events: %w", err)
 		}
-		if *withPayload {
+		if o.payload {
 			if utf8.Valid(payload) && json.Valid(payload) {
 				r.Payload = payload
 			} else {
@@ -182,7 +181,7 @@ func (c *cliEnv) deadList(ctx context.Context, o deadListFlags) error {
 		return fmt.Errorf("list dead events: %w", err)
 	}
 
-	if *asJSON {
+	if o.json {
 		return writeJSON(c.stdout, list)
 	}
 	var total int64
@@ -206,9 +205,8 @@ func (c *cliEnv) deadList(ctx context.Context, o deadListFlags) error {
 }
 
 func (c *cliEnv) deadRetry(ctx context.Context, o deadRetryFlags) error {
-	ids, types, all, yes := o.ids, o.types, &o.all, &o.yes
 	selectors := 0
-	for _, given := range []bool{len(ids) > 0, len(types) > 0, *all} {
+	for _, given := range []bool{len(o.ids) > 0, len(o.types) > 0, o.all} {
 		if given {
 			selectors++
 		}
@@ -216,10 +214,10 @@ func (c *cliEnv) deadRetry(ctx context.Context, o deadRetryFlags) error {
 	if selectors != 1 {
 		return usagef("dead retry: use exactly one of --id, --type or --all")
 	}
-	filter := deadFilter{ids: ids, types: types}
-	mass := len(ids) == 0 // --type or --all
+	filter := deadFilter{ids: o.ids, types: o.types}
+	mass := len(o.ids) == 0 // --type or --all
 	if mass {
-		if err := c.needConfirmation("dead retry "+selectorFlag(*all), *yes); err != nil {
+		if err := c.needConfirmation("dead retry "+selectorFlag(o.all), o.yes); err != nil {
 			return err
 		}
 	}
@@ -230,7 +228,7 @@ func (c *cliEnv) deadRetry(ctx context.Context, o deadRetryFlags) error {
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 
-	if mass && !*yes {
+	if mass && !o.yes {
 		ok, err := c.confirmRows(ctx, conn, q, &filter, "retry", o.json)
 		if err != nil || !ok {
 			return err
@@ -255,8 +253,8 @@ func (c *cliEnv) deadRetry(ctx context.Context, o deadRetryFlags) error {
 	if err := c.reportCount(o.json, "retried", len(retried), retried); err != nil {
 		return err
 	}
-	if len(ids) > 0 && len(retried) < len(ids) {
-		return c.explainMissing(ctx, conn, q, ids, retried)
+	if len(o.ids) > 0 && len(retried) < len(o.ids) {
+		return c.explainMissing(ctx, conn, q, o.ids, retried)
 	}
 	return nil
 }
@@ -299,14 +297,13 @@ func (c *cliEnv) explainMissing(ctx context.Context, conn *pgx.Conn, q opsQuerie
 }
 
 func (c *cliEnv) deadPurge(ctx context.Context, o deadPurgeFlags) error {
-	types, olderThan, yes := o.types, o.olderThan, &o.yes
-	if !olderThan.set {
+	if !o.olderThan.set {
 		return usagef("dead purge: --older-than is required, a positive age such as 72h or 7d")
 	}
-	if err := c.needConfirmation("dead purge", *yes); err != nil {
+	if err := c.needConfirmation("dead purge", o.yes); err != nil {
 		return err
 	}
-	filter := deadFilter{types: types, olderThan: olderThan.d}
+	filter := deadFilter{types: o.types, olderThan: o.olderThan.d}
 
 	conn, q, t, err := c.openOutbox(ctx)
 	if err != nil {
@@ -314,7 +311,7 @@ func (c *cliEnv) deadPurge(ctx context.Context, o deadPurgeFlags) error {
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 
-	if !*yes {
+	if !o.yes {
 		ok, err := c.confirmRows(ctx, conn, q, &filter, "purge", o.json)
 		if err != nil || !ok {
 			return err

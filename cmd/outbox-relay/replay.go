@@ -51,36 +51,34 @@ type replayFlags struct {
 }
 
 func (c *cliEnv) cmdReplay(ctx context.Context, o replayFlags) error {
-	types, from, to, since, until, all := o.types, &o.from, &o.to, &o.since, &o.until, &o.all
-	exchange, rate, batch, dryRun, path := &o.exchange, &o.rate, &o.batch, &o.dryRun, &c.configPath
-	sel := relay.ReplaySelection{FromSeq: *from, ToSeq: *to, Types: types}
+	sel := relay.ReplaySelection{FromSeq: o.from, ToSeq: o.to, Types: o.types}
 	var err error
-	if sel.Since, err = parseWhen(*since); err != nil {
+	if sel.Since, err = parseWhen(o.since); err != nil {
 		return usagef("replay --since: %v", err)
 	}
-	if sel.Until, err = parseWhen(*until); err != nil {
+	if sel.Until, err = parseWhen(o.until); err != nil {
 		return usagef("replay --until: %v", err)
 	}
-	selected := *from != 0 || *to != 0 || *since != "" || *until != "" || len(types) > 0
+	selected := o.from != 0 || o.to != 0 || o.since != "" || o.until != "" || len(o.types) > 0
 	switch {
-	case !selected && !*all:
+	case !selected && !o.all:
 		return usagef("replay: choose what to replay (--from-seq/--to-seq, --since/--until, --type) or --all")
-	case selected && *all:
+	case selected && o.all:
 		return usagef("replay: --all cannot be combined with another selector")
-	case *from < 0 || *to < 0 || (*to != 0 && *to < *from):
+	case o.from < 0 || o.to < 0 || (o.to != 0 && o.to < o.from):
 		return usagef("replay: --from-seq and --to-seq must be positive, with --to-seq ≥ --from-seq")
-	case *rate < 0 || math.IsNaN(*rate) || math.IsInf(*rate, 0):
-		return usagef("replay --rate: must be 0 (unlimited) or a positive number of events per second, got %v", *rate)
-	case *batch < 1 || *batch > 10000:
-		return usagef("replay --batch-size: must be between 1 and 10000, got %d", *batch)
+	case o.rate < 0 || math.IsNaN(o.rate) || math.IsInf(o.rate, 0):
+		return usagef("replay --rate: must be 0 (unlimited) or a positive number of events per second, got %v", o.rate)
+	case o.batch < 1 || o.batch > 10000:
+		return usagef("replay --batch-size: must be between 1 and 10000, got %d", o.batch)
 	}
-	if *all && !*dryRun {
+	if o.all && !o.dryRun {
 		if err := c.needConfirmation("replay --all", o.yes); err != nil {
 			return err
 		}
 	}
 	prefixes := []string{"postgres."}
-	if !*dryRun {
+	if !o.dryRun {
 		prefixes = append(prefixes, "amqp.")
 	}
 	cfg, err := c.loadConfig(prefixes...)
@@ -101,7 +99,7 @@ func (c *cliEnv) cmdReplay(ctx context.Context, o replayFlags) error {
 	if err != nil {
 		return err
 	}
-	if *dryRun {
+	if o.dryRun {
 		n, err := rp.Count(ctx, pool, sel)
 		if err != nil {
 			return err
@@ -112,12 +110,12 @@ func (c *cliEnv) cmdReplay(ctx context.Context, o replayFlags) error {
 		fmt.Fprintf(c.stdout, "dry run: %d dispatched events of %s match; nothing was sent\n", n, t)
 		return nil
 	}
-	if *all && !o.yes {
+	if o.all && !o.yes {
 		n, err := rp.Count(ctx, pool, sel)
 		if err != nil {
 			return err
 		}
-		to := *exchange
+		to := o.exchange
 		if to == "" {
 			to = cfg.AMQP.Exchange
 		}
@@ -127,14 +125,14 @@ func (c *cliEnv) cmdReplay(ctx context.Context, o replayFlags) error {
 	}
 
 	amqpCfg := cfg.AMQP
-	if *exchange != "" {
+	if o.exchange != "" {
 		// Never declared, only checked: a mistyped name must not leave a
 		// stray durable exchange behind with the copies lost in it.
 		noDeclare := false
-		amqpCfg.Exchange, amqpCfg.DeclareExchange = *exchange, &noDeclare
+		amqpCfg.Exchange, amqpCfg.DeclareExchange = o.exchange, &noDeclare
 	}
 	log := newLogger(cfg.Log, c.stderr)
-	pub := relay.NewAMQPPublisher(amqpCfg, *batch, log.Named("replay"))
+	pub := relay.NewAMQPPublisher(amqpCfg, o.batch, log.Named("replay"))
 	defer pub.Close()
 	if err := pub.Connect(ctx); err != nil {
 		return fmt.Errorf("broker: %w (nothing was sent)", err)
@@ -143,8 +141,8 @@ func (c *cliEnv) cmdReplay(ctx context.Context, o replayFlags) error {
 	context.AfterFunc(ctx, c.stopSignals)
 	pr := newProgress(c.stderr, isTerminal(c.stderr))
 	p, err := rp.Replay(ctx, pool, pub, sel, relay.ReplayOptions{
-		BatchSize: *batch,
-		Rate:      *rate,
+		BatchSize: o.batch,
+		Rate:      o.rate,
 		Progress:  pr.update,
 	})
 	pr.finish(p)
@@ -160,7 +158,7 @@ func (c *cliEnv) cmdReplay(ctx context.Context, o replayFlags) error {
 	if err == nil {
 		return nil
 	}
-	resume := resumeCommand(*path, sel, p.Resume, *exchange, *rate, *batch)
+	resume := resumeCommand(c.configPath, sel, p.Resume, o.exchange, o.rate, o.batch)
 	if errors.Is(err, context.Canceled) {
 		return fmt.Errorf("replay interrupted after %d of %d events (every selected event before seq %d was confirmed); resume with:\n  %s",
 			p.Done, p.Total, p.Resume, resume)
