@@ -1,12 +1,10 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"regexp"
 	"strconv"
@@ -357,22 +355,11 @@ func (c *cliEnv) confirmRows(ctx context.Context, conn *pgx.Conn, q opsQueries, 
 	if len(seqs) == 0 {
 		return false, c.reportCount(asJSON, past, 0, nil)
 	}
-	// The prompt goes to stderr, like rm -i's, so that stdout holds only
-	// the result.
-	fmt.Fprintf(c.stderr, "%s %d dead events? [y/N] ", verb, len(seqs))
-	answer, err := bufio.NewReader(c.stdin).ReadString('\n')
-	if err != nil && !errors.Is(err, io.EOF) {
-		return false, fmt.Errorf("read answer: %w", err)
+	if err := c.confirm(fmt.Sprintf("%s %d dead events?", verb, len(seqs)), "nothing "+past); err != nil {
+		return false, err
 	}
-	switch strings.ToLower(strings.TrimSpace(answer)) {
-	case "y", "yes":
-		filter.seqs = seqs
-		return true, nil
-	}
-	if errors.Is(err, io.EOF) {
-		fmt.Fprintln(c.stderr)
-	}
-	return false, fmt.Errorf("not confirmed: nothing %s", past)
+	filter.seqs = seqs
+	return true, nil
 }
 
 // isTerminal reports whether r (a stream) is a character device, that is a terminal
