@@ -118,6 +118,11 @@ func (p *AMQPPublisher) ensure(ctx context.Context) error {
 		p.lastErr = fmt.Errorf("exchange %q not found (amqp.declare_exchange is false: declare it on the broker, or check the name): %w", p.cfg.Exchange, err)
 		return p.lastErr
 	}
+	if err := p.declareRouted(ch); err != nil {
+		conn.Close()
+		p.lastErr = err
+		return p.lastErr
+	}
 	// basic.return is dispatched synchronously before the confirm of the same
 	// message, so a buffer larger than the batches in flight means a return
 	// is always in the buffer by the time its ack is seen.
@@ -187,17 +192,26 @@ func (p *AMQPPublisher) Send(ctx context.Context, msgs []Message) Pending {
 	b.deadline = time.Now().Add(p.cfg.ConfirmTimeout)
 	for i := range msgs {
 		m := &msgs[i]
-		if len(m.Body) > p.maxSize {
+		exchange, key, err := p.route(m)
+		if err != nil {
+			b.errs[i] = err
+			continue
+		}
+		pub, err := p.publishing(m)
+		if err != nil {
+			b.errs[i] = err
+			continue
+		}
+		pub.AppId = cmp.Or(p.cfg.AppID, pub.AppId)
+		if len(pub.Body) > p.maxSize {
 			source := "amqp.max_message_size"
 			if p.maxSize < p.cfg.MaxMessageSize {
 				source = "the broker's max_message_size, learned when it refused a larger message"
 			}
-			b.errs[i] = &PublishError{Reason: ReasonTooLarge, Err: fmt.Errorf("payload is %d bytes, the broker accepts at most %d (%s)", len(m.Body), p.maxSize, source)}
+			b.errs[i] = &PublishError{Reason: ReasonTooLarge, Err: fmt.Errorf("message body is %d bytes, the broker accepts at most %d (%s)", len(pub.Body), p.maxSize, source)}
 			continue
 		}
-		pub := toPublishing(m)
-		pub.AppId = cmp.Or(p.cfg.AppID, pub.AppId)
-		dc, err := b.ch.PublishWithDeferredConfirmWithContext(ctx, p.cfg.Exchange, m.Type, true, false, pub)
+		dc, err := b.ch.PublishWithDeferredConfirmWithContext(ctx, exchange, key, true, false, pub)
 		if err != nil {
 			// The channel is unusable: fail this message and every later one,
 			// with the broker's reason if it closed the channel (a batch

@@ -14,3 +14,12 @@ func CleanDispatchedOnce(ctx context.Context, r *Relay, pool *pgxpool.Pool) (del
 
 // StatsWait is statsWait, for its unit test.
 var StatsWait = statsWait
+
+// CloudEventsJSON renders m as a structured CloudEvent, or says why m
+// cannot be one.
+func CloudEventsJSON(m *Message, source string) ([]byte, error) {
+	if err := cloudEventsValid(m); err != nil {
+		return nil, err
+	}
+	return cloudEventsJSON(m, source), nil
+}

@@ -26,7 +26,9 @@ outbox table is only read. Select with any of:
   --type T (repeatable)          event types
   --all                          everything dispatched (no other selector;
                                  asks first on a terminal, else needs --yes)
---dry-run counts what would be sent. --rate N holds per event: a page is
+Copies follow their rows' routes (the exchange and routing_key columns, else
+amqp.exchange and the event type); --exchange X sends them all to X, each with
+its routing key. --dry-run counts what would be sent. --rate N holds per event: a page is
 sent in small slices (about 20 a second), never all at once. Progress (done,
 rate, time left) is one rewritten line on a terminal, otherwise a line every
 5 seconds and at the end.
@@ -144,6 +146,9 @@ func (c *cliEnv) cmdReplay(ctx context.Context, o replayFlags) error {
 		BatchSize: o.batch,
 		Rate:      o.rate,
 		Progress:  pr.update,
+		// --exchange takes every copy, including those of rows routed to
+		// another exchange.
+		OneExchange: o.exchange != "",
 	})
 	pr.finish(p)
 	if o.json {
