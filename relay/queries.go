@@ -219,3 +219,10 @@ FROM lease`, tbl, t.Derived("stats_lease")),
   WHERE tgrelid = $1::regclass AND tgname = $2), false)`,
 	}
 }
+
+// beginWrite opens the relay's write transactions (writeTx): one simple-
+// protocol round trip, the setting scoped to the transaction.
+const beginWrite = `BEGIN; SET LOCAL synchronous_commit = off`
+
+// backendPID names the server session a statement ran in.
+const backendPID = `SELECT pg_backend_pid()`

@@ -42,7 +42,7 @@ func (c *cliEnv) openMigrator(ctx context.Context) (*schema.Migrator, ident.Tabl
 		return nil, ident.Table{}, nil, err
 	}
 	table := ident.Table{Schema: cfg.Postgres.Schema, Name: cfg.Postgres.Table}
-	db, closeDB, err := openDB(ctx, cfg.Postgres.DSN)
+	db, closeDB, err := openDB(ctx, cfg.Postgres)
 	if err != nil {
 		return nil, table, nil, err
 	}
