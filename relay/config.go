@@ -210,6 +210,11 @@ func (c Config) WithDefaults() Config {
 	return c
 }
 
+// maxRetryBackoff bounds relay.retry_min_backoff and retry_max_backoff: the
+// delay is doubled in time.Duration and added to now() in SQL, which must
+// not overflow.
+const maxRetryBackoff = 24 * time.Hour
+
 // FieldError is a configuration error naming the offending key.
 type FieldError struct {
 	Key     string // e.g. "relay.batch_size"
@@ -268,6 +273,12 @@ func (c Config) Validate() error {
 	}
 	positive(bad, "relay.retry_min_backoff", c.Relay.RetryMinBackoff)
 	positive(bad, "relay.retry_max_backoff", c.Relay.RetryMaxBackoff)
+	if c.Relay.RetryMaxBackoff > maxRetryBackoff {
+		bad("relay.retry_max_backoff", "must be at most %s (a longer wait is better served by `outbox-relay dead retry` later), got %s", maxRetryBackoff, c.Relay.RetryMaxBackoff)
+	}
+	if c.Relay.RetryMinBackoff > maxRetryBackoff {
+		bad("relay.retry_min_backoff", "must be at most %s, got %s", maxRetryBackoff, c.Relay.RetryMinBackoff)
+	}
 	if c.Relay.RetryMaxBackoff < c.Relay.RetryMinBackoff {
 		bad("relay.retry_max_backoff", "must not be below relay.retry_min_backoff (%s), got %s", c.Relay.RetryMinBackoff, c.Relay.RetryMaxBackoff)
 	}

@@ -14,3 +14,10 @@ func CleanDispatchedOnce(ctx context.Context, r *Relay, pool *pgxpool.Pool) (del
 
 // StatsWait is statsWait, for its unit test.
 var StatsWait = statsWait
+
+// SkipChecks turns off p's checks before publishing, so a test can show
+// what happens when the broker refuses a message the checks did not foresee.
+func SkipChecks(p *AMQPPublisher) { p.skipChecks = true }
+
+// Backoff is backoff, for its unit test.
+var Backoff = backoff

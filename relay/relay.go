@@ -483,6 +483,9 @@ func (r *Relay) settle(ctx, drain context.Context, b *batch) error {
 			continue
 		}
 		pe := reasonOf(errs[i])
+		if pe.Deferred {
+			continue // cut off by another message's close: retried as it is
+		}
 		r.m.Failed.WithLabelValues(r.m.EventType(m.Type), string(pe.Reason)).Inc()
 		if pe.Reason == ReasonUnroutable {
 			r.m.Returned.WithLabelValues(r.m.EventType(m.Type)).Inc()
@@ -564,7 +567,7 @@ func scanMessage(rows pgx.Rows) (Message, error) {
 		&m.CorrelationID, &m.CreatedAt, &m.Attempts); err != nil {
 		return m, fmt.Errorf("scan: %w", err)
 	}
-	for _, f := range []struct{ column, value string }{{"content_type", m.ContentType}, {"correlation_id", m.CorrelationID}} {
+	for _, f := range []struct{ column, value string }{{"event_type", m.Type}, {"content_type", m.ContentType}, {"correlation_id", m.CorrelationID}} {
 		if len(f.value) > maxShortString {
 			return m, &PublishError{Reason: ReasonInvalid, Err: fmt.Errorf(
 				"%s is %d bytes; AMQP allows at most %d", f.column, len(f.value), maxShortString)}
@@ -650,6 +653,10 @@ func (r *Relay) reconnectDelay(failures int) time.Duration {
 func backoff(n int, lo, hi time.Duration) time.Duration {
 	d := lo
 	for i := 1; i < n && d < hi; i++ {
+		if d > hi/2 { // doubling would pass hi, or overflow
+			d = hi
+			break
+		}
 		d *= 2
 	}
 	d = min(d, hi)
