@@ -90,6 +90,13 @@ type AMQPConfig struct {
 type EngineConfig struct {
 	// BatchSize is the most rows claimed and published per transaction. Default 500.
 	BatchSize int `yaml:"batch_size"`
+	// BatchBytes bounds the payload bytes the relay holds at once: a claim
+	// stops when the payloads of its rows and of the batches still in
+	// flight would pass it. A single row larger than it is claimed alone,
+	// once nothing else is in flight. Peak memory is about 2 x the larger
+	// of BatchBytes and amqp.max_message_size, plus 32 MiB (see
+	// docs/failure-model.md). Default 16777216 (16 MiB).
+	BatchBytes int64 `yaml:"batch_bytes"`
 	// OnDispatch is "mark" (default: set dispatched_at, keeping the row) or
 	// "delete" (remove the row once the broker confirmed it).
 	OnDispatch string `yaml:"on_dispatch"`
@@ -181,6 +188,7 @@ func (c Config) WithDefaults() Config {
 	c.AMQP.MaxMessageSize = cmp.Or(c.AMQP.MaxMessageSize, 128<<20)
 	c.AMQP.Unroutable = cmp.Or(c.AMQP.Unroutable, UnroutableFail)
 	c.Relay.BatchSize = cmp.Or(c.Relay.BatchSize, 500)
+	c.Relay.BatchBytes = cmp.Or(c.Relay.BatchBytes, 16<<20)
 	c.Relay.OnDispatch = cmp.Or(c.Relay.OnDispatch, OnDispatchMark)
 	c.Relay.MaxAttempts = cmp.Or(c.Relay.MaxAttempts, 10)
 	c.Relay.RetryMinBackoff = cmp.Or(c.Relay.RetryMinBackoff, time.Second)
@@ -266,6 +274,9 @@ func (c Config) Validate() error {
 	oneOf(bad, "amqp.unroutable", c.AMQP.Unroutable, UnroutableFail, UnroutableAccept)
 	if c.Relay.BatchSize < 1 || c.Relay.BatchSize > 10000 {
 		bad("relay.batch_size", "must be between 1 and 10000, got %d", c.Relay.BatchSize)
+	}
+	if c.Relay.BatchBytes < 1<<10 || c.Relay.BatchBytes > 1<<30 {
+		bad("relay.batch_bytes", "must be between 1024 and 1073741824 bytes (1 KiB to 1 GiB), got %d", c.Relay.BatchBytes)
 	}
 	oneOf(bad, "relay.on_dispatch", c.Relay.OnDispatch, OnDispatchMark, OnDispatchDelete)
 	if c.Relay.MaxAttempts < 1 {

@@ -21,3 +21,10 @@ func SkipChecks(p *AMQPPublisher) { p.skipChecks = true }
 
 // Backoff is backoff, for its unit test.
 var Backoff = backoff
+
+// HeaderFrameSizeOf is the size of the header frame the publisher sends
+// for m.
+func HeaderFrameSizeOf(m Message) int {
+	pub := toPublishing(&m)
+	return headerFrameSize(pub)
+}

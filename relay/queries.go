@@ -2,6 +2,7 @@ package relay
 
 import (
 	"fmt"
+	"strings"
 
 	"github.com/outbox-relay/outbox-relay/internal/ident"
 )
@@ -70,6 +71,40 @@ func pageReplay(tbl string) string {
 	return fmt.Sprintf(`SELECT `+messageColumns+` FROM %s WHERE `+replaySelection+` ORDER BY seq LIMIT $6`, tbl)
 }
 
+// budgeted wraps a claim query, which locks the rows to claim and returns
+// their seq, with the byte budget. Of the locked rows, in seq order, it
+// returns those whose payloads add up to at most $p bytes, or the first
+// alone however large when $p+1 is true (nothing else is in flight). A row
+// over amqp.max_message_size ($p+2) is parked dead in the same statement
+// and returned with a NULL payload, never loaded. octet_length reads a
+// TOASTed payload's size from its pointer, without detoasting it. Locked
+// rows past the budget stay locked until the batch settles; the next claim
+// skips them.
+func budgeted(tbl, claim string, p int) string {
+	columns := strings.Replace(messageColumns, "payload,", fmt.Sprintf("CASE WHEN claim_bytes <= $%d THEN payload END,", p+2), 1)
+	if columns == messageColumns {
+		panic("relay: messageColumns has no payload column")
+	}
+	return fmt.Sprintf(`WITH locked AS MATERIALIZED (
+%[1]s
+), sized AS (
+  SELECT o.seq, octet_length(o.payload)::bigint AS claim_bytes FROM %[2]s o WHERE o.seq IN (SELECT seq FROM locked)
+), parked AS (
+  UPDATE %[2]s o SET attempts = o.attempts + 1, dead_at = now(),
+    last_error = format('too_large: payload is %%s bytes, over amqp.max_message_size (%%s); parked without loading it', s.claim_bytes, $%[5]d::bigint)
+  FROM sized s WHERE o.seq = s.seq AND s.claim_bytes > $%[5]d::bigint
+  RETURNING o.seq
+), fits AS (
+  SELECT seq FROM (
+    SELECT seq, claim_bytes, sum(claim_bytes) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS upto FROM sized WHERE claim_bytes <= $%[5]d::bigint
+  ) w WHERE upto <= $%[3]d::bigint OR (upto = claim_bytes AND $%[4]d::bool)
+)
+SELECT %[6]s
+FROM %[2]s JOIN sized USING (seq)
+WHERE seq IN (SELECT seq FROM fits) OR claim_bytes > $%[5]d::bigint
+ORDER BY seq`, claim, tbl, p, p+1, p+2, columns)
+}
+
 // pending is the predicate of the partial index outbox_pending; every query
 // that looks for work repeats it verbatim so the planner can use the index.
 const pending = `dispatched_at IS NULL AND dead_at IS NULL`
@@ -87,20 +122,20 @@ func newQueries(t ident.Table, onDead string) queries {
 		// row, if it is due and at or below the commit horizon ($4). Rows
 		// without a key are claimed as in unordered mode. SKIP LOCKED skips
 		// a head another relay holds, and with it its whole key.
-		claimOrdered: fmt.Sprintf(`WITH heads AS (
+		claimOrdered: budgeted(tbl, fmt.Sprintf(`WITH heads AS (
   SELECT DISTINCT ON (partition_key) seq, partition_key, available_at
   FROM %[1]s
   WHERE `+pending+` AND partition_key IS NOT NULL AND %[3]s = ANY($3::int4[])
   ORDER BY partition_key, seq
 )
-SELECT `+messageColumns+`
+SELECT seq
 FROM %[1]s
 WHERE `+pending+` AND available_at <= now()
   AND (partition_key IS NULL
        OR seq IN (SELECT h.seq FROM heads h WHERE h.seq <= $4 AND h.available_at <= now()%[2]s))
 ORDER BY seq
 LIMIT $1
-FOR UPDATE SKIP LOCKED`, tbl, deadBlocks, partitionOf(2)),
+FOR UPDATE SKIP LOCKED`, tbl, deadBlocks, partitionOf(2)), 5),
 
 		// The sequence's last value L; if it passed $2, a fresh transaction
 		// id taken after L was read (the subquery is a fence: the CASE
@@ -141,12 +176,12 @@ LIMIT $4`,
 
 		// Due pending rows in sequence order; rows locked by another relay
 		// are skipped, so replicas share the table without coordination.
-		claimBatch: fmt.Sprintf(`SELECT `+messageColumns+`
+		claimBatch: budgeted(tbl, fmt.Sprintf(`SELECT seq
 FROM %s
 WHERE `+pending+` AND available_at <= now()
 ORDER BY seq
 LIMIT $1
-FOR UPDATE SKIP LOCKED`, tbl),
+FOR UPDATE SKIP LOCKED`, tbl), 2),
 
 		// One round trip, no locks, no transaction: is anything due?
 		probePending: fmt.Sprintf(`SELECT EXISTS (SELECT 1 FROM %s WHERE `+pending+` AND available_at <= now())`, tbl),

@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
+	amqp "github.com/rabbitmq/amqp091-go"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
@@ -145,5 +147,47 @@ func TestUnforeseenRefusalBlamesMessage(t *testing.T) {
 			}
 			checkRefused(t, c, true, 3)
 		})
+	}
+}
+
+// TestHeaderFrameAtFrameMax: the broker is the judge of the header frame's
+// size. A row whose header frame is exactly frame_max is published; one a
+// byte larger is parked dead before it is sent. A size computed too small
+// would let the second close the connection; too large would park the
+// first.
+func TestHeaderFrameAtFrameMax(t *testing.T) {
+	t.Parallel()
+	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+	deliveries := b.Consume(t, b.Queue(t, "#", nil))
+	conn, err := amqp.Dial(b.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	frameMax := conn.Config.FrameSize
+	conn.Close()
+	// The relay adds x-outbox-seq; the id, type and timestamp have fixed sizes.
+	base := relay.HeaderFrameSizeOf(relay.Message{ID: uuid.New(), Type: "edge.fits", ContentType: "application/json",
+		CreatedAt: time.Now(), Headers: map[string]any{"big": "", relay.HeaderSeq: int64(1)}})
+	fill := frameMax - base
+	ctx := context.Background()
+	for typ, n := range map[string]int{"edge.fits": fill, "edge.over": fill + 1} {
+		if _, err := o.Pool.Exec(ctx, `INSERT INTO `+o.Table.Quoted()+` (event_type, payload, headers)
+			VALUES ($1, '{}', jsonb_build_object('big', repeat('h', $2)))`, typ, n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, pub, logs := startRefusal(t, o, b, false)
+	got := testenv.Receive(t, deliveries, 1, 30*time.Second)
+	if got[0].Type != "edge.fits" || len(got[0].Headers["big"].(string)) != fill {
+		t.Fatalf("received %s, want edge.fits with a %d-byte header", got[0].Type, fill)
+	}
+	testenv.Eventually(t, 10*time.Second, "edge.over dead as too_large", func() bool {
+		return o.Count(t, "event_type = 'edge.over' AND dead_at IS NOT NULL AND last_error LIKE 'too_large%frame_max%'") == 1
+	})
+	if n := pub.Dials(); n != 1 {
+		t.Errorf("%d connections opened, want 1: the broker closed one", n)
+	}
+	if n := linkLogs(logs, "link down", metrics.LinkAMQP); n != 0 {
+		t.Errorf("%d link down lines", n)
 	}
 }

@@ -71,6 +71,11 @@ type Relay struct {
 	started  atomic.Bool
 	// sendFailing is set while the last settled batch lost its broker link.
 	sendFailing atomic.Bool
+	// inflightBytes is the payload held by batches claimed and not yet
+	// settled; claims stop at relay.batch_bytes minus it. settled wakes a
+	// claim waiting for room (capacity 1, coalescing).
+	inflightBytes atomic.Int64
+	settled       chan struct{}
 
 	mu    sync.Mutex
 	links map[string]error // nil: up
@@ -102,6 +107,8 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 		pub:   pub,
 		wake:  make(chan string, 1),
 		links: map[string]error{},
+
+		settled: make(chan struct{}, 1),
 
 		cleanerLock: lockClass("cleaner " + cfg.table().String()),
 	}
@@ -215,7 +222,13 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 	go func() {
 		defer close(settled)
 		for b := range sent {
-			if err := r.settle(ctx, drain, b); err != nil {
+			err := r.settle(ctx, drain, b)
+			r.inflightBytes.Add(-b.bytes)
+			select {
+			case r.settled <- struct{}{}:
+			default:
+			}
+			if err != nil {
 				select {
 				case settleErr <- err:
 				default:
@@ -407,6 +420,7 @@ type batch struct {
 	tx      pgx.Tx
 	msgs    []Message
 	invalid []failure
+	bytes   int64 // payload bytes of msgs, counted in Relay.inflightBytes
 	pending Pending
 	claimed time.Time // claim began
 	sent    time.Time // publish began
@@ -435,25 +449,66 @@ func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, pro
 		}
 	}
 	b := &batch{claimed: time.Now()}
-	tx, err := pool.Begin(ctx)
-	if err != nil {
-		return nil, r.pgFailed(fmt.Errorf("begin: %w", err))
+	for {
+		// Claims stop at relay.batch_bytes, counting the batches in flight;
+		// a row larger than that goes alone, when nothing else is held.
+		held := r.inflightBytes.Load()
+		budget := r.cfg.Relay.BatchBytes - held
+		if budget <= 0 && held > 0 {
+			if !r.waitSettled(ctx) {
+				return nil, nil
+			}
+			continue
+		}
+		tx, err := pool.Begin(ctx)
+		if err != nil {
+			return nil, r.pgFailed(fmt.Errorf("begin: %w", err))
+		}
+		b.tx = tx
+		var parked int
+		b.msgs, b.invalid, parked, err = r.claim(ctx, tx, budget, held == 0)
+		if err != nil {
+			_ = tx.Rollback(drain)
+			return nil, r.pgFailed(err)
+		}
+		r.setLink(metrics.LinkPostgres, nil)
+		r.m.StageDuration.WithLabelValues(metrics.StageClaim).Observe(time.Since(b.claimed).Seconds())
+		if b.size() > 0 {
+			break
+		}
+		if err := tx.Commit(drain); err != nil {
+			return nil, r.pgFailed(fmt.Errorf("commit claim: %w", err))
+		}
+		if parked > 0 {
+			continue // rows too large to load were parked: look again at once
+		}
+		if held == 0 {
+			return nil, nil
+		}
+		// Nothing fitted beside the batches in flight, or nothing is due:
+		// once one settles, a row too large to share the budget can go.
+		if !r.waitSettled(ctx) {
+			return nil, nil
+		}
 	}
-	b.tx = tx
-	b.msgs, b.invalid, err = r.claim(ctx, tx)
-	if err != nil {
-		_ = tx.Rollback(drain)
-		return nil, r.pgFailed(err)
+	for _, m := range b.msgs {
+		b.bytes += int64(len(m.Body))
 	}
-	r.setLink(metrics.LinkPostgres, nil)
-	r.m.StageDuration.WithLabelValues(metrics.StageClaim).Observe(time.Since(b.claimed).Seconds())
-	if b.size() == 0 {
-		return nil, tx.Commit(drain)
-	}
+	r.inflightBytes.Add(b.bytes)
 	r.m.BatchSize.Observe(float64(b.size()))
 	b.sent = time.Now()
 	b.pending = r.pub.Send(drain, b.msgs)
 	return b, nil
+}
+
+// waitSettled waits until a batch in flight settles; false when ctx is done.
+func (r *Relay) waitSettled(ctx context.Context) bool {
+	select {
+	case <-r.settled:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }
 
 // settle waits for a sent batch's confirms and records the outcome in its
@@ -523,36 +578,54 @@ type failure struct {
 	err *PublishError
 }
 
-// claim locks the next due rows and turns them into messages; rows whose
-// headers cannot be decoded come back as invalid failures.
-func (r *Relay) claim(ctx context.Context, tx pgx.Tx) (msgs []Message, invalid []failure, err error) {
+// claim locks the next due rows, up to budget payload bytes (the first row
+// whatever its size when alone), and turns them into messages; rows whose
+// headers cannot be decoded come back as invalid failures, and rows the
+// claim parked as too large to load are counted in parked.
+func (r *Relay) claim(ctx context.Context, tx pgx.Tx, budget int64, alone bool) (msgs []Message, invalid []failure, parked int, err error) {
 	var rows pgx.Rows
+	maxSize := int64(r.cfg.AMQP.MaxMessageSize)
 	if r.cfg.Relay.Ordering == OrderingPartitionKey {
 		rows, err = tx.Query(ctx, r.q.claimOrdered, r.cfg.Relay.BatchSize, r.cfg.Relay.Partitions,
-			r.leases.ownedPartitions(), r.horizon.safe)
+			r.leases.ownedPartitions(), r.horizon.safe, budget, alone, maxSize)
 	} else {
-		rows, err = tx.Query(ctx, r.q.claimBatch, r.cfg.Relay.BatchSize)
+		rows, err = tx.Query(ctx, r.q.claimBatch, r.cfg.Relay.BatchSize, budget, alone, maxSize)
 	}
 	if err != nil {
-		return nil, nil, fmt.Errorf("claim batch: %w", err)
+		return nil, nil, 0, fmt.Errorf("claim batch: %w", err)
 	}
 	defer rows.Close()
 	for rows.Next() {
 		m, err := scanMessage(rows)
 		var bad *PublishError
 		switch {
-		case errors.As(err, &bad):
+		case err != nil && !errors.As(err, &bad):
+			return nil, nil, 0, fmt.Errorf("claim batch: %w", err)
+		case m.Body == nil:
+			// The claim parked it (payload is NOT NULL): too large to load.
+			r.parkedTooLarge(m)
+			parked++
+		case bad != nil:
 			invalid = append(invalid, failure{msg: m, err: bad})
-		case err != nil:
-			return nil, nil, fmt.Errorf("claim batch: %w", err)
 		default:
 			msgs = append(msgs, m)
 		}
 	}
 	if err := rows.Err(); err != nil {
-		return nil, nil, fmt.Errorf("claim batch: %w", err)
+		return nil, nil, 0, fmt.Errorf("claim batch: %w", err)
 	}
-	return msgs, invalid, nil
+	return msgs, invalid, parked, nil
+}
+
+// parkedTooLarge reports a row the claim parked dead because its payload
+// is over amqp.max_message_size.
+func (r *Relay) parkedTooLarge(m Message) {
+	typ := r.m.EventType(m.Type)
+	r.m.Failed.WithLabelValues(typ, string(ReasonTooLarge)).Inc()
+	r.m.Dead.WithLabelValues(typ, string(ReasonTooLarge)).Inc()
+	r.log.Warn("event parked dead", zap.String("event_id", m.ID.String()),
+		zap.String("event_type", m.Type), zap.Int("attempt", m.Attempts+1),
+		zap.String("error", fmt.Sprintf("too_large: payload over amqp.max_message_size (%d bytes), parked without loading it", r.cfg.AMQP.MaxMessageSize)))
 }
 
 // scanMessage reads one row of the claim columns into a message, with the
