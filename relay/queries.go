@@ -11,7 +11,9 @@ import (
 // configured table. Statements take arrays (= ANY, unnest) so that a batch of
 // any size is one statement.
 type queries struct {
-	claimBatch       string
+	claimBatch string
+	// readPayloadPiece reads $3 bytes of row $1's payload from offset $2 (1-based).
+	readPayloadPiece string
 	probePending     string
 	markDispatched   string
 	deleteDispatched string
@@ -71,17 +73,22 @@ func pageReplay(tbl string) string {
 	return fmt.Sprintf(`SELECT `+messageColumns+` FROM %s WHERE `+replaySelection+` ORDER BY seq LIMIT $6`, tbl)
 }
 
+// payloadPiece is the most payload bytes read in one row: larger payloads
+// are read in pieces (Relay.readLargePayload).
+const payloadPiece = 1 << 20
+
 // budgeted wraps a claim query, which locks the rows to claim and returns
 // their seq, with the byte budget. Of the locked rows, in seq order, it
 // returns those whose payloads add up to at most $p bytes, or the first
-// alone however large when $p+1 is true (nothing else is in flight). A row
-// over amqp.max_message_size ($p+2) is parked dead in the same statement
-// and returned with a NULL payload, never loaded. octet_length reads a
-// TOASTed payload's size from its pointer, without detoasting it. Locked
-// rows past the budget stay locked until the batch settles; the next claim
-// skips them.
+// alone however large when $p+1 is true (nothing else is in flight), with
+// the payload's size after messageColumns. A row over
+// amqp.max_message_size ($p+2) is parked dead in the same statement, and a
+// payload over payloadPiece is left out (NULL) to be read in pieces.
+// octet_length reads a TOASTed payload's size from its pointer, without
+// detoasting it. Locked rows past the budget stay locked until the batch
+// settles; the next claim skips them.
 func budgeted(tbl, claim string, p int) string {
-	columns := strings.Replace(messageColumns, "payload,", fmt.Sprintf("CASE WHEN claim_bytes <= $%d THEN payload END,", p+2), 1)
+	columns := strings.Replace(messageColumns, "payload,", fmt.Sprintf("CASE WHEN claim_bytes <= %d THEN payload END,", payloadPiece), 1)
 	if columns == messageColumns {
 		panic("relay: messageColumns has no payload column")
 	}
@@ -99,7 +106,7 @@ func budgeted(tbl, claim string, p int) string {
     SELECT seq, claim_bytes, sum(claim_bytes) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS upto FROM sized WHERE claim_bytes <= $%[5]d::bigint
   ) w WHERE upto <= $%[3]d::bigint OR (upto = claim_bytes AND $%[4]d::bool)
 )
-SELECT %[6]s
+SELECT %[6]s, claim_bytes
 FROM %[2]s JOIN sized USING (seq)
 WHERE seq IN (SELECT seq FROM fits) OR claim_bytes > $%[5]d::bigint
 ORDER BY seq`, claim, tbl, p, p+1, p+2, columns)
@@ -182,6 +189,8 @@ WHERE `+pending+` AND available_at <= now()
 ORDER BY seq
 LIMIT $1
 FOR UPDATE SKIP LOCKED`, tbl), 2),
+
+		readPayloadPiece: fmt.Sprintf(`SELECT substring(payload FROM $2::int FOR $3::int) FROM %s WHERE seq = $1`, tbl),
 
 		// One round trip, no locks, no transaction: is anything due?
 		probePending: fmt.Sprintf(`SELECT EXISTS (SELECT 1 FROM %s WHERE `+pending+` AND available_at <= now())`, tbl),

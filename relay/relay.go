@@ -301,14 +301,15 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			}
 			continue
 		}
-		flowRate := flow.add(time.Now(), next.size())
+		n := next.size() // read before the settler may release next
+		flowRate := flow.add(time.Now(), n)
 		if next != nil {
 			// Blocks while the pipeline is full: the settler makes room
 			// within amqp.confirm_timeout.
 			sent <- next
 			probe, interval = false, r.cfg.Wake.MinInterval
 			linkOK()
-			if r.cfg.Wake.Mode == WakePoll && !ordered && next.size() < r.cfg.Relay.BatchSize {
+			if r.cfg.Wake.Mode == WakePoll && !ordered && n < r.cfg.Relay.BatchSize {
 				// A short batch took all that was due, so claiming again
 				// at once would mostly come back empty: three round trips
 				// for nothing, at every batch. Claim again after
@@ -515,7 +516,11 @@ func (r *Relay) waitSettled(ctx context.Context) bool {
 // transaction: confirmed rows dispatched, failed rows retried or parked,
 // rows whose link dropped left untouched. It always ends the transaction.
 func (r *Relay) settle(ctx, drain context.Context, b *batch) error {
-	defer func() { _ = b.tx.Rollback(drain) }()
+	defer func() {
+		_ = b.tx.Rollback(drain)
+		// The payloads go now: relay.batch_bytes counts them free from here.
+		b.msgs, b.pending = nil, nil
+	}()
 	errs := b.pending.Wait(drain)
 	confirmedAt := time.Now()
 	r.m.PublishLatency.Observe(confirmedAt.Sub(b.sent).Seconds())
@@ -595,16 +600,22 @@ func (r *Relay) claim(ctx context.Context, tx pgx.Tx, budget int64, alone bool) 
 		return nil, nil, 0, fmt.Errorf("claim batch: %w", err)
 	}
 	defer rows.Close()
+	var large []int // msgs whose payload is read in pieces
 	for rows.Next() {
-		m, err := scanMessage(rows)
+		var size int64
+		m, err := scanMessage(rows, &size)
 		var bad *PublishError
 		switch {
 		case err != nil && !errors.As(err, &bad):
 			return nil, nil, 0, fmt.Errorf("claim batch: %w", err)
-		case m.Body == nil:
-			// The claim parked it (payload is NOT NULL): too large to load.
+		case size > int64(r.cfg.AMQP.MaxMessageSize):
+			// The claim parked it, without loading it.
 			r.parkedTooLarge(m)
 			parked++
+		case bad == nil && m.Body == nil:
+			m.Body = make([]byte, 0, size)
+			large = append(large, len(msgs))
+			msgs = append(msgs, m)
 		case bad != nil:
 			invalid = append(invalid, failure{msg: m, err: bad})
 		default:
@@ -614,7 +625,39 @@ func (r *Relay) claim(ctx context.Context, tx pgx.Tx, budget int64, alone bool) 
 	if err := rows.Err(); err != nil {
 		return nil, nil, 0, fmt.Errorf("claim batch: %w", err)
 	}
+	for _, i := range large {
+		if err := r.readLargePayload(ctx, tx, &msgs[i]); err != nil {
+			return nil, nil, 0, err
+		}
+	}
 	return msgs, invalid, parked, nil
+}
+
+// readLargePayload reads a payload the claim left out for its size, in
+// pieces of payloadPiece bytes into m.Body (allocated at its full size): a
+// single read would have pgx hold it twice, once in the connection's read
+// buffer (rounded up to a power of two, and kept until the connection's
+// next read) and once in the copy.
+func (r *Relay) readLargePayload(ctx context.Context, tx pgx.Tx, m *Message) error {
+	for len(m.Body) < cap(m.Body) {
+		rows, err := tx.Query(ctx, r.q.readPayloadPiece, pgx.QueryResultFormats{pgx.BinaryFormatCode},
+			m.Seq, len(m.Body)+1, payloadPiece)
+		if err != nil {
+			return fmt.Errorf("read payload of seq %d: %w", m.Seq, err)
+		}
+		n := len(m.Body)
+		if rows.Next() {
+			m.Body = append(m.Body, rows.RawValues()[0]...)
+		}
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return fmt.Errorf("read payload of seq %d: %w", m.Seq, err)
+		}
+		if len(m.Body) == n {
+			return fmt.Errorf("read payload of seq %d: %d of %d bytes, then nothing", m.Seq, n, cap(m.Body))
+		}
+	}
+	return nil
 }
 
 // parkedTooLarge reports a row the claim parked dead because its payload
@@ -630,14 +673,15 @@ func (r *Relay) parkedTooLarge(m Message) {
 
 // scanMessage reads one row of the claim columns into a message, with the
 // relay's own headers added. A row whose headers cannot be decoded is
-// returned with a *PublishError of reason invalid.
-func scanMessage(rows pgx.Rows) (Message, error) {
+// returned with a *PublishError of reason invalid. extra receives the
+// columns after messageColumns.
+func scanMessage(rows pgx.Rows, extra ...any) (Message, error) {
 	var (
 		m       Message
 		headers []byte
 	)
-	if err := rows.Scan(&m.Seq, &m.ID, &m.Type, &m.Key, &m.Body, &m.ContentType, &headers,
-		&m.CorrelationID, &m.CreatedAt, &m.Attempts); err != nil {
+	if err := rows.Scan(append([]any{&m.Seq, &m.ID, &m.Type, &m.Key, &m.Body, &m.ContentType, &headers,
+		&m.CorrelationID, &m.CreatedAt, &m.Attempts}, extra...)...); err != nil {
 		return m, fmt.Errorf("scan: %w", err)
 	}
 	for _, f := range []struct{ column, value string }{{"event_type", m.Type}, {"content_type", m.ContentType}, {"correlation_id", m.CorrelationID}} {
