@@ -93,9 +93,9 @@ type EngineConfig struct {
 	// BatchBytes bounds the payload bytes the relay holds at once: a claim
 	// stops when the payloads of its rows and of the batches still in
 	// flight would pass it. A single row larger than it is claimed alone,
-	// once nothing else is in flight. Peak memory is about 2 x the larger
-	// of BatchBytes and amqp.max_message_size, plus 32 MiB (see
-	// docs/failure-model.md). Default 16777216 (16 MiB).
+	// once nothing else is in flight. The live heap stays near the larger
+	// of BatchBytes and amqp.max_message_size plus about 15 MiB (see
+	// docs/failure-model.md, "Memory"). Default 16777216 (16 MiB).
 	BatchBytes int64 `yaml:"batch_bytes"`
 	// OnDispatch is "mark" (default: set dispatched_at, keeping the row) or
 	// "delete" (remove the row once the broker confirmed it).

@@ -54,13 +54,23 @@ func peakRSS(t *testing.T, pid int) int64 {
 	return 0
 }
 
-// TestLargePayloadsDrainWithinContainerLimit: a backlog of 16 rows of
-// 24 MiB (384 MiB in all), behind a row the broker would refuse, drains
-// completely through the real daemon, run with the shipped manifest's
-// GOMEMLIMIT and default settings, and its peak RSS stays under the
-// shipped container memory limit.
+// TestLargePayloadsDrainWithinContainerLimit: a backlog of large payloads
+// behind a row the broker would refuse drains completely through the real
+// daemon, run with the shipped manifest's GOMEMLIMIT and default settings,
+// and its peak RSS stays under the shipped container memory limit: 16 rows
+// of 24 MiB (each over relay.batch_bytes, so each goes alone), and 320 rows
+// of 1 MiB (many to a claim, up to the budget).
 func TestLargePayloadsDrainWithinContainerLimit(t *testing.T) {
 	t.Parallel()
+	for _, c := range []struct{ rows, size int }{{16, 24 << 20}, {320, 1 << 20}} {
+		t.Run(fmt.Sprintf("%dx%dMiB", c.rows, c.size>>20), func(t *testing.T) {
+			t.Parallel()
+			drainLarge(t, c.rows, c.size)
+		})
+	}
+}
+
+func drainLarge(t *testing.T, rows, size int) {
 	limit, gomemlimit := shippedMemory(t)
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
 	deliveries := b.Consume(t, b.Queue(t, "#", nil))
@@ -68,7 +78,6 @@ func TestLargePayloadsDrainWithinContainerLimit(t *testing.T) {
 	if _, err := o.Pool.Exec(ctx, `INSERT INTO `+o.Table.Quoted()+` (event_type, payload, headers) VALUES ('bad.event', '{}', '{"CC": "x"}')`); err != nil {
 		t.Fatal(err)
 	}
-	const rows, size = 16, 24 << 20
 	payloads := make(map[string][]byte, rows)
 	for i := range rows {
 		p := make([]byte, size)
