@@ -77,16 +77,24 @@ func pageReplay(tbl string) string {
 // are read in pieces (Relay.readLargePayload).
 const payloadPiece = 1 << 20
 
+// claimedColumns is the select list of the claim queries that budgeted wraps:
+// the whole row (messageColumns is applied to it afterwards) and the size of
+// its payload. octet_length reads a TOASTed payload's size from its pointer,
+// without detoasting it, and materializing the row keeps the pointer.
+const claimedColumns = `*, octet_length(payload)::bigint AS claim_bytes`
+
 // budgeted wraps a claim query, which locks the rows to claim and returns
-// their seq, with the byte budget. Of the locked rows, in seq order, it
-// returns those whose payloads add up to at most $p bytes, or the first
+// claimedColumns, with the byte budget. Of the locked rows, in seq order,
+// it returns those whose payloads add up to at most $p bytes, or the first
 // alone however large when $p+1 is true (nothing else is in flight), with
 // the payload's size after messageColumns. A row over
 // amqp.max_message_size ($p+2) is parked dead in the same statement, and a
 // payload over payloadPiece is left out (NULL) to be read in pieces.
-// octet_length reads a TOASTed payload's size from its pointer, without
-// detoasting it. Locked rows past the budget stay locked until the batch
-// settles; the next claim skips them.
+// When all the locked rows fit, as they do but for large payloads, the
+// running sum is never computed. Rows come in the order they were locked,
+// seq order in practice; the relay sorts them if not (sorting whole rows
+// here cost more than the rest of the wrapper). Locked rows past the budget stay locked
+// until the batch settles; the next claim skips them.
 func budgeted(tbl, claim string, p int) string {
 	columns := strings.Replace(messageColumns, "payload,", fmt.Sprintf("CASE WHEN claim_bytes <= %d THEN payload END,", payloadPiece), 1)
 	if columns == messageColumns {
@@ -94,22 +102,21 @@ func budgeted(tbl, claim string, p int) string {
 	}
 	return fmt.Sprintf(`WITH locked AS MATERIALIZED (
 %[1]s
-), sized AS (
-  SELECT o.seq, octet_length(o.payload)::bigint AS claim_bytes FROM %[2]s o WHERE o.seq IN (SELECT seq FROM locked)
 ), parked AS (
   UPDATE %[2]s o SET attempts = o.attempts + 1, dead_at = now(),
-    last_error = format('too_large: payload is %%s bytes, over amqp.max_message_size (%%s); parked without loading it', s.claim_bytes, $%[5]d::bigint)
-  FROM sized s WHERE o.seq = s.seq AND s.claim_bytes > $%[5]d::bigint
-  RETURNING o.seq
+    last_error = format('too_large: payload is %%s bytes, over amqp.max_message_size (%%s); parked without loading it', l.claim_bytes, $%[5]d::bigint)
+  FROM locked l WHERE o.seq = l.seq AND l.claim_bytes > $%[5]d::bigint
+), totals AS (
+  SELECT coalesce(sum(claim_bytes), 0) <= $%[3]d::bigint AND coalesce(max(claim_bytes), 0) <= $%[5]d::bigint AS fit FROM locked
 ), fits AS (
   SELECT seq FROM (
-    SELECT seq, claim_bytes, sum(claim_bytes) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS upto FROM sized WHERE claim_bytes <= $%[5]d::bigint
+    SELECT seq, claim_bytes, sum(claim_bytes) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS upto
+    FROM locked WHERE claim_bytes <= $%[5]d::bigint
   ) w WHERE upto <= $%[3]d::bigint OR (upto = claim_bytes AND $%[4]d::bool)
 )
 SELECT %[6]s, claim_bytes
-FROM %[2]s JOIN sized USING (seq)
-WHERE seq IN (SELECT seq FROM fits) OR claim_bytes > $%[5]d::bigint
-ORDER BY seq`, claim, tbl, p, p+1, p+2, columns)
+FROM locked
+WHERE (SELECT fit FROM totals) OR seq IN (SELECT seq FROM fits) OR claim_bytes > $%[5]d::bigint`, claim, tbl, p, p+1, p+2, columns)
 }
 
 // pending is the predicate of the partial index outbox_pending; every query
@@ -135,7 +142,7 @@ func newQueries(t ident.Table, onDead string) queries {
   WHERE `+pending+` AND partition_key IS NOT NULL AND %[3]s = ANY($3::int4[])
   ORDER BY partition_key, seq
 )
-SELECT seq
+SELECT `+claimedColumns+`
 FROM %[1]s
 WHERE `+pending+` AND available_at <= now()
   AND (partition_key IS NULL
@@ -183,7 +190,7 @@ LIMIT $4`,
 
 		// Due pending rows in sequence order; rows locked by another relay
 		// are skipped, so replicas share the table without coordination.
-		claimBatch: budgeted(tbl, fmt.Sprintf(`SELECT seq
+		claimBatch: budgeted(tbl, fmt.Sprintf(`SELECT `+claimedColumns+`
 FROM %s
 WHERE `+pending+` AND available_at <= now()
 ORDER BY seq

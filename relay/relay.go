@@ -6,10 +6,12 @@
 package relay
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -629,6 +631,10 @@ func (r *Relay) claim(ctx context.Context, tx pgx.Tx, budget int64, alone bool) 
 		if err := r.readLargePayload(ctx, tx, &msgs[i]); err != nil {
 			return nil, nil, 0, err
 		}
+	}
+	bySeq := func(a, b Message) int { return cmp.Compare(a.Seq, b.Seq) }
+	if !slices.IsSortedFunc(msgs, bySeq) {
+		slices.SortFunc(msgs, bySeq)
 	}
 	return msgs, invalid, parked, nil
 }
