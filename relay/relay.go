@@ -690,7 +690,7 @@ func scanMessage(rows pgx.Rows, extra ...any) (Message, error) {
 		&m.CorrelationID, &m.CreatedAt, &m.Attempts}, extra...)...); err != nil {
 		return m, fmt.Errorf("scan: %w", err)
 	}
-	for _, f := range []struct{ column, value string }{{"event_type", m.Type}, {"content_type", m.ContentType}, {"correlation_id", m.CorrelationID}} {
+	for _, f := range []struct{ column, value string }{{"content_type", m.ContentType}, {"correlation_id", m.CorrelationID}} {
 		if len(f.value) > maxShortString {
 			return m, &PublishError{Reason: ReasonInvalid, Err: fmt.Errorf(
 				"%s is %d bytes; AMQP allows at most %d", f.column, len(f.value), maxShortString)}
