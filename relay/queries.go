@@ -88,8 +88,9 @@ const claimedColumns = `*, octet_length(payload)::bigint AS claim_bytes`
 // it returns those whose payloads add up to at most $p bytes, or the first
 // alone however large when $p+1 is true (nothing else is in flight), with
 // the payload's size after messageColumns. A row over
-// amqp.max_message_size ($p+2) is parked dead in the same statement, and a
-// payload over payloadPiece is left out (NULL) to be read in pieces.
+// amqp.max_message_size ($p+2) is returned too, to be parked dead, and its
+// payload, like any over payloadPiece, is left out (NULL). No row is
+// modified here: a claim must not need more than a row lock.
 // When all the locked rows fit, as they do but for large payloads, the
 // running sum is never computed. Rows come in the order they were locked,
 // seq order in practice; the relay sorts them if not (sorting whole rows
@@ -102,10 +103,6 @@ func budgeted(tbl, claim string, p int) string {
 	}
 	return fmt.Sprintf(`WITH locked AS MATERIALIZED (
 %[1]s
-), parked AS (
-  UPDATE %[2]s o SET attempts = o.attempts + 1, dead_at = now(),
-    last_error = format('too_large: payload is %%s bytes, over amqp.max_message_size (%%s); parked without loading it', l.claim_bytes, $%[5]d::bigint)
-  FROM locked l WHERE o.seq = l.seq AND l.claim_bytes > $%[5]d::bigint
 ), totals AS (
   SELECT coalesce(sum(claim_bytes), 0) <= $%[3]d::bigint AND coalesce(max(claim_bytes), 0) <= $%[5]d::bigint AS fit FROM locked
 ), fits AS (

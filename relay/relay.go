@@ -344,7 +344,13 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		default:
 			probe, interval = true, min(2*interval, r.cfg.Wake.PollInterval)
 		}
-		r.waitWake(ctx, wait)
+		// A row too large to share relay.batch_bytes with the batches in
+		// flight goes as soon as they settle.
+		var settled <-chan struct{}
+		if r.inflightBytes.Load() > 0 {
+			settled = r.settled
+		}
+		r.waitWake(ctx, wait, settled)
 	}
 	return nil
 }
@@ -356,12 +362,14 @@ func (r *Relay) inflightLimit() int {
 	return max(1, min(4, int(r.cfg.Postgres.MaxConns)-2))
 }
 
-// waitWake blocks until a wake-up signal, the interval, or ctx.
-func (r *Relay) waitWake(ctx context.Context, d time.Duration) {
+// waitWake blocks until a wake-up signal, the interval, a batch settled
+// (when settled is not nil), or ctx.
+func (r *Relay) waitWake(ctx context.Context, d time.Duration, settled <-chan struct{}) {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-ctx.Done():
+	case <-settled:
 	case src := <-r.wake:
 		r.m.Wakeups.WithLabelValues(src).Inc()
 	case <-t.C:
@@ -451,48 +459,34 @@ func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, pro
 			return nil, nil
 		}
 	}
-	b := &batch{claimed: time.Now()}
-	for {
-		// Claims stop at relay.batch_bytes, counting the batches in flight;
-		// a row larger than that goes alone, when nothing else is held.
-		held := r.inflightBytes.Load()
-		budget := r.cfg.Relay.BatchBytes - held
-		if budget <= 0 && held > 0 {
-			if !r.waitSettled(ctx) {
-				return nil, nil
-			}
-			continue
-		}
-		tx, err := pool.Begin(ctx)
-		if err != nil {
-			return nil, r.pgFailed(fmt.Errorf("begin: %w", err))
-		}
-		b.tx = tx
-		var parked int
-		b.msgs, b.invalid, parked, err = r.claim(ctx, tx, budget, held == 0)
-		if err != nil {
-			_ = tx.Rollback(drain)
-			return nil, r.pgFailed(err)
-		}
-		r.setLink(metrics.LinkPostgres, nil)
-		r.m.StageDuration.WithLabelValues(metrics.StageClaim).Observe(time.Since(b.claimed).Seconds())
-		if b.size() > 0 {
-			break
-		}
-		if err := tx.Commit(drain); err != nil {
-			return nil, r.pgFailed(fmt.Errorf("commit claim: %w", err))
-		}
-		if parked > 0 {
-			continue // rows too large to load were parked: look again at once
-		}
-		if held == 0 {
-			return nil, nil
-		}
-		// Nothing fitted beside the batches in flight, or nothing is due:
-		// once one settles, a row too large to share the budget can go.
+	// Claims stop at relay.batch_bytes, counting the batches in flight; a
+	// row larger than that goes alone, when nothing else is held.
+	held := r.inflightBytes.Load()
+	budget := r.cfg.Relay.BatchBytes - held
+	for budget <= 0 && held > 0 {
 		if !r.waitSettled(ctx) {
 			return nil, nil
 		}
+		held = r.inflightBytes.Load()
+		budget = r.cfg.Relay.BatchBytes - held
+	}
+	b := &batch{claimed: time.Now()}
+	tx, err := pool.Begin(ctx)
+	if err != nil {
+		return nil, r.pgFailed(fmt.Errorf("begin: %w", err))
+	}
+	b.tx = tx
+	b.msgs, b.invalid, err = r.claim(ctx, tx, budget, held == 0)
+	if err != nil {
+		_ = tx.Rollback(drain)
+		return nil, r.pgFailed(err)
+	}
+	r.setLink(metrics.LinkPostgres, nil)
+	r.m.StageDuration.WithLabelValues(metrics.StageClaim).Observe(time.Since(b.claimed).Seconds())
+	if b.size() == 0 {
+		// Nothing is due, or nothing fitted beside the batches in flight:
+		// the claim loop waits, and looks again when one settles.
+		return nil, tx.Commit(drain)
 	}
 	for _, m := range b.msgs {
 		b.bytes += int64(len(m.Body))
@@ -558,6 +552,9 @@ func (r *Relay) settle(ctx, drain context.Context, b *batch) error {
 		}
 		failed = append(failed, failure{msg: m, err: pe})
 	}
+	for _, f := range b.invalid {
+		r.m.Failed.WithLabelValues(r.m.EventType(f.msg.Type), string(f.err.Reason)).Inc()
+	}
 	failed = append(failed, b.invalid...)
 
 	bookCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
@@ -587,9 +584,9 @@ type failure struct {
 
 // claim locks the next due rows, up to budget payload bytes (the first row
 // whatever its size when alone), and turns them into messages; rows whose
-// headers cannot be decoded come back as invalid failures, and rows the
-// claim parked as too large to load are counted in parked.
-func (r *Relay) claim(ctx context.Context, tx pgx.Tx, budget int64, alone bool) (msgs []Message, invalid []failure, parked int, err error) {
+// headers cannot be decoded, or whose payload is over amqp.max_message_size
+// (not loaded), come back as invalid failures.
+func (r *Relay) claim(ctx context.Context, tx pgx.Tx, budget int64, alone bool) (msgs []Message, invalid []failure, err error) {
 	var rows pgx.Rows
 	maxSize := int64(r.cfg.AMQP.MaxMessageSize)
 	if r.cfg.Relay.Ordering == OrderingPartitionKey {
@@ -599,7 +596,7 @@ func (r *Relay) claim(ctx context.Context, tx pgx.Tx, budget int64, alone bool) 
 		rows, err = tx.Query(ctx, r.q.claimBatch, r.cfg.Relay.BatchSize, budget, alone, maxSize)
 	}
 	if err != nil {
-		return nil, nil, 0, fmt.Errorf("claim batch: %w", err)
+		return nil, nil, fmt.Errorf("claim batch: %w", err)
 	}
 	defer rows.Close()
 	var large []int // msgs whose payload is read in pieces
@@ -609,11 +606,11 @@ func (r *Relay) claim(ctx context.Context, tx pgx.Tx, budget int64, alone bool) 
 		var bad *PublishError
 		switch {
 		case err != nil && !errors.As(err, &bad):
-			return nil, nil, 0, fmt.Errorf("claim batch: %w", err)
+			return nil, nil, fmt.Errorf("claim batch: %w", err)
 		case size > int64(r.cfg.AMQP.MaxMessageSize):
-			// The claim parked it, without loading it.
-			r.parkedTooLarge(m)
-			parked++
+			// Parked at settle, without ever loading the payload.
+			invalid = append(invalid, failure{msg: m, err: &PublishError{Reason: ReasonTooLarge, Err: fmt.Errorf(
+				"payload is %d bytes, over amqp.max_message_size (%d); parked without loading it", size, r.cfg.AMQP.MaxMessageSize)}})
 		case bad == nil && m.Body == nil:
 			m.Body = make([]byte, 0, size)
 			large = append(large, len(msgs))
@@ -625,18 +622,18 @@ func (r *Relay) claim(ctx context.Context, tx pgx.Tx, budget int64, alone bool) 
 		}
 	}
 	if err := rows.Err(); err != nil {
-		return nil, nil, 0, fmt.Errorf("claim batch: %w", err)
+		return nil, nil, fmt.Errorf("claim batch: %w", err)
 	}
 	for _, i := range large {
 		if err := r.readLargePayload(ctx, tx, &msgs[i]); err != nil {
-			return nil, nil, 0, err
+			return nil, nil, err
 		}
 	}
 	bySeq := func(a, b Message) int { return cmp.Compare(a.Seq, b.Seq) }
 	if !slices.IsSortedFunc(msgs, bySeq) {
 		slices.SortFunc(msgs, bySeq)
 	}
-	return msgs, invalid, parked, nil
+	return msgs, invalid, nil
 }
 
 // readLargePayload reads a payload the claim left out for its size, in
@@ -664,17 +661,6 @@ func (r *Relay) readLargePayload(ctx context.Context, tx pgx.Tx, m *Message) err
 		}
 	}
 	return nil
-}
-
-// parkedTooLarge reports a row the claim parked dead because its payload
-// is over amqp.max_message_size.
-func (r *Relay) parkedTooLarge(m Message) {
-	typ := r.m.EventType(m.Type)
-	r.m.Failed.WithLabelValues(typ, string(ReasonTooLarge)).Inc()
-	r.m.Dead.WithLabelValues(typ, string(ReasonTooLarge)).Inc()
-	r.log.Warn("event parked dead", zap.String("event_id", m.ID.String()),
-		zap.String("event_type", m.Type), zap.Int("attempt", m.Attempts+1),
-		zap.String("error", fmt.Sprintf("too_large: payload over amqp.max_message_size (%d bytes), parked without loading it", r.cfg.AMQP.MaxMessageSize)))
 }
 
 // scanMessage reads one row of the claim columns into a message, with the
