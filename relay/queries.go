@@ -91,11 +91,12 @@ const claimedColumns = `*, octet_length(payload)::bigint AS claim_bytes`
 // amqp.max_message_size ($p+2) is returned too, to be parked dead, and its
 // payload, like any over payloadPiece, is left out (NULL). No row is
 // modified here: a claim must not need more than a row lock.
+//
 // When all the locked rows fit, as they do but for large payloads, the
 // running sum is never computed. Rows come in the order they were locked,
 // seq order in practice; the relay sorts them if not (sorting whole rows
-// here cost more than the rest of the wrapper). Locked rows past the budget stay locked
-// until the batch settles; the next claim skips them.
+// here cost more than the rest of the wrapper). Locked rows past the
+// budget stay locked until the batch settles; the next claim skips them.
 func budgeted(tbl, claim string, p int) string {
 	columns := strings.Replace(messageColumns, "payload,", fmt.Sprintf("CASE WHEN claim_bytes <= %d THEN payload END,", payloadPiece), 1)
 	if columns == messageColumns {

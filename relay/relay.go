@@ -346,11 +346,11 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		}
 		// A row too large to share relay.batch_bytes with the batches in
 		// flight goes as soon as they settle.
-		var settled <-chan struct{}
+		var settledOne <-chan struct{}
 		if r.inflightBytes.Load() > 0 {
-			settled = r.settled
+			settledOne = r.settled
 		}
-		r.waitWake(ctx, wait, settled)
+		r.waitWake(ctx, wait, settledOne)
 	}
 	return nil
 }
