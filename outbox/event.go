@@ -23,8 +23,9 @@ const MaxHeaderNameLen = 255
 
 // Event is one message to publish. Only Type and Payload are required.
 //
-// On the wire (see README "Wire contract") Type is the routing key and the
-// AMQP type, Payload is the body byte for byte, ID is the message-id.
+// On the wire (see README "Wire contract") Type is the routing key (unless
+// RoutingKey overrides it) and the AMQP type, Payload is the body byte for
+// byte, ID is the message-id.
 type Event struct {
 	// ID is the event's unique id, used as the AMQP message-id so consumers can
 	// drop duplicates. Zero means a new UUIDv7 is assigned by Write.
@@ -46,6 +47,13 @@ type Event struct {
 	CorrelationID string
 	// AvailableAt delays publication until that time. Zero means now.
 	AvailableAt time.Time
+	// RoutingKey, if set, is the AMQP routing key instead of Type (a tenant
+	// or region, say); Type stays the AMQP type.
+	RoutingKey string
+	// Exchange, if set, is the exchange to publish to instead of the relay's
+	// amqp.exchange. It must be listed in the relay's amqp.exchanges, or the
+	// relay parks the event dead (reason invalid) rather than publish it.
+	Exchange string
 }
 
 // NewEvent returns an event of the given type with a fresh UUIDv7 id.
@@ -95,8 +103,13 @@ func (e Event) Validate() error {
 		return bad("%s: CorrelationID must be valid UTF-8 of at most 255 bytes", e.Type)
 	case len(e.ContentType) > 255:
 		return bad("%s: ContentType is longer than 255 bytes", e.Type)
-	case containsNUL(e.Type) || containsNUL(e.Key) || containsNUL(e.CorrelationID) || containsNUL(e.ContentType):
-		return bad("%s: Type, Key, CorrelationID and ContentType cannot contain NUL bytes", e.Type)
+	case len(e.RoutingKey) > 255 || !utf8.ValidString(e.RoutingKey):
+		return bad("%s: RoutingKey must be valid UTF-8 of at most 255 bytes", e.Type)
+	case len(e.Exchange) > 255 || !utf8.ValidString(e.Exchange):
+		return bad("%s: Exchange must be valid UTF-8 of at most 255 bytes", e.Type)
+	case containsNUL(e.Type) || containsNUL(e.Key) || containsNUL(e.CorrelationID) || containsNUL(e.ContentType) ||
+		containsNUL(e.RoutingKey) || containsNUL(e.Exchange):
+		return bad("%s: Type, Key, CorrelationID, ContentType, RoutingKey and Exchange cannot contain NUL bytes", e.Type)
 	}
 	for k, v := range e.Headers {
 		switch {

@@ -28,6 +28,10 @@ func TestValidate(t *testing.T) {
 		"header NUL":         func(e *outbox.Event) { e.Headers = map[string]string{"h": "a\x00b"} },
 		"key NUL":            func(e *outbox.Event) { e.Key = "a\x00" },
 		"correlation length": func(e *outbox.Event) { e.CorrelationID = strings.Repeat("c", 256) },
+		"routing key length": func(e *outbox.Event) { e.RoutingKey = strings.Repeat("r", 256) },
+		"routing key NUL":    func(e *outbox.Event) { e.RoutingKey = "a\x00" },
+		"exchange length":    func(e *outbox.Event) { e.Exchange = strings.Repeat("x", 256) },
+		"exchange not utf8":  func(e *outbox.Event) { e.Exchange = "\xff" },
 	}
 	for name, mutate := range cases {
 		e := outbox.NewEvent("lesson.published", []byte(`{}`))

@@ -58,3 +58,30 @@ func ExampleEvent_Validate() {
 	fmt.Println(ev.Validate())
 	// Output: outbox: invalid event: Type is empty: set the event type, e.g. "lesson.published"
 }
+
+// Route one event elsewhere than the relay's exchange and event-type key:
+// a routing key of the tenant, on an exchange listed in the relay's
+// amqp.exchanges. Events that leave both empty keep the defaults.
+func ExampleEvent_routing() {
+	ctx := context.Background()
+	pool, schemaName, cleanup := exampleDatabase()
+	defer cleanup()
+
+	w, err := outbox.NewWriter(schemaName, "outbox")
+	if err != nil {
+		log.Fatal(err)
+	}
+	ev := outbox.NewEvent("invoice.paid", []byte(`{"invoice":"i-9"}`))
+	ev.RoutingKey = "tenant-7"     // instead of "invoice.paid"
+	ev.Exchange = "billing.events" // instead of amqp.exchange
+	if err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error { return w.Write(ctx, tx, ev) }); err != nil {
+		log.Fatal(err)
+	}
+
+	var key, exchange string
+	if err := pool.QueryRow(ctx, `SELECT routing_key, exchange FROM outbox`).Scan(&key, &exchange); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(exchange, key)
+	// Output: billing.events tenant-7
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"time"
 
@@ -29,6 +30,10 @@ type SQLTx interface {
 type Writer struct {
 	table  ident.Table
 	insert string
+	// insertRouted also sets routing_key and exchange (migration 3); it is
+	// used only for batches that override them, so applications that do not
+	// can take a new helper before the table is migrated.
+	insertRouted string
 }
 
 // DefaultWriter writes to public.outbox.
@@ -49,7 +54,7 @@ func NewWriter(schema, table string) (*Writer, error) {
 	if err := t.Validate(); err != nil {
 		return nil, fmt.Errorf("outbox: %w", err)
 	}
-	return &Writer{table: t, insert: fmt.Sprintf(insertEvents, t.Quoted())}, nil
+	return &Writer{table: t, insert: fmt.Sprintf(insertEvents, t.Quoted()), insertRouted: fmt.Sprintf(insertRoutedEvents, t.Quoted())}, nil
 }
 
 // insertEvents inserts any number of events in one statement and one round
@@ -63,6 +68,17 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::tex
      WITH ORDINALITY AS u(id, event_type, partition_key, payload, content_type, headers, correlation_id, available_at, ord)
 ORDER BY u.ord`
 
+// insertRoutedEvents is insertEvents with the routing overrides.
+const insertRoutedEvents = `INSERT INTO %s
+  (id, event_type, partition_key, payload, content_type, headers, correlation_id, available_at, routing_key, exchange)
+SELECT u.id::uuid, u.event_type, u.partition_key, u.payload, u.content_type, u.headers::jsonb,
+       u.correlation_id, coalesce(u.available_at, now()), u.routing_key, u.exchange
+FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::text[], $7::text[], $8::timestamptz[],
+            $9::text[], $10::text[])
+     WITH ORDINALITY AS u(id, event_type, partition_key, payload, content_type, headers, correlation_id, available_at,
+                          routing_key, exchange, ord)
+ORDER BY u.ord`
+
 // Write inserts events with the caller's pgx transaction in one round trip.
 // The events exist only if that transaction commits; Write never begins,
 // commits or retries. Invalid events are rejected before anything is sent.
@@ -72,8 +88,8 @@ func (w *Writer) Write(ctx context.Context, tx Tx, events ...Event) error {
 	if err != nil || args == nil {
 		return err
 	}
-	if _, err := tx.Exec(ctx, w.insert, args...); err != nil {
-		return fmt.Errorf("outbox: insert %d events into %s: %w", len(events), w.table, err)
+	if _, err := tx.Exec(ctx, w.statement(args), args...); err != nil {
+		return w.insertErr(len(events), args, err)
 	}
 	return nil
 }
@@ -84,8 +100,8 @@ func (w *Writer) WriteSQL(ctx context.Context, tx SQLTx, events ...Event) error 
 	if err != nil || args == nil {
 		return err
 	}
-	if _, err := tx.ExecContext(ctx, w.insert, args...); err != nil {
-		return fmt.Errorf("outbox: insert %d events into %s: %w", len(events), w.table, err)
+	if _, err := tx.ExecContext(ctx, w.statement(args), args...); err != nil {
+		return w.insertErr(len(events), args, err)
 	}
 	return nil
 }
@@ -102,8 +118,28 @@ func WriteSQL(ctx context.Context, tx SQLTx, events ...Event) error {
 	return defaultWriter.WriteSQL(ctx, tx, events...)
 }
 
-// args validates events and lays them out as column arrays; nil args and nil
-// error mean there is nothing to write.
+// insertErr wraps a failed insert of n events; a table without the routing
+// columns gets the fix named.
+func (w *Writer) insertErr(n int, args []any, err error) error {
+	var pgErr *pgconn.PgError
+	if len(args) > 8 && errors.As(err, &pgErr) && pgErr.Code == "42703" {
+		return fmt.Errorf("outbox: insert %d events into %s: RoutingKey and Exchange need the routing_key and exchange columns (run `outbox-relay migrate up`): %w", n, w.table, err)
+	}
+	return fmt.Errorf("outbox: insert %d events into %s: %w", n, w.table, err)
+}
+
+// statement returns the insert for args: with the routing columns only
+// when args has them.
+func (w *Writer) statement(args []any) string {
+	if len(args) > 8 {
+		return w.insertRouted
+	}
+	return w.insert
+}
+
+// args validates events and lays them out as column arrays, with the
+// routing overrides only if an event sets one; nil args and nil error mean
+// there is nothing to write.
 func (w *Writer) args(ctx context.Context, events []Event) ([]any, error) {
 	if len(events) == 0 {
 		return nil, nil
@@ -119,6 +155,9 @@ func (w *Writer) args(ctx context.Context, events []Event) ([]any, error) {
 		headers  = make([]string, n)
 		corrs    = make([]*string, n)
 		avail    = make([]*time.Time, n)
+		rkeys    = make([]*string, n)
+		exchs    = make([]*string, n)
+		routed   bool
 	)
 	for i := range events {
 		e := &events[i]
@@ -161,6 +200,17 @@ func (w *Writer) args(ctx context.Context, events []Event) ([]any, error) {
 		if !e.AvailableAt.IsZero() {
 			avail[i] = &e.AvailableAt
 		}
+		// Empty stays NULL: the relay's defaults (event_type, amqp.exchange).
+		if e.RoutingKey != "" {
+			rkeys[i], routed = &e.RoutingKey, true
+		}
+		if e.Exchange != "" {
+			exchs[i], routed = &e.Exchange, true
+		}
 	}
-	return []any{ids, types, keys, payloads, ctypes, headers, corrs, avail}, nil
+	args := []any{ids, types, keys, payloads, ctypes, headers, corrs, avail}
+	if routed {
+		args = append(args, rkeys, exchs)
+	}
+	return args, nil
 }

@@ -152,6 +152,10 @@ func (p *AMQPPublisher) openChannel(conn *amqp.Connection, window int) (*amqpCha
 		// close the channel, and the link would flap at every batch.
 		return nil, fmt.Errorf("exchange %q not found (amqp.declare_exchange is false: declare it on the broker, or check the name): %w", p.cfg.Exchange, err)
 	}
+	if err := p.declareRouted(ch); err != nil {
+		_ = ch.Close()
+		return nil, err
+	}
 	// basic.return is dispatched synchronously before the confirm of the same
 	// message, so a buffer larger than the batches in flight means a return
 	// is always in the buffer by the time its ack is seen.
@@ -223,12 +227,20 @@ func (p *AMQPPublisher) Send(ctx context.Context, msgs []Message) Pending {
 	frameMax := p.conn.Config.FrameSize
 	for i := range msgs {
 		m := &msgs[i]
-		pub := toPublishing(m)
-		if err := p.check(m, pub, frameMax); err != nil {
+		exchange, key, err := p.route(m)
+		if err != nil {
 			b.errs[i] = err
 			continue
 		}
-		dc, err := b.c.ch.PublishWithDeferredConfirmWithContext(ctx, p.cfg.Exchange, m.Type, true, false, pub)
+		pub, err := p.publishing(m)
+		if err == nil {
+			err = p.check(pub, frameMax)
+		}
+		if err != nil {
+			b.errs[i] = err
+			continue
+		}
+		dc, err := b.c.ch.PublishWithDeferredConfirmWithContext(ctx, exchange, key, true, false, pub)
 		if err != nil {
 			// The channel is unusable: fail this message and every later one,
 			// with the broker's reason if it closed the channel (a batch
@@ -261,18 +273,18 @@ func (p *AMQPPublisher) Send(ctx context.Context, msgs []Message) Pending {
 // check fails a message that can never be published, before it is sent:
 // larger than the broker accepts, or a header frame over the negotiated
 // frame_max (the broker would close the connection over it).
-func (p *AMQPPublisher) check(m *Message, pub amqp.Publishing, frameMax int) error {
-	if len(m.Body) > p.maxSize {
+func (p *AMQPPublisher) check(pub amqp.Publishing, frameMax int) error {
+	if len(pub.Body) > p.maxSize {
 		source := "amqp.max_message_size"
 		if p.maxSize < p.cfg.MaxMessageSize {
 			source = "the broker's max_message_size, learned when it refused a larger message"
 		}
-		return &PublishError{Reason: ReasonTooLarge, Err: fmt.Errorf("payload is %d bytes, the broker accepts at most %d (%s)", len(m.Body), p.maxSize, source)}
+		return &PublishError{Reason: ReasonTooLarge, Err: fmt.Errorf("message body is %d bytes, the broker accepts at most %d (%s)", len(pub.Body), p.maxSize, source)}
 	}
 	if p.skipChecks {
 		return nil
 	}
-	if err := checkHeaders(m.Headers); err != nil {
+	if err := checkHeaders(pub.Headers); err != nil {
 		return &PublishError{Reason: ReasonInvalid, Err: err}
 	}
 	if n := headerFrameSize(pub); frameMax > 0 && n > frameMax {

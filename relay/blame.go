@@ -84,7 +84,15 @@ func (p *AMQPPublisher) isolate(ctx context.Context, b *amqpBatch, suspects []in
 			}
 		}
 		m := &b.msgs[i]
-		dc, err := c.ch.PublishWithDeferredConfirmWithContext(ctx, p.cfg.Exchange, m.Type, true, false, toPublishing(m))
+		exchange, key, err := p.route(m)
+		if err != nil {
+			return suspects[k:] // it was routed when first sent
+		}
+		pub, err := p.publishing(m)
+		if err != nil {
+			return suspects[k:]
+		}
+		dc, err := c.ch.PublishWithDeferredConfirmWithContext(ctx, exchange, key, true, false, pub)
 		if err != nil {
 			return suspects[k:]
 		}

@@ -95,7 +95,7 @@ var routingHeaders = []string{"CC", "BCC"}
 
 // checkHeaders refuses header values the broker would close the channel
 // over.
-func checkHeaders(h map[string]any) error {
+func checkHeaders(h amqp.Table) error {
 	for _, name := range routingHeaders {
 		v, ok := h[name]
 		if !ok {

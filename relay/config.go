@@ -72,6 +72,12 @@ type AMQPConfig struct {
 	// relay's user lacks configure permission. When false, connecting checks
 	// that the exchange exists (a passive declare) and fails until it does.
 	DeclareExchange *bool `yaml:"declare_exchange"`
+	// Exchanges lists the other exchanges a row may name in its exchange
+	// column (a per-row override of Exchange). They are declared or checked
+	// at connect like Exchange, so a publish never closes the channel over a
+	// missing one; a row naming an exchange not listed here is parked dead
+	// (reason invalid). Default none: every event goes to Exchange.
+	Exchanges []string `yaml:"exchanges"`
 	// ConfirmTimeout bounds the wait for the broker's confirms of one batch.
 	// Default 30s.
 	ConfirmTimeout time.Duration `yaml:"confirm_timeout"`
@@ -84,6 +90,17 @@ type AMQPConfig struct {
 	// relay.max_attempts; "accept" counts it as delivered, for exchanges that
 	// have an alternate exchange.
 	Unroutable string `yaml:"unroutable"`
+	// Format is how an event becomes a message: "plain" (default: the
+	// payload is the body, see the README's wire contract),
+	// "cloudevents-binary" (CloudEvents attributes in cloudEvents:* headers,
+	// the payload as the body) or "cloudevents-structured" (the body is an
+	// application/cloudevents+json document carrying the payload). See
+	// docs/cloudevents.md.
+	Format string `yaml:"format"`
+	// CloudEventsSource is the CloudEvents source attribute (a URI-reference
+	// naming the producer, e.g. "//edupulse/lessons"). Required with the
+	// cloudevents formats, unused otherwise.
+	CloudEventsSource string `yaml:"cloudevents_source"`
 }
 
 // EngineConfig tunes the claim loop.
@@ -172,6 +189,10 @@ const (
 
 	UnroutableFail   = "fail"
 	UnroutableAccept = "accept"
+
+	FormatPlain                 = "plain"
+	FormatCloudEventsBinary     = "cloudevents-binary"
+	FormatCloudEventsStructured = "cloudevents-structured"
 )
 
 // WithDefaults returns c with every zero value replaced by its default.
@@ -187,6 +208,10 @@ func (c Config) WithDefaults() Config {
 	c.AMQP.ConfirmTimeout = cmp.Or(c.AMQP.ConfirmTimeout, 30*time.Second)
 	c.AMQP.MaxMessageSize = cmp.Or(c.AMQP.MaxMessageSize, 128<<20)
 	c.AMQP.Unroutable = cmp.Or(c.AMQP.Unroutable, UnroutableFail)
+	if len(c.AMQP.Exchanges) == 0 {
+		c.AMQP.Exchanges = nil // an empty list and none are the same
+	}
+	c.AMQP.Format = cmp.Or(c.AMQP.Format, FormatPlain)
 	c.Relay.BatchSize = cmp.Or(c.Relay.BatchSize, 500)
 	c.Relay.BatchBytes = cmp.Or(c.Relay.BatchBytes, 16<<20)
 	c.Relay.OnDispatch = cmp.Or(c.Relay.OnDispatch, OnDispatchMark)
@@ -272,6 +297,17 @@ func (c Config) Validate() error {
 		bad("amqp.max_message_size", "must be a positive number of bytes, got %d", c.AMQP.MaxMessageSize)
 	}
 	oneOf(bad, "amqp.unroutable", c.AMQP.Unroutable, UnroutableFail, UnroutableAccept)
+	for i, x := range c.AMQP.Exchanges {
+		if x == "" || len(x) > maxShortString {
+			bad(fmt.Sprintf("amqp.exchanges[%d]", i), "must be an exchange name of 1 to %d bytes, got %q", maxShortString, x)
+		}
+	}
+	oneOf(bad, "amqp.format", c.AMQP.Format, FormatPlain, FormatCloudEventsBinary, FormatCloudEventsStructured)
+	if c.AMQP.Format != FormatPlain {
+		if err := validSource(c.AMQP.CloudEventsSource); err != nil {
+			bad("amqp.cloudevents_source", "%v (required with amqp.format %s; env OUTBOX_RELAY_AMQP_CLOUDEVENTS_SOURCE)", err, c.AMQP.Format)
+		}
+	}
 	if c.Relay.BatchSize < 1 || c.Relay.BatchSize > 10000 {
 		bad("relay.batch_size", "must be between 1 and 10000, got %d", c.Relay.BatchSize)
 	}

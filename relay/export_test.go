@@ -28,3 +28,12 @@ func HeaderFrameSizeOf(m Message) int {
 	pub := toPublishing(&m)
 	return headerFrameSize(pub)
 }
+
+// CloudEventsJSON renders m as a structured CloudEvent, or says why m
+// cannot be one.
+func CloudEventsJSON(m *Message, source string) ([]byte, error) {
+	if err := cloudEventsValid(m); err != nil {
+		return nil, err
+	}
+	return cloudEventsJSON(m, source), nil
+}

@@ -24,6 +24,10 @@ type Message struct {
 	Headers       map[string]any
 	CreatedAt     time.Time
 	Attempts      int
+	// RoutingKey and Exchange are the row's overrides; empty means the
+	// defaults, Type and amqp.exchange.
+	RoutingKey string
+	Exchange   string
 }
 
 // Publisher is what the relay needs from a broker: send a batch with all

@@ -56,7 +56,12 @@ func partitionOf(n int) string {
 
 // messageColumns are the columns scanMessage reads, in its order.
 const messageColumns = `seq, id, event_type, coalesce(partition_key, ''), payload, content_type,
-       headers, coalesce(correlation_id, ''), created_at, attempts`
+       headers, coalesce(correlation_id, ''), created_at, attempts, coalesce(routing_key, ''), coalesce(exchange, '')`
+
+// routingColumns counts the columns of migration 00003 (routing overrides)
+// on table $1: 2 once it is applied.
+const routingColumns = `SELECT count(*) FROM pg_attribute
+WHERE attrelid = $1::regclass AND attname IN ('routing_key', 'exchange') AND NOT attisdropped`
 
 // replaySelection restricts a replay to dispatched rows: $1 from seq, $2 to
 // seq (0: none), $3 since, $4 until (NULL: none), $5 types (empty: all).

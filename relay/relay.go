@@ -45,6 +45,10 @@ const (
 // ErrTableMissing is returned by Run when the outbox table does not exist.
 var ErrTableMissing = errors.New("outbox table does not exist")
 
+// ErrSchemaOutdated is returned by Run when the outbox table lacks columns
+// of a migration this relay needs.
+var ErrSchemaOutdated = errors.New("outbox table is missing migrations")
+
 // errNotConnected is every link's state before its first attempt.
 var errNotConnected = errors.New("not connected yet")
 
@@ -263,7 +267,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		}
 		if !checked {
 			if err := r.checkSchema(ctx, pool); err != nil {
-				if errors.Is(err, ErrTableMissing) {
+				if errors.Is(err, ErrTableMissing) || errors.Is(err, ErrSchemaOutdated) {
 					return err
 				}
 				r.setLink(metrics.LinkPostgres, err)
@@ -395,7 +399,8 @@ func sleep(ctx context.Context, d time.Duration) {
 	}
 }
 
-// checkSchema fails with ErrTableMissing when the table is absent, and warns
+// checkSchema fails with ErrTableMissing when the table is absent, with
+// ErrSchemaOutdated when it lacks the routing columns, and warns
 // when the NOTIFY trigger disagrees with wake.mode.
 func (r *Relay) checkSchema(ctx context.Context, pool *pgxpool.Pool) error {
 	var exists bool
@@ -404,6 +409,13 @@ func (r *Relay) checkSchema(ctx context.Context, pool *pgxpool.Pool) error {
 	}
 	if !exists {
 		return fmt.Errorf("%w: %s (run `outbox-relay migrate up`, or check postgres.schema and postgres.table)", ErrTableMissing, r.table)
+	}
+	var routing int
+	if err := pool.QueryRow(ctx, routingColumns, r.table.Quoted()).Scan(&routing); err != nil {
+		return fmt.Errorf("check outbox columns: %w", err)
+	}
+	if routing != 2 {
+		return fmt.Errorf("%w: %s has no routing_key and exchange columns (run `outbox-relay migrate up`)", ErrSchemaOutdated, r.table)
 	}
 	if r.cfg.Relay.Ordering == OrderingPartitionKey {
 		if err := pool.QueryRow(ctx, `SELECT pg_get_serial_sequence($1, 'seq')`, r.table.Quoted()).Scan(&r.seqName); err != nil {
@@ -673,10 +685,11 @@ func scanMessage(rows pgx.Rows, extra ...any) (Message, error) {
 		headers []byte
 	)
 	if err := rows.Scan(append([]any{&m.Seq, &m.ID, &m.Type, &m.Key, &m.Body, &m.ContentType, &headers,
-		&m.CorrelationID, &m.CreatedAt, &m.Attempts}, extra...)...); err != nil {
+		&m.CorrelationID, &m.CreatedAt, &m.Attempts, &m.RoutingKey, &m.Exchange}, extra...)...); err != nil {
 		return m, fmt.Errorf("scan: %w", err)
 	}
-	for _, f := range []struct{ column, value string }{{"content_type", m.ContentType}, {"correlation_id", m.CorrelationID}} {
+	for _, f := range []struct{ column, value string }{{"content_type", m.ContentType}, {"correlation_id", m.CorrelationID},
+		{"routing_key", m.RoutingKey}, {"exchange", m.Exchange}} {
 		if len(f.value) > maxShortString {
 			return m, &PublishError{Reason: ReasonInvalid, Err: fmt.Errorf(
 				"%s is %d bytes; AMQP allows at most %d", f.column, len(f.value), maxShortString)}

@@ -37,6 +37,10 @@ type ReplayOptions struct {
 	// Progress, if set, is called after each send the broker confirmed in
 	// full: a page, or with Rate a slice of one.
 	Progress func(ReplayProgress)
+	// OneExchange sends every copy to the publisher's exchange (replay
+	// --exchange), ignoring the rows' exchange overrides; routing keys stay.
+	// Otherwise each copy follows its row's route, as the first time.
+	OneExchange bool
 }
 
 // ReplayProgress reports a replay's position.
@@ -145,6 +149,9 @@ func (r *Replayer) Replay(ctx context.Context, db Querier, pub Publisher, sel Re
 		}
 		for i := range msgs {
 			msgs[i].Headers[HeaderReplay] = stamp
+			if opts.OneExchange {
+				msgs[i].Exchange = ""
+			}
 		}
 		for len(msgs) > 0 {
 			n := min(slice, len(msgs))

@@ -137,3 +137,48 @@ func TestConcurrentUp(t *testing.T) {
 		}
 	}
 }
+
+// TestRoutingColumns: migration 3 adds the nullable routing_key and exchange
+// overrides, which plain SQL can set, refuses empty or over-long values, and
+// goes away on the way down.
+func TestRoutingColumns(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool, s := schemaPool(t)
+	db := stdlib.OpenDBFromPool(pool)
+	defer db.Close()
+	m, err := schema.NewMigrator(db, s, "outbox")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Up(ctx); err != nil {
+		t.Fatal(err)
+	}
+	tbl := ident.Quote(s) + ".outbox"
+	var key, exchange string
+	err = pool.QueryRow(ctx, `INSERT INTO `+tbl+` (event_type, payload, routing_key, exchange)
+		VALUES ('invoice.paid', '{}', 'tenant-7', 'billing.events') RETURNING routing_key, exchange`).Scan(&key, &exchange)
+	if err != nil || key != "tenant-7" || exchange != "billing.events" {
+		t.Fatalf("insert with overrides: %q %q %v", key, exchange, err)
+	}
+	var nulls bool
+	err = pool.QueryRow(ctx, `INSERT INTO `+tbl+` (event_type, payload) VALUES ('a', '{}')
+		RETURNING routing_key IS NULL AND exchange IS NULL`).Scan(&nulls)
+	if err != nil || !nulls {
+		t.Fatalf("overrides default to NULL: %v %v", nulls, err)
+	}
+	for _, bad := range []string{`routing_key) VALUES ('a', '{}', '')`, `exchange) VALUES ('a', '{}', '')`,
+		`exchange) VALUES ('a', '{}', repeat('x', 256))`} {
+		if _, err := pool.Exec(ctx, `INSERT INTO `+tbl+` (event_type, payload, `+bad); err == nil || !strings.Contains(err.Error(), "check constraint") {
+			t.Errorf("%s: %v, want a check violation", bad, err)
+		}
+	}
+	if _, err := m.DownTo(ctx, 2); err != nil {
+		t.Fatal(err)
+	}
+	var cols int
+	if err := pool.QueryRow(ctx, `SELECT count(*) FROM information_schema.columns WHERE table_schema = $1
+		AND table_name = 'outbox' AND column_name IN ('routing_key', 'exchange')`, s).Scan(&cols); err != nil || cols != 0 {
+		t.Fatalf("after down: %d routing columns left (%v)", cols, err)
+	}
+}

@@ -28,7 +28,9 @@ outbox table is only read. Select with any of:
                                  such as 90m or 7d (that long ago)
   --type T (repeatable)          event types
   --all                          everything dispatched (no other selector)
---dry-run counts what would be sent. --rate N holds per event: a page is
+Copies follow their rows' routes (the exchange and routing_key columns, else
+amqp.exchange and the event type); --exchange X sends them all to X, each with
+its routing key. --dry-run counts what would be sent. --rate N holds per event: a page is
 sent in small slices (about 20 a second), never all at once. Progress (done,
 rate, time left) is one rewritten line on a terminal, otherwise a line every
 5 seconds and at the end.
@@ -136,6 +138,9 @@ func (c *cliEnv) cmdReplay(ctx context.Context, args []string) error {
 		BatchSize: *batch,
 		Rate:      *rate,
 		Progress:  pr.update,
+		// --exchange takes every copy, including those of rows routed to
+		// another exchange.
+		OneExchange: *exchange != "",
 	})
 	pr.finish(p)
 	fmt.Fprintf(c.stdout, "replayed %d of %d events to exchange %q in %s\n", p.Done, p.Total, amqpCfg.Exchange, p.Elapsed.Round(time.Millisecond))

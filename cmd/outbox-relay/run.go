@@ -66,7 +66,7 @@ func (c *cliEnv) cmdRun(ctx context.Context, args []string) error {
 		defer cancel()
 		runErr = errors.Join(runErr, srv.Shutdown(sctx), <-srvDone)
 	}
-	if errors.Is(runErr, relay.ErrTableMissing) {
+	if errors.Is(runErr, relay.ErrTableMissing) || errors.Is(runErr, relay.ErrSchemaOutdated) {
 		log.Error("cannot start", zap.Error(runErr))
 	}
 	return runErr

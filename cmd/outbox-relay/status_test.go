@@ -93,7 +93,7 @@ func TestStatus(t *testing.T) {
 	for _, re := range []string{
 		`pending:\s+7 \(5 due now\)`, `oldest pending:\s+1h00m`, `dead:\s+4\n`,
 		`dispatched:\s+4 in the last minute, 7 in the last 5 minutes\n`,
-		`schema version:\s+1 \(latest\)`, `notify trigger:\s+disabled\n`,
+		fmt.Sprintf(`schema version:\s+%d \(latest\)`, rep.SchemaLatest), `notify trigger:\s+disabled\n`,
 		`TYPE\s+PENDING\s+DEAD\n\s+a\s+5\s+1\n\s+b\s+2\s+0\n\s+c\s+0\s+3\n`,
 	} {
 		if !matches(re, out) {

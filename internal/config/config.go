@@ -211,6 +211,9 @@ func Parse(data []byte, f *File) error {
 		if set[path] {
 			f.noteZero(path, v)
 		}
+		if kindOf(v) == "list" && v.Len() == 0 {
+			v.SetZero() // "[]" and no list are the same
+		}
 	})
 	return nil
 }
@@ -287,7 +290,7 @@ func walkMappings(doc *yaml.Node, fn func(path, parent string, key, value *yaml.
 type Key struct {
 	Path string // e.g. "postgres.dsn"
 	Env  string // e.g. "OUTBOX_RELAY_POSTGRES_DSN"
-	Kind string // string, int, bool, duration
+	Kind string // string, int, bool, duration, list (of strings)
 }
 
 // Keys lists every configuration key, in declaration order.
@@ -337,6 +340,8 @@ func kindOf(v reflect.Value) string {
 		return "bool"
 	case v.Kind() == reflect.Int, v.Kind() == reflect.Int32, v.Kind() == reflect.Int64:
 		return "int"
+	case v.Kind() == reflect.Slice && v.Type().Elem().Kind() == reflect.String:
+		return "list"
 	default:
 		return "string"
 	}
@@ -399,6 +404,15 @@ func setValue(v reflect.Value, raw string) error {
 			return fmt.Errorf("%q is not an integer", raw)
 		}
 		v.SetInt(n)
+	case "list":
+		// Comma-separated in the environment: a,b,c.
+		var list []string
+		for _, item := range strings.Split(raw, ",") {
+			if item = strings.TrimSpace(item); item != "" {
+				list = append(list, item)
+			}
+		}
+		v.Set(reflect.ValueOf(list))
 	default:
 		v.SetString(raw)
 	}

@@ -65,7 +65,7 @@ func TestExampleInStep(t *testing.T) {
 }
 
 func TestEnvOverridesEveryKey(t *testing.T) {
-	values := map[string]string{"string": "x", "int": "7", "bool": "false", "duration": "3s"}
+	values := map[string]string{"string": "x", "int": "7", "bool": "false", "duration": "3s", "list": " x, y ,"}
 	for _, k := range Keys() {
 		f, err := Load("", []string{k.Env + "=" + values[k.Kind]})
 		if err != nil {
@@ -97,6 +97,10 @@ func TestEnvOverridesEveryKey(t *testing.T) {
 			case "string":
 				if v.String() != "x" {
 					t.Errorf("%s: got %v", k.Env, got)
+				}
+			case "list":
+				if !reflect.DeepEqual(got, []string{"x", "y"}) {
+					t.Errorf("%s: got %q", k.Env, got)
 				}
 			}
 		})
@@ -268,4 +272,32 @@ func leaves(err error) []error {
 		return nil
 	}
 	return []error{err}
+}
+
+// TestRoutingAndFormatKeys: amqp.exchanges reads a YAML list or a
+// comma-separated variable; a cloudevents format without
+// amqp.cloudevents_source, an unknown format and an empty exchange name are
+// errors naming their key.
+func TestRoutingAndFormatKeys(t *testing.T) {
+	f, err := loadRequired(t, "  exchanges: [billing.events, audit.events]\n  format: cloudevents-structured\n  cloudevents_source: //edupulse/lessons\n")
+	if err != nil {
+		t.Fatalf("valid routing and format keys rejected: %v", err)
+	}
+	if !reflect.DeepEqual(f.AMQP.Exchanges, []string{"billing.events", "audit.events"}) {
+		t.Errorf("amqp.exchanges = %q", f.AMQP.Exchanges)
+	}
+	f, err = loadRequired(t, "", "OUTBOX_RELAY_AMQP_EXCHANGES=billing.events,audit.events")
+	if err != nil || !reflect.DeepEqual(f.AMQP.Exchanges, []string{"billing.events", "audit.events"}) {
+		t.Errorf("OUTBOX_RELAY_AMQP_EXCHANGES: %q, %v", f.AMQP.Exchanges, err)
+	}
+	for yaml, key := range map[string]string{
+		"  format: cloudevents-binary\n":                                "amqp.cloudevents_source: must be set",
+		"  format: cloudevents-structured\n  cloudevents_source: a b\n": "amqp.cloudevents_source: must be a URI-reference",
+		"  format: cloudevents\n":                                       `amqp.format: must be one of`,
+		"  exchanges: [billing.events, \"\"]\n":                         "amqp.exchanges[1]:",
+	} {
+		if _, err := loadRequired(t, yaml); err == nil || !strings.Contains(err.Error(), key) {
+			t.Errorf("%q: error %v, want one naming %s", yaml, err, key)
+		}
+	}
 }

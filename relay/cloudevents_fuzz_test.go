@@ -1,0 +1,63 @@
+package relay_test
+
+import (
+	"bytes"
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+	"unicode/utf8"
+
+	ce "github.com/cloudevents/sdk-go/v2/event"
+	"github.com/google/uuid"
+
+	"github.com/outbox-relay/outbox-relay/relay"
+)
+
+// FuzzCloudEventsJSON: whatever a row holds, the structured document is
+// valid UTF-8 JSON that the CloudEvents Go SDK decodes and validates, with
+// the payload back as data (byte for byte when it went as data_base64), or
+// the row is refused (a blank type, a content type that is no media type).
+func FuzzCloudEventsJSON(f *testing.F) {
+	f.Add([]byte(`{"a": 1}`), "application/json", "lesson.published", "k")
+	f.Add([]byte("{\"s\":\"\xff\"}"), "application/json", "t", "") // JSON-looking, not UTF-8
+	f.Add([]byte(`null`), "text/json; charset=utf-8", "t", "")
+	f.Add([]byte{0, 1, 2}, "application/octet-stream", "t", "k\"<>")
+	f.Add([]byte(`[1]`), "application/vnd.x+json", "t", "")
+	f.Add([]byte{}, "", "t", "")
+	f.Fuzz(func(t *testing.T, payload []byte, contentType, eventType, key string) {
+		if eventType == "" || !utf8.ValidString(eventType) || !utf8.ValidString(key) || !utf8.ValidString(contentType) {
+			t.Skip("event_type, partition_key and content_type are PostgreSQL text: valid UTF-8")
+		}
+		m := relay.Message{ID: uuid.New(), Type: eventType, Key: key, Body: payload, ContentType: contentType,
+			CreatedAt: time.Date(2026, 12, 7, 10, 2, 14, 459939000, time.UTC)}
+		doc, err := relay.CloudEventsJSON(&m, "//edupulse/lessons")
+		if err != nil {
+			t.Skip("parked dead as invalid, not published:", err)
+		}
+		if !utf8.Valid(doc) || !json.Valid(doc) {
+			t.Fatalf("not UTF-8 JSON: %q", doc)
+		}
+		e := ce.New()
+		if err := json.Unmarshal(doc, &e); err != nil {
+			t.Fatalf("SDK cannot decode %s: %v", doc, err)
+		}
+		if err := e.Validate(); err != nil {
+			t.Fatalf("SDK finds %s invalid: %v", doc, err)
+		}
+		if e.ID() != m.ID.String() || e.Type() != eventType || (e.Subject() != key && strings.TrimSpace(key) != "") {
+			t.Fatalf("attributes lost: %s", doc)
+		}
+		var raw map[string]json.RawMessage
+		_ = json.Unmarshal(doc, &raw)
+		if _, b64 := raw["data_base64"]; b64 && !bytes.Equal(e.Data(), payload) {
+			t.Fatalf("data_base64 decodes to %q, want %q", e.Data(), payload)
+		}
+		if _, data := raw["data"]; data && !bytes.Equal(bytes.TrimSpace(raw["data"]), bytes.TrimSpace(payload)) {
+			t.Fatalf("data %s, want the payload %s", raw["data"], payload)
+		}
+		if len(payload) > 0 && raw["data"] == nil && raw["data_base64"] == nil {
+			t.Fatalf("payload lost: %s", doc)
+		}
+	})
+}
