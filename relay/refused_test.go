@@ -18,6 +18,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/metrics"
+	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
 )
 
@@ -199,5 +200,54 @@ func TestHeaderFrameAtFrameMax(t *testing.T) {
 	}
 	if n := linkLogs(logs, "link down", metrics.LinkAMQP); n != 0 {
 		t.Errorf("%d link down lines", n)
+	}
+}
+
+// TestUnforeseenRefusalsInOneBatch: two rows the broker refuses, unforeseen
+// by the checks, inside one batch of ordinary events: each is found and
+// parked in turn (one search per close), every ordinary event arrives, and
+// the connection is never redialled for a channel close.
+func TestUnforeseenRefusalsInOneBatch(t *testing.T) {
+	t.Parallel()
+	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+	deliveries := b.Consume(t, b.Queue(t, "#", nil))
+	ctx := context.Background()
+	before := writeEvents(t, o, "good.event", 100)
+	bad := `INSERT INTO ` + o.Table.Quoted() + ` (event_type, payload, headers) VALUES ('bad.event', '{}', '{"BCC": 7}')`
+	if _, err := o.Pool.Exec(ctx, bad); err != nil {
+		t.Fatal(err)
+	}
+	between := writeEvents(t, o, "good.event", 100)
+	if _, err := o.Pool.Exec(ctx, bad); err != nil {
+		t.Fatal(err)
+	}
+	after := writeEvents(t, o, "good.event", 100)
+	r, pub, logs := startRefusal(t, o, b, true)
+
+	good := map[string]outbox.Event{}
+	for _, m := range []map[string]outbox.Event{before, between, after} {
+		for id, ev := range m {
+			good[id] = ev
+		}
+	}
+	receiveAll(t, deliveries, good, time.Minute)
+	testenv.Eventually(t, 20*time.Second, "both bad rows dead, ordinary rows dispatched", func() bool {
+		return o.Count(t, "event_type = 'bad.event' AND dead_at IS NOT NULL AND attempts = 1 AND last_error LIKE 'invalid: the broker closed%BCC%'") == 2 &&
+			o.Count(t, "dispatched_at IS NOT NULL") == len(good)
+	})
+	if n := o.Count(t, "attempts <> 0 AND event_type <> 'bad.event'"); n != 0 {
+		t.Errorf("%d ordinary rows charged an attempt", n)
+	}
+	if n := pub.Dials(); n != 1 {
+		t.Errorf("%d connections opened, want 1: a channel close needs no redial", n)
+	}
+	if n := logs.FilterMessage("event parked dead").Len(); n != 2 {
+		t.Errorf("%d warnings of a parked event, want 2", n)
+	}
+	if n := linkLogs(logs, "link down", metrics.LinkAMQP); n != 0 {
+		t.Errorf("%d link down lines", n)
+	}
+	if n := value(t, r.Metrics.Failed.WithLabelValues("bad.event", "invalid")); n != 2 {
+		t.Errorf("publish_failures_total{reason=invalid} for the bad rows is %v, want 2", n)
 	}
 }
