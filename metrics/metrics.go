@@ -61,6 +61,7 @@ type Metrics struct {
 	Wakeups          *prometheus.CounterVec   // source
 	BuildInfo        *prometheus.GaugeVec     // version, commit, go_version
 	Ready            prometheus.GaugeFunc     // 1 while the readiness func (SetReadiness) returns nil
+	AMQPNode         *prometheus.GaugeVec     // node: 1 for the amqp.url node connected to
 
 	readiness atomic.Pointer[func() error]
 	maxTypes  int
@@ -169,6 +170,10 @@ func New(reg prometheus.Registerer, cfg Config) (*Metrics, error) {
 			Name: "outbox_relay_build_info",
 			Help: "Always 1; labels carry the version, commit and Go version.",
 		}, []string{"version", "commit", "go_version"}),
+		AMQPNode: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "outbox_relay_amqp_node",
+			Help: "1 for the broker node (host:port of an amqp.url entry) the relay is connected to, 0 for the other configured ones.",
+		}, []string{"node"}),
 		maxTypes: cfg.MaxEventTypes,
 		types:    make(map[string]struct{}),
 	}
@@ -183,7 +188,7 @@ func New(reg prometheus.Registerer, cfg Config) (*Metrics, error) {
 	})
 	for _, c := range []prometheus.Collector{m.Published, m.Failed, m.Returned, m.Dead, m.BatchDuration,
 		m.StageDuration, m.Retries, m.Cleaned, m.PartitionsOwned, m.HorizonWait, m.BatchSize, m.PublishLatency, m.EndToEndLatency, m.Pending, m.OldestPendingAge, m.DeadRows,
-		m.LinkUp, m.Reconnects, m.Wakeups, m.BuildInfo, m.Ready} {
+		m.LinkUp, m.Reconnects, m.Wakeups, m.BuildInfo, m.Ready, m.AMQPNode} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -19,13 +19,18 @@ import (
 // and persistent. It dials lazily and redials after the link drops; a batch in
 // flight when the link drops fails with ReasonConnection.
 type AMQPPublisher struct {
-	cfg AMQPConfig
-	log *zap.Logger
+	cfg  AMQPConfig
+	log  *zap.Logger
+	urls []string // amqp.url, one per node
+	// onNode, if set, is told the index in urls of each node connected to.
+	onNode func(i int)
 
 	mu      sync.Mutex // serialises Publish and guards the fields below
 	conn    *amqp.Connection
 	cur     *amqpChannel // the channel batches are sent on; nil before the first dial
 	lastErr error
+	next    int // index in urls of the node to dial next
+	node    int // index in urls of the node last connected to; -1 before
 	window  int
 	dials   atomic.Int64
 	// skipChecks turns the checks before publishing off, so that tests can
@@ -44,7 +49,7 @@ var tooLargeClose = regexp.MustCompile(`larger than configured max size (\d+)`)
 // the most messages one Send call sends; up to five batches may be in flight
 // (Relay.inflightLimit + 1), and the return buffer is sized for them.
 func NewAMQPPublisher(cfg AMQPConfig, window int, log *zap.Logger) *AMQPPublisher {
-	return &AMQPPublisher{cfg: cfg, log: log, window: window, maxSize: cfg.MaxMessageSize,
+	return &AMQPPublisher{cfg: cfg, log: log, urls: cfg.URLs(), node: -1, window: window, maxSize: cfg.MaxMessageSize,
 		lastErr: errors.New("not connected yet")}
 }
 
@@ -101,9 +106,18 @@ func (p *AMQPPublisher) ensure(ctx context.Context) error {
 			return writeDeadlineConn{Conn: c, timeout: p.cfg.ConfirmTimeout}, nil
 		},
 	}
-	conn, err := amqp.DialConfig(p.cfg.URL, dialCfg)
+	// One node per attempt: the caller's backoff between attempts applies
+	// as it does with a single node, and a node that fails to answer hands
+	// over to the next one.
+	i := p.next % len(p.urls)
+	url := p.urls[i]
+	conn, err := amqp.DialConfig(url, dialCfg)
 	if err != nil {
-		p.lastErr = fmt.Errorf("dial %s: %s", RedactURL(p.cfg.URL), Redact(err.Error()))
+		p.next = i + 1
+		p.lastErr = fmt.Errorf("dial %s: %s", RedactURL(url), Redact(err.Error()))
+		if len(p.urls) > 1 {
+			p.lastErr = fmt.Errorf("%w (node %d of %d; the next attempt tries %s)", p.lastErr, i+1, len(p.urls), nodeName(p.urls[p.next%len(p.urls)]))
+		}
 		return p.lastErr
 	}
 	cur, err := p.openChannel(conn, p.window)
@@ -114,6 +128,13 @@ func (p *AMQPPublisher) ensure(ctx context.Context) error {
 	}
 	p.dials.Add(1)
 	p.conn, p.cur, p.lastErr = conn, cur, nil
+	if i != p.node {
+		p.log.Info("connected to broker node", zap.String("node", nodeName(url)), zap.Int("node_index", i+1), zap.Int("nodes", len(p.urls)))
+		p.node = i
+		if p.onNode != nil {
+			p.onNode(i)
+		}
+	}
 	return nil
 }
 

@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
-	"net/url"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -56,11 +55,29 @@ type PostgresConfig struct {
 	// at once, each on a connection of its own, while the next is sent.
 	// Default 4 (2 batches awaiting, 3 in flight).
 	MaxConns int32 `yaml:"max_conns"`
+	// Pooler says what is between the relay and PostgreSQL: "none" (default:
+	// PostgreSQL itself or a session-mode pool) or "transaction" (PgBouncer
+	// or another pooler in transaction mode, where a session lasts one
+	// transaction). With "transaction", settings that need a session
+	// (wake.mode: notify, relay.ordering: partition_key, migrations) are
+	// refused at start with the fix.
+	Pooler string `yaml:"pooler"`
+	// QueryExecMode is how pgx sends queries: "cache_describe" (default:
+	// unnamed statements, result types cached; works through any pooler),
+	// "cache_statement" (named prepared statements, which a pooler in
+	// transaction mode carries only from PgBouncer 1.21 with
+	// max_prepared_statements set), "describe_exec", "exec" or
+	// "simple_protocol". When unset, the DSN's default_query_exec_mode if it
+	// has one.
+	QueryExecMode string `yaml:"query_exec_mode"`
 }
 
 // AMQPConfig says where and how events are published.
 type AMQPConfig struct {
-	// URL of the broker, amqp:// or amqps://. Required.
+	// URL of the broker, amqp:// or amqps://. Required. Several URLs, the
+	// nodes of a cluster, are separated by commas (in YAML, a list also
+	// does): the relay connects to the first that answers, in order, and
+	// moves on to the next when its node fails.
 	URL string `yaml:"url"`
 	// Exchange events are published to. Required; "" (the default exchange) is
 	// not allowed because it routes by queue name, not event type.
@@ -178,6 +195,9 @@ const (
 	WakePoll   = "poll"
 	WakeNotify = "notify"
 
+	PoolerNone        = "none"
+	PoolerTransaction = "transaction"
+
 	OrderingNone         = "none"
 	OrderingPartitionKey = "partition_key"
 
@@ -200,6 +220,8 @@ func (c Config) WithDefaults() Config {
 	c.Postgres.Schema = cmp.Or(c.Postgres.Schema, "public")
 	c.Postgres.Table = cmp.Or(c.Postgres.Table, "outbox")
 	c.Postgres.MaxConns = cmp.Or(c.Postgres.MaxConns, 4)
+	c.Postgres.Pooler = cmp.Or(c.Postgres.Pooler, PoolerNone)
+	c.Postgres.QueryExecMode = cmp.Or(c.Postgres.QueryExecMode, dsnQueryExecMode(c.Postgres.DSN), defaultQueryExecMode)
 	c.AMQP.ExchangeType = cmp.Or(c.AMQP.ExchangeType, "topic")
 	if c.AMQP.DeclareExchange == nil {
 		t := true
@@ -277,11 +299,14 @@ func (c Config) Validate() error {
 	if c.Postgres.MaxConns < 1 {
 		bad("postgres.max_conns", "must be at least 1, got %d", c.Postgres.MaxConns)
 	}
-	if c.AMQP.URL == "" {
-		bad("amqp.url", "required: a broker URL such as amqp://user:pass@host:5672/vhost (env OUTBOX_RELAY_AMQP_URL)")
-	} else if u, err := url.Parse(c.AMQP.URL); err != nil || (u.Scheme != "amqp" && u.Scheme != "amqps") {
-		bad("amqp.url", "must be an amqp:// or amqps:// URL, got %q", RedactURL(c.AMQP.URL))
+	oneOf(bad, "postgres.pooler", c.Postgres.Pooler, PoolerNone, PoolerTransaction)
+	if c.Postgres.QueryExecMode != "" {
+		if _, ok := queryExecModes[c.Postgres.QueryExecMode]; !ok {
+			bad("postgres.query_exec_mode", "must be one of %q, got %q", queryExecModeNames(), c.Postgres.QueryExecMode)
+		}
 	}
+	c.validatePooler(bad)
+	validateURLs(bad, c.AMQP.URL)
 	if c.AMQP.Exchange == "" {
 		bad("amqp.exchange", "required: the exchange events are published to (env OUTBOX_RELAY_AMQP_EXCHANGE)")
 	}

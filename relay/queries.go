@@ -254,3 +254,10 @@ SELECT (SELECT count(*) FROM gone), coalesce((SELECT max(seq) FROM page), 0), (S
   WHERE tgrelid = $1::regclass AND tgname = $2), false)`,
 	}
 }
+
+// beginWrite opens the relay's write transactions (writeTx): one simple-
+// protocol round trip, the setting scoped to the transaction.
+const beginWrite = `BEGIN; SET LOCAL synchronous_commit = off`
+
+// backendPID names the server session a statement ran in.
+const backendPID = `SELECT pg_backend_pid()`

@@ -102,7 +102,9 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 	log := deps.Logger.Named("relay")
 	pub := deps.Publisher
 	if pub == nil {
-		pub = NewAMQPPublisher(cfg.AMQP, cfg.Relay.BatchSize, log.Named("amqp"))
+		ap := NewAMQPPublisher(cfg.AMQP, cfg.Relay.BatchSize, log.Named("amqp"))
+		ap.onNode = nodeGauge(deps.Metrics, ap.urls)
+		pub = ap
 	}
 	r := &Relay{
 		cfg:   cfg,
@@ -149,19 +151,10 @@ func (r *Relay) Run(ctx context.Context) error {
 	if !r.started.CompareAndSwap(false, true) {
 		return errors.New("relay: Run called twice")
 	}
-	poolCfg, err := pgxpool.ParseConfig(r.cfg.Postgres.DSN)
+	poolCfg, err := PoolConfig(r.cfg.Postgres)
 	if err != nil {
-		return fmt.Errorf("postgres.dsn: %s", Redact(err.Error()))
+		return err
 	}
-	poolCfg.MaxConns = r.cfg.Postgres.MaxConns
-	if poolCfg.ConnConfig.RuntimeParams["application_name"] == "" {
-		poolCfg.ConnConfig.RuntimeParams["application_name"] = "outbox-relay"
-	}
-	// The relay's own writes (marks, retries, cleaning) need no flush at
-	// commit: one lost in a database crash only makes the relay publish
-	// those events again, which at-least-once allows. Not waiting for the
-	// WAL flush keeps the relay off the producers' commit path.
-	poolCfg.ConnConfig.RuntimeParams["synchronous_commit"] = "off"
 	pool, err := pgxpool.NewWithConfig(context.WithoutCancel(ctx), poolCfg)
 	if err != nil {
 		return fmt.Errorf("postgres pool: %w", err)
@@ -266,8 +259,12 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		default:
 		}
 		if !checked {
-			if err := r.checkSchema(ctx, pool); err != nil {
-				if errors.Is(err, ErrTableMissing) || errors.Is(err, ErrSchemaOutdated) {
+			err := r.checkSchema(ctx, pool)
+			if err == nil {
+				err = r.checkSession(ctx, pool, connCfg)
+			}
+			if err != nil {
+				if errors.Is(err, ErrTableMissing) || errors.Is(err, ErrSchemaOutdated) || errors.Is(err, ErrTransactionPooler) {
 					return err
 				}
 				r.setLink(metrics.LinkPostgres, err)
@@ -483,7 +480,7 @@ func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, pro
 		budget = r.cfg.Relay.BatchBytes - held
 	}
 	b := &batch{claimed: time.Now()}
-	tx, err := pool.Begin(ctx)
+	tx, err := pool.BeginTx(ctx, writeTx)
 	if err != nil {
 		return nil, r.pgFailed(fmt.Errorf("begin: %w", err))
 	}
@@ -807,7 +804,11 @@ func (r *Relay) setLink(link string, err error) {
 		// Once when an up link fails, and once when a link cannot be
 		// established at start; not again for every retry.
 		r.m.LinkUp.WithLabelValues(link).Set(0)
-		r.log.Warn("link down", zap.String("link", link), zap.Bool("never_up", first), zap.String("error", Redact(err.Error())))
+		fields := []zap.Field{zap.String("link", link), zap.Bool("never_up", first), zap.String("error", Redact(err.Error()))}
+		if hint := tlsHint(link, err); hint != "" {
+			fields = append(fields, zap.String("hint", hint))
+		}
+		r.log.Warn("link down", fields...)
 	}
 }
 
@@ -938,8 +939,10 @@ func (r *Relay) cleanDispatched(ctx context.Context, pool *pgxpool.Pool) (total,
 		pages++
 		var deleted, last, rows int64
 		var recent bool
-		err := pool.QueryRow(ctx, r.q.cleanDispatched, keep.Milliseconds(), r.cfg.Retention.BatchSize,
-			after, r.cleanerLock).Scan(&deleted, &last, &rows, &recent)
+		err := pgx.BeginTxFunc(ctx, pool, writeTx, func(tx pgx.Tx) error {
+			return tx.QueryRow(ctx, r.q.cleanDispatched, keep.Milliseconds(), r.cfg.Retention.BatchSize,
+				after, r.cleanerLock).Scan(&deleted, &last, &rows, &recent)
+		})
 		if err != nil {
 			r.cleanFailed(err, metrics.CleanDispatched)
 			return total, pages
@@ -960,7 +963,11 @@ func (r *Relay) cleanDead(ctx context.Context, pool *pgxpool.Pool) {
 	keep := r.cfg.Retention.Dead
 	total := int64(0)
 	for ctx.Err() == nil {
-		tag, err := pool.Exec(ctx, r.q.cleanDead, keep.Milliseconds(), r.cfg.Retention.BatchSize)
+		var tag pgconn.CommandTag
+		err := pgx.BeginTxFunc(ctx, pool, writeTx, func(tx pgx.Tx) (err error) {
+			tag, err = tx.Exec(ctx, r.q.cleanDead, keep.Milliseconds(), r.cfg.Retention.BatchSize)
+			return err
+		})
 		if err != nil {
 			r.cleanFailed(err, metrics.CleanDead)
 			return

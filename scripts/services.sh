@@ -248,6 +248,21 @@ prometheus_tools() {
 	fi
 }
 
+# ----------------------------------------------------------------- PgBouncer
+
+# The PgBouncer tests start private pgbouncer processes of their own; only
+# the program is needed.
+pgbouncer_tools() {
+	if command -v pgbouncer >/dev/null; then
+		echo "pgbouncer: $(command -v pgbouncer) present"
+	elif is_root && is_debian; then
+		apt_install --no-install-recommends pgbouncer || die "apt-get install pgbouncer failed"
+		echo "pgbouncer: installed $(command -v pgbouncer)"
+	else
+		echo "pgbouncer: missing (install the pgbouncer package as root); tests that need it will fail"
+	fi
+}
+
 # -------------------------------------------------------------------- main
 
 cmd_up() {
@@ -255,6 +270,7 @@ cmd_up() {
 	postgres_up || rc=1
 	rabbitmq_up || rc=1
 	prometheus_tools || rc=1
+	pgbouncer_tools || rc=1
 	return "$rc"
 }
 
@@ -263,6 +279,7 @@ cmd_status() {
 	if pg_reachable; then echo "postgres: up at $PGHOST:$PGPORT"; else echo "postgres: down ($PGHOST:$PGPORT unreachable)"; rc=1; fi
 	if rabbit_reachable; then echo "rabbitmq: up at $AMQP_HOST:$AMQP_PORT"; else echo "rabbitmq: down ($AMQP_HOST:$AMQP_PORT unreachable)"; rc=1; fi
 	if command -v promtool >/dev/null; then echo "prometheus: promtool present"; else echo "prometheus: promtool missing"; fi
+	if command -v pgbouncer >/dev/null; then echo "pgbouncer: present"; else echo "pgbouncer: missing"; fi
 	return "$rc"
 }
 

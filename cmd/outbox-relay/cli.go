@@ -123,11 +123,27 @@ func newLogger(cfg config.Log, w io.Writer) *zap.Logger {
 	return zap.New(zapcore.NewCore(enc, zapcore.Lock(zapcore.AddSync(w)), level))
 }
 
-// openDB opens a database/sql handle through pgx (for goose).
-func openDB(ctx context.Context, dsn string) (*sql.DB, func(), error) {
-	pool, err := pgxpool.New(ctx, dsn)
+// openDB opens a database/sql handle through pgx for goose, whose lock is
+// a session advisory lock: a pooler in transaction mode would leave it on
+// a server connection that other clients then use, so that is refused.
+func openDB(ctx context.Context, pg relay.PostgresConfig) (*sql.DB, func(), error) {
+	if pg.Pooler == relay.PoolerTransaction {
+		return nil, nil, &configError{fmt.Errorf("migrations %w", relay.ErrPoolerNeedsSession)}
+	}
+	poolCfg, err := relay.PoolConfig(pg)
+	if err != nil {
+		return nil, nil, err
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, poolCfg)
 	if err != nil {
 		return nil, nil, fmt.Errorf("postgres.dsn: %s", relay.Redact(err.Error()))
+	}
+	if pooled, err := relay.TransactionPooled(ctx, pool, poolCfg.ConnConfig); err != nil || pooled {
+		pool.Close()
+		if err == nil {
+			err = &configError{fmt.Errorf("migrations need a database session of their own: %w (two connections were handed the same server session); set OUTBOX_RELAY_POSTGRES_DSN to PostgreSQL itself or a session-mode pool for this command", relay.ErrTransactionPooler)}
+		}
+		return nil, nil, err
 	}
 	db := stdlib.OpenDBFromPool(pool)
 	return db, func() { db.Close(); pool.Close() }, nil

@@ -441,7 +441,11 @@ func (c *cliEnv) openOutbox(ctx context.Context, path string) (*pgx.Conn, opsQue
 func connectOutbox(ctx context.Context, cfg config.File) (*pgx.Conn, opsQueries, ident.Table, error) {
 	t := ident.Table{Schema: cfg.Postgres.Schema, Name: cfg.Postgres.Table}
 	q := newOpsQueries(t)
-	conn, err := pgx.Connect(ctx, cfg.Postgres.DSN)
+	poolCfg, err := relay.PoolConfig(cfg.Postgres)
+	if err != nil {
+		return nil, q, t, err
+	}
+	conn, err := pgx.ConnectConfig(ctx, poolCfg.ConnConfig)
 	if err != nil {
 		return nil, q, t, fmt.Errorf("connect: %s", relay.Redact(err.Error()))
 	}

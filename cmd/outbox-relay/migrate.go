@@ -32,7 +32,7 @@ func (c *cliEnv) cmdMigrate(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	db, closeDB, err := openDB(ctx, cfg.Postgres.DSN)
+	db, closeDB, err := openDB(ctx, cfg.Postgres)
 	if err != nil {
 		return err
 	}

@@ -101,7 +101,11 @@ func (c *cliEnv) cmdReplay(ctx context.Context, args []string) error {
 		return err
 	}
 	conn.Close(context.WithoutCancel(ctx))
-	pool, err := pgxpool.New(ctx, cfg.Postgres.DSN)
+	poolCfg, err := relay.PoolConfig(cfg.Postgres)
+	if err != nil {
+		return err
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, poolCfg)
 	if err != nil {
 		return fmt.Errorf("connect: %s", relay.Redact(err.Error()))
 	}

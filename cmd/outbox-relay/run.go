@@ -29,6 +29,10 @@ func (c *cliEnv) cmdRun(ctx context.Context, args []string) error {
 	}
 	log := newLogger(cfg.Log, c.stderr)
 	defer func() { _ = log.Sync() }()
+	if links := cfg.ServiceLinks(); len(links) > 0 {
+		log.Info("ignoring Kubernetes service-link variables of a Service named after the relay (enableServiceLinks: false on the pod drops them)",
+			zap.Strings("variables", links))
+	}
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -66,14 +70,14 @@ func (c *cliEnv) cmdRun(ctx context.Context, args []string) error {
 		defer cancel()
 		runErr = errors.Join(runErr, srv.Shutdown(sctx), <-srvDone)
 	}
-	if errors.Is(runErr, relay.ErrTableMissing) || errors.Is(runErr, relay.ErrSchemaOutdated) {
+	if errors.Is(runErr, relay.ErrTableMissing) || errors.Is(runErr, relay.ErrSchemaOutdated) || errors.Is(runErr, relay.ErrTransactionPooler) {
 		log.Error("cannot start", zap.Error(runErr))
 	}
 	return runErr
 }
 
 func migrateUp(ctx context.Context, pg relay.PostgresConfig, log *zap.Logger) error {
-	db, closeDB, err := openDB(ctx, pg.DSN)
+	db, closeDB, err := openDB(ctx, pg)
 	if err != nil {
 		return err
 	}

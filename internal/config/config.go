@@ -43,7 +43,13 @@ type File struct {
 
 	// zeros are the keys set to 0 whose default is not 0, for Validate.
 	zeros []string
+	// serviceLinks are the Kubernetes service-link variables ignored.
+	serviceLinks []string
 }
+
+// ServiceLinks returns the OUTBOX_RELAY_* variables that were ignored as
+// Kubernetes service links (a Service named after the relay), sorted.
+func (f File) ServiceLinks() []string { return f.serviceLinks }
 
 // Metrics configures the HTTP endpoint.
 type Metrics struct {
@@ -375,6 +381,10 @@ func applyEnv(f *File, environ []string) error {
 	}
 	sort.Strings(unknown)
 	for _, k := range unknown {
+		if serviceLink(k, env[k]) {
+			f.serviceLinks = append(f.serviceLinks, k)
+			continue
+		}
 		errs = append(errs, fmt.Errorf("%s: unknown environment variable (every key is listed in config.example.yaml; env names are OUTBOX_RELAY_ plus the key path in capitals)", k))
 	}
 	return errors.Join(errs...)

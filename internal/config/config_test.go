@@ -140,6 +140,7 @@ func FuzzParse(f *testing.F) {
 	f.Add([]byte("relay:\n  batch_size: -1\n"))
 	f.Add([]byte("wake: [1, 2]\n"))
 	f.Add([]byte("---\n---\n"))
+	f.Add([]byte("amqp:\n  url: [amqp://a, \"amqps://b:1/v\"]\npostgres:\n  dsn: postgres://x@y/z?default_query_exec_mode=exec\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		var file File
 		if err := Parse(data, &file); err != nil {

@@ -50,7 +50,8 @@ func TestK8sManifests(t *testing.T) {
 		byKind[o.kind()][o.name()] = o
 	}
 
-	// kustomization.yaml names files that exist.
+	// kustomization.yaml names files that exist, and no Secret: applying
+	// the example must never overwrite real credentials with placeholders.
 	for _, o := range objs {
 		if o.kind() != "Kustomization" {
 			continue
@@ -59,6 +60,12 @@ func TestK8sManifests(t *testing.T) {
 			rel := path.Join(path.Dir(o.file), r)
 			if !exists(t, rel) {
 				t.Errorf("%s: resource %s does not exist", o, r)
+				continue
+			}
+			for _, doc := range yamlDocs(t, rel) {
+				if str(doc, "kind") == "Secret" {
+					t.Errorf("%s: resource %s is the placeholder Secret %s; leave it out of what kubectl apply -k applies", o, r, str(doc, "metadata", "name"))
+				}
 			}
 		}
 	}
@@ -75,18 +82,43 @@ func TestK8sManifests(t *testing.T) {
 		t.Errorf("%s: metrics.addr %q, but the default port is %s", cm, cfg.Metrics.Addr, metricsPort(t))
 	}
 
-	relays, readiness := 0, 0
+	relays, readiness, sidecars := 0, 0, 0
 	for _, o := range objs {
 		if o.kind() != "Deployment" && o.kind() != "Job" {
 			continue
 		}
 		pod := get(o.doc, "spec", "template", "spec")
+		// The kubelet's service-link variables are of no use to the pod.
+		if get(pod, "enableServiceLinks") != false {
+			t.Errorf("%s: the pod should set enableServiceLinks: false", o)
+		}
+		others := 0
 		for _, c := range list(pod, "containers") {
 			if !strings.Contains(str(c, "image"), "outbox-relay") {
+				others++
 				continue
 			}
 			relays++
 			readiness += checkRelayContainer(t, o, pod, c, byKind, cfgText, port)
+		}
+		for _, c := range list(pod, "initContainers") {
+			if !strings.Contains(str(c, "image"), "outbox-relay") {
+				continue
+			}
+			// `run` never exits: as a plain init container it would hold
+			// the application back forever.
+			if str(c, "restartPolicy") != "Always" {
+				t.Errorf("%s: init container %s runs the relay without restartPolicy: Always (a native sidecar)", o, str(c, "name"))
+			}
+			relays++
+			sidecars++
+			readiness += checkRelayContainer(t, o, pod, c, byKind, cfgText, port)
+		}
+		if others > 0 && len(list(pod, "containers")) > others {
+			t.Errorf("%s: the relay beside the application should be a native sidecar (an init container with restartPolicy: Always), so that Jobs complete", o)
+		}
+		if o.kind() == "Deployment" && others == 0 {
+			checkDisruptionBudget(t, o, byKind)
 		}
 		if o.kind() == "Deployment" {
 			grace, _ := get(pod, "terminationGracePeriodSeconds").(int)
@@ -104,6 +136,9 @@ func TestK8sManifests(t *testing.T) {
 	if relays < 3 {
 		t.Errorf("found %d relay containers; want the sidecar, the standalone Deployment and the migration Job", relays)
 	}
+	if sidecars == 0 {
+		t.Error("no relay runs as a native sidecar (an init container with restartPolicy: Always)")
+	}
 	if readiness == 0 {
 		t.Error("no relay container probes /readyz (the standalone Deployment should)")
 	}
@@ -119,7 +154,8 @@ func TestK8sManifests(t *testing.T) {
 				if !matches(labels, sel) {
 					continue
 				}
-				for _, c := range list(d.doc, "spec", "template", "spec", "containers") {
+				pod := get(d.doc, "spec", "template", "spec")
+				for _, c := range append(list(pod, "containers"), list(pod, "initContainers")...) {
 					for _, p := range list(c, "ports") {
 						if str(p, "name") == want && fmt.Sprint(get(p, "containerPort")) == port {
 							found = true
@@ -288,6 +324,36 @@ func checkRelayContainer(t *testing.T, o k8sObject, pod, c any, byKind map[strin
 		t.Errorf("%s: securityContext.capabilities.drop = %v, want [ALL]", name, drop)
 	}
 	return ready
+}
+
+// checkDisruptionBudget checks that a standalone relay Deployment of several
+// replicas has a PodDisruptionBudget selecting its pods, and only them, that
+// still lets a node drain.
+func checkDisruptionBudget(t *testing.T, d k8sObject, byKind map[string]map[string]k8sObject) {
+	t.Helper()
+	replicas, _ := get(d.doc, "spec", "replicas").(int)
+	if replicas < 2 {
+		return
+	}
+	labels := mapping(d.doc, "spec", "template", "metadata", "labels")
+	found := false
+	for _, pdb := range byKind["PodDisruptionBudget"] {
+		if !matches(labels, mapping(pdb.doc, "spec", "selector", "matchLabels")) {
+			continue
+		}
+		found = true
+		if minAvail, ok := get(pdb.doc, "spec", "minAvailable").(int); ok && minAvail >= replicas {
+			t.Errorf("%s: minAvailable %d of %d replicas blocks every drain", pdb, minAvail, replicas)
+		}
+		for _, o := range byKind["Job"] {
+			if matches(mapping(o.doc, "spec", "template", "metadata", "labels"), mapping(pdb.doc, "spec", "selector", "matchLabels")) {
+				t.Errorf("%s: also selects the pods of %s", pdb, o)
+			}
+		}
+	}
+	if !found {
+		t.Errorf("%s: %d replicas and no PodDisruptionBudget selecting its pods", d, replicas)
+	}
 }
 
 func findVolume(pod any, name string) map[string]any {

@@ -32,6 +32,7 @@ package testenv
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -39,6 +40,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/url"
 	"os"
 	"os/exec"
 	"os/user"
@@ -75,10 +77,25 @@ type Postgres struct {
 	reaper  *reaper
 }
 
+// PostgresOptions tunes a private PostgreSQL server.
+type PostgresOptions struct {
+	// TLS, if set, turns ssl on with its server certificate; connections
+	// over TLS must then present a client certificate of its CA whose CN
+	// is the database user (clientcert=verify-full). Unencrypted
+	// connections are still accepted.
+	TLS *TLS
+}
+
 // StartPostgres creates, starts and returns a private PostgreSQL server. The
 // test fails when PostgreSQL is not installed. Cleanup stops the server
 // and removes its directory.
 func StartPostgres(t testing.TB) *Postgres {
+	t.Helper()
+	return StartPostgresWith(t, PostgresOptions{})
+}
+
+// StartPostgresWith is StartPostgres with options.
+func StartPostgresWith(t testing.TB, opts PostgresOptions) *Postgres {
 	t.Helper()
 	bin := postgresBinDir()
 	if bin == "" {
@@ -122,6 +139,12 @@ full_page_writes = off
 shared_buffers = 32MB
 max_connections = 100
 `, p.port, dir, p.name)
+	if opts.TLS != nil {
+		if err := p.enableTLS(opts.TLS); err != nil {
+			t.Fatalf("testenv: postgres: %v", err)
+		}
+		conf += "ssl = on\nssl_cert_file = 'server.pem'\nssl_key_file = 'server.key'\nssl_ca_file = 'ca.pem'\n"
+	}
 	if err := appendFile(filepath.Join(p.data, "postgresql.conf"), conf); err != nil {
 		t.Fatalf("testenv: postgres: %v", err)
 	}
@@ -133,6 +156,23 @@ max_connections = 100
 	}
 	t.Logf("testenv: private postgres on 127.0.0.1:%d ready in %v", p.port, time.Since(begin).Round(time.Millisecond))
 	return p
+}
+
+// enableTLS copies the certificates into the data directory (PostgreSQL
+// wants its key private to its user) and requires a client certificate on
+// TLS connections.
+func (p *Postgres) enableTLS(c *TLS) error {
+	for name, data := range map[string][]byte{"server.pem": c.serverPEM, "server.key": c.serverKey, "ca.pem": c.caPEM} {
+		if err := p.as.writeFile(filepath.Join(p.data, name), string(data), 0o600); err != nil {
+			return err
+		}
+	}
+	hba := filepath.Join(p.data, "pg_hba.conf")
+	old, err := os.ReadFile(hba)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(hba, append([]byte("hostssl all all 127.0.0.1/32 trust clientcert=verify-full\n"), old...), 0o600)
 }
 
 // DSN returns the URL of the server's test database.
@@ -303,6 +343,8 @@ type RabbitMQ struct {
 	node     string // e.g. rt1a2b3c4d@localhost
 	port     int    // AMQP
 	distPort int    // Erlang distribution
+	tlsPort  int    // AMQPS, 0 without RabbitMQOptions.TLS
+	tls      *TLS
 	server   string // rabbitmq-server script
 	ctl      string // rabbitmqctl script
 	as       osUser
@@ -316,6 +358,12 @@ type RabbitMQOptions struct {
 	// for example "max_message_size = 1048576". They come after the node's
 	// own listener and log settings.
 	Conf []string
+	// Cookie is the node's Erlang cookie; the nodes of one cluster share
+	// one (StartRabbitMQCluster). Default: a random one.
+	Cookie string
+	// TLS, if set, adds an AMQPS listener (TLSURL) with its server
+	// certificate, requiring a client certificate of its CA.
+	TLS *TLS
 }
 
 // StartRabbitMQ creates, starts and returns a private RabbitMQ node. The test
@@ -326,9 +374,9 @@ func StartRabbitMQ(t testing.TB) *RabbitMQ {
 	return StartRabbitMQWith(t, RabbitMQOptions{})
 }
 
-// StartRabbitMQWith is StartRabbitMQ with options, such as broker limits
-// that the shared node must not have.
-func StartRabbitMQWith(t testing.TB, opts RabbitMQOptions) *RabbitMQ {
+// newRabbitMQ prepares a private node's directory, files and cleanup,
+// without starting it.
+func newRabbitMQ(t testing.TB, opts RabbitMQOptions) *RabbitMQ {
 	t.Helper()
 	server, ctl := rabbitMQScripts()
 	if server == "" {
@@ -351,6 +399,18 @@ func StartRabbitMQWith(t testing.TB, opts RabbitMQOptions) *RabbitMQ {
 		ctl:      ctl,
 		as:       as,
 	}
+	conf := confLines(opts.Conf)
+	if opts.TLS != nil {
+		r.tls, r.tlsPort = opts.TLS, freeLocalPort(t)
+		conf += confLines([]string{
+			fmt.Sprintf("listeners.ssl.local = 127.0.0.1:%d", r.tlsPort),
+			"ssl_options.cacertfile = " + opts.TLS.CA,
+			"ssl_options.certfile = " + opts.TLS.ServerCert,
+			"ssl_options.keyfile = " + opts.TLS.ServerKey,
+			"ssl_options.verify = verify_peer",
+			"ssl_options.fail_if_no_peer_cert = true",
+		})
+	}
 	t.Cleanup(func() { r.cleanup(t) })
 	// beam.smp's command line carries "-home DIR": the reaper's marker.
 	if r.reaper, err = startReaper(r.pidFile(), dir); err != nil {
@@ -358,11 +418,11 @@ func StartRabbitMQWith(t testing.TB, opts RabbitMQOptions) *RabbitMQ {
 	}
 
 	files := map[string]string{
-		".erlang.cookie":    randomHex(16),
+		".erlang.cookie":    cmp.Or(opts.Cookie, randomHex(16)),
 		"enabled_plugins":   "[].\n",
 		"rabbitmq-env.conf": "# private node: keeps /etc/rabbitmq/rabbitmq-env.conf out\n",
 		"rabbitmq.conf": fmt.Sprintf("listeners.tcp.local = 127.0.0.1:%d\n"+
-			"log.console = false\nlog.file.level = info\n", r.port) + confLines(opts.Conf),
+			"log.console = false\nlog.file.level = info\n", r.port) + conf,
 	}
 	for name, content := range files {
 		mode := os.FileMode(0o644)
@@ -373,7 +433,14 @@ func StartRabbitMQWith(t testing.TB, opts RabbitMQOptions) *RabbitMQ {
 			t.Fatalf("testenv: rabbitmq: %v", err)
 		}
 	}
+	return r
+}
 
+// StartRabbitMQWith is StartRabbitMQ with options, such as broker limits
+// that the shared node must not have.
+func StartRabbitMQWith(t testing.TB, opts RabbitMQOptions) *RabbitMQ {
+	t.Helper()
+	r := newRabbitMQ(t, opts)
 	begin := time.Now()
 	if err := r.start(); err != nil {
 		t.Fatalf("testenv: rabbitmq: %v", err)
@@ -399,6 +466,17 @@ func (r *RabbitMQ) URL() string {
 
 // Port returns the AMQP port.
 func (r *RabbitMQ) Port() int { return r.port }
+
+// TLSURL returns the amqps:// URL of the node's TLS listener (started with
+// RabbitMQOptions.TLS), trusting the CA in the file ca and presenting the
+// client certificate.
+func (r *RabbitMQ) TLSURL(ca string) string {
+	if r.tls == nil {
+		panic("testenv: TLSURL of a node started without RabbitMQOptions.TLS")
+	}
+	q := url.Values{"cacertfile": {ca}, "certfile": {r.tls.ClientCert}, "keyfile": {r.tls.ClientKey}}
+	return fmt.Sprintf("amqps://guest:guest@127.0.0.1:%d/?%s", r.tlsPort, q.Encode())
+}
 
 // Node returns the Erlang node name, for rabbitmqctl -n.
 func (r *RabbitMQ) Node() string { return r.node }
