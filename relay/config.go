@@ -131,6 +131,13 @@ type AMQPConfig struct {
 type EngineConfig struct {
 	// BatchSize is the most rows claimed and published per transaction. Default 500.
 	BatchSize int `yaml:"batch_size"`
+	// BatchBytes bounds the payload bytes the relay holds at once: a claim
+	// stops when the payloads of its rows and of the batches still in
+	// flight would pass it. A single row larger than it is claimed alone,
+	// once nothing else is in flight. The live heap stays near the larger
+	// of BatchBytes and amqp.max_message_size plus about 15 MiB (see
+	// docs/failure-model.md, "Memory"). Default 16777216 (16 MiB).
+	BatchBytes int64 `yaml:"batch_bytes"`
 	// OnDispatch is "mark" (default: set dispatched_at, keeping the row) or
 	// "delete" (remove the row once the broker confirmed it).
 	OnDispatch string `yaml:"on_dispatch"`
@@ -235,6 +242,7 @@ func (c Config) WithDefaults() Config {
 	}
 	c.AMQP.Format = cmp.Or(c.AMQP.Format, FormatPlain)
 	c.Relay.BatchSize = cmp.Or(c.Relay.BatchSize, 500)
+	c.Relay.BatchBytes = cmp.Or(c.Relay.BatchBytes, 16<<20)
 	c.Relay.OnDispatch = cmp.Or(c.Relay.OnDispatch, OnDispatchMark)
 	c.Relay.MaxAttempts = cmp.Or(c.Relay.MaxAttempts, 10)
 	c.Relay.RetryMinBackoff = cmp.Or(c.Relay.RetryMinBackoff, time.Second)
@@ -276,6 +284,11 @@ func (c Config) WithAppNames() Config {
 	c.AMQP.ConnectionName = cmp.Or(c.AMQP.ConnectionName, name)
 	return c
 }
+
+// maxRetryBackoff bounds relay.retry_min_backoff and retry_max_backoff: the
+// delay is doubled in time.Duration and added to now() in SQL, which must
+// not overflow.
+const maxRetryBackoff = 24 * time.Hour
 
 // FieldError is a configuration error naming the offending key.
 type FieldError struct {
@@ -346,12 +359,21 @@ func (c Config) Validate() error {
 	if c.Relay.BatchSize < 1 || c.Relay.BatchSize > 10000 {
 		bad("relay.batch_size", "must be between 1 and 10000, got %d", c.Relay.BatchSize)
 	}
+	if c.Relay.BatchBytes < 1<<10 || c.Relay.BatchBytes > 1<<30 {
+		bad("relay.batch_bytes", "must be between 1024 and 1073741824 bytes (1 KiB to 1 GiB), got %d", c.Relay.BatchBytes)
+	}
 	oneOf(bad, "relay.on_dispatch", c.Relay.OnDispatch, OnDispatchMark, OnDispatchDelete)
 	if c.Relay.MaxAttempts < 1 {
 		bad("relay.max_attempts", "must be at least 1, got %d", c.Relay.MaxAttempts)
 	}
 	positive(bad, "relay.retry_min_backoff", c.Relay.RetryMinBackoff)
 	positive(bad, "relay.retry_max_backoff", c.Relay.RetryMaxBackoff)
+	if c.Relay.RetryMaxBackoff > maxRetryBackoff {
+		bad("relay.retry_max_backoff", "must be at most %s (a longer wait is better served by `outbox-relay dead retry` later), got %s", maxRetryBackoff, c.Relay.RetryMaxBackoff)
+	}
+	if c.Relay.RetryMinBackoff > maxRetryBackoff {
+		bad("relay.retry_min_backoff", "must be at most %s, got %s", maxRetryBackoff, c.Relay.RetryMinBackoff)
+	}
 	if c.Relay.RetryMaxBackoff < c.Relay.RetryMinBackoff {
 		bad("relay.retry_max_backoff", "must not be below relay.retry_min_backoff (%s), got %s", c.Relay.RetryMinBackoff, c.Relay.RetryMaxBackoff)
 	}

@@ -2,6 +2,7 @@ package relay
 
 import (
 	"fmt"
+	"strings"
 
 	"github.com/outbox-relay/outbox-relay/internal/ident"
 )
@@ -10,7 +11,9 @@ import (
 // configured table. Statements take arrays (= ANY, unnest) so that a batch of
 // any size is one statement.
 type queries struct {
-	claimBatch       string
+	claimBatch string
+	// readPayloadPiece reads $3 bytes of row $1's payload from offset $2 (1-based).
+	readPayloadPiece string
 	probePending     string
 	markDispatched   string
 	deleteDispatched string
@@ -76,6 +79,50 @@ func pageReplay(tbl string) string {
 	return fmt.Sprintf(`SELECT `+messageColumns+` FROM %s WHERE `+replaySelection+` ORDER BY seq LIMIT $6`, tbl)
 }
 
+// payloadPiece is the most payload bytes read in one row: larger payloads
+// are read in pieces (Relay.readLargePayload).
+const payloadPiece = 1 << 20
+
+// claimedColumns is the select list of the claim queries that budgeted wraps:
+// the whole row (messageColumns is applied to it afterwards) and the size of
+// its payload. octet_length reads a TOASTed payload's size from its pointer,
+// without detoasting it, and materializing the row keeps the pointer.
+const claimedColumns = `*, octet_length(payload)::bigint AS claim_bytes`
+
+// budgeted wraps a claim query, which locks the rows to claim and returns
+// claimedColumns, with the byte budget. Of the locked rows, in seq order,
+// it returns those whose payloads add up to at most $p bytes, or the first
+// alone however large when $p+1 is true (nothing else is in flight), with
+// the payload's size after messageColumns. A row over
+// amqp.max_message_size ($p+2) is returned too, to be parked dead, and its
+// payload, like any over payloadPiece, is left out (NULL). No row is
+// modified here: a claim must not need more than a row lock.
+//
+// When all the locked rows fit, as they do but for large payloads, the
+// running sum is never computed. Rows come in the order they were locked,
+// seq order in practice; the relay sorts them if not (sorting whole rows
+// here cost more than the rest of the wrapper). Locked rows past the
+// budget stay locked until the batch settles; the next claim skips them.
+func budgeted(tbl, claim string, p int) string {
+	columns := strings.Replace(messageColumns, "payload,", fmt.Sprintf("CASE WHEN claim_bytes <= %d THEN payload END,", payloadPiece), 1)
+	if columns == messageColumns {
+		panic("relay: messageColumns has no payload column")
+	}
+	return fmt.Sprintf(`WITH locked AS MATERIALIZED (
+%[1]s
+), totals AS (
+  SELECT coalesce(sum(claim_bytes), 0) <= $%[3]d::bigint AND coalesce(max(claim_bytes), 0) <= $%[5]d::bigint AS fit FROM locked
+), fits AS (
+  SELECT seq FROM (
+    SELECT seq, claim_bytes, sum(claim_bytes) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS upto
+    FROM locked WHERE claim_bytes <= $%[5]d::bigint
+  ) w WHERE upto <= $%[3]d::bigint OR (upto = claim_bytes AND $%[4]d::bool)
+)
+SELECT %[6]s, claim_bytes
+FROM locked
+WHERE (SELECT fit FROM totals) OR seq IN (SELECT seq FROM fits) OR claim_bytes > $%[5]d::bigint`, claim, tbl, p, p+1, p+2, columns)
+}
+
 // pending is the predicate of the partial index outbox_pending; every query
 // that looks for work repeats it verbatim so the planner can use the index.
 const pending = `dispatched_at IS NULL AND dead_at IS NULL`
@@ -93,20 +140,20 @@ func newQueries(t ident.Table, onDead string) queries {
 		// row, if it is due and at or below the commit horizon ($4). Rows
 		// without a key are claimed as in unordered mode. SKIP LOCKED skips
 		// a head another relay holds, and with it its whole key.
-		claimOrdered: fmt.Sprintf(`WITH heads AS (
+		claimOrdered: budgeted(tbl, fmt.Sprintf(`WITH heads AS (
   SELECT DISTINCT ON (partition_key) seq, partition_key, available_at
   FROM %[1]s
   WHERE `+pending+` AND partition_key IS NOT NULL AND %[3]s = ANY($3::int4[])
   ORDER BY partition_key, seq
 )
-SELECT `+messageColumns+`
+SELECT `+claimedColumns+`
 FROM %[1]s
 WHERE `+pending+` AND available_at <= now()
   AND (partition_key IS NULL
        OR seq IN (SELECT h.seq FROM heads h WHERE h.seq <= $4 AND h.available_at <= now()%[2]s))
 ORDER BY seq
 LIMIT $1
-FOR UPDATE SKIP LOCKED`, tbl, deadBlocks, partitionOf(2)),
+FOR UPDATE SKIP LOCKED`, tbl, deadBlocks, partitionOf(2)), 5),
 
 		// The sequence's last value L; if it passed $2, a fresh transaction
 		// id taken after L was read (the subquery is a fence: the CASE
@@ -147,12 +194,14 @@ LIMIT $4`,
 
 		// Due pending rows in sequence order; rows locked by another relay
 		// are skipped, so replicas share the table without coordination.
-		claimBatch: fmt.Sprintf(`SELECT `+messageColumns+`
+		claimBatch: budgeted(tbl, fmt.Sprintf(`SELECT `+claimedColumns+`
 FROM %s
 WHERE `+pending+` AND available_at <= now()
 ORDER BY seq
 LIMIT $1
-FOR UPDATE SKIP LOCKED`, tbl),
+FOR UPDATE SKIP LOCKED`, tbl), 2),
+
+		readPayloadPiece: fmt.Sprintf(`SELECT substring(payload FROM $2::int FOR $3::int) FROM %s WHERE seq = $1`, tbl),
 
 		// One round trip, no locks, no transaction: is anything due?
 		probePending: fmt.Sprintf(`SELECT EXISTS (SELECT 1 FROM %s WHERE `+pending+` AND available_at <= now())`, tbl),
