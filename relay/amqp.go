@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"regexp"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
@@ -24,17 +26,17 @@ type AMQPPublisher struct {
 	// onNode, if set, is told the index in urls of each node connected to.
 	onNode func(i int)
 
-	mu       sync.Mutex // serialises Publish and guards the fields below
-	conn     *amqp.Connection
-	ch       *amqp.Channel
-	returns  chan amqp.Return
-	returned map[string]returned // returns received, not yet matched to a batch
-	closes   chan *amqp.Error
-	closedBy *amqp.Error // the broker's reason for closing ch, once read from closes
-	lastErr  error
-	next     int // index in urls of the node to dial next
-	node     int // index in urls of the node last connected to; -1 before
-	window   int
+	mu      sync.Mutex // serialises Publish and guards the fields below
+	conn    *amqp.Connection
+	cur     *amqpChannel // the channel batches are sent on; nil before the first dial
+	lastErr error
+	next    int // index in urls of the node to dial next
+	node    int // index in urls of the node last connected to; -1 before
+	window  int
+	dials   atomic.Int64
+	// skipChecks turns the checks before publishing off, so that tests can
+	// prove that a close the checks did not foresee still blames the message.
+	skipChecks bool
 	// maxSize is amqp.max_message_size, lowered to what the broker reports
 	// if it closes the channel over a message that was too large for it.
 	maxSize int
@@ -49,14 +51,14 @@ var tooLargeClose = regexp.MustCompile(`larger than configured max size (\d+)`)
 // (Relay.inflightLimit + 1), and the return buffer is sized for them.
 func NewAMQPPublisher(cfg AMQPConfig, window int, log *zap.Logger) *AMQPPublisher {
 	return &AMQPPublisher{cfg: cfg, log: log, urls: cfg.URLs(), node: -1, window: window, maxSize: cfg.MaxMessageSize,
-		returned: map[string]returned{}, lastErr: errors.New("not connected yet")}
+		lastErr: errors.New("not connected yet")}
 }
 
 // Ready reports whether the channel is open.
 func (p *AMQPPublisher) Ready() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.ch != nil && !p.ch.IsClosed() {
+	if p.cur != nil && !p.cur.ch.IsClosed() {
 		return nil
 	}
 	if p.lastErr == nil {
@@ -66,6 +68,9 @@ func (p *AMQPPublisher) Ready() error {
 	return p.lastErr
 }
 
+// Dials returns how many connections the publisher has opened.
+func (p *AMQPPublisher) Dials() int64 { return p.dials.Load() }
+
 // Connect dials now if not connected; Publish also does it on demand.
 func (p *AMQPPublisher) Connect(ctx context.Context) error {
 	p.mu.Lock()
@@ -74,8 +79,17 @@ func (p *AMQPPublisher) Connect(ctx context.Context) error {
 }
 
 func (p *AMQPPublisher) ensure(ctx context.Context) error {
-	if p.ch != nil && !p.ch.IsClosed() {
+	if p.cur != nil && !p.cur.ch.IsClosed() {
 		return nil
+	}
+	if p.conn != nil && !p.conn.IsClosed() {
+		// The broker closed the channel, not the connection (a message it
+		// refused, say): a new channel on the same connection will do.
+		cur, err := p.openChannel(p.conn, p.window)
+		if err == nil {
+			p.cur, p.lastErr = cur, nil
+			return nil
+		}
 	}
 	p.closeLocked()
 	dial := amqp.DefaultDial(10 * time.Second)
@@ -84,7 +98,7 @@ func (p *AMQPPublisher) ensure(ctx context.Context) error {
 	}
 	dialCfg := amqp.Config{
 		Heartbeat:  10 * time.Second,
-		Properties: amqp.Table{"connection_name": "outbox-relay"},
+		Properties: amqp.Table{"connection_name": cmp.Or(p.cfg.ConnectionName, "outbox-relay")},
 		Dial: func(network, addr string) (net.Conn, error) {
 			c, err := dial(network, addr)
 			if err != nil {
@@ -107,41 +121,14 @@ func (p *AMQPPublisher) ensure(ctx context.Context) error {
 		}
 		return p.lastErr
 	}
-	ch, err := conn.Channel()
+	cur, err := p.openChannel(conn, p.window)
 	if err != nil {
-		conn.Close()
-		p.lastErr = fmt.Errorf("open channel: %w", err)
-		return p.lastErr
-	}
-	if err := ch.Confirm(false); err != nil {
-		conn.Close()
-		p.lastErr = fmt.Errorf("enable publisher confirms: %w", err)
-		return p.lastErr
-	}
-	if *p.cfg.DeclareExchange {
-		if err := ch.ExchangeDeclare(p.cfg.Exchange, p.cfg.ExchangeType, true, false, false, false, nil); err != nil {
-			conn.Close()
-			p.lastErr = fmt.Errorf("declare exchange %q (set amqp.declare_exchange: false if it is managed elsewhere): %w", p.cfg.Exchange, err)
-			return p.lastErr
-		}
-	} else if err := ch.ExchangeDeclarePassive(p.cfg.Exchange, p.cfg.ExchangeType, true, false, false, false, nil); err != nil {
-		// Checked, not declared: without the exchange every publish would
-		// close the channel, and the link would flap at every batch.
-		conn.Close()
-		p.lastErr = fmt.Errorf("exchange %q not found (amqp.declare_exchange is false: declare it on the broker, or check the name): %w", p.cfg.Exchange, err)
-		return p.lastErr
-	}
-	if err := p.declareRouted(ch); err != nil {
 		conn.Close()
 		p.lastErr = err
 		return p.lastErr
 	}
-	// basic.return is dispatched synchronously before the confirm of the same
-	// message, so a buffer larger than the batches in flight means a return
-	// is always in the buffer by the time its ack is seen.
-	p.returns = ch.NotifyReturn(make(chan amqp.Return, 5*p.window+16))
-	p.closes, p.closedBy = ch.NotifyClose(make(chan *amqp.Error, 1)), nil
-	p.conn, p.ch, p.lastErr = conn, ch, nil
+	p.dials.Add(1)
+	p.conn, p.cur, p.lastErr = conn, cur, nil
 	if i != p.node {
 		p.log.Info("connected to broker node", zap.String("node", nodeName(url)), zap.Int("node_index", i+1), zap.Int("nodes", len(p.urls)))
 		p.node = i
@@ -152,16 +139,63 @@ func (p *AMQPPublisher) ensure(ctx context.Context) error {
 	return nil
 }
 
-// closeLocked drops the current link, if any, keeping the returns already
-// received: a batch still waiting may need them.
+// amqpChannel is one confirm-mode channel with what was received on it.
+// Returns are matched by message id within their channel only: a retry of
+// the same message on a later channel never meets an old return.
+type amqpChannel struct {
+	ch       *amqp.Channel
+	returns  chan amqp.Return
+	returned map[string]amqp.Return // received, not yet matched to a batch
+	closes   chan *amqp.Error
+	closedBy *amqp.Error // the broker's reason for closing ch, once read from closes
+	// blamed is set once a message sent on ch was shown to have closed it:
+	// the other messages it cut off are innocent of that close.
+	blamed bool
+}
+
+// openChannel opens a confirm-mode channel on conn, declaring or checking
+// the exchange. window is how many messages may be in flight on it.
+func (p *AMQPPublisher) openChannel(conn *amqp.Connection, window int) (*amqpChannel, error) {
+	ch, err := conn.Channel()
+	if err != nil {
+		return nil, fmt.Errorf("open channel: %w", err)
+	}
+	if err := ch.Confirm(false); err != nil {
+		ch.Close()
+		return nil, fmt.Errorf("enable publisher confirms: %w", err)
+	}
+	if *p.cfg.DeclareExchange {
+		if err := ch.ExchangeDeclare(p.cfg.Exchange, p.cfg.ExchangeType, true, false, false, false, nil); err != nil {
+			ch.Close()
+			return nil, fmt.Errorf("declare exchange %q (set amqp.declare_exchange: false if it is managed elsewhere): %w", p.cfg.Exchange, err)
+		}
+	} else if err := ch.ExchangeDeclarePassive(p.cfg.Exchange, p.cfg.ExchangeType, true, false, false, false, nil); err != nil {
+		// Checked, not declared: without the exchange every publish would
+		// close the channel, and the link would flap at every batch.
+		return nil, fmt.Errorf("exchange %q not found (amqp.declare_exchange is false: declare it on the broker, or check the name): %w", p.cfg.Exchange, err)
+	}
+	if err := p.declareRouted(ch); err != nil {
+		_ = ch.Close()
+		return nil, err
+	}
+	// basic.return is dispatched synchronously before the confirm of the same
+	// message, so a buffer larger than the batches in flight means a return
+	// is always in the buffer by the time its ack is seen.
+	c := &amqpChannel{ch: ch, returned: map[string]amqp.Return{}}
+	c.returns = ch.NotifyReturn(make(chan amqp.Return, 5*window+16))
+	c.closes = ch.NotifyClose(make(chan *amqp.Error, 1))
+	return c, nil
+}
+
+// closeLocked drops the current link, if any. Batches still waiting keep
+// their channel, and with it the returns received on it.
 func (p *AMQPPublisher) closeLocked() {
-	p.collectReturns()
 	if p.conn != nil {
 		// A broker that stopped reading (a memory or disk alarm blocks
 		// publishers) never answers connection.close: give it a moment.
 		_ = p.conn.CloseDeadline(time.Now().Add(closeTimeout))
 	}
-	p.conn, p.ch, p.returns, p.closes, p.closedBy = nil, nil, nil, nil, nil
+	p.conn, p.cur = nil, nil
 }
 
 // closeReasonWait bounds the wait for the reason of a channel already seen
@@ -169,22 +203,24 @@ func (p *AMQPPublisher) closeLocked() {
 // reason, or closes the notification channel when there is none.
 const closeReasonWait = time.Second
 
-// closeReason returns the broker's reason for closing the current channel,
-// which must already be closed, or nil when it gave none.
-func (p *AMQPPublisher) closeReason() *amqp.Error {
-	if p.closedBy != nil || p.closes == nil {
-		return p.closedBy
+// closeReason returns the broker's reason for closing the channel, which
+// must already be closed, or nil when it gave none.
+func (c *amqpChannel) closeReason() *amqp.Error {
+	if c.closedBy != nil || c.closes == nil {
+		return c.closedBy
 	}
 	t := time.NewTimer(closeReasonWait)
 	defer t.Stop()
 	select {
-	case e, ok := <-p.closes:
+	case e, ok := <-c.closes:
 		if ok {
-			p.closedBy = e
+			c.closedBy = e
+		} else {
+			c.closes = nil
 		}
 	case <-t.C:
 	}
-	return p.closedBy
+	return c.closedBy
 }
 
 // Close closes the connection. It is safe to call more than once.
@@ -206,10 +242,11 @@ func (p *AMQPPublisher) Send(ctx context.Context, msgs []Message) Pending {
 		fillAll(b.errs, &PublishError{Reason: ReasonConnection, Err: err})
 		return b
 	}
-	b.ch = p.ch
+	b.c = p.cur
 	b.confirms = make([]*amqp.DeferredConfirmation, len(msgs))
 	b.byID = make(map[string]int, len(msgs))
 	b.deadline = time.Now().Add(p.cfg.ConfirmTimeout)
+	frameMax := p.conn.Config.FrameSize
 	for i := range msgs {
 		m := &msgs[i]
 		exchange, key, err := p.route(m)
@@ -218,32 +255,34 @@ func (p *AMQPPublisher) Send(ctx context.Context, msgs []Message) Pending {
 			continue
 		}
 		pub, err := p.publishing(m)
+		if err == nil {
+			pub.AppId = cmp.Or(p.cfg.AppID, pub.AppId) // before the check: it counts toward the header frame
+			err = p.check(pub, frameMax)
+		}
 		if err != nil {
 			b.errs[i] = err
 			continue
 		}
-		if len(pub.Body) > p.maxSize {
-			source := "amqp.max_message_size"
-			if p.maxSize < p.cfg.MaxMessageSize {
-				source = "the broker's max_message_size, learned when it refused a larger message"
-			}
-			b.errs[i] = &PublishError{Reason: ReasonTooLarge, Err: fmt.Errorf("message body is %d bytes, the broker accepts at most %d (%s)", len(pub.Body), p.maxSize, source)}
-			continue
-		}
-		dc, err := b.ch.PublishWithDeferredConfirmWithContext(ctx, exchange, key, true, false, pub)
+		dc, err := b.c.ch.PublishWithDeferredConfirmWithContext(ctx, exchange, key, true, false, pub)
 		if err != nil {
 			// The channel is unusable: fail this message and every later one,
 			// with the broker's reason if it closed the channel (a batch
 			// sent just before may have closed it: 404 NOT_FOUND, say).
-			if errors.Is(err, amqp.ErrClosed) && b.ch.IsClosed() {
-				if why := p.closeReason(); why != nil {
-					err = fmt.Errorf("%w (the broker closed the channel: %d %s)", err, why.Code, why.Reason)
+			why := &PublishError{Reason: ReasonConnection, Err: err}
+			if errors.Is(err, amqp.ErrClosed) && b.c.ch.IsClosed() {
+				if closeErr := b.c.closeReason(); closeErr != nil {
+					why.Err = fmt.Errorf("%w (the broker closed the channel: %d %s)", err, closeErr.Code, closeErr.Reason)
+					// Closed over a message sent before: these were not
+					// sent at all, and the link is fine.
+					why.Deferred = blamesMessage(closeErr)
 				}
 			}
-			p.lastErr = fmt.Errorf("publish: %w", err)
+			if !why.Deferred {
+				p.lastErr = fmt.Errorf("publish: %w", why.Err)
+			}
 			for j := i; j < len(msgs); j++ {
 				if b.errs[j] == nil {
-					b.errs[j] = &PublishError{Reason: ReasonConnection, Err: err}
+					b.errs[j] = why
 				}
 			}
 			break
@@ -254,20 +293,38 @@ func (p *AMQPPublisher) Send(ctx context.Context, msgs []Message) Pending {
 	return b
 }
 
+// check fails a message that can never be published, before it is sent:
+// larger than the broker accepts, or a header frame over the negotiated
+// frame_max (the broker would close the connection over it).
+func (p *AMQPPublisher) check(pub amqp.Publishing, frameMax int) error {
+	if len(pub.Body) > p.maxSize {
+		source := "amqp.max_message_size"
+		if p.maxSize < p.cfg.MaxMessageSize {
+			source = "the broker's max_message_size, learned when it refused a larger message"
+		}
+		return &PublishError{Reason: ReasonTooLarge, Err: fmt.Errorf("message body is %d bytes, the broker accepts at most %d (%s)", len(pub.Body), p.maxSize, source)}
+	}
+	if p.skipChecks {
+		return nil
+	}
+	if err := checkHeaders(pub.Headers); err != nil {
+		return &PublishError{Reason: ReasonInvalid, Err: err}
+	}
+	if n := headerFrameSize(pub); frameMax > 0 && n > frameMax {
+		return &PublishError{Reason: ReasonTooLarge, Err: fmt.Errorf(
+			"headers and properties encode to a %d-byte header frame, over the broker's frame_max of %d bytes (shorten the headers or partition_key, or raise frame_max on the broker)", n, frameMax)}
+	}
+	return nil
+}
+
 // errChannelClosed fails a message whose channel the broker closed before
 // confirming it.
 var errChannelClosed = errors.New("channel closed before the confirm")
 
-// returned is a basic.return waiting to be matched to its batch.
-type returned struct {
-	amqp.Return
-	at time.Time
-}
-
 // amqpBatch is one sent batch awaiting its confirms.
 type amqpBatch struct {
 	p        *AMQPPublisher
-	ch       *amqp.Channel
+	c        *amqpChannel
 	msgs     []Message
 	errs     []error
 	confirms []*amqp.DeferredConfirmation
@@ -278,7 +335,7 @@ type amqpBatch struct {
 // Wait collects the batch's confirms (until amqp.confirm_timeout after it
 // was sent, or ctx) and its returns.
 func (b *amqpBatch) Wait(ctx context.Context) []error {
-	if b.ch == nil {
+	if b.c == nil {
 		return b.errs
 	}
 	waitCtx, cancel := context.WithDeadline(ctx, b.deadline)
@@ -288,12 +345,12 @@ func (b *amqpBatch) Wait(ctx context.Context) []error {
 		if dc == nil {
 			continue
 		}
-		ack, err := dc.WaitContext(waitCtx)
+		ack, err := waitConfirm(waitCtx, dc)
 		switch {
 		case err != nil:
 			timedOut = true
 			b.errs[i] = &PublishError{Reason: ReasonTimeout, Err: fmt.Errorf("no confirm within %s", b.p.cfg.ConfirmTimeout)}
-		case !ack && b.ch.IsClosed():
+		case !ack && b.c.ch.IsClosed():
 			b.errs[i] = &PublishError{Reason: ReasonConnection, Err: errChannelClosed}
 		case !ack:
 			b.errs[i] = &PublishError{Reason: ReasonNack, Err: errors.New("broker nacked the message")}
@@ -302,64 +359,81 @@ func (b *amqpBatch) Wait(ctx context.Context) []error {
 	p := b.p
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.collectReturns()
+	b.c.collectReturns()
 	for id, i := range b.byID {
-		ret, ok := p.returned[id]
-		if !ok {
-			continue
-		}
-		delete(p.returned, id)
-		r := ret.Return
 		if b.errs[i] == nil {
-			b.errs[i] = &PublishError{Reason: ReasonUnroutable, Accepted: p.cfg.Unroutable == UnroutableAccept, Err: fmt.Errorf(
-				"returned by the broker: %d %s (no queue bound to exchange %q for routing key %q)", r.ReplyCode, r.ReplyText, r.Exchange, r.RoutingKey)}
+			b.errs[i] = b.c.takeReturn(id, p.cfg.Unroutable)
 		}
 	}
-	// A return nobody claimed belongs to a batch that timed out and was
-	// settled without it; batches still in flight are younger than their
-	// confirm timeout, so only older entries go.
-	for id, ret := range p.returned {
-		if time.Since(ret.at) > 2*p.cfg.ConfirmTimeout {
-			delete(p.returned, id)
-		}
-	}
-	if b.ch.IsClosed() && p.ch == b.ch {
+	if b.c.ch.IsClosed() {
 		// The broker's reason (e.g. 404 NOT_FOUND, no such exchange) goes
 		// into the error, and so into last_error and the logs.
-		if closeErr := p.closeReason(); closeErr != nil {
+		if closeErr := b.c.closeReason(); closeErr != nil {
 			why := fmt.Errorf("%w: %d %s", errChannelClosed, closeErr.Code, closeErr.Reason)
+			var cut []int // sent, and cut off by the close
 			for i, err := range b.errs {
 				if pe, ok := err.(*PublishError); ok && pe.Err == errChannelClosed {
 					b.errs[i] = &PublishError{Reason: ReasonConnection, Err: why}
+					cut = append(cut, i)
 				}
 			}
 			p.learnMaxSize(b.msgs, b.errs, closeErr)
+			if blamesMessage(closeErr) {
+				p.blame(ctx, b, cut, closeErr)
+			}
 		}
 	}
-	if (timedOut || b.ch.IsClosed()) && p.ch == b.ch {
+	if (timedOut || b.c.ch.IsClosed()) && p.cur == b.c {
 		// Late confirms and returns of this batch must not be mistaken for
 		// later ones: start over on a fresh channel.
 		p.lastErr = errors.New("channel reset after a lost or late confirm")
-		p.closeLocked()
+		if timedOut {
+			p.closeLocked()
+		} else {
+			p.cur = nil
+		}
 	}
 	return b.errs
 }
 
-// collectReturns moves the returns received so far into p.returned, keyed
-// by message id. A return is dispatched before the confirm of its message,
-// so once a batch's confirms are in, its returns are too.
-func (p *AMQPPublisher) collectReturns() {
-	for {
+// waitConfirm waits for dc until ctx is done; a confirm already received
+// counts even when ctx is done too (select would pick either at random).
+func waitConfirm(ctx context.Context, dc *amqp.DeferredConfirmation) (bool, error) {
+	select {
+	case <-dc.Done():
+		return dc.Acked(), nil
+	default:
+	}
+	return dc.WaitContext(ctx)
+}
+
+// collectReturns moves the returns received so far on c into c.returned.
+// A return is dispatched before the confirm of its message, so once a
+// batch's confirms are in, its returns are too.
+func (c *amqpChannel) collectReturns() {
+	for c.returns != nil {
 		select {
-		case r, ok := <-p.returns:
+		case r, ok := <-c.returns:
 			if !ok {
+				c.returns = nil
 				return
 			}
-			p.returned[r.MessageId] = returned{Return: r, at: time.Now()}
+			c.returned[r.MessageId] = r
 		default:
 			return
 		}
 	}
+}
+
+// takeReturn removes and reports the return of message id, if it came.
+func (c *amqpChannel) takeReturn(id, unroutable string) error {
+	r, ok := c.returned[id]
+	if !ok {
+		return nil
+	}
+	delete(c.returned, id)
+	return &PublishError{Reason: ReasonUnroutable, Accepted: unroutable == UnroutableAccept, Err: fmt.Errorf(
+		"returned by the broker: %d %s (no queue bound to exchange %q for routing key %q)", r.ReplyCode, r.ReplyText, r.Exchange, r.RoutingKey)}
 }
 
 // learnMaxSize handles a channel the broker closed because a message was

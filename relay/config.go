@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"os"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -117,12 +118,25 @@ type AMQPConfig struct {
 	// naming the producer, e.g. "//edupulse/lessons"). Required with the
 	// cloudevents formats, unused otherwise.
 	CloudEventsSource string `yaml:"cloudevents_source"`
+	// AppID is every message's app-id property, and ConnectionName the
+	// connection's name in the broker's management UI. Default (empty):
+	// "outbox-relay/<host name>/<schema>.<table>", which tells sidecars and
+	// tables apart (in Kubernetes the host name is the pod's name).
+	AppID          string `yaml:"app_id"`
+	ConnectionName string `yaml:"connection_name"`
 }
 
 // EngineConfig tunes the claim loop.
 type EngineConfig struct {
 	// BatchSize is the most rows claimed and published per transaction. Default 500.
 	BatchSize int `yaml:"batch_size"`
+	// BatchBytes bounds the payload bytes the relay holds at once: a claim
+	// stops when the payloads of its rows and of the batches still in
+	// flight would pass it. A single row larger than it is claimed alone,
+	// once nothing else is in flight. The live heap stays near the larger
+	// of BatchBytes and amqp.max_message_size plus about 15 MiB (see
+	// docs/failure-model.md, "Memory"). Default 16777216 (16 MiB).
+	BatchBytes int64 `yaml:"batch_bytes"`
 	// OnDispatch is "mark" (default: set dispatched_at, keeping the row) or
 	// "delete" (remove the row once the broker confirmed it).
 	OnDispatch string `yaml:"on_dispatch"`
@@ -234,6 +248,7 @@ func (c Config) WithDefaults() Config {
 	}
 	c.AMQP.Format = cmp.Or(c.AMQP.Format, FormatPlain)
 	c.Relay.BatchSize = cmp.Or(c.Relay.BatchSize, 500)
+	c.Relay.BatchBytes = cmp.Or(c.Relay.BatchBytes, 16<<20)
 	c.Relay.OnDispatch = cmp.Or(c.Relay.OnDispatch, OnDispatchMark)
 	c.Relay.MaxAttempts = cmp.Or(c.Relay.MaxAttempts, 10)
 	c.Relay.RetryMinBackoff = cmp.Or(c.Relay.RetryMinBackoff, time.Second)
@@ -263,6 +278,24 @@ func (c Config) WithDefaults() Config {
 	c.Wake.LingerAbove = cmp.Or(c.Wake.LingerAbove, 2000)
 	return c
 }
+
+// WithAppNames fills amqp.app_id and amqp.connection_name when empty. It is
+// apart from WithDefaults because the default depends on the host.
+func (c Config) WithAppNames() Config {
+	host, err := os.Hostname()
+	if err != nil || host == "" {
+		host = "unknown-host"
+	}
+	name := "outbox-relay/" + host + "/" + c.Postgres.Schema + "." + c.Postgres.Table
+	c.AMQP.AppID = cmp.Or(c.AMQP.AppID, name)
+	c.AMQP.ConnectionName = cmp.Or(c.AMQP.ConnectionName, name)
+	return c
+}
+
+// maxRetryBackoff bounds relay.retry_min_backoff and retry_max_backoff: the
+// delay is doubled in time.Duration and added to now() in SQL, which must
+// not overflow.
+const maxRetryBackoff = 24 * time.Hour
 
 // FieldError is a configuration error naming the offending key.
 type FieldError struct {
@@ -327,8 +360,14 @@ func (c Config) Validate() error {
 			bad("amqp.cloudevents_source", "%v (required with amqp.format %s; env OUTBOX_RELAY_AMQP_CLOUDEVENTS_SOURCE)", err, c.AMQP.Format)
 		}
 	}
+	if len(c.AMQP.AppID) > maxShortString {
+		bad("amqp.app_id", "must be at most %d bytes, got %d", maxShortString, len(c.AMQP.AppID))
+	}
 	if c.Relay.BatchSize < 1 || c.Relay.BatchSize > 10000 {
 		bad("relay.batch_size", "must be between 1 and 10000, got %d", c.Relay.BatchSize)
+	}
+	if c.Relay.BatchBytes < 1<<10 || c.Relay.BatchBytes > 1<<30 {
+		bad("relay.batch_bytes", "must be between 1024 and 1073741824 bytes (1 KiB to 1 GiB), got %d", c.Relay.BatchBytes)
 	}
 	oneOf(bad, "relay.on_dispatch", c.Relay.OnDispatch, OnDispatchMark, OnDispatchDelete)
 	if c.Relay.MaxAttempts < 1 {
@@ -336,6 +375,12 @@ func (c Config) Validate() error {
 	}
 	positive(bad, "relay.retry_min_backoff", c.Relay.RetryMinBackoff)
 	positive(bad, "relay.retry_max_backoff", c.Relay.RetryMaxBackoff)
+	if c.Relay.RetryMaxBackoff > maxRetryBackoff {
+		bad("relay.retry_max_backoff", "must be at most %s (a longer wait is better served by `outbox-relay dead retry` later), got %s", maxRetryBackoff, c.Relay.RetryMaxBackoff)
+	}
+	if c.Relay.RetryMinBackoff > maxRetryBackoff {
+		bad("relay.retry_min_backoff", "must be at most %s, got %s", maxRetryBackoff, c.Relay.RetryMinBackoff)
+	}
 	if c.Relay.RetryMaxBackoff < c.Relay.RetryMinBackoff {
 		bad("relay.retry_max_backoff", "must not be below relay.retry_min_backoff (%s), got %s", c.Relay.RetryMinBackoff, c.Relay.RetryMaxBackoff)
 	}

@@ -15,6 +15,20 @@ func CleanDispatchedOnce(ctx context.Context, r *Relay, pool *pgxpool.Pool) (del
 // StatsWait is statsWait, for its unit test.
 var StatsWait = statsWait
 
+// SkipChecks turns off p's checks before publishing, so a test can show
+// what happens when the broker refuses a message the checks did not foresee.
+func SkipChecks(p *AMQPPublisher) { p.skipChecks = true }
+
+// Backoff is backoff, for its unit test.
+var Backoff = backoff
+
+// HeaderFrameSizeOf is the size of the header frame the publisher sends
+// for m.
+func HeaderFrameSizeOf(m Message) int {
+	pub := toPublishing(&m)
+	return headerFrameSize(pub)
+}
+
 // CloudEventsJSON renders m as a structured CloudEvent, or says why m
 // cannot be one.
 func CloudEventsJSON(m *Message, source string) ([]byte, error) {

@@ -322,10 +322,6 @@ func (r *Relay) noteSettled(msgs []Message, done []int64) {
 		}
 	}
 	r.settledMu.Unlock()
-	select {
-	case r.settledSig <- struct{}{}:
-	default:
-	}
 }
 
 // leases are this replica's partition leases, kept in the lease table and

@@ -78,6 +78,10 @@ type PublishError struct {
 	// Accepted marks a return the configuration accepts (amqp.unroutable:
 	// accept): the event counts as delivered, and is only counted.
 	Accepted bool
+	// Deferred marks a message that was not sent, or not confirmed, because
+	// the broker closed the channel over another message: the link is fine
+	// and the message is retried as it is (Reason is connection).
+	Deferred bool
 }
 
 func (e *PublishError) Error() string {

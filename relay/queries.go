@@ -2,6 +2,7 @@ package relay
 
 import (
 	"fmt"
+	"strings"
 
 	"github.com/outbox-relay/outbox-relay/internal/ident"
 )
@@ -10,12 +11,15 @@ import (
 // configured table. Statements take arrays (= ANY, unnest) so that a batch of
 // any size is one statement.
 type queries struct {
-	claimBatch       string
+	claimBatch string
+	// readPayloadPiece reads $3 bytes of row $1's payload from offset $2 (1-based).
+	readPayloadPiece string
 	probePending     string
 	markDispatched   string
 	deleteDispatched string
 	recordFailures   string
 	readStats        string
+	releaseStats     string
 	notifyTrigger    string
 
 	cleanDispatched string
@@ -91,6 +95,50 @@ func pageReplay(tbl string) string {
 	return fmt.Sprintf(`SELECT `+messageColumns+` FROM %s WHERE `+replaySelection+` ORDER BY seq LIMIT $6`, tbl)
 }
 
+// payloadPiece is the most payload bytes read in one row: larger payloads
+// are read in pieces (Relay.readLargePayload).
+const payloadPiece = 1 << 20
+
+// claimedColumns is the select list of the claim queries that budgeted wraps:
+// the whole row (messageColumns is applied to it afterwards) and the size of
+// its payload. octet_length reads a TOASTed payload's size from its pointer,
+// without detoasting it, and materializing the row keeps the pointer.
+const claimedColumns = `*, octet_length(payload)::bigint AS claim_bytes`
+
+// budgeted wraps a claim query, which locks the rows to claim and returns
+// claimedColumns, with the byte budget. Of the locked rows, in seq order,
+// it returns those whose payloads add up to at most $p bytes, or the first
+// alone however large when $p+1 is true (nothing else is in flight), with
+// the payload's size after messageColumns. A row over
+// amqp.max_message_size ($p+2) is returned too, to be parked dead, and its
+// payload, like any over payloadPiece, is left out (NULL). No row is
+// modified here: a claim must not need more than a row lock.
+//
+// When all the locked rows fit, as they do but for large payloads, the
+// running sum is never computed. Rows come in the order they were locked,
+// seq order in practice; the relay sorts them if not (sorting whole rows
+// here cost more than the rest of the wrapper). Locked rows past the
+// budget stay locked until the batch settles; the next claim skips them.
+func budgeted(tbl, claim string, p int) string {
+	columns := strings.Replace(messageColumns, "payload,", fmt.Sprintf("CASE WHEN claim_bytes <= %d THEN payload END,", payloadPiece), 1)
+	if columns == messageColumns {
+		panic("relay: messageColumns has no payload column")
+	}
+	return fmt.Sprintf(`WITH locked AS MATERIALIZED (
+%[1]s
+), totals AS (
+  SELECT coalesce(sum(claim_bytes), 0) <= $%[3]d::bigint AND coalesce(max(claim_bytes), 0) <= $%[5]d::bigint AS fit FROM locked
+), fits AS (
+  SELECT seq FROM (
+    SELECT seq, claim_bytes, sum(claim_bytes) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS upto
+    FROM locked WHERE claim_bytes <= $%[5]d::bigint
+  ) w WHERE upto <= $%[3]d::bigint OR (upto = claim_bytes AND $%[4]d::bool)
+)
+SELECT %[6]s, claim_bytes
+FROM locked
+WHERE (SELECT fit FROM totals) OR seq IN (SELECT seq FROM fits) OR claim_bytes > $%[5]d::bigint`, claim, tbl, p, p+1, p+2, columns)
+}
+
 // pending is the predicate of the partial indexes outbox_pending and
 // outbox_pending_key; every query that looks for work repeats it verbatim
 // so the planner can use them.
@@ -115,9 +163,10 @@ func newQueries(t ident.Table, onDead string) queries {
 		// pending_key each (the walk is a loose index scan), so the cost
 		// follows the keys visited, never the rows queued behind them; the
 		// probe past a dispatched row also skips the index entries its
-		// key's dispatched rows leave until vacuum. Each comes with whether it can be claimed
-		// now: due, and in a partition of $3 (this replica's, as it last
-		// renewed them; claimOrdered checks the lease table itself).
+		// key's dispatched rows leave until vacuum. Each comes with whether
+		// it can be claimed now: due, and in a partition of $3 (this
+		// replica's, as it last renewed them; claimOrdered checks the lease
+		// table itself).
 		findHeads: fmt.Sprintf(`WITH RECURSIVE walk AS (
   (SELECT e.partition_key AS k, e.seq, e.available_at, 1 AS n FROM %[1]s e
    WHERE `+pendingAlias+` AND e.partition_key >= $1 ORDER BY e.partition_key, e.seq LIMIT 1)
@@ -143,14 +192,14 @@ FROM unnest($5::text[], $6::bigint[]) t(k, after), LATERAL (
 		// head settled since findHeads no longer matches pending. The
 		// commit horizon is checked afterwards (gate). The transaction may
 		// stay idle for at most $4 (ms): if this replica freezes, the
-		// server ends it and frees its rows.
-		claimOrdered: fmt.Sprintf(`WITH fence AS MATERIALIZED (
+		// server ends it and frees its rows. $7 to $9: the byte budget.
+		claimOrdered: budgeted(tbl, fmt.Sprintf(`WITH fence AS MATERIALIZED (
   SELECT set_config('idle_in_transaction_session_timeout', $4::text, true) IS NOT NULL AS ok
 ), owned AS (
   SELECT coalesce(array_agg(l.partition), '{}') AS p FROM %[4]s l
   WHERE l.owner = $3 AND l.expires_at > now() + $5::bigint * interval '1 millisecond'
 )
-SELECT `+messageColumns+`
+SELECT `+claimedColumns+`
 FROM %[1]s o
 WHERE (SELECT ok FROM fence)
   AND o.seq = ANY(ARRAY(SELECT e.seq FROM %[1]s e WHERE `+pendingAlias+` AND e.partition_key IS NULL
@@ -159,7 +208,7 @@ WHERE (SELECT ok FROM fence)
   AND (partition_key IS NULL OR (%[3]s = ANY((SELECT p FROM owned)::int4[])%[2]s))
 ORDER BY seq
 LIMIT $1
-FOR UPDATE SKIP LOCKED`, tbl, deadBlocks, partitionOf(2), leasesTbl),
+FOR UPDATE SKIP LOCKED`, tbl, deadBlocks, partitionOf(2), leasesTbl), 7),
 
 		// Of the claimed rows $1, those still their key's lowest pending
 		// row, seen by a statement that starts after the horizon was read.
@@ -238,12 +287,14 @@ RETURNING partition`, leasesTbl, relaysTbl),
 
 		// Due pending rows in sequence order; rows locked by another relay
 		// are skipped, so replicas share the table without coordination.
-		claimBatch: fmt.Sprintf(`SELECT `+messageColumns+`
+		claimBatch: budgeted(tbl, fmt.Sprintf(`SELECT `+claimedColumns+`
 FROM %s
 WHERE `+pending+` AND available_at <= now()
 ORDER BY seq
 LIMIT $1
-FOR UPDATE SKIP LOCKED`, tbl),
+FOR UPDATE SKIP LOCKED`, tbl), 2),
+
+		readPayloadPiece: fmt.Sprintf(`SELECT substring(payload FROM $2::int FOR $3::int) FROM %s WHERE seq = $1`, tbl),
 
 		// One round trip, no locks, no transaction: is anything due?
 		probePending: fmt.Sprintf(`SELECT EXISTS (SELECT 1 FROM %s WHERE `+pending+` AND available_at <= now())`, tbl),
@@ -287,10 +338,23 @@ SELECT (SELECT count(*) FROM gone), coalesce((SELECT max(seq) FROM page), 0), (S
   SELECT seq FROM %[1]s WHERE dead_at IS NOT NULL AND dead_at < now() - $1::bigint * interval '1 millisecond'
   LIMIT $2 FOR UPDATE SKIP LOCKED)`, tbl),
 
-		readStats: fmt.Sprintf(`SELECT
+		// Takes or renews the stats lease ($1 owner, $2 lease in ms) and
+		// counts only when it holds it: no lease row, no row out, and the
+		// counts (uncorrelated subqueries) are never evaluated. The oldest
+		// age looks at due rows only: a row delayed on purpose is not late.
+		readStats: fmt.Sprintf(`WITH lease AS (
+  INSERT INTO %[2]s AS l (id, owner, expires_at) VALUES (true, $1, now() + $2::bigint * interval '1 millisecond')
+  ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at
+    WHERE l.owner = excluded.owner OR l.expires_at < now()
+  RETURNING 1)
+SELECT
   (SELECT count(*) FROM %[1]s WHERE `+pending+`),
+  (SELECT count(*) FROM %[1]s WHERE `+pending+` AND available_at > now()),
   (SELECT count(*) FROM %[1]s WHERE dead_at IS NOT NULL),
-  coalesce(extract(epoch FROM now() - (SELECT created_at FROM %[1]s WHERE `+pending+` ORDER BY seq LIMIT 1)), 0)::float8`, tbl),
+  coalesce(extract(epoch FROM now() - (SELECT created_at FROM %[1]s WHERE `+pending+` AND available_at <= now() ORDER BY seq LIMIT 1)), 0)::float8,
+  extract(epoch FROM now())::float8
+FROM lease`, tbl, t.Derived("stats_lease")),
+		releaseStats: fmt.Sprintf(`DELETE FROM %s WHERE owner = $1`, t.Derived("stats_lease")),
 
 		// Whether the NOTIFY trigger is enabled ('O' origin, 'A' always).
 		notifyTrigger: `SELECT coalesce((SELECT tgenabled IN ('O', 'A') FROM pg_trigger

@@ -6,10 +6,13 @@
 package relay
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"github.com/google/uuid"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -68,14 +71,13 @@ type Relay struct {
 	held    int    // rows the last claim left unpublished above the commit horizon
 	cursor  string // the key findHeads starts from
 
-	// Ordered mode: keys whose batches settled since the last claim, and
-	// a signal for each settled batch.
+	// Ordered mode: keys whose batches settled since the last claim (the
+	// settler signals each on settled), keys in flight, heads found.
 	settledMu   sync.Mutex
 	settledKeys []string
-	settledSeqs []int64 // the dispatched row of each settled key
-	settledHits int     // heads the last claim found among settled keys
-	exhausted   bool    // the last claim took every head it found
-	settledSig  chan struct{}
+	settledSeqs []int64             // the dispatched row of each settled key
+	settledHits int                 // heads the last claim found among settled keys
+	exhausted   bool                // the last claim took every head it found
 	flying      map[string]int      // keys in batches in flight
 	found       map[int64]foundHead // heads the last findHeads found, by seq
 	inflight    atomic.Int32        // batches sent and not yet settled
@@ -86,12 +88,19 @@ type Relay struct {
 	// retention cleaner run at a time (taken per statement, so a replica
 	// that dies mid-statement frees it).
 	cleanerLock int32
+	// statsOwner identifies this replica in the stats lease (stats.go).
+	statsOwner string
 
 	wake     chan string // wake-up source; capacity 1, coalescing
 	lastLoop atomic.Int64
 	started  atomic.Bool
 	// sendFailing is set while the last settled batch lost its broker link.
 	sendFailing atomic.Bool
+	// inflightBytes is the payload held by batches claimed and not yet
+	// settled; claims stop at relay.batch_bytes minus it. settled wakes a
+	// claim waiting for room (capacity 1, coalescing).
+	inflightBytes atomic.Int64
+	settled       chan struct{}
 
 	mu    sync.Mutex
 	links map[string]error // nil: up
@@ -105,7 +114,7 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 	if deps.Metrics == nil {
 		return nil, errors.New("relay: nil Metrics")
 	}
-	cfg = cfg.WithDefaults()
+	cfg = cfg.WithDefaults().WithAppNames()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -126,9 +135,9 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 		wake:  make(chan string, 1),
 		links: map[string]error{},
 
-		settledSig: make(chan struct{}, 1),
-		flying:     map[string]int{},
-		found:      map[int64]foundHead{},
+		settled: make(chan struct{}, 1),
+		flying:  map[string]int{},
+		found:   map[int64]foundHead{},
 
 		cleanerLock: lockClass("cleaner " + cfg.table().String()),
 	}
@@ -150,6 +159,11 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 		r.m.LinkUp.WithLabelValues(link).Set(0)
 	}
 	r.m.SetReadiness(r.Ready)
+	r.m.Info.WithLabelValues(r.table.String(), cfg.AMQP.Exchange).Set(1)
+	if cfg.Relay.Ordering == OrderingPartitionKey {
+		r.m.Partitions.Set(float64(cfg.Relay.Partitions))
+	}
+	r.statsOwner = cfg.AMQP.ConnectionName + "/" + uuid.NewString()
 	return r, nil
 }
 
@@ -237,12 +251,18 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 	go func() {
 		defer close(settled)
 		for b := range sent {
+			msgs := b.msgs // settle lets go of them
 			err := r.settle(ctx, drain, b)
-			// Counted out before the signal: a claim loop that sees the
-			// batch in flight gets the signal after it.
+			r.inflightBytes.Add(-b.bytes)
+			// Counted out, and its keys noted, before the signal: a claim
+			// loop that sees the batch in flight gets the signal after it.
 			r.inflight.Add(-1)
 			if ordered {
-				r.noteSettled(b.msgs, b.done)
+				r.noteSettled(msgs, b.done)
+			}
+			select {
+			case r.settled <- struct{}{}:
+			default:
 			}
 			if err != nil {
 				select {
@@ -327,7 +347,8 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			}
 			continue
 		}
-		flowRate := flow.add(time.Now(), next.size())
+		n := next.size() // read before the settler may release next
+		flowRate := flow.add(time.Now(), n)
 		if next != nil {
 			// Blocks while the pipeline is full: the settler makes room
 			// within amqp.confirm_timeout.
@@ -339,9 +360,9 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			probe, interval = false, r.cfg.Wake.MinInterval
 			linkOK()
 			if ordered && r.exhausted {
-				r.waitSettled(ctx)
+				r.awaitHeads(ctx)
 			}
-			if r.cfg.Wake.Mode == WakePoll && !ordered && next.size() < r.cfg.Relay.BatchSize {
+			if r.cfg.Wake.Mode == WakePoll && !ordered && n < r.cfg.Relay.BatchSize {
 				// A short batch took all that was due, so claiming again
 				// at once would mostly come back empty: three round trips
 				// for nothing, at every batch. Claim again after
@@ -364,7 +385,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		wait := interval
 		switch {
 		case ordered && r.held == 0 && r.inflight.Load() > 0:
-			r.waitSettled(ctx)
+			r.awaitHeads(ctx)
 			probe = false
 			continue
 		case ordered && r.held > 0:
@@ -378,18 +399,24 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		default:
 			probe, interval = true, min(2*interval, r.cfg.Wake.PollInterval)
 		}
-		r.waitWake(ctx, wait)
+		// A row too large to share relay.batch_bytes with the batches in
+		// flight goes as soon as they settle.
+		var settledOne <-chan struct{}
+		if r.inflightBytes.Load() > 0 {
+			settledOne = r.settled
+		}
+		r.waitWake(ctx, wait, settledOne)
 	}
 	return nil
 }
 
-// waitSettled waits until a batch in flight settles: every head due is in
+// awaitHeads waits until a batch in flight settles: every head due is in
 // a batch in flight, and walking the keys again before one settles would
 // find nothing for a probe per key. A batch waits for its confirms for at
 // most 3/4 of relay.lease_timeout (settle), in normal operation
 // milliseconds; keys that got their first rows meanwhile are found at the
 // next claim.
-func (r *Relay) waitSettled(ctx context.Context) {
+func (r *Relay) awaitHeads(ctx context.Context) {
 	if r.inflight.Load() == 0 {
 		return
 	}
@@ -398,7 +425,7 @@ func (r *Relay) waitSettled(ctx context.Context) {
 	defer t.Stop()
 	select {
 	case <-ctx.Done():
-	case <-r.settledSig:
+	case <-r.settled:
 	case <-t.C:
 	}
 }
@@ -410,12 +437,14 @@ func (r *Relay) inflightLimit() int {
 	return max(1, min(4, int(r.cfg.Postgres.MaxConns)-2))
 }
 
-// waitWake blocks until a wake-up signal, the interval, or ctx.
-func (r *Relay) waitWake(ctx context.Context, d time.Duration) {
+// waitWake blocks until a wake-up signal, the interval, a batch settled
+// (when settled is not nil), or ctx.
+func (r *Relay) waitWake(ctx context.Context, d time.Duration, settled <-chan struct{}) {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-ctx.Done():
+	case <-settled:
 	case src := <-r.wake:
 		r.m.Wakeups.WithLabelValues(src).Inc()
 	case <-t.C:
@@ -485,6 +514,7 @@ type batch struct {
 	tx      pgx.Tx
 	msgs    []Message
 	invalid []failure
+	bytes   int64 // payload bytes of msgs, counted in Relay.inflightBytes
 	pending Pending
 	claimed time.Time // claim began
 	done    []int64   // rows committed as dispatched, once settled
@@ -513,13 +543,24 @@ func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, pro
 			return nil, nil
 		}
 	}
+	// Claims stop at relay.batch_bytes, counting the batches in flight; a
+	// row larger than that goes alone, when nothing else is held.
+	held := r.inflightBytes.Load()
+	budget := r.cfg.Relay.BatchBytes - held
+	for budget <= 0 && held > 0 {
+		if !r.waitSettled(ctx) {
+			return nil, nil
+		}
+		held = r.inflightBytes.Load()
+		budget = r.cfg.Relay.BatchBytes - held
+	}
 	b := &batch{claimed: time.Now()}
 	tx, err := pool.BeginTx(ctx, writeTx)
 	if err != nil {
 		return nil, r.pgFailed(fmt.Errorf("begin: %w", err))
 	}
 	b.tx = tx
-	b.msgs, b.invalid, err = r.claim(ctx, tx)
+	b.msgs, b.invalid, err = r.claim(ctx, tx, budget, held == 0)
 	if err == nil && r.cfg.Relay.Ordering == OrderingPartitionKey {
 		n := b.size()
 		b.msgs, b.invalid, err = r.gate(ctx, tx, b.msgs, b.invalid)
@@ -533,6 +574,8 @@ func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, pro
 	r.setLink(metrics.LinkPostgres, nil)
 	r.m.StageDuration.WithLabelValues(metrics.StageClaim).Observe(time.Since(b.claimed).Seconds())
 	if b.size() == 0 {
+		// Nothing is due, or nothing fitted beside the batches in flight:
+		// the claim loop waits, and looks again when one settles.
 		return nil, tx.Commit(drain)
 	}
 	if r.cfg.Relay.Ordering == OrderingPartitionKey && time.Since(b.claimed) >= r.leases.claimMargin() {
@@ -545,17 +588,35 @@ func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, pro
 			zap.Int("batch_size", b.size()), zap.Duration("since_claim", time.Since(b.claimed)))
 		return nil, nil
 	}
+	for _, m := range b.msgs {
+		b.bytes += int64(len(m.Body))
+	}
+	r.inflightBytes.Add(b.bytes)
 	r.m.BatchSize.Observe(float64(b.size()))
 	b.sent = time.Now()
 	b.pending = r.pub.Send(drain, b.msgs)
 	return b, nil
 }
 
+// waitSettled waits until a batch in flight settles; false when ctx is done.
+func (r *Relay) waitSettled(ctx context.Context) bool {
+	select {
+	case <-r.settled:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
 // settle waits for a sent batch's confirms and records the outcome in its
 // transaction: confirmed rows dispatched, failed rows retried or parked,
 // rows whose link dropped left untouched. It always ends the transaction.
 func (r *Relay) settle(ctx, drain context.Context, b *batch) error {
-	defer func() { _ = b.tx.Rollback(drain) }()
+	defer func() {
+		_ = b.tx.Rollback(drain)
+		// The payloads go now: relay.batch_bytes counts them free from here.
+		b.msgs, b.pending = nil, nil
+	}()
 	waitCtx := drain
 	if r.cfg.Relay.Ordering == OrderingPartitionKey {
 		// The claim transaction may stay idle for relay.lease_timeout only
@@ -586,6 +647,9 @@ func (r *Relay) settle(ctx, drain context.Context, b *batch) error {
 			continue
 		}
 		pe := reasonOf(errs[i])
+		if pe.Deferred {
+			continue // cut off by another message's close: retried as it is
+		}
 		r.m.Failed.WithLabelValues(r.m.EventType(m.Type), string(pe.Reason)).Inc()
 		if pe.Reason == ReasonUnroutable {
 			r.m.Returned.WithLabelValues(r.m.EventType(m.Type)).Inc()
@@ -595,6 +659,9 @@ func (r *Relay) settle(ctx, drain context.Context, b *batch) error {
 			continue
 		}
 		failed = append(failed, failure{msg: m, err: pe})
+	}
+	for _, f := range b.invalid {
+		r.m.Failed.WithLabelValues(r.m.EventType(f.msg.Type), string(f.err.Reason)).Inc()
 	}
 	failed = append(failed, b.invalid...)
 
@@ -624,10 +691,13 @@ type failure struct {
 	err *PublishError
 }
 
-// claim locks the next due rows and turns them into messages; rows whose
-// headers cannot be decoded come back as invalid failures.
-func (r *Relay) claim(ctx context.Context, tx pgx.Tx) (msgs []Message, invalid []failure, err error) {
+// claim locks the next due rows, up to budget payload bytes (the first row
+// whatever its size when alone), and turns them into messages; rows whose
+// headers cannot be decoded, or whose payload is over amqp.max_message_size
+// (not loaded), come back as invalid failures.
+func (r *Relay) claim(ctx context.Context, tx pgx.Tx, budget int64, alone bool) (msgs []Message, invalid []failure, err error) {
 	var rows pgx.Rows
+	maxSize := int64(r.cfg.AMQP.MaxMessageSize)
 	if r.cfg.Relay.Ordering == OrderingPartitionKey {
 		var heads []int64
 		if heads, err = r.findHeads(ctx, tx); err != nil {
@@ -635,22 +705,32 @@ func (r *Relay) claim(ctx context.Context, tx pgx.Tx) (msgs []Message, invalid [
 		}
 		rows, err = tx.Query(ctx, r.q.claimOrdered, r.cfg.Relay.BatchSize, r.cfg.Relay.Partitions,
 			r.leases.owner, strconv.FormatInt(r.cfg.Relay.LeaseTimeout.Milliseconds(), 10),
-			r.leases.claimMargin().Milliseconds(), heads)
+			r.leases.claimMargin().Milliseconds(), heads, budget, alone, maxSize)
 	} else {
-		rows, err = tx.Query(ctx, r.q.claimBatch, r.cfg.Relay.BatchSize)
+		rows, err = tx.Query(ctx, r.q.claimBatch, r.cfg.Relay.BatchSize, budget, alone, maxSize)
 	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("claim batch: %w", err)
 	}
 	defer rows.Close()
+	var large []int // msgs whose payload is read in pieces
 	for rows.Next() {
-		m, err := scanMessage(rows)
+		var size int64
+		m, err := scanMessage(rows, &size)
 		var bad *PublishError
 		switch {
-		case errors.As(err, &bad):
-			invalid = append(invalid, failure{msg: m, err: bad})
-		case err != nil:
+		case err != nil && !errors.As(err, &bad):
 			return nil, nil, fmt.Errorf("claim batch: %w", err)
+		case size > int64(r.cfg.AMQP.MaxMessageSize):
+			// Parked at settle, without ever loading the payload.
+			invalid = append(invalid, failure{msg: m, err: &PublishError{Reason: ReasonTooLarge, Err: fmt.Errorf(
+				"payload is %d bytes, over amqp.max_message_size (%d); parked without loading it", size, r.cfg.AMQP.MaxMessageSize)}})
+		case bad == nil && m.Body == nil:
+			m.Body = make([]byte, 0, size)
+			large = append(large, len(msgs))
+			msgs = append(msgs, m)
+		case bad != nil:
+			invalid = append(invalid, failure{msg: m, err: bad})
 		default:
 			msgs = append(msgs, m)
 		}
@@ -658,19 +738,56 @@ func (r *Relay) claim(ctx context.Context, tx pgx.Tx) (msgs []Message, invalid [
 	if err := rows.Err(); err != nil {
 		return nil, nil, fmt.Errorf("claim batch: %w", err)
 	}
+	for _, i := range large {
+		if err := r.readLargePayload(ctx, tx, &msgs[i]); err != nil {
+			return nil, nil, err
+		}
+	}
+	bySeq := func(a, b Message) int { return cmp.Compare(a.Seq, b.Seq) }
+	if !slices.IsSortedFunc(msgs, bySeq) {
+		slices.SortFunc(msgs, bySeq)
+	}
 	return msgs, invalid, nil
+}
+
+// readLargePayload reads a payload the claim left out for its size, in
+// pieces of payloadPiece bytes into m.Body (allocated at its full size): a
+// single read would have pgx hold it twice, once in the connection's read
+// buffer (rounded up to a power of two, and kept until the connection's
+// next read) and once in the copy.
+func (r *Relay) readLargePayload(ctx context.Context, tx pgx.Tx, m *Message) error {
+	for len(m.Body) < cap(m.Body) {
+		rows, err := tx.Query(ctx, r.q.readPayloadPiece, pgx.QueryResultFormats{pgx.BinaryFormatCode},
+			m.Seq, len(m.Body)+1, payloadPiece)
+		if err != nil {
+			return fmt.Errorf("read payload of seq %d: %w", m.Seq, err)
+		}
+		n := len(m.Body)
+		if rows.Next() {
+			m.Body = append(m.Body, rows.RawValues()[0]...)
+		}
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return fmt.Errorf("read payload of seq %d: %w", m.Seq, err)
+		}
+		if len(m.Body) == n {
+			return fmt.Errorf("read payload of seq %d: %d of %d bytes, then nothing", m.Seq, n, cap(m.Body))
+		}
+	}
+	return nil
 }
 
 // scanMessage reads one row of the claim columns into a message, with the
 // relay's own headers added. A row whose headers cannot be decoded is
-// returned with a *PublishError of reason invalid.
-func scanMessage(rows pgx.Rows) (Message, error) {
+// returned with a *PublishError of reason invalid. extra receives the
+// columns after messageColumns.
+func scanMessage(rows pgx.Rows, extra ...any) (Message, error) {
 	var (
 		m       Message
 		headers []byte
 	)
-	if err := rows.Scan(&m.Seq, &m.ID, &m.Type, &m.Key, &m.Body, &m.ContentType, &headers,
-		&m.CorrelationID, &m.CreatedAt, &m.Attempts, &m.RoutingKey, &m.Exchange); err != nil {
+	if err := rows.Scan(append([]any{&m.Seq, &m.ID, &m.Type, &m.Key, &m.Body, &m.ContentType, &headers,
+		&m.CorrelationID, &m.CreatedAt, &m.Attempts, &m.RoutingKey, &m.Exchange}, extra...)...); err != nil {
 		return m, fmt.Errorf("scan: %w", err)
 	}
 	for _, f := range []struct{ column, value string }{{"content_type", m.ContentType}, {"correlation_id", m.CorrelationID},
@@ -760,6 +877,10 @@ func (r *Relay) reconnectDelay(failures int) time.Duration {
 func backoff(n int, lo, hi time.Duration) time.Duration {
 	d := lo
 	for i := 1; i < n && d < hi; i++ {
+		if d > hi/2 { // doubling would pass hi, or overflow
+			d = hi
+			break
+		}
 		d *= 2
 	}
 	d = min(d, hi)
@@ -802,13 +923,13 @@ func (r *Relay) Ready() error {
 	var errs []error
 	for link, err := range r.links {
 		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %s", link, Redact(err.Error())))
+			errs = append(errs, &NotReady{Reason: link + " link down", Err: fmt.Errorf("%s: %s", link, Redact(err.Error()))})
 		}
 	}
 	r.mu.Unlock()
 	stuckAfter := 2*r.cfg.AMQP.ConfirmTimeout + r.cfg.Wake.PollInterval + time.Minute
 	if last := time.Unix(0, r.lastLoop.Load()); r.started.Load() && time.Since(last) > stuckAfter {
-		errs = append(errs, fmt.Errorf("claim loop stuck since %s", last.Format(time.RFC3339)))
+		errs = append(errs, &NotReady{Reason: "claim loop stuck", Err: fmt.Errorf("claim loop stuck since %s", last.Format(time.RFC3339))})
 	}
 	return errors.Join(errs...)
 }
@@ -863,28 +984,6 @@ func (r *Relay) listen(ctx context.Context, connCfg *pgx.ConnConfig) {
 			return
 		}
 		r.setLink(metrics.LinkListen, err)
-	}
-}
-
-// statsLoop refreshes the backlog gauges from the table.
-func (r *Relay) statsLoop(ctx context.Context, pool *pgxpool.Pool) {
-	for {
-		var pending, dead int64
-		var age float64
-		began := time.Now()
-		err := pool.QueryRow(ctx, r.q.readStats).Scan(&pending, &dead, &age)
-		took := time.Since(began)
-		if err == nil {
-			r.m.Pending.Set(float64(pending))
-			r.m.DeadRows.Set(float64(dead))
-			r.m.OldestPendingAge.Set(age)
-		} else if ctx.Err() == nil && !isUndefinedTable(err) {
-			r.log.Debug("read stats", zap.Error(err))
-		}
-		sleep(ctx, statsWait(r.cfg.Relay.StatsInterval, took))
-		if ctx.Err() != nil {
-			return
-		}
 	}
 }
 

@@ -70,7 +70,10 @@ type options struct {
 	rssSmall  int
 	rssLarge  int
 	rssTime   time.Duration
-	cpuProf   string // write the bench process's CPU profile here
+	// large payloads: rows and their size
+	rssBigRows int
+	rssBigSize int
+	cpuProf    string // write the bench process's CPU profile here
 }
 
 func parseOptions(args []string, stderr io.Writer) (options, error) {
@@ -102,6 +105,8 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.rssSmall, "rss-small", 1000, "RSS: small pending backlog")
 	fs.IntVar(&o.rssLarge, "rss-large", 0, "RSS: large pending backlog (default 1000000, quick 100000)")
 	fs.DurationVar(&o.rssTime, "rss-time", 0, "RSS: sampling window per backlog (default 5s, quick 1.5s)")
+	fs.IntVar(&o.rssBigRows, "rss-big-rows", 0, "RSS: rows of the large-payload drain (default 16, quick 4)")
+	fs.IntVar(&o.rssBigSize, "rss-big-size", 24<<20, "RSS: payload bytes per row of the large-payload drain")
 	fs.StringVar(&o.cpuProf, "cpuprofile", "", "write a CPU profile of the bench process (the drain section's relay engine runs in it) to this file")
 	if err := fs.Parse(args); err != nil {
 		return o, err
@@ -152,8 +157,8 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 		return o, errors.New("-payload: at least 32 bytes (the event number is kept in it)")
 	case o.producers < 1 || o.producers > 80:
 		return o, errors.New("-producers: between 1 and 80 (the server allows 100 connections)")
-	case o.backlog < 1 || o.rssSmall < 1 || o.rssLarge < 1:
-		return o, errors.New("-backlog, -rss-small, -rss-large: at least 1")
+	case o.backlog < 1 || o.rssSmall < 1 || o.rssLarge < 1 || o.rssBigRows < 1 || o.rssBigSize < 1:
+		return o, errors.New("-backlog, -rss-small, -rss-large, -rss-big-rows, -rss-big-size: at least 1")
 	}
 	return o, nil
 }
@@ -180,6 +185,7 @@ func (o options) withDefaults() options {
 	o.latTime = cmp.Or(o.latTime, pick(2*time.Second, 5*time.Second))
 	o.rssLarge = cmp.Or(o.rssLarge, pickN(100_000, 1_000_000))
 	o.rssTime = cmp.Or(o.rssTime, pick(1500*time.Millisecond, 5*time.Second))
+	o.rssBigRows = cmp.Or(o.rssBigRows, pickN(4, 16))
 	return o
 }
 

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"fmt"
 	"time"
 )
@@ -62,5 +63,54 @@ func (b *bench) rssSection(ctx context.Context) error {
 		b.out.line(pfx+".drained", fmt.Sprint(received), "events",
 			fmt.Sprintf("received by the consumer during the window; backlog filled in %.1fs", fillTime.Seconds()))
 	}
+	return b.largePayloads(ctx)
+}
+
+// shippedGOMEMLIMIT is deploy/k8s's GOMEMLIMIT, under its 128Mi container limit.
+const shippedGOMEMLIMIT = "96MiB"
+
+// largePayloads drains a backlog of large, incompressible payloads through
+// the daemon run as shipped (GOMEMLIMIT, default relay.batch_bytes) and
+// reports its peak RSS: memory must follow the configuration, not the data.
+func (b *bench) largePayloads(ctx context.Context) error {
+	if err := b.reset(ctx, false); err != nil {
+		return err
+	}
+	rows, size := b.opts.rssBigRows, b.opts.rssBigSize
+	payload := make([]byte, size)
+	for i := range rows {
+		_, _ = rand.Read(payload) // TOAST would compress a repeated byte to nothing
+		if _, err := b.pool.Exec(ctx, b.insertSQL(), eventType, payload); err != nil {
+			return fmt.Errorf("large payloads: row %d: %w", i, err)
+		}
+	}
+	if err := b.purge(); err != nil {
+		return err
+	}
+	cons, err := b.startConsumer(nil)
+	if err != nil {
+		return err
+	}
+	defer cons.stop()
+	began := time.Now()
+	p, err := b.startProc(ctx, "GOMEMLIMIT="+shippedGOMEMLIMIT)
+	if err != nil {
+		return err
+	}
+	err = waitFor(ctx, 5*time.Minute, 20*time.Millisecond, func() (bool, error) {
+		return cons.count.Load() >= int64(rows), nil
+	})
+	took := time.Since(began)
+	_, hwm, _ := memStatus(p.pid)
+	if stopErr := p.stop(); err == nil {
+		err = stopErr
+	}
+	if err != nil {
+		return fmt.Errorf("large payloads: %d of %d received: %w", cons.count.Load(), rows, err)
+	}
+	b.out.line("rss.large_payloads.peak_rss", fmt.Sprintf("%.1f", float64(hwm)/(1<<20)), "MiB",
+		fmt.Sprintf("VmHWM draining %d rows of %d MiB with GOMEMLIMIT=%s and default relay.batch_bytes; shipped container limit 128 MiB",
+			rows, size>>20, shippedGOMEMLIMIT))
+	b.out.line("rss.large_payloads.drain_time", fmt.Sprintf("%.1f", took.Seconds()), "s", "from the daemon's start to the last delivery")
 	return nil
 }
