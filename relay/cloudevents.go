@@ -235,15 +235,17 @@ func cloudEventsJSON(m *Message, source string) []byte {
 }
 
 // jsonMediaType reports whether a content type is JSON that consumers
-// decode as a JSON data member: application/json or text/json, parameters
-// aside. The spec counts */*+json too, but the CloudEvents Go SDK (v2.16)
-// then expects a string and fails; data_base64 is valid for any payload.
+// decode as a JSON data member: application/json or text/json, in lower
+// case, parameters aside. The spec counts */*+json and any letter case too,
+// but the CloudEvents Go SDK (v2.16) then expects a string and fails;
+// data_base64 is valid for any payload.
 func jsonMediaType(contentType string) bool {
 	mt, _, err := mime.ParseMediaType(contentType)
 	if err != nil {
 		return false
 	}
-	return mt == "application/json" || mt == "text/json"
+	written, _, _ := strings.Cut(contentType, ";")
+	return (mt == "application/json" || mt == "text/json") && strings.TrimSpace(written) == mt
 }
 
 // validSource checks amqp.cloudevents_source: CloudEvents requires a
