@@ -1,6 +1,7 @@
 package relay_test
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -21,20 +22,32 @@ import (
 	"github.com/outbox-relay/outbox-relay/relay"
 )
 
-// TestThroughPgBouncer checks that writers and a relay with default settings
-// (poll mode, the default query exec mode) both going through PgBouncer in
-// transaction mode, PgBouncer's defaults otherwise, deliver every event and
-// mark every row, without a database error on the way (named prepared
-// statements would fail now and then, and only retries would hide it).
+// TestThroughPgBouncer checks that writers and a relay in poll mode with the
+// default query exec mode, both going through PgBouncer in transaction mode
+// (PgBouncer's defaults otherwise), deliver every event and mark every row,
+// without a database error on the way (named prepared statements would fail
+// now and then, and only retries would hide it): with postgres.pooler left
+// at none, and set to transaction as docs/operations.md's recipe does.
 func TestThroughPgBouncer(t *testing.T) {
 	t.Parallel()
 	pgb := testenv.StartPgBouncer(t, testenv.DatabaseURL())
+	for _, pooler := range []string{"", relay.PoolerTransaction} {
+		t.Run("pooler="+cmp.Or(pooler, "unset"), func(t *testing.T) {
+			t.Parallel()
+			throughPgBouncer(t, pgb, pooler)
+		})
+	}
+}
+
+// throughPgBouncer writes and relays events through pgb, the relay's
+// postgres.pooler set to pooler, and checks each arrives.
+func throughPgBouncer(t *testing.T, pgb *testenv.PgBouncer, pooler string) {
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
 	deliveries := b.Consume(t, b.Queue(t, "#", nil))
 	dsn := pgb.DSN("test")
 
 	cfg := config(o, b)
-	cfg.Postgres.DSN = dsn
+	cfg.Postgres.DSN, cfg.Postgres.Pooler = dsn, pooler
 	_, logs := startObserved(t, cfg)
 
 	// The application's own pool goes through the pooler too; pgx's default
