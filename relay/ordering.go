@@ -83,7 +83,11 @@ func (h *horizon) advance(ctx context.Context, pool *pgxpool.Pool, q queries, se
 		writer  *string
 		started time.Time
 	)
-	if err := pool.QueryRow(ctx, q.readHorizon, seqName, h.latest, table).Scan(&last, &xid, &writer, &started); err != nil {
+	// writeTx: the transaction id it may take commits without a WAL flush.
+	err := pgx.BeginTxFunc(ctx, pool, writeTx, func(tx pgx.Tx) error {
+		return tx.QueryRow(ctx, q.readHorizon, seqName, h.latest, table).Scan(&last, &xid, &writer, &started)
+	})
+	if err != nil {
 		return fmt.Errorf("read commit horizon: %w", err)
 	}
 	if !started.Equal(h.started) {
