@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -312,7 +313,8 @@ func (c Config) Validate() error {
 	bad := func(key, format string, args ...any) {
 		errs = append(errs, &FieldError{Key: key, Problem: fmt.Sprintf(format, args...)})
 	}
-	if c.Postgres.DSN == "" {
+	// Blank is missing: pgx would otherwise connect to its own defaults.
+	if strings.TrimSpace(c.Postgres.DSN) == "" {
 		bad("postgres.dsn", "required: a PostgreSQL URL such as postgres://user@host:5432/db (env OUTBOX_RELAY_POSTGRES_DSN)")
 	} else if _, err := pgx.ParseConfig(c.Postgres.DSN); err != nil {
 		bad("postgres.dsn", "cannot be parsed: %s", Redact(err.Error()))
@@ -334,7 +336,7 @@ func (c Config) Validate() error {
 	}
 	c.validatePooler(bad)
 	validateURLs(bad, c.AMQP.URL)
-	if c.AMQP.Exchange == "" {
+	if strings.TrimSpace(c.AMQP.Exchange) == "" {
 		bad("amqp.exchange", "required: the exchange events are published to (env OUTBOX_RELAY_AMQP_EXCHANGE)")
 	}
 	switch c.AMQP.ExchangeType {

@@ -55,6 +55,8 @@ func TestBadConfigExits2(t *testing.T) {
 		wantKey    string
 	}{
 		{"missing dsn", strings.Replace(validYAML, "dsn: postgres://postgres@127.0.0.1:5432/test", "", 1), nil, "postgres.dsn"},
+		{"blank dsn in the file", strings.Replace(validYAML, "dsn: postgres://postgres@127.0.0.1:5432/test", `dsn: "  "`, 1), nil, "postgres.dsn: required"},
+		{"blank exchange in the file", strings.Replace(validYAML, "exchange: events", `exchange: " "`, 1), nil, "amqp.exchange: required"},
 		{"unknown key", validYAML + "relay:\n  batchsize: 10\n", nil, "batchsize"},
 		{"unknown top-level key", validYAML + "nonsense: 1\n", nil, "nonsense"},
 		{"negative batch size", validYAML + "relay:\n  batch_size: -5\n", nil, "relay.batch_size"},
