@@ -22,6 +22,7 @@ type drainResult struct {
 
 	cpu0, cpu1 cpuSnap
 	backends   time.Duration // CPU of the engine's database backends, -1 if unknown
+	idle       float64       // share of brokerTick intervals the broker was idle, -1 if unknown
 }
 
 // drainSection pre-fills a backlog and times the relay emptying it, with
@@ -61,6 +62,11 @@ func (b *bench) drainSection(ctx context.Context) error {
 		b.out.line(p+".wal_per_event", fmt.Sprintf("%.0f", res.walBytes/float64(res.n)), "bytes",
 			"cluster-wide WAL during the drain (after a CHECKPOINT, so full-page images included) / events")
 		b.cpuLine(p+".cpu", res.cpu0, res.cpu1, res.backends)
+		ceil := before
+		if after.rate > before.rate {
+			ceil = after
+		}
+		b.perEventLines(p, res, ceil)
 		b.out.line(p+".batches", fmt.Sprint(res.batches), "", fmt.Sprintf("mean %.0f rows", res.meanBatch))
 		b.out.line(p+".stage_claim", ms(res.claim), "ms", fmt.Sprintf("mean per claim; summed: %.0f%% of the drain's wall time", pct(res.claimT, res.elapsed)))
 		b.out.line(p+".stage_publish", ms(res.publish), "ms", fmt.Sprintf("mean per batch, first publish to last confirm; summed: %.0f%%", pct(res.publishT, res.elapsed)))
@@ -110,6 +116,8 @@ func (b *bench) drain(ctx context.Context, n int, onDispatch string) (drainResul
 	cfg := b.relayConfig()
 	cfg.Relay.OnDispatch = onDispatch
 	res.cpu0 = b.cpuSnapshot()
+	idle := b.sampleBroker()
+	defer idle.finish()
 	start := time.Now()
 	r, err := b.startRelay(ctx, cfg)
 	if err != nil {
@@ -129,6 +137,7 @@ func (b *bench) drain(ctx context.Context, n int, onDispatch string) (drainResul
 	}
 	res.elapsed = time.Since(start)
 	res.cpu1 = b.cpuSnapshot()
+	res.idle = idle.finish()
 	// The engine's backends started with it: their whole CPU time is the drain's.
 	res.backends = -1
 	if pids, err := b.backendPIDs(ctx, b.engineAppName()); err == nil {

@@ -86,7 +86,7 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	}
 	only := fs.String("only", "", "comma-separated sections to run (default all): "+strings.Join(allSections, ","))
 	windows := fs.String("windows", "", "broker ceiling: outstanding-confirm windows to try (default 500,1000,2000,5000, quick 500,2000)")
-	rates := fs.String("rates", "1000,5000", "latency: fixed offered rates, events/s")
+	rates := fs.String("rates", "1000,2500,5000", "latency: fixed offered rates, events/s")
 	fractions := fs.String("fractions", "", "latency: offered rates as percent of the measured drain capacity (default 25,50,90, quick 50)")
 	fs.BoolVar(&o.quick, "quick", false, "small sizes and short windows: the whole run takes under a minute")
 	fs.StringVar(&o.dsn, "dsn", cmp.Or(os.Getenv("TEST_DATABASE_URL"), "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"), "PostgreSQL URL (default $TEST_DATABASE_URL or the local server)")
