@@ -33,6 +33,12 @@ func (b *bench) drainSection(ctx context.Context) error {
 		modes = append(modes, relay.OnDispatchDelete)
 	}
 	for _, mode := range modes {
+		if b.opts.drainAlt.text != "" {
+			if err := b.drainAB(ctx, mode); err != nil {
+				return fmt.Errorf("on_dispatch %s: %w", mode, err)
+			}
+			continue
+		}
 		// The machine's load drifts: measure the ceiling again just before
 		// and just after each drain, with the best window (or the relay's
 		// batch size), and compare with the higher of the two.
@@ -89,6 +95,11 @@ func pct(part, whole time.Duration) float64 {
 // the given on_dispatch) until a consumer has received all n and the table
 // has none pending.
 func (b *bench) drain(ctx context.Context, n int, onDispatch string) (drainResult, error) {
+	return b.drainWith(ctx, n, onDispatch, nil)
+}
+
+// drainWith is drain with the relay's configuration changed by tweak, if set.
+func (b *bench) drainWith(ctx context.Context, n int, onDispatch string, tweak func(*relay.Config)) (drainResult, error) {
 	res := drainResult{n: n}
 	if err := b.reset(ctx, false); err != nil {
 		return res, err
@@ -115,6 +126,9 @@ func (b *bench) drain(ctx context.Context, n int, onDispatch string) (drainResul
 	}
 	cfg := b.relayConfig()
 	cfg.Relay.OnDispatch = onDispatch
+	if tweak != nil {
+		tweak(&cfg)
+	}
 	res.cpu0 = b.cpuSnapshot()
 	idle := b.sampleBroker()
 	defer idle.finish()
