@@ -141,7 +141,7 @@ type publishResult struct {
 	elapsed    time.Duration
 	rate       float64
 	cpu0, cpu1 cpuSnap
-	idle       float64 // share of brokerTick intervals the broker was idle, -1 if unknown
+	idle       []brokerTickSample // the broker per brokerTick, nil if unknown
 }
 
 // publishRun publishes for d on a fresh connection. With

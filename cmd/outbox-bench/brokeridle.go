@@ -15,23 +15,18 @@ import (
 // long enough that reading ~20 threads' schedstat costs nothing measurable.
 const brokerTick = 20 * time.Millisecond
 
-// brokerIdleBelow is the share of one core under which a tick counts as
-// idle. The broker's own timers and the consumer's heartbeats stay far
-// below it; routing and storing even a few dozen messages does not.
-const brokerIdleBelow = 0.10
-
 // idleSampler reads the broker's CPU every brokerTick while a measurement
-// runs. A tick is idle when the broker neither ran nor waited for a CPU
-// (run-queue time, from schedstat) for brokerIdleBelow of it: waiting for a
-// CPU is the machine's load, not the broker waiting for work.
+// runs: per tick, the time its threads ran and the time they waited for a
+// CPU (run-queue time), from schedstat, each in cores.
 type idleSampler struct {
 	pid   int
 	stop  chan struct{}
 	done  chan struct{}
-	ticks int
-	idle  int
+	ticks []brokerTickSample
 	once  sync.Once
 }
+
+type brokerTickSample struct{ run, wait float64 }
 
 // sampleBroker starts sampling the broker; nil when the broker's process is
 // not visible (then finish reports nothing).
@@ -39,7 +34,7 @@ func (b *bench) sampleBroker() *idleSampler {
 	if b.brokerPID <= 0 {
 		return nil
 	}
-	if _, err := schedBusy(b.brokerPID); err != nil {
+	if _, _, err := schedBusy(b.brokerPID); err != nil {
 		return nil
 	}
 	s := &idleSampler{pid: b.brokerPID, stop: make(chan struct{}), done: make(chan struct{})}
@@ -51,7 +46,7 @@ func (s *idleSampler) loop() {
 	defer close(s.done)
 	t := time.NewTicker(brokerTick)
 	defer t.Stop()
-	last, _ := schedBusy(s.pid)
+	lastRun, lastWait, _ := schedBusy(s.pid)
 	lastAt := time.Now()
 	for {
 		select {
@@ -59,68 +54,98 @@ func (s *idleSampler) loop() {
 			return
 		case <-t.C:
 		}
-		cur, err := schedBusy(s.pid)
+		run, wait, err := schedBusy(s.pid)
 		now := time.Now()
 		if err != nil {
 			continue
 		}
-		el := now.Sub(lastAt)
 		// A tick that came late (the bench itself waited for a CPU) still
 		// measures one interval: the broker's time over the real elapsed.
-		if el > 0 {
-			s.ticks++
-			if float64(cur-last) < brokerIdleBelow*float64(el) {
-				s.idle++
-			}
+		if el := float64(now.Sub(lastAt)); el > 0 {
+			s.ticks = append(s.ticks, brokerTickSample{run: float64(run-lastRun) / el, wait: float64(wait-lastWait) / el})
 		}
-		last, lastAt = cur, now
+		lastRun, lastWait, lastAt = run, wait, now
 	}
 }
 
-// finish stops sampling and returns the share of idle ticks, -1 when
-// there was nothing to sample. It may be called again (deferred, for the
-// error paths).
-func (s *idleSampler) finish() float64 {
+// finish stops sampling and returns the per-tick samples, nil when there
+// was nothing to sample. It may be called again (deferred, for the error
+// paths).
+func (s *idleSampler) finish() []brokerTickSample {
 	if s == nil {
-		return -1
+		return nil
 	}
 	s.once.Do(func() { close(s.stop) })
 	<-s.done
-	if s.ticks == 0 {
-		return -1
-	}
-	return float64(s.idle) / float64(s.ticks)
+	return s.ticks
 }
 
-// schedBusy returns the time pid's threads ran or waited on a run queue
-// (the first two fields of /proc/PID/task/*/schedstat).
-func schedBusy(pid int) (time.Duration, error) {
+// A tick of a drain is idle when the broker ran under brokerIdleBelow of
+// its mean at the ceiling beside it (less than half of what it does when a
+// bare publisher keeps it fed) without waiting for a CPU for more than
+// brokerStarvedAbove of the tick; a tick with more waiting is starved: the
+// machine's load, not the relay, held the broker back.
+const (
+	brokerIdleBelow    = 0.5
+	brokerStarvedAbove = 0.1
+)
+
+func meanRun(ticks []brokerTickSample) float64 {
+	if len(ticks) == 0 {
+		return 0
+	}
+	sum := 0.0
+	for _, t := range ticks {
+		sum += t.run
+	}
+	return sum / float64(len(ticks))
+}
+
+// idleShares returns the shares of idle and of starved ticks, for a ceiling
+// whose mean run is ref cores.
+func idleShares(ticks []brokerTickSample, ref float64) (idle, starved float64) {
+	var ni, ns int
+	for _, t := range ticks {
+		switch {
+		case t.wait > brokerStarvedAbove:
+			ns++
+		case t.run < brokerIdleBelow*ref:
+			ni++
+		}
+	}
+	n := float64(max(len(ticks), 1))
+	return float64(ni) / n, float64(ns) / n
+}
+
+// schedBusy returns the time pid's threads ran and the time they waited on
+// a run queue (the first two fields of /proc/PID/task/*/schedstat).
+func schedBusy(pid int) (run, wait time.Duration, err error) {
 	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
-	var sum int64
+	var sum [2]int64
 	for _, t := range tasks {
 		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/schedstat", pid, t.Name()))
 		if err != nil {
 			if errors.Is(err, os.ErrNotExist) {
 				continue // the thread ended
 			}
-			return 0, err
+			return 0, 0, err
 		}
 		f := strings.Fields(string(b))
 		if len(f) < 2 {
-			return 0, errors.New("malformed schedstat")
+			return 0, 0, errors.New("malformed schedstat")
 		}
-		for _, v := range f[:2] {
+		for i, v := range f[:2] {
 			ns, err := strconv.ParseInt(v, 10, 64)
 			if err != nil {
-				return 0, fmt.Errorf("schedstat: %w", err)
+				return 0, 0, fmt.Errorf("schedstat: %w", err)
 			}
-			sum += ns
+			sum[i] += ns
 		}
 	}
-	return time.Duration(sum), nil
+	return time.Duration(sum[0]), time.Duration(sum[1]), nil
 }
 
 // perEventLines prints the CPU each process spent per event of a drain,
@@ -141,13 +166,15 @@ func (b *bench) perEventLines(p string, d drainResult, c publishResult) {
 		b.out.line(p+".cpu_per_event.broker", per(d.cpu1.broker-d.cpu0.broker, dn), "µs",
 			"ceiling beside it: "+per(c.cpu1.broker-c.cpu0.broker, cn)+" µs")
 	}
-	share := func(v float64) string {
-		if v < 0 {
-			return "n/a"
-		}
-		return fmt.Sprintf("%.2f", v)
+	if len(d.idle) == 0 || len(c.idle) == 0 {
+		return
 	}
-	b.out.line(p+".broker_idle", share(d.idle), "",
-		fmt.Sprintf("share of %s ticks in which the broker ran or waited for a CPU under %.0f%% of one core; ceiling beside it: %s",
-			brokerTick, 100*brokerIdleBelow, share(c.idle)))
+	ref := meanRun(c.idle)
+	b.out.line(p+".broker_run", fmt.Sprintf("%.2f", meanRun(d.idle)), "cores",
+		fmt.Sprintf("mean over %s ticks; ceiling beside it: %.2f", brokerTick, ref))
+	di, ds := idleShares(d.idle, ref)
+	ci, cs := idleShares(c.idle, ref)
+	b.out.line(p+".broker_idle", fmt.Sprintf("%.2f", di), "",
+		fmt.Sprintf("share of ticks the broker ran under %.0f%% of its ceiling mean without waiting for a CPU; starved (waited > %.0f%%): %.2f; the ceiling's own ticks: idle %.2f, starved %.2f",
+			100*brokerIdleBelow, 100*brokerStarvedAbove, ds, ci, cs))
 }

@@ -21,8 +21,8 @@ type drainResult struct {
 	claimT, publishT, markT time.Duration // total
 
 	cpu0, cpu1 cpuSnap
-	backends   time.Duration // CPU of the engine's database backends, -1 if unknown
-	idle       float64       // share of brokerTick intervals the broker was idle, -1 if unknown
+	backends   time.Duration      // CPU of the engine's database backends, -1 if unknown
+	idle       []brokerTickSample // the broker per brokerTick, nil if unknown
 }
 
 // drainSection pre-fills a backlog and times the relay emptying it, with
