@@ -20,7 +20,8 @@
 # separate step: `docker run ... outbox-relay:dev migrate up` (see
 # docs/operations.md, "Upgrading the schema").
 
-# The Go minor release must satisfy go.mod's go line; the tag follows the
+# The Go minor release must be at least go.mod's go line (the floor for
+# applications importing outbox); the tag follows the
 # newest patch release of that minor.
 ARG GO_VERSION=1.26
 

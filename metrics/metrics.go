@@ -49,13 +49,17 @@ type Metrics struct {
 	Retries          *prometheus.CounterVec   // event_type: rows scheduled for another attempt
 	Cleaned          *prometheus.CounterVec   // kind: dispatched, dead rows deleted by retention
 	PartitionsOwned  prometheus.Gauge         // ordered mode: partitions leased by this replica
+	Partitions       prometheus.Gauge         // ordered mode: relay.partitions
 	HorizonWait      prometheus.Gauge         // ordered mode: seconds the commit horizon waits for old transactions
 	BatchSize        prometheus.Histogram     // rows claimed per non-empty batch
 	PublishLatency   prometheus.Histogram     // publish to confirm, per batch
 	EndToEndLatency  prometheus.Histogram     // created_at to confirm, per event
-	Pending          prometheus.Gauge         // pending rows
-	OldestPendingAge prometheus.Gauge         // seconds
-	DeadRows         prometheus.Gauge         // rows parked dead
+	Pending          prometheus.Gauge         // pending rows (table-wide, see TableStats)
+	OldestPendingAge prometheus.Gauge         // seconds, oldest due row (table-wide)
+	DeadRows         prometheus.Gauge         // rows parked dead (table-wide)
+	Delayed          prometheus.Gauge         // pending rows not yet due (table-wide)
+	StatsTimestamp   prometheus.Gauge         // unix time the table-wide counts were taken
+	Info             *prometheus.GaugeVec     // table, exchange
 	LinkUp           *prometheus.GaugeVec     // link
 	Reconnects       *prometheus.CounterVec   // link
 	Wakeups          *prometheus.CounterVec   // source
@@ -64,6 +68,7 @@ type Metrics struct {
 	AMQPNode         *prometheus.GaugeVec     // node: 1 for the amqp.url node connected to
 
 	readiness atomic.Pointer[func() error]
+	table     *tableStats
 	maxTypes  int
 	mu        sync.Mutex
 	types     map[string]struct{}
@@ -123,6 +128,10 @@ func New(reg prometheus.Registerer, cfg Config) (*Metrics, error) {
 			Name: "outbox_relay_partitions_owned",
 			Help: "Virtual partitions leased by this replica (relay.ordering: partition_key; 0 otherwise).",
 		}),
+		Partitions: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "outbox_relay_partitions",
+			Help: "Ordered mode: relay.partitions, the virtual partitions the replicas split between them (0 otherwise).",
+		}),
 		HorizonWait: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "outbox_relay_commit_horizon_wait_seconds",
 			Help: "Ordered mode: how long committed keyed rows have been held back waiting for older, still open transactions to end.",
@@ -148,8 +157,20 @@ func New(reg prometheus.Registerer, cfg Config) (*Metrics, error) {
 		}),
 		OldestPendingAge: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "outbox_relay_oldest_pending_age_seconds",
-			Help: "Age of the oldest pending row (0 when none), read every relay.stats_interval.",
+			Help: "Age (since created_at) of the oldest pending row that is due, available_at reached (0 when none), read every relay.stats_interval.",
 		}),
+		Delayed: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "outbox_relay_delayed_events",
+			Help: "Pending rows not yet due (available_at in the future: delayed on purpose or waiting for a retry), read every relay.stats_interval.",
+		}),
+		StatsTimestamp: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "outbox_relay_table_stats_timestamp_seconds",
+			Help: "Unix time the table-wide gauges (pending, delayed, dead, oldest age) were last read; they are exported by one replica per table.",
+		}),
+		Info: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "outbox_relay_info",
+			Help: "Always 1; labels name the outbox table (schema.table) and the exchange this relay serves.",
+		}, []string{"table", "exchange"}),
 		DeadRows: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "outbox_relay_dead_events",
 			Help: "Rows parked dead in the table, read every relay.stats_interval.",
@@ -186,9 +207,10 @@ func New(reg prometheus.Registerer, cfg Config) (*Metrics, error) {
 		}
 		return 0
 	})
+	m.table = newTableStats(m.Pending, m.OldestPendingAge, m.DeadRows, m.Delayed, m.StatsTimestamp)
 	for _, c := range []prometheus.Collector{m.Published, m.Failed, m.Returned, m.Dead, m.BatchDuration,
-		m.StageDuration, m.Retries, m.Cleaned, m.PartitionsOwned, m.HorizonWait, m.BatchSize, m.PublishLatency, m.EndToEndLatency, m.Pending, m.OldestPendingAge, m.DeadRows,
-		m.LinkUp, m.Reconnects, m.Wakeups, m.BuildInfo, m.Ready, m.AMQPNode} {
+		m.StageDuration, m.Retries, m.Cleaned, m.PartitionsOwned, m.HorizonWait, m.BatchSize, m.PublishLatency, m.EndToEndLatency, m.table,
+		m.LinkUp, m.Reconnects, m.Wakeups, m.BuildInfo, m.Ready, m.AMQPNode, m.Info, m.Partitions} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -52,9 +52,11 @@ type registered struct {
 func registeredMetrics(t *testing.T) map[string]registered {
 	t.Helper()
 	rec := &recorder{Registry: prometheus.NewRegistry()}
-	if _, err := metrics.New(rec, metrics.Config{Version: "v0.0.0-test", Commit: "abc1234"}); err != nil {
+	m, err := metrics.New(rec, metrics.Config{Version: "v0.0.0-test", Commit: "abc1234"})
+	if err != nil {
 		t.Fatal(err)
 	}
+	m.SetTableStatsHeld(true) // else the table-wide gauges collect nothing to type
 	out := map[string]registered{}
 	for _, c := range rec.collectors {
 		typ := collectorType(t, c)
@@ -209,7 +211,8 @@ func TestMetricNames(t *testing.T) {
 func TestCreatedUpFront(t *testing.T) {
 	t.Parallel()
 	reg := prometheus.NewRegistry()
-	if _, err := metrics.New(reg, metrics.Config{Version: "v1.2.3", Commit: "deadbeef"}); err != nil {
+	m, err := metrics.New(reg, metrics.Config{Version: "v1.2.3", Commit: "deadbeef"})
+	if err != nil {
 		t.Fatal(err)
 	}
 	families, err := reg.Gather()
@@ -244,8 +247,7 @@ func TestCreatedUpFront(t *testing.T) {
 			t.Errorf("%s: series %v, want %v", name, got, w)
 		}
 	}
-	for _, name := range []string{"outbox_relay_pending_events", "outbox_relay_oldest_pending_age_seconds",
-		"outbox_relay_dead_events", "outbox_relay_end_to_end_latency_seconds", "outbox_relay_publish_confirm_seconds",
+	for _, name := range []string{"outbox_relay_end_to_end_latency_seconds", "outbox_relay_publish_confirm_seconds",
 		"outbox_relay_batch_size", "outbox_relay_batch_duration_seconds", "outbox_relay_partitions_owned",
 		"outbox_relay_commit_horizon_wait_seconds"} {
 		if len(series[name]) != 1 {
@@ -254,6 +256,32 @@ func TestCreatedUpFront(t *testing.T) {
 	}
 	if v := values["outbox_relay_build_info"]; v != 1 {
 		t.Errorf("outbox_relay_build_info = %v, want 1", v)
+	}
+
+	// The table-wide gauges exist only on the replica that holds the stats
+	// lease (alerts on them fire once per table), at zero from then on.
+	tableWide := []string{"outbox_relay_pending_events", "outbox_relay_oldest_pending_age_seconds", "outbox_relay_dead_events",
+		"outbox_relay_delayed_events", "outbox_relay_table_stats_timestamp_seconds"}
+	for _, name := range tableWide {
+		if len(series[name]) != 0 {
+			t.Errorf("%s: exported before this replica holds the stats lease", name)
+		}
+	}
+	if v, ok := values["outbox_relay_table_stats_leader"]; !ok || v != 0 {
+		t.Errorf("outbox_relay_table_stats_leader = %v (present %v), want 0", v, ok)
+	}
+	m.SetTableStatsHeld(true)
+	if families, err = reg.Gather(); err != nil {
+		t.Fatal(err)
+	}
+	held := map[string]int{}
+	for _, f := range families {
+		held[f.GetName()] = len(f.GetMetric())
+	}
+	for _, name := range tableWide {
+		if held[name] != 1 {
+			t.Errorf("%s: %d series while holding the stats lease, want 1", name, held[name])
+		}
 	}
 }
 
@@ -347,10 +375,13 @@ func TestServer(t *testing.T) {
 	if code, body := get("/readyz"); code != http.StatusOK {
 		t.Errorf("/readyz while ready: %d %q, want 200", code, body)
 	}
-	cause := errors.New("amqp: connection refused")
+	// /readyz names what is down but not the errors' text (hosts, users).
+	cause := errors.Join(
+		publicError{"postgres link down", "postgres: dial tcp 10.1.2.3:5432: user relay"},
+		errors.New("amqp: dial amqp://relay@mq.internal:5672/"))
 	notReady.Store(&cause)
-	if code, body := get("/readyz"); code != http.StatusServiceUnavailable || !strings.Contains(body, "not ready: "+cause.Error()) {
-		t.Errorf("/readyz while not ready: %d %q, want 503 naming the cause", code, body)
+	if code, body := get("/readyz"); code != http.StatusServiceUnavailable || body != "not ready: postgres link down, unavailable\n" {
+		t.Errorf("/readyz while not ready: %d %q, want 503 naming the link and hiding the errors' text", code, body)
 	}
 	if code, body := get("/healthz"); code != http.StatusOK {
 		t.Errorf("/healthz while not ready: %d %q, want 200: liveness must not follow readiness", code, body)
@@ -363,3 +394,9 @@ func TestServer(t *testing.T) {
 		t.Errorf("NewServer on the taken address %s succeeded; want an error at once", srv.Addr())
 	}
 }
+
+// publicError is an error with a reason fit for /readyz, like relay.NotReady.
+type publicError struct{ reason, detail string }
+
+func (e publicError) Error() string  { return e.detail }
+func (e publicError) Public() string { return e.reason }

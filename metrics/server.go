@@ -5,6 +5,9 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"slices"
+	"sort"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -18,7 +21,8 @@ type Server struct {
 }
 
 // NewServer listens on addr at once, so a taken port is a start-up error.
-// ready returns nil while the process should receive traffic.
+// ready returns nil while the process should receive traffic; /readyz shows
+// only the public reasons of its error (see publicReasons).
 func NewServer(addr string, g prometheus.Gatherer, ready func() error) (*Server, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
@@ -31,7 +35,7 @@ func NewServer(addr string, g prometheus.Gatherer, ready func() error) (*Server,
 	})
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if err := ready(); err != nil {
-			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+			http.Error(w, "not ready: "+publicReasons(err), http.StatusServiceUnavailable)
 			return
 		}
 		_, _ = w.Write([]byte("ready\n"))
@@ -52,3 +56,28 @@ func (s *Server) Serve() error {
 
 // Shutdown stops the server, waiting at most until ctx is done.
 func (s *Server) Shutdown(ctx context.Context) error { return s.srv.Shutdown(ctx) }
+
+// publicReasons lists what is down without the errors' text, which names
+// hosts, users and databases to anyone who can reach the port: the errors
+// (errors.Join trees) that have a Public method give their reason, others
+// only count.
+func publicReasons(err error) string {
+	var reasons []string
+	var walk func(error)
+	walk = func(err error) {
+		if p, ok := err.(interface{ Public() string }); ok {
+			reasons = append(reasons, p.Public())
+			return
+		}
+		if j, ok := err.(interface{ Unwrap() []error }); ok {
+			for _, e := range j.Unwrap() {
+				walk(e)
+			}
+			return
+		}
+		reasons = append(reasons, "unavailable")
+	}
+	walk(err)
+	sort.Strings(reasons)
+	return strings.Join(slices.Compact(reasons), ", ")
+}

@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -97,7 +98,7 @@ func (p *AMQPPublisher) ensure(ctx context.Context) error {
 	}
 	dialCfg := amqp.Config{
 		Heartbeat:  10 * time.Second,
-		Properties: amqp.Table{"connection_name": "outbox-relay"},
+		Properties: amqp.Table{"connection_name": cmp.Or(p.cfg.ConnectionName, "outbox-relay")},
 		Dial: func(network, addr string) (net.Conn, error) {
 			c, err := dial(network, addr)
 			if err != nil {
@@ -255,6 +256,7 @@ func (p *AMQPPublisher) Send(ctx context.Context, msgs []Message) Pending {
 		}
 		pub, err := p.publishing(m)
 		if err == nil {
+			pub.AppId = cmp.Or(p.cfg.AppID, pub.AppId) // before the check: it counts toward the header frame
 			err = p.check(pub, frameMax)
 		}
 		if err != nil {

@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"os"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -118,6 +119,12 @@ type AMQPConfig struct {
 	// naming the producer, e.g. "//edupulse/lessons"). Required with the
 	// cloudevents formats, unused otherwise.
 	CloudEventsSource string `yaml:"cloudevents_source"`
+	// AppID is every message's app-id property, and ConnectionName the
+	// connection's name in the broker's management UI. Default (empty):
+	// "outbox-relay/<host name>/<schema>.<table>", which tells sidecars and
+	// tables apart (in Kubernetes the host name is the pod's name).
+	AppID          string `yaml:"app_id"`
+	ConnectionName string `yaml:"connection_name"`
 }
 
 // EngineConfig tunes the claim loop.
@@ -265,6 +272,19 @@ func (c Config) WithDefaults() Config {
 	return c
 }
 
+// WithAppNames fills amqp.app_id and amqp.connection_name when empty. It is
+// apart from WithDefaults because the default depends on the host.
+func (c Config) WithAppNames() Config {
+	host, err := os.Hostname()
+	if err != nil || host == "" {
+		host = "unknown-host"
+	}
+	name := "outbox-relay/" + host + "/" + c.Postgres.Schema + "." + c.Postgres.Table
+	c.AMQP.AppID = cmp.Or(c.AMQP.AppID, name)
+	c.AMQP.ConnectionName = cmp.Or(c.AMQP.ConnectionName, name)
+	return c
+}
+
 // maxRetryBackoff bounds relay.retry_min_backoff and retry_max_backoff: the
 // delay is doubled in time.Duration and added to now() in SQL, which must
 // not overflow.
@@ -332,6 +352,9 @@ func (c Config) Validate() error {
 		if err := validSource(c.AMQP.CloudEventsSource); err != nil {
 			bad("amqp.cloudevents_source", "%v (required with amqp.format %s; env OUTBOX_RELAY_AMQP_CLOUDEVENTS_SOURCE)", err, c.AMQP.Format)
 		}
+	}
+	if len(c.AMQP.AppID) > maxShortString {
+		bad("amqp.app_id", "must be at most %d bytes, got %d", maxShortString, len(c.AMQP.AppID))
 	}
 	if c.Relay.BatchSize < 1 || c.Relay.BatchSize > 10000 {
 		bad("relay.batch_size", "must be between 1 and 10000, got %d", c.Relay.BatchSize)

@@ -19,6 +19,7 @@ type queries struct {
 	deleteDispatched string
 	recordFailures   string
 	readStats        string
+	releaseStats     string
 	notifyTrigger    string
 
 	cleanDispatched string
@@ -244,10 +245,23 @@ SELECT (SELECT count(*) FROM gone), coalesce((SELECT max(seq) FROM page), 0), (S
   SELECT seq FROM %[1]s WHERE dead_at IS NOT NULL AND dead_at < now() - $1::bigint * interval '1 millisecond'
   LIMIT $2 FOR UPDATE SKIP LOCKED)`, tbl),
 
-		readStats: fmt.Sprintf(`SELECT
+		// Takes or renews the stats lease ($1 owner, $2 lease in ms) and
+		// counts only when it holds it: no lease row, no row out, and the
+		// counts (uncorrelated subqueries) are never evaluated. The oldest
+		// age looks at due rows only: a row delayed on purpose is not late.
+		readStats: fmt.Sprintf(`WITH lease AS (
+  INSERT INTO %[2]s AS l (id, owner, expires_at) VALUES (true, $1, now() + $2::bigint * interval '1 millisecond')
+  ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at
+    WHERE l.owner = excluded.owner OR l.expires_at < now()
+  RETURNING 1)
+SELECT
   (SELECT count(*) FROM %[1]s WHERE `+pending+`),
+  (SELECT count(*) FROM %[1]s WHERE `+pending+` AND available_at > now()),
   (SELECT count(*) FROM %[1]s WHERE dead_at IS NOT NULL),
-  coalesce(extract(epoch FROM now() - (SELECT created_at FROM %[1]s WHERE `+pending+` ORDER BY seq LIMIT 1)), 0)::float8`, tbl),
+  coalesce(extract(epoch FROM now() - (SELECT created_at FROM %[1]s WHERE `+pending+` AND available_at <= now() ORDER BY seq LIMIT 1)), 0)::float8,
+  extract(epoch FROM now())::float8
+FROM lease`, tbl, t.Derived("stats_lease")),
+		releaseStats: fmt.Sprintf(`DELETE FROM %s WHERE owner = $1`, t.Derived("stats_lease")),
 
 		// Whether the NOTIFY trigger is enabled ('O' origin, 'A' always).
 		notifyTrigger: `SELECT coalesce((SELECT tgenabled IN ('O', 'A') FROM pg_trigger

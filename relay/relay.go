@@ -10,6 +10,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/google/uuid"
 	"math/rand/v2"
 	"slices"
 	"sync"
@@ -71,6 +72,8 @@ type Relay struct {
 	// retention cleaner run at a time (taken per statement, so a replica
 	// that dies mid-statement frees it).
 	cleanerLock int32
+	// statsOwner identifies this replica in the stats lease (stats.go).
+	statsOwner string
 
 	wake     chan string // wake-up source; capacity 1, coalescing
 	lastLoop atomic.Int64
@@ -95,7 +98,7 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 	if deps.Metrics == nil {
 		return nil, errors.New("relay: nil Metrics")
 	}
-	cfg = cfg.WithDefaults()
+	cfg = cfg.WithDefaults().WithAppNames()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -137,6 +140,11 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 		r.m.LinkUp.WithLabelValues(link).Set(0)
 	}
 	r.m.SetReadiness(r.Ready)
+	r.m.Info.WithLabelValues(r.table.String(), cfg.AMQP.Exchange).Set(1)
+	if cfg.Relay.Ordering == OrderingPartitionKey {
+		r.m.Partitions.Set(float64(cfg.Relay.Partitions))
+	}
+	r.statsOwner = cfg.AMQP.ConnectionName + "/" + uuid.NewString()
 	return r, nil
 }
 
@@ -818,13 +826,13 @@ func (r *Relay) Ready() error {
 	var errs []error
 	for link, err := range r.links {
 		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %s", link, Redact(err.Error())))
+			errs = append(errs, &NotReady{Reason: link + " link down", Err: fmt.Errorf("%s: %s", link, Redact(err.Error()))})
 		}
 	}
 	r.mu.Unlock()
 	stuckAfter := 2*r.cfg.AMQP.ConfirmTimeout + r.cfg.Wake.PollInterval + time.Minute
 	if last := time.Unix(0, r.lastLoop.Load()); r.started.Load() && time.Since(last) > stuckAfter {
-		errs = append(errs, fmt.Errorf("claim loop stuck since %s", last.Format(time.RFC3339)))
+		errs = append(errs, &NotReady{Reason: "claim loop stuck", Err: fmt.Errorf("claim loop stuck since %s", last.Format(time.RFC3339))})
 	}
 	return errors.Join(errs...)
 }
@@ -865,28 +873,6 @@ func (r *Relay) listen(ctx context.Context, connCfg *pgx.ConnConfig) {
 			return
 		}
 		r.setLink(metrics.LinkListen, err)
-	}
-}
-
-// statsLoop refreshes the backlog gauges from the table.
-func (r *Relay) statsLoop(ctx context.Context, pool *pgxpool.Pool) {
-	for {
-		var pending, dead int64
-		var age float64
-		began := time.Now()
-		err := pool.QueryRow(ctx, r.q.readStats).Scan(&pending, &dead, &age)
-		took := time.Since(began)
-		if err == nil {
-			r.m.Pending.Set(float64(pending))
-			r.m.DeadRows.Set(float64(dead))
-			r.m.OldestPendingAge.Set(age)
-		} else if ctx.Err() == nil && !isUndefinedTable(err) {
-			r.log.Debug("read stats", zap.Error(err))
-		}
-		sleep(ctx, statsWait(r.cfg.Relay.StatsInterval, took))
-		if ctx.Err() != nil {
-			return
-		}
 	}
 }
 

@@ -46,9 +46,10 @@ func TestUpDownUp(t *testing.T) {
 		if v, _ := m.Version(ctx); v != m.Latest() {
 			t.Fatalf("round %d: version %d, want %d", round, v, m.Latest())
 		}
-		// table, pkey, id index, pending index, dead index, 2 functions
-		if n := objects(); n != 7 {
-			t.Fatalf("round %d: %d objects after up, want 7", round, n)
+		// table, pkey, id index, pending index, dead index, 2 functions;
+		// the stats lease table and its pkey
+		if n := objects(); n != 9 {
+			t.Fatalf("round %d: %d objects after up, want 9", round, n)
 		}
 		var id, ctype, headers string
 		err = pool.QueryRow(ctx, `INSERT INTO `+ident.Quote(s)+`.events_out (event_type, payload) VALUES ('lesson.published', '{"a":1}')

@@ -1,10 +1,11 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"database/sql"
+	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"runtime/debug"
@@ -32,6 +33,9 @@ type cliEnv struct {
 	stdout, stderr io.Writer
 	environ        []string
 	stopSignals    func() // restores default signal handling
+
+	configPath string // --config
+	entered    bool   // a command's action started (see run)
 }
 
 // configError is a bad configuration: exit 2, one line per problem.
@@ -62,29 +66,10 @@ func leafErrors(err error) []error {
 	return []error{err}
 }
 
-// flags returns a FlagSet with the common --config flag.
-func (c *cliEnv) flags(name string) (*flag.FlagSet, *string) {
-	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.SetOutput(c.stderr)
-	path := fs.String("config", "", "configuration file (YAML); keys can be overridden by OUTBOX_RELAY_* variables")
-	return fs, path
-}
-
-// parse parses args, turning flag errors into usage errors.
-func parse(fs *flag.FlagSet, args []string) error {
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return usagef("see the flags above")
-		}
-		return usagef("%s: %v", fs.Name(), err)
-	}
-	return nil
-}
-
 // loadConfig loads and validates the configuration. With only set, just the
 // keys under those prefixes must be valid (migrate needs no broker).
-func (c *cliEnv) loadConfig(path string, only ...string) (config.File, error) {
-	f, err := config.Load(path, c.environ)
+func (c *cliEnv) loadConfig(only ...string) (config.File, error) {
+	f, err := config.Load(c.configPath, c.environ)
 	if err != nil {
 		return f, &configError{err}
 	}
@@ -149,16 +134,30 @@ func openDB(ctx context.Context, pg relay.PostgresConfig) (*sql.DB, func(), erro
 	return db, func() { db.Close(); pool.Close() }, nil
 }
 
-func (c *cliEnv) cmdVersion(args []string) error {
-	if len(args) > 0 {
-		return usagef("version takes no arguments")
+// writeJSON prints v as indented JSON, what every --json prints.
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.SetEscapeHTML(false)
+	return enc.Encode(v)
+}
+
+// confirm asks question on stderr (like rm -i, so that stdout holds only
+// the result) and reads the answer; anything but y or yes declines.
+func (c *cliEnv) confirm(question, declined string) error {
+	fmt.Fprintf(c.stderr, "%s [y/N] ", question)
+	answer, err := bufio.NewReader(c.stdin).ReadString('\n')
+	if err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("read answer: %w", err)
 	}
-	fmt.Fprintf(c.stdout, "outbox-relay %s\n", version)
-	fmt.Fprintf(c.stdout, "commit %s\n", buildCommit())
-	if bi, ok := debug.ReadBuildInfo(); ok {
-		fmt.Fprintf(c.stdout, "go %s\n", bi.GoVersion)
+	switch strings.ToLower(strings.TrimSpace(answer)) {
+	case "y", "yes":
+		return nil
 	}
-	return nil
+	if errors.Is(err, io.EOF) {
+		fmt.Fprintln(c.stderr)
+	}
+	return fmt.Errorf("not confirmed: %s", declined)
 }
 
 // buildCommit is the linker-set commit or the VCS revision Go recorded.

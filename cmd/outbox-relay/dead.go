@@ -1,13 +1,10 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
-	"io"
 	"os"
 	"regexp"
 	"strconv"
@@ -25,12 +22,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/relay"
 )
 
-const deadUsage = `Usage:
-  outbox-relay dead list  [--type T]... [--older-than AGE] [--newer-than AGE] [--limit N] [--json [--payload]]
-  outbox-relay dead retry (--id UUID... | --type T... | --all) [--yes]
-  outbox-relay dead purge --older-than AGE [--type T]... [--yes]
-
-A dead event is one the relay parked (dead_at set) after relay.max_attempts
+const deadLong = `A dead event is one the relay parked (dead_at set) after relay.max_attempts
 failed publishes or a permanent failure; it is never claimed again on its own.
 
   list   shows dead events, newest first.
@@ -43,41 +35,50 @@ failed publishes or a permanent failure; it is never claimed again on its own.
 
 AGE is a Go duration (90m, 72h) or a number of days (7d, also 1d12h).
 --type and --id may be repeated. Retry --type/--all and purge act on many
-rows: on a terminal they show the count and ask; otherwise they need --yes.
-`
+rows: on a terminal they show the count and ask; otherwise they need --yes.`
 
-func (c *cliEnv) cmdDead(ctx context.Context, args []string) error {
-	if len(args) == 0 {
-		return usagef("dead needs an action: list, retry or purge\n\n%s", deadUsage)
-	}
-	switch action, rest := args[0], args[1:]; action {
-	case "list":
-		return c.deadList(ctx, rest)
-	case "retry":
-		return c.deadRetry(ctx, rest)
-	case "purge":
-		return c.deadPurge(ctx, rest)
-	case "help", "-h", "--help":
-		fmt.Fprint(c.stdout, deadUsage)
-		return nil
-	default:
-		return usagef("dead: unknown action %q: use list, retry or purge", action)
-	}
+type deadListFlags struct {
+	types                stringList
+	olderThan, newerThan ageFlag
+	limit                int
+	json, payload        bool
 }
 
-// deadFlags returns the FlagSet of a dead action, whose -h prints deadUsage.
-func (c *cliEnv) deadFlags(action string) (*flag.FlagSet, *string) {
-	fs, path := c.flags("dead " + action)
-	fs.Usage = func() {
-		for _, l := range strings.Split(deadUsage, "\n") {
-			if strings.HasPrefix(l, "  outbox-relay dead "+action+" ") {
-				fmt.Fprintf(c.stderr, "Usage:\n%s\n\n", l)
-			}
-		}
-		fmt.Fprintln(c.stderr, "Flags (outbox-relay dead help explains more):")
-		fs.PrintDefaults()
+type deadRetryFlags struct {
+	ids            idList
+	types          stringList
+	all, yes, json bool
+}
+
+type deadPurgeFlags struct {
+	olderThan ageFlag
+	types     stringList
+	yes, json bool
+}
+
+// deadActionReport is what dead retry and purge print with --json.
+type deadActionReport struct {
+	Retried *int        `json:"retried,omitempty"`
+	Purged  *int        `json:"purged,omitempty"`
+	IDs     []uuid.UUID `json:"ids,omitempty"` // retry: the events made due again
+}
+
+// reportCount prints how many dead events verb ("retried", "purged") hit.
+func (c *cliEnv) reportCount(asJSON bool, past string, n int, ids []uuid.UUID) error {
+	if !asJSON {
+		fmt.Fprintf(c.stdout, "%s %d dead events\n", past, n)
+		return nil
 	}
-	return fs, path
+	rep := deadActionReport{IDs: ids}
+	if past == "retried" {
+		rep.Retried = &n
+		if rep.IDs == nil {
+			rep.IDs = []uuid.UUID{}
+		}
+	} else {
+		rep.Purged = &n
+	}
+	return writeJSON(c.stdout, rep)
 }
 
 // deadFilter selects dead rows; its zero value selects them all. Each
@@ -133,41 +134,25 @@ type deadRow struct {
 	PayloadBase64 []byte          `json:"payload_base64,omitempty"`
 }
 
-func (c *cliEnv) deadList(ctx context.Context, args []string) error {
-	fs, path := c.deadFlags("list")
-	var types stringList
-	fs.Var(&types, "type", "only events of this `type` (repeatable)")
-	olderThan := ageFlag{}
-	newerThan := ageFlag{}
-	fs.Var(&olderThan, "older-than", "only events that died longer ago than this `age` (e.g. 72h, 7d)")
-	fs.Var(&newerThan, "newer-than", "only events that died at most this `age` ago (e.g. 30m, 1d)")
-	limit := fs.Int("limit", 50, "show at most this many events")
-	asJSON := fs.Bool("json", false, "print one JSON array with every field instead of a table")
-	withPayload := fs.Bool("payload", false, "with --json, include the payload: as JSON when it is valid UTF-8 JSON\n(field payload, re-encoded compactly), else base64 of the exact bytes (field payload_base64)")
-	if err := parse(fs, args); err != nil {
-		return err
+func (c *cliEnv) deadList(ctx context.Context, o deadListFlags) error {
+	if o.limit < 1 {
+		return usagef("dead list --limit: must be at least 1, got %d", o.limit)
 	}
-	if fs.NArg() > 0 {
-		return usagef("dead list: unexpected argument %q", fs.Arg(0))
-	}
-	if *limit < 1 {
-		return usagef("dead list --limit: must be at least 1, got %d", *limit)
-	}
-	if *withPayload && !*asJSON {
+	if o.payload && !o.json {
 		return usagef("dead list --payload: only with --json")
 	}
-	if olderThan.set && newerThan.set && newerThan.d <= olderThan.d {
-		return usagef("dead list: --newer-than (%s) must be longer than --older-than (%s), or nothing matches", newerThan.d, olderThan.d)
+	if o.olderThan.set && o.newerThan.set && o.newerThan.d <= o.olderThan.d {
+		return usagef("dead list: --newer-than (%s) must be longer than --older-than (%s), or nothing matches", o.newerThan.d, o.olderThan.d)
 	}
-	filter := deadFilter{types: types, olderThan: olderThan.d, newerThan: newerThan.d}
+	filter := deadFilter{types: o.types, olderThan: o.olderThan.d, newerThan: o.newerThan.d}
 
-	conn, q, _, err := c.openOutbox(ctx, *path)
+	conn, q, _, err := c.openOutbox(ctx)
 	if err != nil {
 		return err
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 
-	rows, err := conn.Query(ctx, q.deadList, append(filter.args(), *withPayload, *limit)...)
+	rows, err := conn.Query(ctx, q.deadList, append(filter.args(), o.payload, o.limit)...)
 	if err != nil {
 		return fmt.Errorf("list dead events: %w", err)
 	}
@@ -181,7 +166,7 @@ func (c *cliEnv) deadList(ctx context.Context, args []string) error {
 			rows.Close()
 			return fmt.Errorf("list dead events: %w", err)
 		}
-		if *withPayload {
+		if o.payload {
 			if utf8.Valid(payload) && json.Valid(payload) {
 				r.Payload = payload
 			} else {
@@ -194,11 +179,8 @@ func (c *cliEnv) deadList(ctx context.Context, args []string) error {
 		return fmt.Errorf("list dead events: %w", err)
 	}
 
-	if *asJSON {
-		enc := json.NewEncoder(c.stdout)
-		enc.SetIndent("", "  ")
-		enc.SetEscapeHTML(false)
-		return enc.Encode(list)
+	if o.json {
+		return writeJSON(c.stdout, list)
 	}
 	var total int64
 	if err := conn.QueryRow(ctx, q.deadTotal).Scan(&total); err != nil {
@@ -220,22 +202,9 @@ func (c *cliEnv) deadList(ctx context.Context, args []string) error {
 	return nil
 }
 
-func (c *cliEnv) deadRetry(ctx context.Context, args []string) error {
-	fs, path := c.deadFlags("retry")
-	var ids idList
-	var types stringList
-	fs.Var(&ids, "id", "retry the dead event with this `uuid` (repeatable); never asks")
-	fs.Var(&types, "type", "retry every dead event of this `type` (repeatable)")
-	all := fs.Bool("all", false, "retry every dead event")
-	yes := fs.Bool("yes", false, "do not ask before retrying by --type or --all")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return usagef("dead retry: unexpected argument %q", fs.Arg(0))
-	}
+func (c *cliEnv) deadRetry(ctx context.Context, o deadRetryFlags) error {
 	selectors := 0
-	for _, given := range []bool{len(ids) > 0, len(types) > 0, *all} {
+	for _, given := range []bool{len(o.ids) > 0, len(o.types) > 0, o.all} {
 		if given {
 			selectors++
 		}
@@ -243,22 +212,22 @@ func (c *cliEnv) deadRetry(ctx context.Context, args []string) error {
 	if selectors != 1 {
 		return usagef("dead retry: use exactly one of --id, --type or --all")
 	}
-	filter := deadFilter{ids: ids, types: types}
-	mass := len(ids) == 0 // --type or --all
+	filter := deadFilter{ids: o.ids, types: o.types}
+	mass := len(o.ids) == 0 // --type or --all
 	if mass {
-		if err := c.needConfirmation("dead retry "+selectorFlag(*all), *yes); err != nil {
+		if err := c.needConfirmation("dead retry "+selectorFlag(o.all), o.yes); err != nil {
 			return err
 		}
 	}
 
-	conn, q, t, err := c.openOutbox(ctx, *path)
+	conn, q, t, err := c.openOutbox(ctx)
 	if err != nil {
 		return err
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 
-	if mass && !*yes {
-		ok, err := c.confirmRows(ctx, conn, q, &filter, "retry")
+	if mass && !o.yes {
+		ok, err := c.confirmRows(ctx, conn, q, &filter, "retry", o.json)
 		if err != nil || !ok {
 			return err
 		}
@@ -279,9 +248,11 @@ func (c *cliEnv) deadRetry(ctx context.Context, args []string) error {
 	if err != nil {
 		return fmt.Errorf("retry dead events in %s: %w", t, err)
 	}
-	fmt.Fprintf(c.stdout, "retried %d dead events\n", len(retried))
-	if len(ids) > 0 && len(retried) < len(ids) {
-		return c.explainMissing(ctx, conn, q, ids, retried)
+	if err := c.reportCount(o.json, "retried", len(retried), retried); err != nil {
+		return err
+	}
+	if len(o.ids) > 0 && len(retried) < len(o.ids) {
+		return c.explainMissing(ctx, conn, q, o.ids, retried)
 	}
 	return nil
 }
@@ -323,35 +294,23 @@ func (c *cliEnv) explainMissing(ctx context.Context, conn *pgx.Conn, q opsQuerie
 	return fmt.Errorf("%d of %d ids not retried:\n  %s", len(missing), len(ids), strings.Join(lines, "\n  "))
 }
 
-func (c *cliEnv) deadPurge(ctx context.Context, args []string) error {
-	fs, path := c.deadFlags("purge")
-	var types stringList
-	olderThan := ageFlag{}
-	fs.Var(&olderThan, "older-than", "required: delete dead events that died longer ago than this `age` (e.g. 72h, 7d)")
-	fs.Var(&types, "type", "only events of this `type` (repeatable)")
-	yes := fs.Bool("yes", false, "do not ask before deleting")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return usagef("dead purge: unexpected argument %q", fs.Arg(0))
-	}
-	if !olderThan.set {
+func (c *cliEnv) deadPurge(ctx context.Context, o deadPurgeFlags) error {
+	if !o.olderThan.set {
 		return usagef("dead purge: --older-than is required, a positive age such as 72h or 7d")
 	}
-	if err := c.needConfirmation("dead purge", *yes); err != nil {
+	if err := c.needConfirmation("dead purge", o.yes); err != nil {
 		return err
 	}
-	filter := deadFilter{types: types, olderThan: olderThan.d}
+	filter := deadFilter{types: o.types, olderThan: o.olderThan.d}
 
-	conn, q, t, err := c.openOutbox(ctx, *path)
+	conn, q, t, err := c.openOutbox(ctx)
 	if err != nil {
 		return err
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 
-	if !*yes {
-		ok, err := c.confirmRows(ctx, conn, q, &filter, "purge")
+	if !o.yes {
+		ok, err := c.confirmRows(ctx, conn, q, &filter, "purge", o.json)
 		if err != nil || !ok {
 			return err
 		}
@@ -360,8 +319,7 @@ func (c *cliEnv) deadPurge(ctx context.Context, args []string) error {
 	if err != nil {
 		return fmt.Errorf("purge dead events in %s: %w", t, err)
 	}
-	fmt.Fprintf(c.stdout, "purged %d dead events\n", tag.RowsAffected())
-	return nil
+	return c.reportCount(o.json, "purged", int(tag.RowsAffected()), nil)
 }
 
 func selectorFlag(all bool) string {
@@ -384,7 +342,7 @@ func (c *cliEnv) needConfirmation(command string, yes bool) error {
 // confirmRows counts the rows filter selects, asks whether to act on them,
 // and on yes pins filter to exactly those rows. With nothing to do it
 // prints the zero result and returns false without asking.
-func (c *cliEnv) confirmRows(ctx context.Context, conn *pgx.Conn, q opsQueries, filter *deadFilter, verb string) (bool, error) {
+func (c *cliEnv) confirmRows(ctx context.Context, conn *pgx.Conn, q opsQueries, filter *deadFilter, verb string, asJSON bool) (bool, error) {
 	rows, err := conn.Query(ctx, q.deadSelect, filter.args()...)
 	if err != nil {
 		return false, fmt.Errorf("select dead events: %w", err)
@@ -395,25 +353,13 @@ func (c *cliEnv) confirmRows(ctx context.Context, conn *pgx.Conn, q opsQueries, 
 	}
 	past := map[string]string{"retry": "retried", "purge": "purged"}[verb]
 	if len(seqs) == 0 {
-		fmt.Fprintf(c.stdout, "%s 0 dead events\n", past)
-		return false, nil
+		return false, c.reportCount(asJSON, past, 0, nil)
 	}
-	// The prompt goes to stderr, like rm -i's, so that stdout holds only
-	// the result.
-	fmt.Fprintf(c.stderr, "%s %d dead events? [y/N] ", verb, len(seqs))
-	answer, err := bufio.NewReader(c.stdin).ReadString('\n')
-	if err != nil && !errors.Is(err, io.EOF) {
-		return false, fmt.Errorf("read answer: %w", err)
+	if err := c.confirm(fmt.Sprintf("%s %d dead events?", verb, len(seqs)), "nothing "+past); err != nil {
+		return false, err
 	}
-	switch strings.ToLower(strings.TrimSpace(answer)) {
-	case "y", "yes":
-		filter.seqs = seqs
-		return true, nil
-	}
-	if errors.Is(err, io.EOF) {
-		fmt.Fprintln(c.stderr)
-	}
-	return false, fmt.Errorf("not confirmed: nothing %s", past)
+	filter.seqs = seqs
+	return true, nil
 }
 
 // isTerminal reports whether r (a stream) is a character device, that is a terminal
@@ -430,8 +376,8 @@ func isTerminal(r any) bool {
 
 // openOutbox loads the configuration (only postgres.* must be valid),
 // connects and checks that the outbox table exists.
-func (c *cliEnv) openOutbox(ctx context.Context, path string) (*pgx.Conn, opsQueries, ident.Table, error) {
-	cfg, err := c.loadConfig(path, "postgres.")
+func (c *cliEnv) openOutbox(ctx context.Context) (*pgx.Conn, opsQueries, ident.Table, error) {
+	cfg, err := c.loadConfig("postgres.")
 	if err != nil {
 		return nil, opsQueries{}, ident.Table{}, err
 	}
@@ -466,6 +412,8 @@ type stringList []string
 
 func (l *stringList) String() string { return strings.Join(*l, ",") }
 
+func (l *stringList) Type() string { return "string" }
+
 func (l *stringList) Set(v string) error {
 	if v == "" {
 		return errors.New("must not be empty")
@@ -478,6 +426,8 @@ func (l *stringList) Set(v string) error {
 type idList []uuid.UUID
 
 func (l *idList) String() string { return fmt.Sprint([]uuid.UUID(*l)) }
+
+func (l *idList) Type() string { return "uuid" }
 
 func (l *idList) Set(v string) error {
 	id, err := uuid.Parse(v)
@@ -493,6 +443,8 @@ type ageFlag struct {
 	d   time.Duration
 	set bool
 }
+
+func (a *ageFlag) Type() string { return "age" }
 
 func (a *ageFlag) String() string {
 	if !a.set {

@@ -11,22 +11,8 @@ import (
 // cmdNotify switches the table's statement-level NOTIFY trigger. It is off
 // by default because NOTIFY serialises committing producers on a
 // database-wide lock; wake.mode: notify wants it on.
-func (c *cliEnv) cmdNotify(ctx context.Context, args []string) error {
-	fs, path := c.flags("notify")
-	if len(args) == 0 {
-		return usagef("notify needs an action: enable, disable or status")
-	}
-	action := args[0]
-	if err := parse(fs, args[1:]); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return usagef("notify %s: unexpected argument %q", action, fs.Arg(0))
-	}
-	if action != "enable" && action != "disable" && action != "status" {
-		return usagef("notify: unknown action %q: use enable, disable or status", action)
-	}
-	conn, q, t, err := c.openOutbox(ctx, *path) // redacts connect errors, checks the table
+func (c *cliEnv) cmdNotify(ctx context.Context, action string, asJSON bool) error {
+	conn, q, t, err := c.openOutbox(ctx) // redacts connect errors, checks the table
 	if err != nil {
 		return err
 	}
@@ -39,6 +25,9 @@ func (c *cliEnv) cmdNotify(ctx context.Context, args []string) error {
 		}
 		if _, err := conn.Exec(ctx, stmt); err != nil {
 			return fmt.Errorf("notify %s on %s: %w", action, t, err)
+		}
+		if asJSON {
+			return writeJSON(c.stdout, notifyReport{Table: t.String(), Trigger: action + "d"})
 		}
 		fmt.Fprintf(c.stdout, "NOTIFY trigger on %s %sd\n", t, action)
 	case "status":
@@ -54,7 +43,16 @@ func (c *cliEnv) cmdNotify(ctx context.Context, args []string) error {
 		if enabled != nil && *enabled {
 			state = "enabled"
 		}
+		if asJSON {
+			return writeJSON(c.stdout, notifyReport{Table: t.String(), Trigger: state})
+		}
 		fmt.Fprintf(c.stdout, "NOTIFY trigger on %s is %s\n", t, state)
 	}
 	return nil
+}
+
+// notifyReport is what notify prints with --json.
+type notifyReport struct {
+	Table   string `json:"table"`
+	Trigger string `json:"trigger"` // enabled or disabled
 }

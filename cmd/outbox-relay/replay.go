@@ -17,17 +17,15 @@ import (
 	"github.com/outbox-relay/outbox-relay/relay"
 )
 
-const replayUsage = `Usage:
-  outbox-relay replay [selection] [--exchange X] [--rate N] [--batch-size N] [--dry-run]
-
-Publishes already dispatched events again, in seq order, with confirms, each
+const replayLong = `Publishes already dispatched events again, in seq order, with confirms, each
 copy marked with the header x-outbox-replay (the time of the replay). The
 outbox table is only read. Select with any of:
   --from-seq N --to-seq N        seq range (inclusive)
   --since T --until T            created_at range; T is RFC 3339 or an age
                                  such as 90m or 7d (that long ago)
   --type T (repeatable)          event types
-  --all                          everything dispatched (no other selector)
+  --all                          everything dispatched (no other selector;
+                                 asks first on a terminal, else needs --yes)
 Copies follow their rows' routes (the exchange and routing_key columns, else
 amqp.exchange and the event type); --exchange X sends them all to X, each with
 its routing key. --dry-run counts what would be sent. --rate N holds per event: a page is
@@ -44,55 +42,48 @@ drop them by message id like any duplicate.
 
 const defaultReplayBatch = 500
 
-func (c *cliEnv) cmdReplay(ctx context.Context, args []string) error {
-	fs, path := c.flags("replay")
-	fs.Usage = func() {
-		fmt.Fprint(c.stderr, replayUsage, "\nFlags:\n")
-		fs.PrintDefaults()
-	}
-	var types stringList
-	fs.Var(&types, "type", "replay only this event type (repeatable)")
-	from := fs.Int64("from-seq", 0, "first seq to replay")
-	to := fs.Int64("to-seq", 0, "last seq to replay (0: no limit)")
-	since := fs.String("since", "", "created at or after: RFC 3339 time or an age such as 24h or 7d")
-	until := fs.String("until", "", "created before: RFC 3339 time or an age")
-	all := fs.Bool("all", false, "replay every dispatched event")
-	exchange := fs.String("exchange", "", "publish the copies to this exchange instead of amqp.exchange")
-	rate := fs.Float64("rate", 0, "most events per second (0: as fast as confirms allow)")
-	batch := fs.Int("batch-size", defaultReplayBatch, "events read per page")
-	dryRun := fs.Bool("dry-run", false, "only count the selected events")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return usagef("replay: unexpected argument %q", fs.Arg(0))
-	}
-	sel := relay.ReplaySelection{FromSeq: *from, ToSeq: *to, Types: types}
+// replayFlags are replay's flags.
+type replayFlags struct {
+	types                  stringList
+	from, to               int64
+	since, until, exchange string
+	all, dryRun, yes, json bool
+	rate                   float64
+	batch                  int
+}
+
+func (c *cliEnv) cmdReplay(ctx context.Context, o replayFlags) error {
+	sel := relay.ReplaySelection{FromSeq: o.from, ToSeq: o.to, Types: o.types}
 	var err error
-	if sel.Since, err = parseWhen(*since); err != nil {
+	if sel.Since, err = parseWhen(o.since); err != nil {
 		return usagef("replay --since: %v", err)
 	}
-	if sel.Until, err = parseWhen(*until); err != nil {
+	if sel.Until, err = parseWhen(o.until); err != nil {
 		return usagef("replay --until: %v", err)
 	}
-	selected := *from != 0 || *to != 0 || *since != "" || *until != "" || len(types) > 0
+	selected := o.from != 0 || o.to != 0 || o.since != "" || o.until != "" || len(o.types) > 0
 	switch {
-	case !selected && !*all:
+	case !selected && !o.all:
 		return usagef("replay: choose what to replay (--from-seq/--to-seq, --since/--until, --type) or --all")
-	case selected && *all:
+	case selected && o.all:
 		return usagef("replay: --all cannot be combined with another selector")
-	case *from < 0 || *to < 0 || (*to != 0 && *to < *from):
+	case o.from < 0 || o.to < 0 || (o.to != 0 && o.to < o.from):
 		return usagef("replay: --from-seq and --to-seq must be positive, with --to-seq ≥ --from-seq")
-	case *rate < 0 || math.IsNaN(*rate) || math.IsInf(*rate, 0):
-		return usagef("replay --rate: must be 0 (unlimited) or a positive number of events per second, got %v", *rate)
-	case *batch < 1 || *batch > 10000:
-		return usagef("replay --batch-size: must be between 1 and 10000, got %d", *batch)
+	case o.rate < 0 || math.IsNaN(o.rate) || math.IsInf(o.rate, 0):
+		return usagef("replay --rate: must be 0 (unlimited) or a positive number of events per second, got %v", o.rate)
+	case o.batch < 1 || o.batch > 10000:
+		return usagef("replay --batch-size: must be between 1 and 10000, got %d", o.batch)
+	}
+	if o.all && !o.dryRun {
+		if err := c.needConfirmation("replay --all", o.yes); err != nil {
+			return err
+		}
 	}
 	prefixes := []string{"postgres."}
-	if !*dryRun {
+	if !o.dryRun {
 		prefixes = append(prefixes, "amqp.")
 	}
-	cfg, err := c.loadConfig(*path, prefixes...)
+	cfg, err := c.loadConfig(prefixes...)
 	if err != nil {
 		return err
 	}
@@ -114,23 +105,40 @@ func (c *cliEnv) cmdReplay(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	if *dryRun {
+	if o.dryRun {
 		n, err := rp.Count(ctx, pool, sel)
 		if err != nil {
 			return err
 		}
+		if o.json {
+			return writeJSON(c.stdout, replayReport{Table: t.String(), DryRun: true, Total: n})
+		}
 		fmt.Fprintf(c.stdout, "dry run: %d dispatched events of %s match; nothing was sent\n", n, t)
 		return nil
 	}
+	if o.all && !o.yes {
+		n, err := rp.Count(ctx, pool, sel)
+		if err != nil {
+			return err
+		}
+		to := o.exchange
+		if to == "" {
+			to = cfg.AMQP.Exchange
+		}
+		if err := c.confirm(fmt.Sprintf("replay all %d dispatched events of %s to exchange %q?", n, t, to), "nothing was sent"); err != nil {
+			return err
+		}
+	}
 
 	amqpCfg := cfg.AMQP
-	if *exchange != "" {
+	if o.exchange != "" {
 		// Never declared, only checked: a mistyped name must not leave a
 		// stray durable exchange behind with the copies lost in it.
-		amqpCfg.Exchange, amqpCfg.DeclareExchange = *exchange, new(false)
+		noDeclare := false
+		amqpCfg.Exchange, amqpCfg.DeclareExchange = o.exchange, &noDeclare
 	}
 	log := newLogger(cfg.Log, c.stderr)
-	pub := relay.NewAMQPPublisher(amqpCfg, *batch, log.Named("replay"))
+	pub := relay.NewAMQPPublisher(amqpCfg, o.batch, log.Named("replay"))
 	defer pub.Close()
 	if err := pub.Connect(ctx); err != nil {
 		return fmt.Errorf("broker: %w (nothing was sent)", err)
@@ -139,19 +147,27 @@ func (c *cliEnv) cmdReplay(ctx context.Context, args []string) error {
 	context.AfterFunc(ctx, c.stopSignals)
 	pr := newProgress(c.stderr, isTerminal(c.stderr))
 	p, err := rp.Replay(ctx, pool, pub, sel, relay.ReplayOptions{
-		BatchSize: *batch,
-		Rate:      *rate,
+		BatchSize: o.batch,
+		Rate:      o.rate,
 		Progress:  pr.update,
 		// --exchange takes every copy, including those of rows routed to
 		// another exchange.
-		OneExchange: *exchange != "",
+		OneExchange: o.exchange != "",
 	})
 	pr.finish(p)
-	fmt.Fprintf(c.stdout, "replayed %d of %d events to exchange %q in %s\n", p.Done, p.Total, amqpCfg.Exchange, p.Elapsed.Round(time.Millisecond))
+	if o.json {
+		rep := replayReport{Table: t.String(), Exchange: amqpCfg.Exchange, Total: p.Total, Replayed: p.Done,
+			Seconds: p.Elapsed.Seconds(), Complete: err == nil}
+		if jerr := writeJSON(c.stdout, rep); jerr != nil {
+			return jerr
+		}
+	} else {
+		fmt.Fprintf(c.stdout, "replayed %d of %d events to exchange %q in %s\n", p.Done, p.Total, amqpCfg.Exchange, p.Elapsed.Round(time.Millisecond))
+	}
 	if err == nil {
 		return nil
 	}
-	resume := resumeCommand(*path, sel, p.Resume, *exchange, *rate, *batch)
+	resume := resumeCommand(c.configPath, sel, p.Resume, o.exchange, o.rate, o.batch)
 	if errors.Is(err, context.Canceled) {
 		return fmt.Errorf("replay interrupted after %d of %d events (every selected event before seq %d was confirmed); resume with:\n  %s",
 			p.Done, p.Total, p.Resume, resume)
@@ -288,4 +304,15 @@ func parseWhen(s string) (time.Time, error) {
 		return time.Time{}, fmt.Errorf("%q is neither an RFC 3339 time (2026-11-23T09:00:00Z) nor an age such as 90m or 7d", s)
 	}
 	return time.Now().Add(-age), nil
+}
+
+// replayReport is what replay prints with --json.
+type replayReport struct {
+	Table    string  `json:"table"`
+	Exchange string  `json:"exchange,omitempty"`
+	DryRun   bool    `json:"dry_run"`
+	Total    int64   `json:"total"`    // selected events
+	Replayed int64   `json:"replayed"` // confirmed copies
+	Seconds  float64 `json:"seconds"`
+	Complete bool    `json:"complete"` // false: interrupted or failed, see stderr for the resume command
 }

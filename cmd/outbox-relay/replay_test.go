@@ -170,7 +170,7 @@ func TestReplayInterruptAndResume(t *testing.T) {
 	env := []string{"TEST_OUTBOX_RELAY_MAIN=1", "PATH=" + bin + string(os.PathListSeparator) + os.Getenv("PATH")}
 
 	var stdout, stderr bytes.Buffer
-	cmd := exec.Command(self, "replay", "--config", cfg, "--all", "--rate", "40")
+	cmd := exec.Command(self, "replay", "--config", cfg, "--all", "--yes", "--rate", "40")
 	cmd.Env, cmd.Stdout, cmd.Stderr = env, &stdout, &stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -15,15 +15,8 @@ import (
 	"github.com/outbox-relay/outbox-relay/schema"
 )
 
-func (c *cliEnv) cmdRun(ctx context.Context, args []string) error {
-	fs, path := c.flags("run")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return usagef("run: unexpected argument %q", fs.Arg(0))
-	}
-	cfg, err := c.loadConfig(*path)
+func (c *cliEnv) cmdRun(ctx context.Context) error {
+	cfg, err := c.loadConfig()
 	if err != nil {
 		return err
 	}

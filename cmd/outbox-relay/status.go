@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -83,10 +82,7 @@ type typeCounts struct {
 	Dead      int64  `json:"dead"`
 }
 
-const statusUsage = `Usage:
-  outbox-relay status [--json] [--recent-rows N]
-
-Shows the outbox table's backlog (pending rows, due now, oldest pending age),
+const statusLong = `Shows the outbox table's backlog (pending rows, due now, oldest pending age),
 dead rows, rows dispatched in the last minute and 5 minutes, pending and dead
 counts of the top 20 event types, the schema version and the NOTIFY trigger.
 All numbers come from one consistent snapshot; status never writes.
@@ -99,24 +95,17 @@ relay.on_dispatch: delete, dispatched rows are not kept: status says so
 (outbox_relay_events_published_total).
 `
 
-func (c *cliEnv) cmdStatus(ctx context.Context, args []string) error {
-	fs, path := c.flags("status")
-	fs.Usage = func() {
-		fmt.Fprint(c.stderr, statusUsage, "\nFlags:\n")
-		fs.PrintDefaults()
+// statusFlags are status's flags.
+type statusFlags struct {
+	json   bool
+	window int64 // --recent-rows
+}
+
+func (c *cliEnv) cmdStatus(ctx context.Context, o statusFlags) error {
+	if o.window < 0 {
+		return usagef("status --recent-rows: must be 0 (everything) or more, got %d", o.window)
 	}
-	asJSON := fs.Bool("json", false, "print one JSON object")
-	window := fs.Int64("recent-rows", 100000, "count dispatched rows among the newest N rows only (0: scan the whole table)")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return usagef("status: unexpected argument %q", fs.Arg(0))
-	}
-	if *window < 0 {
-		return usagef("status --recent-rows: must be 0 (everything) or more, got %d", *window)
-	}
-	cfg, err := c.loadConfig(*path, "postgres.")
+	cfg, err := c.loadConfig("postgres.")
 	if err != nil {
 		return err
 	}
@@ -127,18 +116,15 @@ func (c *cliEnv) cmdStatus(ctx context.Context, args []string) error {
 	defer conn.Close(context.WithoutCancel(ctx))
 
 	rep, err := readStatus(ctx, conn, q, t, statusOptions{
-		window:         *window,
+		window:         o.window,
 		keepDispatched: cfg.Relay.OnDispatch != relay.OnDispatchDelete,
 		partitions:     partitionsIfOrdered(cfg.Relay),
 	})
 	if err != nil {
 		return fmt.Errorf("status of %s: %w", t, err)
 	}
-	if *asJSON {
-		enc := json.NewEncoder(c.stdout)
-		enc.SetIndent("", "  ")
-		enc.SetEscapeHTML(false)
-		return enc.Encode(rep)
+	if o.json {
+		return writeJSON(c.stdout, rep)
 	}
 	return printStatus(c.stdout, rep, cfg.Wake.Mode)
 }

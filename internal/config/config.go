@@ -175,10 +175,16 @@ func (f *File) noteZero(key string, v reflect.Value) {
 	}
 }
 
-// Load reads path (if not empty), applies the environment (KEY=VALUE
-// strings, as os.Environ returns) and the defaults. It does not validate.
+// Load reads path (if empty, the file $OUTBOX_RELAY_CONFIG names, if any),
+// applies the environment (KEY=VALUE strings, as os.Environ returns) and the
+// defaults. It does not validate.
 func Load(path string, environ []string) (File, error) {
 	var f File
+	path = ConfigPath(path, environ)
+	environ, err := resolveEnv(environ)
+	if err != nil {
+		return f, err
+	}
 	if path != "" {
 		data, err := os.ReadFile(path)
 		if err != nil {
@@ -191,7 +197,9 @@ func Load(path string, environ []string) (File, error) {
 	if err := applyEnv(&f, environ); err != nil {
 		return f, err
 	}
-	return f.WithDefaults(), nil
+	f = f.WithDefaults()
+	f.Config = f.Config.WithAppNames()
+	return f, nil
 }
 
 // Parse decodes YAML strictly: unknown keys and a second document are errors.

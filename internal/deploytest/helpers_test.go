@@ -91,6 +91,9 @@ func keys() (byPath, byEnv map[string]config.Key) {
 		byPath[k.Path] = k
 		byEnv[k.Env] = k
 	}
+	for _, env := range config.ExtraEnv() {
+		byEnv[env] = config.Key{Env: env, Kind: "string"}
+	}
 	return byPath, byEnv
 }
 

@@ -3,6 +3,7 @@ package obstest_test
 import (
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -19,11 +20,44 @@ var requiredAlerts = []string{
 	"OutboxRelayPublishFailureRatio",
 	"OutboxRelayBrokerLinkDown",
 	"OutboxRelayNotReady",
+	"OutboxRelayDatabaseLinkDown",
+	"OutboxRelayBacklogCountsStale",
+	"OutboxRelayPartitionsUnowned",
+	"OutboxRelayCommitHorizonWait",
+}
+
+// runbookBase is where every alert's runbook_url points: a section of
+// docs/operations.md.
+const runbookBase = "https://github.com/outbox-relay/outbox-relay/blob/main/docs/operations.md#"
+
+// headingAnchors returns the anchors GitHub gives the headings of a
+// Markdown file: lower case, punctuation dropped, spaces as hyphens.
+func headingAnchors(t *testing.T, path string) map[string]bool {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	drop := regexp.MustCompile(`[^\p{L}\p{N} _-]`)
+	out := map[string]bool{}
+	inFence := false
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, "```") {
+			inFence = !inFence
+		}
+		if inFence || !strings.HasPrefix(line, "#") {
+			continue
+		}
+		h := strings.TrimSpace(strings.TrimLeft(line, "#"))
+		out[strings.ReplaceAll(drop.ReplaceAllString(strings.ToLower(h), ""), " ", "-")] = true
+	}
+	return out
 }
 
 // TestAlertRules runs promtool over the shipped rules, their unit tests and
 // the example Prometheus configuration, and checks that the unit tests show
-// every alert both firing and staying quiet.
+// every alert both firing and staying quiet, and that every alert's
+// runbook_url leads to a section of docs/operations.md.
 func TestAlertRules(t *testing.T) {
 	t.Parallel()
 	dir := filepath.Dir(alertsPath)
@@ -42,6 +76,7 @@ func TestAlertRules(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	anchors := headingAnchors(t, filepath.Join(filepath.Dir(alertsPath), "..", "..", "docs", "operations.md"))
 	shipped := map[string]bool{}
 	for _, g := range rules.Groups {
 		for _, r := range g.Rules {
@@ -51,6 +86,10 @@ func TestAlertRules(t *testing.T) {
 			shipped[r.Alert] = true
 			if r.Labels["severity"] == "" || r.Annot["summary"] == "" || r.Annot["description"] == "" {
 				t.Errorf("alert %s: needs a severity label and summary and description annotations", r.Alert)
+			}
+			anchor, ok := strings.CutPrefix(r.Annot["runbook_url"], runbookBase)
+			if !ok || !anchors[anchor] {
+				t.Errorf("alert %s: runbook_url %q is not %s plus the anchor of a heading of docs/operations.md", r.Alert, r.Annot["runbook_url"], runbookBase)
 			}
 		}
 	}
