@@ -141,6 +141,7 @@ type publishResult struct {
 	elapsed    time.Duration
 	rate       float64
 	cpu0, cpu1 cpuSnap
+	idle       []brokerTickSample // the broker per brokerTick, nil if unknown
 }
 
 // publishRun publishes for d on a fresh connection. With
@@ -201,6 +202,8 @@ func (b *bench) publishRun(ctx context.Context, window int, stopAndWait bool, d 
 		}
 	}
 	res.cpu0 = b.cpuSnapshot()
+	idle := b.sampleBroker()
+	defer idle.finish()
 	start := time.Now()
 	end := start.Add(d)
 	for time.Now().Before(end) {
@@ -237,6 +240,7 @@ func (b *bench) publishRun(ctx context.Context, window int, stopAndWait bool, d 
 	}
 	res.elapsed = time.Since(start)
 	res.cpu1 = b.cpuSnapshot()
+	res.idle = idle.finish()
 	res.n = acked
 	res.rate = float64(acked) / res.elapsed.Seconds()
 	if nacked > 0 || returned.Load() > 0 {

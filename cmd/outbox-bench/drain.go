@@ -21,7 +21,8 @@ type drainResult struct {
 	claimT, publishT, markT time.Duration // total
 
 	cpu0, cpu1 cpuSnap
-	backends   time.Duration // CPU of the engine's database backends, -1 if unknown
+	backends   time.Duration      // CPU of the engine's database backends, -1 if unknown
+	idle       []brokerTickSample // the broker per brokerTick, nil if unknown
 }
 
 // drainSection pre-fills a backlog and times the relay emptying it, with
@@ -32,6 +33,12 @@ func (b *bench) drainSection(ctx context.Context) error {
 		modes = append(modes, relay.OnDispatchDelete)
 	}
 	for _, mode := range modes {
+		if b.opts.drainAlt.text != "" {
+			if err := b.drainAB(ctx, mode); err != nil {
+				return fmt.Errorf("on_dispatch %s: %w", mode, err)
+			}
+			continue
+		}
 		// The machine's load drifts: measure the ceiling again just before
 		// and just after each drain, with the best window (or the relay's
 		// batch size), and compare with the higher of the two.
@@ -61,6 +68,11 @@ func (b *bench) drainSection(ctx context.Context) error {
 		b.out.line(p+".wal_per_event", fmt.Sprintf("%.0f", res.walBytes/float64(res.n)), "bytes",
 			"cluster-wide WAL during the drain (after a CHECKPOINT, so full-page images included) / events")
 		b.cpuLine(p+".cpu", res.cpu0, res.cpu1, res.backends)
+		ceil := before
+		if after.rate > before.rate {
+			ceil = after
+		}
+		b.perEventLines(p, res, ceil)
 		b.out.line(p+".batches", fmt.Sprint(res.batches), "", fmt.Sprintf("mean %.0f rows", res.meanBatch))
 		b.out.line(p+".stage_claim", ms(res.claim), "ms", fmt.Sprintf("mean per claim; summed: %.0f%% of the drain's wall time", pct(res.claimT, res.elapsed)))
 		b.out.line(p+".stage_publish", ms(res.publish), "ms", fmt.Sprintf("mean per batch, first publish to last confirm; summed: %.0f%%", pct(res.publishT, res.elapsed)))
@@ -83,6 +95,11 @@ func pct(part, whole time.Duration) float64 {
 // the given on_dispatch) until a consumer has received all n and the table
 // has none pending.
 func (b *bench) drain(ctx context.Context, n int, onDispatch string) (drainResult, error) {
+	return b.drainWith(ctx, n, onDispatch, nil)
+}
+
+// drainWith is drain with the relay's configuration changed by tweak, if set.
+func (b *bench) drainWith(ctx context.Context, n int, onDispatch string, tweak func(*relay.Config)) (drainResult, error) {
 	res := drainResult{n: n}
 	if err := b.reset(ctx, false); err != nil {
 		return res, err
@@ -109,7 +126,12 @@ func (b *bench) drain(ctx context.Context, n int, onDispatch string) (drainResul
 	}
 	cfg := b.relayConfig()
 	cfg.Relay.OnDispatch = onDispatch
+	if tweak != nil {
+		tweak(&cfg)
+	}
 	res.cpu0 = b.cpuSnapshot()
+	idle := b.sampleBroker()
+	defer idle.finish()
 	start := time.Now()
 	r, err := b.startRelay(ctx, cfg)
 	if err != nil {
@@ -129,6 +151,7 @@ func (b *bench) drain(ctx context.Context, n int, onDispatch string) (drainResul
 	}
 	res.elapsed = time.Since(start)
 	res.cpu1 = b.cpuSnapshot()
+	res.idle = idle.finish()
 	// The engine's backends started with it: their whole CPU time is the drain's.
 	res.backends = -1
 	if pids, err := b.backendPIDs(ctx, b.engineAppName()); err == nil {

@@ -74,6 +74,9 @@ type options struct {
 	rssBigRows int
 	rssBigSize int
 	cpuProf    string // write the bench process's CPU profile here
+	// drain A/B: the default against drainAlt, drainRounds times
+	drainAlt    drainAlt
+	drainRounds int
 }
 
 func parseOptions(args []string, stderr io.Writer) (options, error) {
@@ -86,7 +89,7 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	}
 	only := fs.String("only", "", "comma-separated sections to run (default all): "+strings.Join(allSections, ","))
 	windows := fs.String("windows", "", "broker ceiling: outstanding-confirm windows to try (default 500,1000,2000,5000, quick 500,2000)")
-	rates := fs.String("rates", "1000,5000", "latency: fixed offered rates, events/s")
+	rates := fs.String("rates", "1000,2500,5000", "latency: fixed offered rates, events/s")
 	fractions := fs.String("fractions", "", "latency: offered rates as percent of the measured drain capacity (default 25,50,90, quick 50)")
 	fs.BoolVar(&o.quick, "quick", false, "small sizes and short windows: the whole run takes under a minute")
 	fs.StringVar(&o.dsn, "dsn", cmp.Or(os.Getenv("TEST_DATABASE_URL"), "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"), "PostgreSQL URL (default $TEST_DATABASE_URL or the local server)")
@@ -107,6 +110,8 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	fs.DurationVar(&o.rssTime, "rss-time", 0, "RSS: sampling window per backlog (default 5s, quick 1.5s)")
 	fs.IntVar(&o.rssBigRows, "rss-big-rows", 0, "RSS: rows of the large-payload drain (default 16, quick 4)")
 	fs.IntVar(&o.rssBigSize, "rss-big-size", 24<<20, "RSS: payload bytes per row of the large-payload drain")
+	alt := fs.String("drain-alt", "", "drain: alternate the default relay configuration with this one (max_conns=N,batch_size=N), ABBA, -drain-rounds times each")
+	fs.IntVar(&o.drainRounds, "drain-rounds", 4, "drain: rounds of the -drain-alt comparison")
 	fs.StringVar(&o.cpuProf, "cpuprofile", "", "write a CPU profile of the bench process (the drain section's relay engine runs in it) to this file")
 	if err := fs.Parse(args); err != nil {
 		return o, err
@@ -141,6 +146,14 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	}
 	if o.fractions, err = intList(*fractions); err != nil {
 		return o, fmt.Errorf("-fractions: %w", err)
+	}
+	if *alt != "" {
+		if o.drainAlt, err = parseDrainAlt(*alt); err != nil {
+			return o, fmt.Errorf("-drain-alt: %w", err)
+		}
+		if o.drainRounds < 1 {
+			return o, errors.New("-drain-rounds: at least 1")
+		}
 	}
 	if *only != "" {
 		for _, s := range strings.Split(*only, ",") {
