@@ -400,3 +400,44 @@ type publicError struct{ reason, detail string }
 
 func (e publicError) Error() string  { return e.detail }
 func (e publicError) Public() string { return e.reason }
+
+// TestHealthzLiveness: /healthz answers 503 naming the cause while the
+// liveness function reports an error, and 200 again once it does not.
+func TestHealthzLiveness(t *testing.T) {
+	t.Parallel()
+	srv, err := metrics.NewServer("127.0.0.1:0", prometheus.NewRegistry(), func() error { return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = srv.Serve() }()
+	defer func() { _ = srv.Shutdown(context.Background()) }()
+	var stuck atomic.Pointer[error]
+	srv.SetLiveness(func() error {
+		if e := stuck.Load(); e != nil {
+			return *e
+		}
+		return nil
+	})
+	get := func() (int, string) {
+		t.Helper()
+		resp, err := http.Get("http://" + srv.Addr() + "/healthz")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, body := get(); code != http.StatusOK {
+		t.Fatalf("/healthz while live: %d %q", code, body)
+	}
+	cause := errors.New("claim loop stuck")
+	stuck.Store(&cause)
+	if code, body := get(); code != http.StatusServiceUnavailable || !strings.Contains(body, cause.Error()) {
+		t.Fatalf("/healthz while stuck: %d %q, want 503 naming the cause", code, body)
+	}
+	stuck.Store(nil)
+	if code, body := get(); code != http.StatusOK {
+		t.Fatalf("/healthz after recovery: %d %q", code, body)
+	}
+}

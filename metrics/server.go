@@ -8,6 +8,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -16,8 +17,9 @@ import (
 
 // Server serves /metrics, /healthz and /readyz.
 type Server struct {
-	srv *http.Server
-	ln  net.Listener
+	srv  *http.Server
+	ln   net.Listener
+	live atomic.Pointer[func() error]
 }
 
 // NewServer listens on addr at once, so a taken port is a start-up error.
@@ -28,9 +30,16 @@ func NewServer(addr string, g prometheus.Gatherer, ready func() error) (*Server,
 	if err != nil {
 		return nil, err
 	}
+	s := &Server{ln: ln}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(g, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		if live := s.live.Load(); live != nil {
+			if err := (*live)(); err != nil {
+				http.Error(w, "not live: "+err.Error(), http.StatusServiceUnavailable)
+				return
+			}
+		}
 		_, _ = w.Write([]byte("ok\n"))
 	})
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
@@ -40,8 +49,13 @@ func NewServer(addr string, g prometheus.Gatherer, ready func() error) (*Server,
 		}
 		_, _ = w.Write([]byte("ready\n"))
 	})
-	return &Server{srv: &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, ln: ln}, nil
+	s.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	return s, nil
 }
+
+// SetLiveness makes /healthz answer 503 while live returns an error: the
+// process is stuck and only a restart helps. Without it /healthz is 200.
+func (s *Server) SetLiveness(live func() error) { s.live.Store(&live) }
 
 // Addr is the address actually bound (useful with port 0).
 func (s *Server) Addr() string { return s.ln.Addr().String() }

@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math"
 	"mime"
 	"net/url"
+	"slices"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -41,6 +43,7 @@ func (p *AMQPPublisher) publishing(m *Message) (amqp.Publishing, error) {
 	case FormatCloudEventsStructured:
 		pub.Body = cloudEventsJSON(m, p.cfg.CloudEventsSource)
 		pub.ContentType = ContentTypeCloudEvents
+		pub.Headers = withoutExtensions(m.Headers)
 	}
 	return pub, nil
 }
@@ -58,7 +61,106 @@ func cloudEventsValid(m *Message) error {
 			return fmt.Errorf("content_type %q is not a media type such as application/json (RFC 2046), as CloudEvents requires of datacontenttype", m.ContentType)
 		}
 	}
+	for _, name := range slices.Sorted(maps.Keys(m.Headers)) {
+		if err := extensionHeaderValid(name, m.Headers[name]); err != nil {
+			return err
+		}
+	}
 	return nil
+}
+
+// relayAttributes are the context attributes the relay sets from the row's
+// columns and its config, and data, which is the payload: a row header may
+// not set them, or it would contradict (or spoof) the relay's own.
+var relayAttributes = map[string]bool{
+	"specversion": true, "id": true, "source": true, "type": true, "time": true,
+	"subject": true, "datacontenttype": true, "data": true,
+}
+
+// extensionHeaderValid checks a row header against the CloudEvents rules
+// when its name claims to be an attribute: the binding's prefix
+// (cloudEvents:, or cloudEvents_ for JMS, in any case) followed by a name
+// of lowercase letters and digits that is not one the relay sets, with a
+// string, boolean or 32-bit integer value (the CloudEvents types a header
+// value can be). Other headers are not attributes and pass.
+func extensionHeaderValid(header string, value any) error {
+	if len(header) < len(CloudEventsHeaderPrefix) {
+		return nil
+	}
+	prefix, name := header[:len(CloudEventsHeaderPrefix)], header[len(CloudEventsHeaderPrefix):]
+	if !strings.EqualFold(prefix, CloudEventsHeaderPrefix) && !strings.EqualFold(prefix, "cloudEvents_") {
+		return nil
+	}
+	fail := func(why string) error {
+		return fmt.Errorf("header %q %s; rename or drop it", header, why)
+	}
+	switch {
+	case prefix != CloudEventsHeaderPrefix:
+		return fail("is a CloudEvents attribute header, which must start with exactly " + CloudEventsHeaderPrefix)
+	case !attributeName(name):
+		return fail("names no valid CloudEvents extension: names are lowercase letters and digits (a-z, 0-9)")
+	case relayAttributes[name]:
+		return fail("sets the context attribute " + name + ", which the relay sets from the row and amqp.cloudevents_source")
+	case name == "dataschema":
+		if s, _ := value.(string); !absoluteURI(s) {
+			return fail("sets dataschema, which CloudEvents requires to be an absolute URI such as https://example.com/schemas/lesson.json")
+		}
+	}
+	switch v := value.(type) {
+	case string, bool:
+	case int64:
+		if v < math.MinInt32 || v > math.MaxInt32 {
+			return fail("is outside the 32-bit range of a CloudEvents Integer")
+		}
+	default:
+		return fail("is not a string, boolean or integer, the types a CloudEvents extension can have here")
+	}
+	return nil
+}
+
+func absoluteURI(s string) bool {
+	u, err := url.Parse(s)
+	return err == nil && u.IsAbs() && !strings.ContainsAny(s, " \t\r\n")
+}
+
+// attributeName reports whether s is a CloudEvents attribute name: one or
+// more lowercase ASCII letters and digits.
+func attributeName(s string) bool {
+	if s == "" {
+		return false
+	}
+	for _, c := range []byte(s) {
+		if (c < 'a' || c > 'z') && (c < '0' || c > '9') {
+			return false
+		}
+	}
+	return true
+}
+
+// extensions returns m's cloudEvents:* headers (already valid) by attribute
+// name, sorted, so the structured document is deterministic.
+func extensions(h map[string]any) []string {
+	var names []string
+	for k := range h {
+		if name, ok := strings.CutPrefix(k, CloudEventsHeaderPrefix); ok {
+			names = append(names, name)
+		}
+	}
+	slices.Sort(names)
+	return names
+}
+
+// withoutExtensions returns h without its cloudEvents:* headers: in
+// structured mode they are attributes inside the document, and a header
+// beside it would be a second, possibly different, copy.
+func withoutExtensions(h map[string]any) amqp.Table {
+	out := make(amqp.Table, len(h))
+	for k, v := range h {
+		if !strings.HasPrefix(k, CloudEventsHeaderPrefix) {
+			out[k] = v
+		}
+	}
+	return out
 }
 
 // subject is the CloudEvents subject of m: its partition key, unless blank
@@ -73,9 +175,8 @@ func subject(m *Message) string {
 // cloudEventsHeaders returns m's headers with the CloudEvents attributes
 // added under the AMQP binding's names; datacontenttype is the content-type
 // property already. The time is a string: AMQP 0-9-1 timestamps hold whole
-// seconds, and the binding allows the canonical string form. A row header
-// named like an attribute is overridden; other cloudEvents:* headers are
-// extension attributes.
+// seconds, and the binding allows the canonical string form. The row's
+// cloudEvents:* headers, checked by cloudEventsValid, are extensions.
 func cloudEventsHeaders(m *Message, source string) amqp.Table {
 	h := make(amqp.Table, len(m.Headers)+6)
 	maps.Copy(h, m.Headers)
@@ -97,14 +198,14 @@ func cloudEventsHeaders(m *Message, source string) amqp.Table {
 func cloudEventsJSON(m *Message, source string) []byte {
 	var b bytes.Buffer
 	b.Grow(len(m.Body)*4/3 + 256)
-	attr := func(name, value string) {
+	attr := func(name string, value any) {
 		if b.Len() == 0 {
 			b.WriteByte('{')
 		} else {
 			b.WriteByte(',')
 		}
 		b.WriteString(`"` + name + `":`)
-		v, _ := json.Marshal(value) // a string cannot fail
+		v, _ := json.Marshal(value) // a string, bool or int64 cannot fail
 		b.Write(v)
 	}
 	attr("specversion", CloudEventsSpecVersion)
@@ -117,6 +218,9 @@ func cloudEventsJSON(m *Message, source string) []byte {
 	}
 	if m.ContentType != "" {
 		attr("datacontenttype", m.ContentType)
+	}
+	for _, name := range extensions(m.Headers) {
+		attr(name, m.Headers[CloudEventsHeaderPrefix+name])
 	}
 	switch {
 	case len(m.Body) == 0:
@@ -131,15 +235,17 @@ func cloudEventsJSON(m *Message, source string) []byte {
 }
 
 // jsonMediaType reports whether a content type is JSON that consumers
-// decode as a JSON data member: application/json or text/json, parameters
-// aside. The spec counts */*+json too, but the CloudEvents Go SDK (v2.16)
-// then expects a string and fails; data_base64 is valid for any payload.
+// decode as a JSON data member: application/json or text/json, in lower
+// case, parameters aside. The spec counts */*+json and any letter case too,
+// but the CloudEvents Go SDK (v2.16) then expects a string and fails;
+// data_base64 is valid for any payload.
 func jsonMediaType(contentType string) bool {
 	mt, _, err := mime.ParseMediaType(contentType)
 	if err != nil {
 		return false
 	}
-	return mt == "application/json" || mt == "text/json"
+	written, _, _ := strings.Cut(contentType, ";")
+	return (mt == "application/json" || mt == "text/json") && strings.TrimSpace(written) == mt
 }
 
 // validSource checks amqp.cloudevents_source: CloudEvents requires a

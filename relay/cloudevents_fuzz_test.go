@@ -3,6 +3,7 @@ package relay_test
 import (
 	"bytes"
 	"encoding/json"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -16,21 +17,27 @@ import (
 
 // FuzzCloudEventsJSON: whatever a row holds, the structured document is
 // valid UTF-8 JSON that the CloudEvents Go SDK decodes and validates, with
-// the payload back as data (byte for byte when it went as data_base64), or
-// the row is refused (a blank type, a content type that is no media type).
+// the payload back as data (byte for byte when it went as data_base64) and
+// a cloudEvents:<ext> row header as an extension, or the row is refused (a
+// blank type, a content type that is no media type, a header that is no
+// valid extension).
 func FuzzCloudEventsJSON(f *testing.F) {
-	f.Add([]byte(`{"a": 1}`), "application/json", "lesson.published", "k")
-	f.Add([]byte("{\"s\":\"\xff\"}"), "application/json", "t", "") // JSON-looking, not UTF-8
-	f.Add([]byte(`null`), "text/json; charset=utf-8", "t", "")
-	f.Add([]byte{0, 1, 2}, "application/octet-stream", "t", "k\"<>")
-	f.Add([]byte(`[1]`), "application/vnd.x+json", "t", "")
-	f.Add([]byte{}, "", "t", "")
-	f.Fuzz(func(t *testing.T, payload []byte, contentType, eventType, key string) {
-		if eventType == "" || !utf8.ValidString(eventType) || !utf8.ValidString(key) || !utf8.ValidString(contentType) {
-			t.Skip("event_type, partition_key and content_type are PostgreSQL text: valid UTF-8")
+	f.Add([]byte(`{"a": 1}`), "application/json", "lesson.published", "k", "tenant", "t7")
+	f.Add([]byte("{\"s\":\"\xff\"}"), "application/json", "t", "", "", "") // JSON-looking, not UTF-8
+	f.Add([]byte(`null`), "text/json; charset=utf-8", "t", "", "id", "spoofed")
+	f.Add([]byte{0, 1, 2}, "application/octet-stream", "t", "k\"<>", "Tenant", "x")
+	f.Add([]byte(`[1]`), "application/vnd.x+json", "t", "", "dataschema", "https://example.com/s.json")
+	f.Add([]byte{}, "", "t", "", "data", "x")
+	f.Fuzz(func(t *testing.T, payload []byte, contentType, eventType, key, ext, extValue string) {
+		if eventType == "" || !utf8.ValidString(eventType) || !utf8.ValidString(key) || !utf8.ValidString(contentType) ||
+			!utf8.ValidString(ext) || !utf8.ValidString(extValue) {
+			t.Skip("event_type, partition_key, content_type and jsonb headers are PostgreSQL text: valid UTF-8")
 		}
 		m := relay.Message{ID: uuid.New(), Type: eventType, Key: key, Body: payload, ContentType: contentType,
 			CreatedAt: time.Date(2026, 12, 7, 10, 2, 14, 459939000, time.UTC)}
+		if ext != "" {
+			m.Headers = map[string]any{relay.CloudEventsHeaderPrefix + ext: extValue}
+		}
 		doc, err := relay.CloudEventsJSON(&m, "//edupulse/lessons")
 		if err != nil {
 			t.Skip("parked dead as invalid, not published:", err)
@@ -58,6 +65,13 @@ func FuzzCloudEventsJSON(f *testing.F) {
 		}
 		if len(payload) > 0 && raw["data"] == nil && raw["data_base64"] == nil {
 			t.Fatalf("payload lost: %s", doc)
+		}
+		if ext == "dataschema" {
+			if u, err := url.Parse(extValue); err != nil || e.DataSchema() != u.String() { // the SDK lowercases the scheme
+				t.Fatalf("dataschema %q, want %q: %s", e.DataSchema(), extValue, doc)
+			}
+		} else if ext != "" && e.Extensions()[ext] != extValue {
+			t.Fatalf("extension %s = %v, want %q: %s", ext, e.Extensions()[ext], extValue, doc)
 		}
 	})
 }

@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/url"
 	"regexp"
+	"strings"
 	"testing"
 	"time"
 
@@ -64,6 +66,41 @@ func checkSpec(t *testing.T, where string, attrs map[string]any) {
 	}
 }
 
+// badHeaderRows are rows whose headers contradict the relay's attributes
+// or break the CloudEvents naming rules, each with the start of the
+// last_error it must be parked dead with.
+var badHeaderRows = []struct{ headers, lastError string }{
+	{`{"cloudEvents:datacontenttype": "text/plain"}`, `invalid: header "cloudEvents:datacontenttype" sets the context attribute datacontenttype`},
+	{`{"cloudEvents:id": "spoofed"}`, `invalid: header "cloudEvents:id" sets the context attribute id`},
+	{`{"cloudEvents:specversion": "0.3"}`, `invalid: header "cloudEvents:specversion" sets the context attribute specversion`},
+	{`{"cloudEvents:Tenant": "t7"}`, `invalid: header "cloudEvents:Tenant" names no valid CloudEvents extension: names are lowercase letters and digits`},
+	{`{"cloudevents:tenant": "t7"}`, `invalid: header "cloudevents:tenant" is a CloudEvents attribute header, which must start with exactly cloudEvents:`},
+	{`{"cloudEvents:tenant": {"a": 1}}`, `invalid: header "cloudEvents:tenant" is not a string, boolean or integer`},
+	{`{"cloudEvents:dataschema": "lesson.json"}`, `invalid: header "cloudEvents:dataschema" sets dataschema, which CloudEvents requires to be an absolute URI`},
+}
+
+// insertBadHeaderRows writes badHeaderRows as event type bad.header.N.
+func insertBadHeaderRows(t *testing.T, o *testenv.Outbox) {
+	t.Helper()
+	for i, r := range badHeaderRows {
+		if _, err := o.Pool.Exec(context.Background(), `INSERT INTO `+o.Table.Quoted()+` (event_type, payload, headers) VALUES ($1, '{}', $2)`,
+			fmt.Sprintf("bad.header.%d", i), r.headers); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// awaitBadHeaderRowsDead waits for every bad header row to be parked dead,
+// its last_error naming the header and the rule.
+func awaitBadHeaderRowsDead(t *testing.T, o *testenv.Outbox) {
+	t.Helper()
+	for i, r := range badHeaderRows {
+		testenv.Eventually(t, 10*time.Second, "row with headers "+r.headers+" parked dead, named", func() bool {
+			return o.Count(t, `event_type = $1 AND dead_at IS NOT NULL AND starts_with(last_error, $2)`, fmt.Sprintf("bad.header.%d", i), r.lastError) == 1
+		})
+	}
+}
+
 // createdAt reads the row's created_at, the event's time.
 func createdAt(t *testing.T, o *testenv.Outbox, id string) time.Time {
 	t.Helper()
@@ -79,7 +116,8 @@ func createdAt(t *testing.T, o *testenv.Outbox, id string) time.Time {
 // the attributes are cloudEvents:* headers as the CloudEvents AMQP binding
 // names them; subject is the partition key, when there is one. Row headers
 // stay, and a cloudEvents:* row header is an extension attribute. A row
-// whose content_type is no media type is parked dead, not published.
+// whose content_type is no media type, or whose cloudEvents:* header sets a
+// relay attribute or is no valid extension, is parked dead, not published.
 func TestCloudEventsBinary(t *testing.T) {
 	t.Parallel()
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
@@ -101,6 +139,7 @@ func TestCloudEventsBinary(t *testing.T) {
 	if _, err := o.Pool.Exec(ctx, `INSERT INTO `+o.Table.Quoted()+` (event_type, payload, content_type) VALUES ('bad.type', '{}', 'json')`); err != nil {
 		t.Fatal(err)
 	}
+	insertBadHeaderRows(t, o)
 	for _, d := range testenv.Receive(t, deliveries, 2, 20*time.Second) {
 		ev := keyed
 		if d.MessageId == unkeyed.ID.String() {
@@ -142,6 +181,7 @@ func TestCloudEventsBinary(t *testing.T) {
 	testenv.Eventually(t, 10*time.Second, "the row whose content_type is no media type parked dead, named", func() bool {
 		return o.Count(t, `event_type = 'bad.type' AND dead_at IS NOT NULL AND last_error LIKE 'invalid: content_type "json" is not a media type%'`) == 1
 	})
+	awaitBadHeaderRowsDead(t, o)
 }
 
 // TestCloudEventsStructured: with amqp.format cloudevents-structured each
@@ -149,6 +189,9 @@ func TestCloudEventsBinary(t *testing.T) {
 // Go SDK decodes and validates, with every required attribute as the spec
 // states it; a JSON payload of a JSON content type is embedded byte for
 // byte as data, any other as data_base64, and an empty one has no data.
+// A row's cloudEvents:<ext> headers are extension attributes inside the
+// document, not AMQP headers beside it; one that sets a relay attribute or
+// is no valid extension parks the row dead.
 func TestCloudEventsStructured(t *testing.T) {
 	t.Parallel()
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
@@ -160,6 +203,7 @@ func TestCloudEventsStructured(t *testing.T) {
 	ctx := context.Background()
 	jsonEv := outbox.NewEvent("lesson.published", []byte("{\"title\": \"<b>Fractions & ratios</b>\",\n \"n\": 1.50}"))
 	jsonEv.Key = "lesson-1"
+	jsonEv.Headers = map[string]string{"schema-version": "2", "cloudEvents:tenant": "t7", "cloudEvents:dataschema": "https://edupulse.example/lesson.json"}
 	charset := outbox.NewEvent("quiz.submitted", []byte(`[1,2,3]`))
 	charset.ContentType = "application/json; charset=utf-8"
 	vendor := outbox.NewEvent("quiz.graded", []byte(`{"score":9}`)) // +json: base64, which every SDK decodes
@@ -172,6 +216,7 @@ func TestCloudEventsStructured(t *testing.T) {
 	if err := pgx.BeginFunc(ctx, o.Pool, func(tx pgx.Tx) error { return w.Write(ctx, tx, events...) }); err != nil {
 		t.Fatal(err)
 	}
+	insertBadHeaderRows(t, o)
 	byID := map[string]outbox.Event{}
 	for _, ev := range events {
 		byID[ev.ID.String()] = ev
@@ -187,7 +232,19 @@ func TestCloudEventsStructured(t *testing.T) {
 		}
 		checkSpec(t, ev.Type, attrs)
 		structured(t, o, d, ev, attrs)
+		for k := range d.Headers {
+			if strings.HasPrefix(strings.ToLower(k), "cloudevents") {
+				t.Errorf("%s: AMQP header %s beside the document", ev.Type, k)
+			}
+		}
+		if ev.Type == jsonEv.Type {
+			if attrs["tenant"] != "t7" || attrs["dataschema"] != "https://edupulse.example/lesson.json" || d.Headers["schema-version"] != "2" {
+				t.Errorf("%s: extensions %v %v, header schema-version %v: want tenant t7, the dataschema, and the header kept",
+					ev.Type, attrs["tenant"], attrs["dataschema"], d.Headers["schema-version"])
+			}
+		}
 	}
+	awaitBadHeaderRowsDead(t, o)
 }
 
 // structured checks one structured message against its event, through the

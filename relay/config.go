@@ -60,8 +60,7 @@ type PostgresConfig struct {
 	// PostgreSQL itself or a session-mode pool) or "transaction" (PgBouncer
 	// or another pooler in transaction mode, where a session lasts one
 	// transaction). With "transaction", settings that need a session
-	// (wake.mode: notify, relay.ordering: partition_key, migrations) are
-	// refused at start with the fix.
+	// (wake.mode: notify, migrations) are refused at start with the fix.
 	Pooler string `yaml:"pooler"`
 	// QueryExecMode is how pgx sends queries: "cache_describe" (default:
 	// unnamed statements, result types cached; works through any pooler),
@@ -161,10 +160,17 @@ type EngineConfig struct {
 	// rows without a key stay unordered.
 	Ordering string `yaml:"ordering"`
 	// Partitions is the number of virtual partitions keys are hashed into;
-	// replicas lease partitions through PostgreSQL advisory locks and split
-	// them evenly. Ordered mode only. Default 64. Changing it while relays
-	// run is safe (order is kept by row locks), but all replicas should agree.
+	// replicas lease partitions through a table of leases and split them
+	// evenly. Ordered mode only. Default 64. Changing it while relays run is
+	// safe (order is kept by row locks), but all replicas should agree.
 	Partitions int `yaml:"partitions"`
+	// LeaseTimeout, in ordered mode, is how long a replica keeps its
+	// partitions without renewing them: its claim loop renews them every
+	// sixth of it, so a replica that freezes or whose loop stops making
+	// progress loses them, and its keys move to another replica, within
+	// about 1.2 times this; its /healthz then fails. It also bounds how long
+	// a claimed batch may wait for its confirms. Default 15s; at least 1s.
+	LeaseTimeout time.Duration `yaml:"lease_timeout"`
 	// OnDead, in ordered mode, is "continue" (default: a dead row no longer
 	// blocks its key) or "block" (the key waits until an operator retries or
 	// purges the dead row).
@@ -251,6 +257,7 @@ func (c Config) WithDefaults() Config {
 	c.Relay.StatsInterval = cmp.Or(c.Relay.StatsInterval, 5*time.Second)
 	c.Relay.Ordering = cmp.Or(c.Relay.Ordering, OrderingNone)
 	c.Relay.Partitions = cmp.Or(c.Relay.Partitions, 64)
+	c.Relay.LeaseTimeout = cmp.Or(c.Relay.LeaseTimeout, 15*time.Second)
 	c.Relay.OnDead = cmp.Or(c.Relay.OnDead, OnDeadContinue)
 	if c.Retention.Enabled == nil {
 		t := true
@@ -382,6 +389,9 @@ func (c Config) Validate() error {
 	oneOf(bad, "relay.ordering", c.Relay.Ordering, OrderingNone, OrderingPartitionKey)
 	if c.Relay.Partitions < 1 || c.Relay.Partitions > 4096 {
 		bad("relay.partitions", "must be between 1 and 4096, got %d", c.Relay.Partitions)
+	}
+	if c.Relay.LeaseTimeout < time.Second || c.Relay.LeaseTimeout > time.Hour {
+		bad("relay.lease_timeout", "must be between 1s and 1h, got %s", c.Relay.LeaseTimeout)
 	}
 	oneOf(bad, "relay.on_dead", c.Relay.OnDead, OnDeadContinue, OnDeadBlock)
 	positive(bad, "retention.dispatched", c.Retention.Dispatched)

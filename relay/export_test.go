@@ -22,13 +22,6 @@ func SkipChecks(p *AMQPPublisher) { p.skipChecks = true }
 // Backoff is backoff, for its unit test.
 var Backoff = backoff
 
-// HeaderFrameSizeOf is the size of the header frame the publisher sends
-// for m.
-func HeaderFrameSizeOf(m Message) int {
-	pub := toPublishing(&m)
-	return headerFrameSize(pub)
-}
-
 // CloudEventsJSON renders m as a structured CloudEvent, or says why m
 // cannot be one.
 func CloudEventsJSON(m *Message, source string) ([]byte, error) {

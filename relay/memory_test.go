@@ -8,12 +8,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/outbox-relay/outbox-relay/internal/shipped"
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 )
 
@@ -21,17 +21,11 @@ import (
 // shipped Kubernetes sidecar manifest, so the test holds the relay to them.
 func shippedMemory(t *testing.T) (limit int64, gomemlimit string) {
 	t.Helper()
-	manifest, err := os.ReadFile("../deploy/k8s/deployment.yaml")
+	m, err := shipped.ReadMemory("..")
 	if err != nil {
 		t.Fatal(err)
 	}
-	lim := regexp.MustCompile(`(?s)limits:.*?memory:\s*(\d+)Mi`).FindSubmatch(manifest)
-	gml := regexp.MustCompile(`(?s)name: GOMEMLIMIT\s*\n\s*value:\s*"?([0-9]+MiB)"?`).FindSubmatch(manifest)
-	if lim == nil || gml == nil {
-		t.Fatal("deploy/k8s/deployment.yaml: no memory limit or GOMEMLIMIT found")
-	}
-	mi, _ := strconv.ParseInt(string(lim[1]), 10, 64)
-	return mi << 20, string(gml[1])
+	return m.Limit, m.GOMEMLIMIT
 }
 
 // peakRSS is the VmHWM of process pid, in bytes.

@@ -1,6 +1,7 @@
 package relay_test
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -13,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/metrics"
@@ -20,20 +22,32 @@ import (
 	"github.com/outbox-relay/outbox-relay/relay"
 )
 
-// TestThroughPgBouncer checks that writers and a relay with default settings
-// (poll mode, the default query exec mode) both going through PgBouncer in
-// transaction mode, PgBouncer's defaults otherwise, deliver every event and
-// mark every row, without a database error on the way (named prepared
-// statements would fail now and then, and only retries would hide it).
+// TestThroughPgBouncer checks that writers and a relay in poll mode with the
+// default query exec mode, both going through PgBouncer in transaction mode
+// (PgBouncer's defaults otherwise), deliver every event and mark every row,
+// without a database error on the way (named prepared statements would fail
+// now and then, and only retries would hide it): with postgres.pooler left
+// at none, and set to transaction as docs/operations.md's recipe does.
 func TestThroughPgBouncer(t *testing.T) {
 	t.Parallel()
 	pgb := testenv.StartPgBouncer(t, testenv.DatabaseURL())
+	for _, pooler := range []string{"", relay.PoolerTransaction} {
+		t.Run("pooler="+cmp.Or(pooler, "unset"), func(t *testing.T) {
+			t.Parallel()
+			throughPgBouncer(t, pgb, pooler)
+		})
+	}
+}
+
+// throughPgBouncer writes and relays events through pgb, the relay's
+// postgres.pooler set to pooler, and checks each arrives.
+func throughPgBouncer(t *testing.T, pgb *testenv.PgBouncer, pooler string) {
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
 	deliveries := b.Consume(t, b.Queue(t, "#", nil))
 	dsn := pgb.DSN("test")
 
 	cfg := config(o, b)
-	cfg.Postgres.DSN = dsn
+	cfg.Postgres.DSN, cfg.Postgres.Pooler = dsn, pooler
 	_, logs := startObserved(t, cfg)
 
 	// The application's own pool goes through the pooler too; pgx's default
@@ -92,11 +106,10 @@ func TestThroughPgBouncer(t *testing.T) {
 	}
 }
 
-// TestUndeclaredPgBouncerRefusesSessionModes checks that notify mode and
-// ordered mode, pointed at PgBouncer in transaction mode without
-// postgres.pooler saying so, stop at start with an error naming the pooler
-// and the fix, instead of running with notifications astray or leases left
-// on pooled sessions.
+// TestUndeclaredPgBouncerRefusesSessionModes checks that notify mode,
+// pointed at PgBouncer in transaction mode without postgres.pooler saying
+// so, stops at start with an error naming the pooler and the fix, instead
+// of running with notifications astray.
 func TestUndeclaredPgBouncerRefusesSessionModes(t *testing.T) {
 	t.Parallel()
 	pgb := testenv.StartPgBouncer(t, testenv.DatabaseURL())
@@ -106,7 +119,6 @@ func TestUndeclaredPgBouncerRefusesSessionModes(t *testing.T) {
 		set     func(*relay.Config)
 	}{
 		{"wake.mode: notify", func(c *relay.Config) { c.Wake.Mode = relay.WakeNotify }},
-		{"relay.ordering: partition_key", func(c *relay.Config) { c.Relay.Ordering = relay.OrderingPartitionKey }},
 	} {
 		cfg := config(o, b)
 		cfg.Postgres.DSN = pgb.DSN("test")
@@ -134,9 +146,9 @@ func TestUndeclaredPgBouncerRefusesSessionModes(t *testing.T) {
 }
 
 // TestPoolerTransactionRefusesSessionFeatures checks that with
-// postgres.pooler: transaction the settings that need a session (LISTEN,
-// session advisory-lock leases) are refused at start, naming the key, the
-// pooler and the fix, instead of running and misbehaving.
+// postgres.pooler: transaction the setting that needs a session (LISTEN) is
+// refused at start, naming the key, the pooler and the fix, instead of
+// running and misbehaving; ordered mode is accepted.
 func TestPoolerTransactionRefusesSessionFeatures(t *testing.T) {
 	t.Parallel()
 	base := relay.Config{
@@ -146,12 +158,16 @@ func TestPoolerTransactionRefusesSessionFeatures(t *testing.T) {
 	if err := base.WithDefaults().Validate(); err != nil {
 		t.Fatalf("poll mode, unordered, behind a transaction pooler: %v", err)
 	}
+	ordered := base
+	ordered.Relay.Ordering = relay.OrderingPartitionKey
+	if err := ordered.WithDefaults().Validate(); err != nil {
+		t.Fatalf("ordered mode behind a transaction pooler: %v", err)
+	}
 	for _, tc := range []struct {
 		key string
 		set func(*relay.Config)
 	}{
 		{"wake.mode", func(c *relay.Config) { c.Wake.Mode = relay.WakeNotify }},
-		{"relay.ordering", func(c *relay.Config) { c.Relay.Ordering = relay.OrderingPartitionKey }},
 	} {
 		cfg := base
 		tc.set(&cfg)
@@ -164,6 +180,77 @@ func TestPoolerTransactionRefusesSessionFeatures(t *testing.T) {
 			if !strings.Contains(err.Error(), want) {
 				t.Errorf("%s: error %q does not mention %q", tc.key, err, want)
 			}
+		}
+	}
+}
+
+// TestOrderedThroughPgBouncer: two ordered relays and the writers all go
+// through PgBouncer in transaction mode (declared by postgres.pooler); the
+// relays split the partitions through the lease table and every event
+// arrives, each key's in sequence order, with no database error.
+func TestOrderedThroughPgBouncer(t *testing.T) {
+	t.Parallel()
+	pgb := testenv.StartPgBouncer(t, testenv.DatabaseURL())
+	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+	deliveries := b.Consume(t, b.Queue(t, "#", nil))
+	dsn := pgb.DSN("test")
+	cfg := orderedConfig(o, b)
+	cfg.Postgres.DSN = dsn
+	cfg.Postgres.Pooler = relay.PoolerTransaction
+	_, logs1 := startObserved(t, cfg)
+	_, logs2 := startObserved(t, cfg)
+	ctx := context.Background()
+	testenv.Eventually(t, 20*time.Second, "two relays holding 4 partitions each", func() bool {
+		list, err := relay.PartitionOwners(ctx, o.Pool, o.Schema, o.Table.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(list) == 2 && len(list[0].Partitions) == 4 && len(list[1].Partitions) == 4
+	})
+
+	appPool, err := pgxpool.New(ctx, dsn+"&default_query_exec_mode=cache_describe")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer appPool.Close()
+	w, err := outbox.NewWriter(o.Schema, o.Table.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const total = 600
+	for n := 0; n < total; n += 3 {
+		events := make([]outbox.Event, 3)
+		for i := range events {
+			events[i] = outbox.NewEvent("lesson.progressed", fmt.Appendf(nil, `{"n":%d}`, n+i))
+			events[i].Key = fmt.Sprint("lesson-", (n+i)%20)
+		}
+		if err := pgx.BeginFunc(ctx, appPool, func(tx pgx.Tx) error { return w.Write(ctx, tx, events...) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	seen := map[string]bool{}
+	last := map[string]int64{}
+	deadline := time.After(time.Minute)
+	for len(seen) < total {
+		select {
+		case d := <-deliveries:
+			if seen[d.MessageId] {
+				continue
+			}
+			seen[d.MessageId] = true
+			key := d.Headers[relay.HeaderPartitionKey].(string)
+			if s := seqOf(t, d); s <= last[key] {
+				t.Fatalf("key %s: seq %d after %d", key, s, last[key])
+			} else {
+				last[key] = s
+			}
+		case <-deadline:
+			t.Fatalf("received %d of %d events within a minute", len(seen), total)
+		}
+	}
+	for _, logs := range []*observer.ObservedLogs{logs1, logs2} {
+		for _, e := range logs.FilterMessage("link down").All() {
+			t.Errorf("link down through PgBouncer: %v", e.ContextMap())
 		}
 	}
 }

@@ -48,17 +48,14 @@ func dsnQueryExecMode(dsn string) string {
 
 // validatePooler refuses the settings that need a database session when a
 // pooler in transaction mode hands each transaction to any server
-// connection: LISTEN would listen on a connection someone else then uses,
-// and session advisory locks (partition leases) would stay on it.
+// connection: LISTEN would listen on a connection someone else then uses.
+// Ordered mode keeps no session state (its leases are rows of a table).
 func (c Config) validatePooler(bad func(string, string, ...any)) {
 	if c.Postgres.Pooler != PoolerTransaction {
 		return
 	}
 	if c.Wake.Mode == WakeNotify {
 		bad("wake.mode", "notify needs a database session for LISTEN, which postgres.pooler: transaction (PgBouncer in transaction mode) does not keep; use wake.mode: poll, or point postgres.dsn at PostgreSQL itself or a session-mode pool and set postgres.pooler: none")
-	}
-	if c.Relay.Ordering == OrderingPartitionKey {
-		bad("relay.ordering", "partition_key leases partitions with session advisory locks, which postgres.pooler: transaction (PgBouncer in transaction mode) does not keep; point postgres.dsn at PostgreSQL itself or a session-mode pool and set postgres.pooler: none")
 	}
 }
 
@@ -67,12 +64,11 @@ func (c Config) validatePooler(bad func(string, string, ...any)) {
 // transaction.
 var ErrPoolerNeedsSession = fmt.Errorf("needs a direct or session-pooled connection: postgres.pooler is %s (PgBouncer in transaction mode); set OUTBOX_RELAY_POSTGRES_DSN to PostgreSQL itself (or a session-mode pool) and OUTBOX_RELAY_POSTGRES_POOLER=none for this command", PoolerTransaction)
 
-// checkSession refuses, at start, notify or ordered mode through a pooler
-// in transaction mode that postgres.pooler does not declare. Undeclared, it
-// would not fail: notifications would go astray (the fallback poll hides
-// it) and advisory-lock leases would stay on pooled server connections.
+// checkSession refuses, at start, notify mode through a pooler in
+// transaction mode that postgres.pooler does not declare. Undeclared, it
+// would not fail: notifications would go astray (the fallback poll hides it).
 func (r *Relay) checkSession(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.ConnConfig) error {
-	if r.cfg.Wake.Mode != WakeNotify && r.cfg.Relay.Ordering != OrderingPartitionKey {
+	if r.cfg.Wake.Mode != WakeNotify {
 		return nil
 	}
 	pooled, err := TransactionPooled(ctx, pool, connCfg)
@@ -80,13 +76,10 @@ func (r *Relay) checkSession(ctx context.Context, pool *pgxpool.Pool, connCfg *p
 		return err
 	}
 	what, fix := "wake.mode: notify (LISTEN)", "use wake.mode: poll, or point postgres.dsn at PostgreSQL itself or a session-mode pool"
-	if r.cfg.Relay.Ordering == OrderingPartitionKey {
-		what, fix = "relay.ordering: partition_key (session advisory-lock leases)", "point postgres.dsn at PostgreSQL itself or a session-mode pool"
-	}
 	return fmt.Errorf("%s needs a database session of its own: %w (two connections were handed the same server session); %s", what, ErrTransactionPooler, fix)
 }
 
-// ErrTransactionPooler is returned by Run when notify or ordered mode finds
+// ErrTransactionPooler is returned by Run when notify mode finds
 // a pooler in transaction mode that postgres.pooler does not declare.
 var ErrTransactionPooler = errors.New("postgres.dsn leads to a pooler in transaction mode, such as PgBouncer")
 

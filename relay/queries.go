@@ -26,23 +26,25 @@ type queries struct {
 	cleanDead       string
 
 	// Ordered mode (see ordering.go).
+	findHeads         string
 	claimOrdered      string
+	confirmHeads      string
 	readHorizon       string
-	takeMemberSlot    string
-	countMembers      string
+	renewLeases       string
 	takePartitions    string
 	releasePartitions string
+	releaseAll        string
 }
 
-// queryPartitionOwners groups the partition leases (advisory locks of the
-// lease class) by the backend holding them.
-const queryPartitionOwners = `SELECT l.pid, coalesce(a.application_name, ''), coalesce(host(a.client_addr), ''),
-       coalesce(a.backend_start, now()), array_agg(l.objid::bigint::int4 ORDER BY l.objid)
-FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid::bigint = $1::bigint
-  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-GROUP BY l.pid, a.application_name, a.client_addr, a.backend_start
-ORDER BY l.pid`
+// partitionOwners lists the live leases of table t grouped by replica.
+func partitionOwners(t ident.Table) string {
+	return fmt.Sprintf(`SELECT r.owner, r.pid, r.application_name, r.client_addr, r.since,
+       array_agg(l.partition ORDER BY l.partition)
+FROM %s l JOIN %s r ON r.owner = l.owner
+WHERE l.expires_at > now()
+GROUP BY r.owner, r.pid, r.application_name, r.client_addr, r.since
+ORDER BY r.pid, r.owner`, t.Derived("leases"), t.Derived("relays"))
+}
 
 // queryPartitionBacklog counts pending keyed rows per partition; format
 // with the table and partitionOf(1).
@@ -51,9 +53,23 @@ WHERE ` + pending + ` AND partition_key IS NOT NULL GROUP BY p`
 
 // partitionOf is the SQL expression for a key's virtual partition, given
 // the partition count as parameter $n.
-func partitionOf(n int) string {
-	return fmt.Sprintf(`((hashtextextended(partition_key, 0) & 2147483647) %% $%d)::int4`, n)
+func partitionOf(n int) string { return partitionOfKey("partition_key", n) }
+
+// partitionOfKey is partitionOf for the key in column col.
+func partitionOfKey(col string, n int) string {
+	return fmt.Sprintf(`((hashtextextended(%s, 0) & 2147483647) %% $%d)::int4`, col, n)
 }
+
+// deadOwners is a CTE "dead" of the replicas that registered a token ($5:
+// its advisory lock class, keyed by hashtext(owner)) and no longer hold it:
+// their process has died. Format with the relays table as %[2]s.
+const deadOwners = `held AS MATERIALIZED (
+  SELECT objid::bigint AS k FROM pg_locks
+  WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid::bigint = $5::bigint
+    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+), dead AS MATERIALIZED (
+  SELECT owner FROM %[2]s WHERE token AND (hashtext(owner)::bigint & 4294967295) NOT IN (SELECT k FROM held)
+)`
 
 // messageColumns are the columns scanMessage reads, in its order.
 const messageColumns = `seq, id, event_type, coalesce(partition_key, ''), payload, content_type,
@@ -123,47 +139,96 @@ FROM locked
 WHERE (SELECT fit FROM totals) OR seq IN (SELECT seq FROM fits) OR claim_bytes > $%[5]d::bigint`, claim, tbl, p, p+1, p+2, columns)
 }
 
-// pending is the predicate of the partial index outbox_pending; every query
-// that looks for work repeats it verbatim so the planner can use the index.
+// pending is the predicate of the partial indexes outbox_pending and
+// outbox_pending_key; every query that looks for work repeats it verbatim
+// so the planner can use them.
 const pending = `dispatched_at IS NULL AND dead_at IS NULL`
+
+// pendingAlias is pending for a table aliased e.
+const pendingAlias = `e.dispatched_at IS NULL AND e.dead_at IS NULL`
 
 func newQueries(t ident.Table, onDead string) queries {
 	tbl := t.Quoted()
+	leasesTbl, relaysTbl := t.Derived("leases"), t.Derived("relays")
 	// With on_dead: block, a dead row of a key stops the rows after it.
 	deadBlocks := ""
 	if onDead == OnDeadBlock {
 		deadBlocks = fmt.Sprintf(` AND NOT EXISTS (SELECT 1 FROM %s d WHERE d.dead_at IS NOT NULL
-             AND d.dispatched_at IS NULL AND d.partition_key = h.partition_key AND d.seq < h.seq)`, tbl)
+             AND d.dispatched_at IS NULL AND d.partition_key = o.partition_key AND d.seq < o.seq)`, tbl)
 	}
 	return queries{
-		// Heads only: per key in the owned partitions, the lowest pending
-		// row, if it is due and at or below the commit horizon ($4). Rows
-		// without a key are claimed as in unordered mode. SKIP LOCKED skips
-		// a head another relay holds, and with it its whole key.
-		claimOrdered: budgeted(tbl, fmt.Sprintf(`WITH heads AS (
-  SELECT DISTINCT ON (partition_key) seq, partition_key, available_at
-  FROM %[1]s
-  WHERE `+pending+` AND partition_key IS NOT NULL AND %[3]s = ANY($3::int4[])
-  ORDER BY partition_key, seq
+		// The heads of up to $2 keys from key $1 on, in key order (walked:
+		// true), and of the keys $5 (false) past their rows $6 just
+		// dispatched: per key its lowest pending row, one probe of
+		// pending_key each (the walk is a loose index scan), so the cost
+		// follows the keys visited, never the rows queued behind them; the
+		// probe past a dispatched row also skips the index entries its
+		// key's dispatched rows leave until vacuum. Each comes with whether
+		// it can be claimed now: due, and in a partition of $3 (this
+		// replica's, as it last renewed them; claimOrdered checks the lease
+		// table itself).
+		findHeads: fmt.Sprintf(`WITH RECURSIVE walk AS (
+  (SELECT e.partition_key AS k, e.seq, e.available_at, 1 AS n FROM %[1]s e
+   WHERE `+pendingAlias+` AND e.partition_key >= $1 ORDER BY e.partition_key, e.seq LIMIT 1)
+  UNION ALL
+  SELECT nx.k, nx.seq, nx.available_at, w.n + 1 FROM walk w, LATERAL (
+    SELECT e.partition_key AS k, e.seq, e.available_at FROM %[1]s e
+    WHERE `+pendingAlias+` AND e.partition_key > w.k ORDER BY e.partition_key, e.seq LIMIT 1) nx
+  WHERE w.n < $2
+)
+SELECT true, k, 0::bigint, seq, available_at <= now() AND %[2]s = ANY($3::int4[]) FROM walk
+UNION ALL
+SELECT false, k, t.after, h.seq, h.available_at <= now() AND %[2]s = ANY($3::int4[])
+FROM unnest($5::text[], $6::bigint[]) t(k, after), LATERAL (
+  SELECT e.seq, e.available_at FROM %[1]s e WHERE `+pendingAlias+` AND e.partition_key = t.k AND e.seq > t.after
+  ORDER BY e.seq LIMIT 1) h`, tbl, partitionOfKey("k", 4)),
+
+		// Claims the heads $6 found by findHeads, and due keyless rows as in
+		// unordered mode (through pending_key, where they sort first), in
+		// seq order. A head is taken only while its partition's lease is
+		// this replica's ($3) for at least $5 ms more, so a replica that
+		// lost it claims nothing of it. SKIP LOCKED skips a head another
+		// batch holds (its key's later rows are never heads meanwhile); a
+		// head settled since findHeads no longer matches pending. The
+		// commit horizon is checked afterwards (gate). The transaction may
+		// stay idle for at most $4 (ms): if this replica freezes, the
+		// server ends it and frees its rows. $7 to $9: the byte budget.
+		claimOrdered: budgeted(tbl, fmt.Sprintf(`WITH fence AS MATERIALIZED (
+  SELECT set_config('idle_in_transaction_session_timeout', $4::text, true) IS NOT NULL AS ok
+), owned AS (
+  SELECT coalesce(array_agg(l.partition), '{}') AS p FROM %[4]s l
+  WHERE l.owner = $3 AND l.expires_at > now() + $5::bigint * interval '1 millisecond'
 )
 SELECT `+claimedColumns+`
-FROM %[1]s
-WHERE `+pending+` AND available_at <= now()
-  AND (partition_key IS NULL
-       OR seq IN (SELECT h.seq FROM heads h WHERE h.seq <= $4 AND h.available_at <= now()%[2]s))
+FROM %[1]s o
+WHERE (SELECT ok FROM fence)
+  AND o.seq = ANY(ARRAY(SELECT e.seq FROM %[1]s e WHERE `+pendingAlias+` AND e.partition_key IS NULL
+                          AND e.available_at <= now() ORDER BY e.partition_key, e.seq LIMIT 4 * $1) || $6::bigint[])
+  AND `+pending+` AND available_at <= now()
+  AND (partition_key IS NULL OR (%[3]s = ANY((SELECT p FROM owned)::int4[])%[2]s))
 ORDER BY seq
 LIMIT $1
-FOR UPDATE SKIP LOCKED`, tbl, deadBlocks, partitionOf(2)), 5),
+FOR UPDATE SKIP LOCKED`, tbl, deadBlocks, partitionOf(2), leasesTbl), 7),
+
+		// Of the claimed rows $1, those still their key's lowest pending
+		// row, seen by a statement that starts after the horizon was read.
+		confirmHeads: fmt.Sprintf(`SELECT o.seq FROM %[1]s o
+WHERE o.seq = ANY($1::bigint[])
+  AND NOT EXISTS (SELECT 1 FROM %[1]s e WHERE e.partition_key = o.partition_key AND e.seq < o.seq
+                    AND e.dispatched_at IS NULL AND e.dead_at IS NULL)%[2]s`, tbl, deadBlocks),
 
 		// The sequence's last value L; if it passed $2, a fresh transaction
 		// id taken after L was read (the subquery is a fence: the CASE
 		// depends on its output); and the oldest running transaction that
-		// holds a lock on the outbox table ($3), NULL when there is none.
-		// Only such a transaction can have drawn a seq, so transactions
-		// elsewhere in the cluster do not count. It is read after L (it
-		// depends on s.l), which lets it vouch for L at once. pg_locks
-		// shows 32-bit ids: each is widened to the 64-bit id nearest the
-		// snapshot's xmax. As text: pgx has no xid8 type.
+		// holds ROW EXCLUSIVE on the outbox table ($3) in this database,
+		// NULL when there is none. Every insert takes that mode and holds
+		// it to the end; readers, ANALYZE and FOR UPDATE claims take others,
+		// and other databases have tables of the same OID (clones of one
+		// template), so only these count. It is read after L (it depends on
+		// s.l), which lets it vouch for L at once. pg_locks shows 32-bit
+		// ids: each is widened to the 64-bit id nearest the snapshot's xmax.
+		// As text: pgx has no xid8 type. Last, the server's start time: a
+		// new one means a restart or failover, and the horizon starts over.
 		readHorizon: `SELECT s.l,
        CASE WHEN s.l > $2::bigint THEN pg_current_xact_id()::text ELSE '' END,
        (SELECT min(w.x)::text FROM (
@@ -174,23 +239,51 @@ FOR UPDATE SKIP LOCKED`, tbl, deadBlocks, partitionOf(2)), 5),
                (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS x) r,
                LATERAL (SELECT (k.transactionid::text::bigint - (r.x & 4294967295)) & 4294967295 AS d) d
           WHERE k.granted AND s.l IS NOT NULL
-            AND ((k.locktype = 'relation' AND k.relation = $3::regclass)
+            AND ((k.locktype = 'relation' AND k.relation = $3::regclass AND k.mode = 'RowExclusiveLock'
+                  AND k.database = (SELECT oid FROM pg_database WHERE datname = current_database()))
                  OR (k.locktype = 'transactionid' AND k.mode = 'ExclusiveLock'))
           GROUP BY k.virtualtransaction) w
-        WHERE w.writes)
+        WHERE w.writes),
+       pg_postmaster_start_time()
 FROM (SELECT coalesce(pg_sequence_last_value($1::regclass), 0) AS l OFFSET 0) s`,
 
-		// Session advisory locks: (class, slot) marks a live replica,
-		// (class, partition) a leased partition. CASE fixes the evaluation
-		// order so a lock already held is never taken twice.
-		takeMemberSlot: `SELECT s::int4 FROM generate_series(0, $2::int4 - 1) s WHERE pg_try_advisory_lock($1::int4, s) LIMIT 1`,
-		countMembers: `SELECT count(*) FROM pg_locks
-WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid::bigint = $1::bigint
-  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`,
-		takePartitions: `SELECT p::int4 FROM generate_series(0, $2::int4 - 1) p
-WHERE CASE WHEN p = ANY($3::int4[]) THEN false ELSE pg_try_advisory_lock($1::int4, p) END
-LIMIT $4`,
-		releasePartitions: `SELECT pg_advisory_unlock($1::int4, p) FROM unnest($2::int4[]) p`,
+		// Leases ($1 owner, $2 timeout in ms, $3 partitions, $4 whether this
+		// replica holds its token, $5 the token lock class): register or
+		// renew this replica, forget replicas gone for an hour, renew the
+		// leases still held, and count the live replicas. A replica whose
+		// token (a session advisory lock on a connection of its own) is
+		// gone has died: its leases are free before they expire.
+		renewLeases: fmt.Sprintf(`WITH `+deadOwners+`, me AS (
+  INSERT INTO %[2]s AS r (owner, pid, application_name, client_addr, token, expires_at)
+  VALUES ($1, pg_backend_pid(), current_setting('application_name'), coalesce(host(inet_client_addr()), ''),
+          $4::bool, now() + $2::bigint * interval '1 millisecond')
+  ON CONFLICT (owner) DO UPDATE SET token = excluded.token, expires_at = excluded.expires_at
+), gone AS (
+  DELETE FROM %[2]s WHERE expires_at < now() - interval '1 hour'
+), mine AS (
+  UPDATE %[1]s SET expires_at = now() + $2::bigint * interval '1 millisecond'
+  WHERE owner = $1 AND expires_at > now() AND partition < $3::int4
+  RETURNING partition
+)
+SELECT 1 + (SELECT count(*) FROM %[2]s WHERE expires_at > now() AND owner <> $1
+              AND owner NOT IN (SELECT owner FROM dead))::int,
+       coalesce((SELECT array_agg(partition ORDER BY partition) FROM mine), '{}'::int4[])`, leasesTbl, relaysTbl),
+		// Up to $4 partitions nobody holds a live lease on ($5: the token
+		// lock class). ON CONFLICT re-checks a row another replica took
+		// meanwhile.
+		takePartitions: fmt.Sprintf(`WITH `+deadOwners+`, free AS (
+  SELECT p::int4 FROM generate_series(0, $3::int4 - 1) p
+  WHERE NOT EXISTS (SELECT 1 FROM %[1]s l WHERE l.partition = p AND l.expires_at > now()
+                      AND l.owner NOT IN (SELECT owner FROM dead))
+  ORDER BY p LIMIT $4
+)
+INSERT INTO %[1]s AS l (partition, owner, expires_at)
+SELECT p, $1, now() + $2::bigint * interval '1 millisecond' FROM free
+ON CONFLICT (partition) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at
+WHERE l.expires_at <= now() OR l.owner IN (SELECT owner FROM dead)
+RETURNING partition`, leasesTbl, relaysTbl),
+		releasePartitions: fmt.Sprintf(`DELETE FROM %s WHERE owner = $1 AND partition = ANY($2::int4[])`, leasesTbl),
+		releaseAll:        fmt.Sprintf(`WITH l AS (DELETE FROM %s WHERE owner = $1) DELETE FROM %s WHERE owner = $1`, leasesTbl, relaysTbl),
 
 		// Due pending rows in sequence order; rows locked by another relay
 		// are skipped, so replicas share the table without coordination.

@@ -161,11 +161,13 @@ func TestUnforeseenRefusalBlamesMessage(t *testing.T) {
 	}
 }
 
-// TestHeaderFrameAtFrameMax: the broker is the judge of the header frame's
-// size. A row whose header frame is exactly frame_max is published; one a
-// byte larger is parked dead before it is sent. A size computed too small
-// would let the second close the connection; too large would park the
-// first.
+// TestHeaderFrameAtFrameMax: a row whose header frame is exactly frame_max
+// (AMQP 0-9-1 counts the whole frame) is published; one a byte larger is
+// parked dead before it is sent. The edge comes from a frame encoded by
+// hand, pinned against the broker with a raw client (RabbitMQ refuses a
+// frame whose payload alone exceeds frame_max, 8 bytes past the spec's
+// edge), never from the relay's own arithmetic: a relay size too small or
+// too large by a byte fails.
 func TestHeaderFrameAtFrameMax(t *testing.T) {
 	t.Parallel()
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
@@ -176,10 +178,12 @@ func TestHeaderFrameAtFrameMax(t *testing.T) {
 	}
 	frameMax := conn.Config.FrameSize
 	conn.Close()
-	// The relay adds x-outbox-seq; the id, type and timestamp have fixed sizes.
-	base := relay.HeaderFrameSizeOf(relay.Message{ID: uuid.New(), Type: "edge.fits", ContentType: "application/json",
-		CreatedAt: time.Now(), Headers: map[string]any{"big": "", relay.HeaderSeq: int64(1)}})
-	fill := frameMax - base
+	const typ = "edge.fits" // edge.over has the same length
+	fill := frameMax - edgeFrameSize(typ, 0)
+	const overhead = 8 // frame type, channel, payload size, frame end
+	if !brokerAcceptsHeader(t, b.URL, typ, fill+overhead) || brokerAcceptsHeader(t, b.URL, typ, fill+overhead+1) {
+		t.Fatalf("the hand-encoded header frame is off: at frame_max %d the broker's edge is not a %d-byte header", frameMax, fill+overhead)
+	}
 	ctx := context.Background()
 	for typ, n := range map[string]int{"edge.fits": fill, "edge.over": fill + 1} {
 		if _, err := o.Pool.Exec(ctx, `INSERT INTO `+o.Table.Quoted()+` (event_type, payload, headers)
@@ -200,6 +204,66 @@ func TestHeaderFrameAtFrameMax(t *testing.T) {
 	}
 	if n := linkLogs(logs, "link down", metrics.LinkAMQP); n != 0 {
 		t.Errorf("%d link down lines", n)
+	}
+}
+
+// edgePublishing is the message the relay sends for an edge row: the
+// default content type, a "big" header of n bytes beside x-outbox-seq, a
+// persistent delivery mode, a UUID message-id, a timestamp, the type and
+// the default app-id.
+func edgePublishing(typ string, n int) amqp.Publishing {
+	return amqp.Publishing{ContentType: "application/json", DeliveryMode: amqp.Persistent,
+		Headers:   amqp.Table{"big": strings.Repeat("h", n), relay.HeaderSeq: int64(1)},
+		MessageId: uuid.NewString(), Timestamp: time.Now(), Type: typ, AppId: "outbox-relay", Body: []byte("{}")}
+}
+
+// edgeFrameSize encodes edgePublishing's header frame by hand, per AMQP
+// 0-9-1 (sections 4.2.3 and 4.2.6): frame type, channel and payload size,
+// the content header (class id, weight, body size, property flags), each
+// property present in flag order, and the frame end.
+func edgeFrameSize(typ string, n int) int {
+	shortstr := func(s string) int { return 1 + len(s) }
+	headers := 4 + // table length
+		shortstr("big") + 1 + 4 + n + // name, 'S', long string
+		shortstr(relay.HeaderSeq) + 1 + 8 // name, 'l', int64
+	props := shortstr("application/json") + headers + 1 + // delivery-mode octet
+		shortstr(uuid.NewString()) + 8 + shortstr(typ) + shortstr("outbox-relay") // message-id, timestamp, type, app-id
+	return 1 + 2 + 4 + (2 + 2 + 8 + 2) + props + 1
+}
+
+// brokerAcceptsHeader publishes edgePublishing with a raw client (not the
+// relay) to an unrouted key and reports whether the broker confirmed it
+// rather than closing the connection over its header frame.
+func brokerAcceptsHeader(t *testing.T, url, typ string, n int) bool {
+	t.Helper()
+	conn, err := amqp.Dial(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	closed := conn.NotifyClose(make(chan *amqp.Error, 1))
+	ch, err := conn.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.Confirm(false); err != nil {
+		t.Fatal(err)
+	}
+	dc, err := ch.PublishWithDeferredConfirm("", "edge-unrouted-"+uuid.NewString(), false, false, edgePublishing(typ, n))
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-dc.Done():
+		return dc.Acked()
+	case e := <-closed:
+		if e == nil || e.Code != amqp.FrameError {
+			t.Fatalf("%d-byte header: connection closed with %v, want a frame error", n, e)
+		}
+		return false
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%d-byte header: neither confirmed nor refused within 10s", n)
+		return false
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 	"github.com/google/uuid"
 	"math/rand/v2"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -67,6 +68,21 @@ type Relay struct {
 	horizon horizon
 	leases  leases
 	seqName string
+	held    int    // rows the last claim left unpublished above the commit horizon
+	cursor  string // the key findHeads starts from
+
+	// Ordered mode: keys whose batches settled since the last claim (the
+	// settler signals each on settled), keys in flight, heads found.
+	settledMu   sync.Mutex
+	settledKeys []string
+	settledSeqs []int64             // the dispatched row of each settled key
+	settledHits int                 // heads the last claim found among settled keys
+	exhausted   bool                // the last claim took every head it found
+	flying      map[string]int      // keys in batches in flight
+	found       map[int64]foundHead // heads the last findHeads found, by seq
+	inflight    atomic.Int32        // batches sent and not yet settled
+
+	pool *pgxpool.Pool // set by Run
 
 	// cleanerLock is the advisory lock class that lets one replica's
 	// retention cleaner run at a time (taken per statement, so a replica
@@ -120,14 +136,17 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 		links: map[string]error{},
 
 		settled: make(chan struct{}, 1),
+		flying:  map[string]int{},
+		found:   map[int64]foundHead{},
 
 		cleanerLock: lockClass("cleaner " + cfg.table().String()),
 	}
 	r.leases = leases{
-		member:      -1,
-		partitions:  cfg.Relay.Partitions,
-		classLease:  lockClass("lease " + r.table.String()),
-		classMember: lockClass("member " + r.table.String()),
+		owner:      newOwner(),
+		timeout:    cfg.Relay.LeaseTimeout,
+		partitions: cfg.Relay.Partitions,
+		tokenClass: lockClass("member " + cfg.table().String()),
+		noToken:    cfg.Postgres.Pooler == PoolerTransaction,
 	}
 	r.links[metrics.LinkPostgres] = errNotConnected
 	r.links[metrics.LinkAMQP] = errNotConnected
@@ -167,6 +186,7 @@ func (r *Relay) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("postgres pool: %w", err)
 	}
+	r.pool = pool
 	r.lastLoop.Store(time.Now().UnixNano())
 
 	var wg sync.WaitGroup
@@ -185,7 +205,9 @@ func (r *Relay) Run(ctx context.Context) error {
 		zap.String("wake_mode", r.cfg.Wake.Mode),
 		zap.Int("batch_size", r.cfg.Relay.BatchSize))
 	err = r.claimLoop(ctx, pool, poolCfg.ConnConfig)
-	r.leases.drop(ctx)
+	if r.cfg.Relay.Ordering == OrderingPartitionKey {
+		r.leases.release(ctx, r)
+	}
 
 	// Reverse order of start: claiming has stopped and its last batch is
 	// settled; now the background loops, the broker, the pool.
@@ -229,8 +251,15 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 	go func() {
 		defer close(settled)
 		for b := range sent {
+			msgs := b.msgs // settle lets go of them
 			err := r.settle(ctx, drain, b)
 			r.inflightBytes.Add(-b.bytes)
+			// Counted out, and its keys noted, before the signal: a claim
+			// loop that sees the batch in flight gets the signal after it.
+			r.inflight.Add(-1)
+			if ordered {
+				r.noteSettled(msgs, b.done)
+			}
 			select {
 			case r.settled <- struct{}{}:
 			default:
@@ -290,12 +319,8 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			r.setLink(metrics.LinkAMQP, nil)
 		}
 		if ordered {
-			err := r.leases.maintain(ctx, r, connCfg)
-			if err == nil {
-				err = r.horizon.advance(ctx, r.leases.conn, r.q, r.seqName, r.table.Quoted())
-			}
-			if err != nil {
-				r.leases.drop(ctx)
+			if err := r.leases.maintain(ctx, r, connCfg); err != nil {
+				r.leases.lapse()
 				r.horizon.reset()
 				if ctx.Err() == nil {
 					r.pgFailed(err)
@@ -303,10 +328,20 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 				pause()
 				continue
 			}
-			r.m.HorizonWait.Set(r.horizon.wait(time.Now()).Seconds())
+			// Only while rows are held back: a candidate left from the last
+			// read ages with nothing waiting on it.
+			wait := time.Duration(0)
+			if r.held > 0 {
+				wait = r.horizon.wait(time.Now())
+			}
+			r.m.HorizonWait.Set(wait.Seconds())
 		}
 		next, err := r.claimAndSend(ctx, drain, pool, probe)
 		if err != nil {
+			if ordered {
+				// The error may be a restarted or failed-over server.
+				r.horizon.reset()
+			}
 			if ctx.Err() == nil {
 				pause()
 			}
@@ -317,9 +352,16 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		if next != nil {
 			// Blocks while the pipeline is full: the settler makes room
 			// within amqp.confirm_timeout.
+			if ordered {
+				r.noteSent(next.msgs)
+			}
+			r.inflight.Add(1)
 			sent <- next
 			probe, interval = false, r.cfg.Wake.MinInterval
 			linkOK()
+			if ordered && r.exhausted {
+				r.awaitHeads(ctx)
+			}
 			if r.cfg.Wake.Mode == WakePoll && !ordered && n < r.cfg.Relay.BatchSize {
 				// A short batch took all that was due, so claiming again
 				// at once would mostly come back empty: three round trips
@@ -342,7 +384,11 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		linkOK()
 		wait := interval
 		switch {
-		case ordered && r.horizon.behind():
+		case ordered && r.held == 0 && r.inflight.Load() > 0:
+			r.awaitHeads(ctx)
+			probe = false
+			continue
+		case ordered && r.held > 0:
 			// Committed rows may wait above the commit horizon: look again
 			// soon, without hammering while a long transaction holds it.
 			probe = false
@@ -362,6 +408,26 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		r.waitWake(ctx, wait, settledOne)
 	}
 	return nil
+}
+
+// awaitHeads waits until a batch in flight settles: every head due is in
+// a batch in flight, and walking the keys again before one settles would
+// find nothing for a probe per key. A batch waits for its confirms for at
+// most 3/4 of relay.lease_timeout (settle), in normal operation
+// milliseconds; keys that got their first rows meanwhile are found at the
+// next claim.
+func (r *Relay) awaitHeads(ctx context.Context) {
+	if r.inflight.Load() == 0 {
+		return
+	}
+	// Not longer than a lease renewal period: the loop renews the leases.
+	t := time.NewTimer(r.leases.renewEvery())
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-r.settled:
+	case <-t.C:
+	}
 }
 
 // inflightLimit is how many sent batches may await their confirms at once.
@@ -451,6 +517,7 @@ type batch struct {
 	bytes   int64 // payload bytes of msgs, counted in Relay.inflightBytes
 	pending Pending
 	claimed time.Time // claim began
+	done    []int64   // rows committed as dispatched, once settled
 	sent    time.Time // publish began
 }
 
@@ -494,6 +561,12 @@ func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, pro
 	}
 	b.tx = tx
 	b.msgs, b.invalid, err = r.claim(ctx, tx, budget, held == 0)
+	if err == nil && r.cfg.Relay.Ordering == OrderingPartitionKey {
+		n := b.size()
+		b.msgs, b.invalid, err = r.gate(ctx, tx, b.msgs, b.invalid)
+		r.held = n - b.size()
+		r.requeue(b.msgs)
+	}
 	if err != nil {
 		_ = tx.Rollback(drain)
 		return nil, r.pgFailed(err)
@@ -504,6 +577,16 @@ func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, pro
 		// Nothing is due, or nothing fitted beside the batches in flight:
 		// the claim loop waits, and looks again when one settles.
 		return nil, tx.Commit(drain)
+	}
+	if r.cfg.Relay.Ordering == OrderingPartitionKey && time.Since(b.claimed) >= r.leases.claimMargin() {
+		// The claim vouched for its partitions' leases for claimMargin
+		// only: this process was stalled (GC, SIGSTOP) between claim and
+		// send, another replica may hold them now, and the server may have
+		// ended this transaction. Publishing could overtake that replica.
+		_ = tx.Rollback(drain)
+		r.log.Warn("claimed batch dropped: not sent while its partition leases were certain",
+			zap.Int("batch_size", b.size()), zap.Duration("since_claim", time.Since(b.claimed)))
+		return nil, nil
 	}
 	for _, m := range b.msgs {
 		b.bytes += int64(len(m.Body))
@@ -534,7 +617,15 @@ func (r *Relay) settle(ctx, drain context.Context, b *batch) error {
 		// The payloads go now: relay.batch_bytes counts them free from here.
 		b.msgs, b.pending = nil, nil
 	}()
-	errs := b.pending.Wait(drain)
+	waitCtx := drain
+	if r.cfg.Relay.Ordering == OrderingPartitionKey {
+		// The claim transaction may stay idle for relay.lease_timeout only
+		// (claimOrdered): settle well before the server ends it.
+		var cancel context.CancelFunc
+		waitCtx, cancel = context.WithDeadline(drain, b.claimed.Add(r.cfg.Relay.LeaseTimeout*3/4))
+		defer cancel()
+	}
+	errs := b.pending.Wait(waitCtx)
 	confirmedAt := time.Now()
 	r.m.PublishLatency.Observe(confirmedAt.Sub(b.sent).Seconds())
 	r.m.StageDuration.WithLabelValues(metrics.StagePublish).Observe(confirmedAt.Sub(b.sent).Seconds())
@@ -582,6 +673,7 @@ func (r *Relay) settle(ctx, drain context.Context, b *batch) error {
 	if err := b.tx.Commit(bookCtx); err != nil {
 		return r.pgFailed(fmt.Errorf("commit batch: %w", err))
 	}
+	b.done = done
 	r.m.StageDuration.WithLabelValues(metrics.StageMark).Observe(time.Since(confirmedAt).Seconds())
 	r.m.BatchDuration.Observe(time.Since(b.claimed).Seconds())
 	r.sendFailing.Store(linkDown != nil)
@@ -607,8 +699,13 @@ func (r *Relay) claim(ctx context.Context, tx pgx.Tx, budget int64, alone bool) 
 	var rows pgx.Rows
 	maxSize := int64(r.cfg.AMQP.MaxMessageSize)
 	if r.cfg.Relay.Ordering == OrderingPartitionKey {
+		var heads []int64
+		if heads, err = r.findHeads(ctx, tx); err != nil {
+			return nil, nil, err
+		}
 		rows, err = tx.Query(ctx, r.q.claimOrdered, r.cfg.Relay.BatchSize, r.cfg.Relay.Partitions,
-			r.leases.ownedPartitions(), r.horizon.safe, budget, alone, maxSize)
+			r.leases.owner, strconv.FormatInt(r.cfg.Relay.LeaseTimeout.Milliseconds(), 10),
+			r.leases.claimMargin().Milliseconds(), heads, budget, alone, maxSize)
 	} else {
 		rows, err = tx.Query(ctx, r.q.claimBatch, r.cfg.Relay.BatchSize, budget, alone, maxSize)
 	}
@@ -835,6 +932,20 @@ func (r *Relay) Ready() error {
 		errs = append(errs, &NotReady{Reason: "claim loop stuck", Err: fmt.Errorf("claim loop stuck since %s", last.Format(time.RFC3339))})
 	}
 	return errors.Join(errs...)
+}
+
+// Live reports nil unless, in ordered mode, the claim loop has made no
+// progress for relay.lease_timeout: its partition leases have lapsed and
+// only a restart can be trusted to fix whatever holds it (/healthz).
+func (r *Relay) Live() error {
+	if r.cfg.Relay.Ordering != OrderingPartitionKey || !r.started.Load() {
+		return nil
+	}
+	if last := time.Unix(0, r.lastLoop.Load()); time.Since(last) > r.cfg.Relay.LeaseTimeout {
+		return fmt.Errorf("%w since %s (relay.lease_timeout %s): its partition leases have lapsed",
+			errNotLive, last.Format(time.RFC3339), r.cfg.Relay.LeaseTimeout)
+	}
+	return nil
 }
 
 // listen keeps a dedicated LISTEN connection (notify mode), waking the claim

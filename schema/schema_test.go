@@ -47,9 +47,10 @@ func TestUpDownUp(t *testing.T) {
 			t.Fatalf("round %d: version %d, want %d", round, v, m.Latest())
 		}
 		// table, pkey, id index, pending index, dead index, 2 functions;
-		// the stats lease table and its pkey
-		if n := objects(); n != 9 {
-			t.Fatalf("round %d: %d objects after up, want 9", round, n)
+		// pending_key index, leases and relays tables with their pkeys, the
+		// stats lease table and its pkey
+		if n := objects(); n != 14 {
+			t.Fatalf("round %d: %d objects after up, want 14", round, n)
 		}
 		var id, ctype, headers string
 		err = pool.QueryRow(ctx, `INSERT INTO `+ident.Quote(s)+`.events_out (event_type, payload) VALUES ('lesson.published', '{"a":1}')

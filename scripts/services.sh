@@ -233,33 +233,21 @@ rabbitmq_up() {
 	echo "rabbitmq: ready at $AMQP_HOST:$AMQP_PORT (guest/guest)"
 }
 
-# ---------------------------------------------------------------- Prometheus
+# ----------------------------------------------------- test-only programs
 
-# promtool (package prometheus) checks the alerting rules in a later test.
-prometheus_tools() {
-	if command -v promtool >/dev/null; then
-		echo "prometheus: $(command -v promtool) present"
+# ensure_tool CMD PACKAGE: tests run CMD themselves (promtool checks the
+# alerting rules; the PgBouncer tests start private pgbouncer processes), so
+# only the program is needed: install PACKAGE without recommends (no daemons
+# such as a node exporter on the test machine) when CMD is missing.
+ensure_tool() {
+	local cmd=$1 pkg=$2
+	if command -v "$cmd" >/dev/null; then
+		echo "$pkg: $(command -v "$cmd") present"
 	elif is_root && is_debian; then
-		# Without recommends: no node exporter daemon on the test machine.
-		apt_install --no-install-recommends prometheus || die "apt-get install prometheus failed"
-		echo "prometheus: installed $(command -v promtool)"
+		apt_install --no-install-recommends "$pkg" || die "apt-get install $pkg failed"
+		echo "$pkg: installed $(command -v "$cmd")"
 	else
-		echo "prometheus: promtool missing (install the prometheus package as root); tests that need it will skip or fail"
-	fi
-}
-
-# ----------------------------------------------------------------- PgBouncer
-
-# The PgBouncer tests start private pgbouncer processes of their own; only
-# the program is needed.
-pgbouncer_tools() {
-	if command -v pgbouncer >/dev/null; then
-		echo "pgbouncer: $(command -v pgbouncer) present"
-	elif is_root && is_debian; then
-		apt_install --no-install-recommends pgbouncer || die "apt-get install pgbouncer failed"
-		echo "pgbouncer: installed $(command -v pgbouncer)"
-	else
-		echo "pgbouncer: missing (install the pgbouncer package as root); tests that need it will fail"
+		echo "$pkg: $cmd missing (install the $pkg package as root); tests that need it will fail"
 	fi
 }
 
@@ -269,8 +257,8 @@ cmd_up() {
 	local rc=0
 	postgres_up || rc=1
 	rabbitmq_up || rc=1
-	prometheus_tools || rc=1
-	pgbouncer_tools || rc=1
+	ensure_tool promtool prometheus || rc=1
+	ensure_tool pgbouncer pgbouncer || rc=1
 	return "$rc"
 }
 

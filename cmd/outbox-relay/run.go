@@ -50,6 +50,7 @@ func (c *cliEnv) cmdRun(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("metrics.addr: cannot listen on %s: %w (choose a free port or \"off\")", cfg.Metrics.Addr, err)
 		}
+		srv.SetLiveness(r.Live)
 		log.Info("serving metrics", zap.String("addr", srv.Addr()), zap.Strings("paths", []string{"/metrics", "/healthz", "/readyz"}))
 		go func() { srvDone <- srv.Serve() }()
 	}

@@ -56,6 +56,7 @@ type partitionStatus struct {
 }
 
 type partitionOwner struct {
+	Owner           string    `json:"owner"` // the replica: host/pid/random
 	PID             int32     `json:"pid"`
 	ApplicationName string    `json:"application_name"`
 	ClientAddr      string    `json:"client_addr"`
@@ -221,7 +222,7 @@ func readStatus(ctx context.Context, conn *pgx.Conn, q opsQueries, t ident.Table
 	return rep, err
 }
 
-// readPartitions reads lease owners (pg_locks) and per-partition backlogs.
+// readPartitions reads lease owners (the lease table) and per-partition backlogs.
 func readPartitions(ctx context.Context, tx pgx.Tx, t ident.Table, n int) (*partitionStatus, error) {
 	owners, err := relay.PartitionOwners(ctx, tx, t.Schema, t.Name)
 	if err != nil {
@@ -234,7 +235,7 @@ func readPartitions(ctx context.Context, tx pgx.Tx, t ident.Table, n int) (*part
 	ps := &partitionStatus{Count: n, Pending: backlog, Owners: []partitionOwner{}, Unowned: []int32{}}
 	owned := map[int32]bool{}
 	for _, o := range owners {
-		po := partitionOwner{PID: o.PID, ApplicationName: o.ApplicationName, ClientAddr: o.ClientAddr, Since: o.Since, Partitions: o.Partitions}
+		po := partitionOwner{Owner: o.Owner, PID: o.PID, ApplicationName: o.ApplicationName, ClientAddr: o.ClientAddr, Since: o.Since, Partitions: o.Partitions}
 		for _, p := range o.Partitions {
 			owned[p] = true
 			po.Pending += backlog[p]

@@ -1,7 +1,6 @@
 package deploytest
 
 import (
-	"os"
 	"path/filepath"
 	"regexp"
 	"sort"
@@ -14,14 +13,6 @@ import (
 	"github.com/outbox-relay/outbox-relay/internal/config"
 	"github.com/outbox-relay/outbox-relay/metrics"
 )
-
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if caPath != "" {
-		_ = os.RemoveAll(filepath.Dir(caPath))
-	}
-	os.Exit(code)
-}
 
 // deployFiles are the files whose config keys and variables must exist.
 func deployFiles(t *testing.T) []string {

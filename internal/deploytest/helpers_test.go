@@ -1,17 +1,9 @@
 package deploytest
 
 import (
-	"bytes"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
 	"io"
 	"io/fs"
-	"math/big"
 	"net"
 	"net/url"
 	"os"
@@ -19,13 +11,13 @@ import (
 	"regexp"
 	"sort"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"gopkg.in/yaml.v3"
 
 	"github.com/outbox-relay/outbox-relay/internal/config"
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
 )
 
 // root is the repository root, two levels above this package.
@@ -276,58 +268,19 @@ func addrPort(t testing.TB, addr string) string {
 	return port
 }
 
-var (
-	caOnce sync.Once
-	caPath string
-	caErr  error
-)
-
-// withTestCA replaces the sslrootcert of a postgres DSN (URL form) by a
-// freshly generated CA certificate, and returns the DSN unchanged otherwise.
+// withTestCA replaces the sslrootcert of a postgres DSN (URL form) by the
+// certificate of a CA made for the test, and returns the DSN unchanged
+// otherwise.
 func withTestCA(t testing.TB, dsn string) string {
 	t.Helper()
 	u, err := url.Parse(dsn)
 	if err != nil || u.Query().Get("sslrootcert") == "" {
 		return dsn
 	}
-	caOnce.Do(func() { caPath, caErr = writeCA() })
-	if caErr != nil {
-		t.Fatalf("generate a CA certificate: %v", caErr)
-	}
 	q := u.Query()
-	q.Set("sslrootcert", caPath)
+	q.Set("sslrootcert", testenv.NewTLS(t, "deploytest").CA)
 	u.RawQuery = q.Encode()
 	return u.String()
-}
-
-func writeCA() (string, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return "", err
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "deploytest CA"},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(time.Hour),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		return "", err
-	}
-	var buf bytes.Buffer
-	if err := pem.Encode(&buf, &pem.Block{Type: "CERTIFICATE", Bytes: der}); err != nil {
-		return "", err
-	}
-	dir, err := os.MkdirTemp("", "deploytest-ca")
-	if err != nil {
-		return "", err
-	}
-	path := filepath.Join(dir, "ca.pem")
-	return path, os.WriteFile(path, buf.Bytes(), 0o600)
 }
 
 // expandDefaults expands compose-style ${VAR:-default} and ${VAR} references

@@ -2,23 +2,23 @@ package deploytest
 
 import (
 	"regexp"
-	"strings"
 	"testing"
 )
 
-// TestREADMEGoVersion checks that the Go release the README says an
-// application needs to import the helper is go.mod's go line.
+// TestREADMEGoVersion checks that the README's Supported versions table
+// quotes go.mod's go line exactly as go.mod writes it (go 1.25.0, not a
+// prefix such as 1.25 that a later 1.25.3 would still match).
 func TestREADMEGoVersion(t *testing.T) {
 	t.Parallel()
-	m := regexp.MustCompile(`(?m)^go (\d+\.\d+)`).FindStringSubmatch(read(t, "go.mod"))
+	m := regexp.MustCompile(`(?m)^go (\S+)\s*$`).FindStringSubmatch(read(t, "go.mod"))
 	if m == nil {
 		t.Fatal("go.mod has no go line")
 	}
-	row := regexp.MustCompile("(?m)^\\| Go, to import .*\\|.*go\\.mod.*: (\\d+\\.\\d+)").FindStringSubmatch(read(t, "README.md"))
+	row := regexp.MustCompile("(?m)^\\| Go, to import .*\\|.*go\\.mod.*: `go ([^`]+)`").FindStringSubmatch(read(t, "README.md"))
 	if row == nil {
-		t.Fatal("README.md's Supported versions table has no Go row naming go.mod's version")
+		t.Fatal("README.md's Supported versions table has no Go row quoting go.mod's go line as `go X.Y.Z`")
 	}
-	if row[1] != m[1] && !strings.HasPrefix(m[1], row[1]+".") {
-		t.Errorf("README.md says Go %s, go.mod's go line says %s", row[1], m[1])
+	if row[1] != m[1] {
+		t.Errorf("README.md quotes `go %s`, go.mod's go line is go %s", row[1], m[1])
 	}
 }

@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"net/url"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"syscall"
@@ -20,11 +19,9 @@ import (
 // 127.0.0.1 on a free port. Clients authenticate as the server's users
 // without a password (auth_type trust, user postgres).
 type PgBouncer struct {
-	dir    string
-	port   int
-	cmd    *exec.Cmd
-	done   chan error
-	reaper *reaper
+	*serverHome
+	cmd  *exec.Cmd
+	done chan error
 }
 
 // StartPgBouncer starts a PgBouncer in front of the PostgreSQL server that
@@ -46,20 +43,10 @@ func StartPgBouncer(t testing.TB, upstreamDSN string) *PgBouncer {
 	}
 	upPort := cmp.Or(u.Port(), "5432")
 	// PgBouncer refuses to run as root, like PostgreSQL.
-	as, err := serverUser("postgres")
-	if err != nil {
-		t.Fatalf("testenv: %v", err)
-	}
-	dir, err := as.tempDir("outbox-testenv-pgb-")
-	if err != nil {
-		t.Fatalf("testenv: %v", err)
-	}
-	b := &PgBouncer{dir: dir, port: freeLocalPort(t), done: make(chan error, 1)}
-	t.Cleanup(func() { b.cleanup(t) })
+	b := &PgBouncer{serverHome: newServerHome(t, "postgres", "outbox-testenv-pgb-", "pgbouncer.pid"), done: make(chan error, 1)}
+	t.Cleanup(func() { b.cleanup() })
+	dir, as := b.dir, b.as
 	pidFile := filepath.Join(dir, "pgbouncer.pid")
-	if b.reaper, err = startReaper(pidFile, dir); err != nil {
-		t.Fatalf("testenv: pgbouncer: %v", err)
-	}
 	ini := fmt.Sprintf(`[databases]
 * = host=%s port=%s
 
@@ -128,7 +115,7 @@ func (b *PgBouncer) waitReady() error {
 	}
 }
 
-func (b *PgBouncer) cleanup(t testing.TB) {
+func (b *PgBouncer) cleanup() {
 	if b.cmd != nil && b.cmd.Process != nil {
 		// SIGTERM closes client connections at once; SIGINT would wait
 		// for them.
@@ -140,8 +127,4 @@ func (b *PgBouncer) cleanup(t testing.TB) {
 			<-b.done
 		}
 	}
-	if err := os.RemoveAll(b.dir); err != nil {
-		t.Errorf("testenv: pgbouncer cleanup: %v", err)
-	}
-	b.reaper.dismiss()
 }

@@ -67,14 +67,11 @@ const (
 // a database named test. Its lifecycle methods must be called from the test
 // goroutine, one at a time.
 type Postgres struct {
-	dir     string // temporary root, owned by the server's user
+	*serverHome
 	data    string // dir/data
-	port    int
 	name    string // cluster_name: marks the server's processes
 	bin     string // directory holding pg_ctl and initdb
-	as      osUser
 	running bool
-	reaper  *reaper
 }
 
 // PostgresOptions tunes a private PostgreSQL server.
@@ -101,26 +98,14 @@ func StartPostgresWith(t testing.TB, opts PostgresOptions) *Postgres {
 	if bin == "" {
 		t.Fatal("testenv: PostgreSQL server binaries (pg_ctl, initdb) not installed: run scripts/services.sh up (it installs them on Debian as root)")
 	}
-	as, err := serverUser("postgres")
-	if err != nil {
-		t.Fatalf("testenv: %v", err)
-	}
-	dir, err := as.tempDir("outbox-testenv-pg-")
-	if err != nil {
-		t.Fatalf("testenv: %v", err)
-	}
+	home := newServerHome(t, "postgres", "outbox-testenv-pg-", filepath.Join("data", "postmaster.pid"))
 	p := &Postgres{
-		dir:  dir,
-		data: filepath.Join(dir, "data"),
-		port: freeLocalPort(t),
-		name: "outbox-testenv-" + randomHex(6),
-		bin:  bin,
-		as:   as,
+		serverHome: home,
+		data:       filepath.Join(home.dir, "data"),
+		name:       "outbox-testenv-" + randomHex(6),
+		bin:        bin,
 	}
 	t.Cleanup(func() { p.cleanup(t) })
-	if p.reaper, err = startReaper(filepath.Join(p.data, "postmaster.pid"), dir); err != nil {
-		t.Fatalf("testenv: postgres: %v", err)
-	}
 
 	begin := time.Now()
 	if out, err := p.pg(serverStartTimeout, "initdb", "-D", p.data, "-A", "trust", "-U", "postgres",
@@ -138,7 +123,7 @@ fsync = off
 full_page_writes = off
 shared_buffers = 32MB
 max_connections = 100
-`, p.port, dir, p.name)
+`, p.port, p.dir, p.name)
 	if opts.TLS != nil {
 		if err := p.enableTLS(opts.TLS); err != nil {
 			t.Fatalf("testenv: postgres: %v", err)
@@ -302,10 +287,6 @@ func (p *Postgres) cleanup(t testing.TB) {
 			}
 		}
 	}
-	if err := os.RemoveAll(p.dir); err != nil {
-		t.Errorf("testenv: postgres cleanup: %v", err)
-	}
-	p.reaper.dismiss()
 }
 
 // pg runs one of the PostgreSQL programs as the server's user.
@@ -339,17 +320,14 @@ func postgresBinDir() string {
 // node name, AMQP port, distribution port, Erlang cookie and no plugins. Its
 // lifecycle methods must be called from the test goroutine, one at a time.
 type RabbitMQ struct {
-	dir      string
-	node     string // e.g. rt1a2b3c4d@localhost
-	port     int    // AMQP
-	distPort int    // Erlang distribution
-	tlsPort  int    // AMQPS, 0 without RabbitMQOptions.TLS
-	tls      *TLS
-	server   string // rabbitmq-server script
-	ctl      string // rabbitmqctl script
-	as       osUser
-	pid      int // of the running beam.smp, 0 when stopped
-	reaper   *reaper
+	*serverHome        // port is AMQP's
+	node        string // e.g. rt1a2b3c4d@localhost
+	distPort    int    // Erlang distribution
+	tlsPort     int    // AMQPS, 0 without RabbitMQOptions.TLS
+	tls         *TLS
+	server      string // rabbitmq-server script
+	ctl         string // rabbitmqctl script
+	pid         int    // of the running beam.smp, 0 when stopped
 }
 
 // RabbitMQOptions tunes a private RabbitMQ node.
@@ -382,23 +360,14 @@ func newRabbitMQ(t testing.TB, opts RabbitMQOptions) *RabbitMQ {
 	if server == "" {
 		t.Fatal("testenv: RabbitMQ server (rabbitmq-server, rabbitmqctl) not installed: run scripts/services.sh up (it installs them on Debian as root)")
 	}
-	as, err := serverUser("rabbitmq")
-	if err != nil {
-		t.Fatalf("testenv: %v", err)
-	}
-	dir, err := as.tempDir("outbox-testenv-rmq-")
-	if err != nil {
-		t.Fatalf("testenv: %v", err)
-	}
 	r := &RabbitMQ{
-		dir:      dir,
-		node:     "rt" + randomHex(5) + "@localhost",
-		port:     freeLocalPort(t),
-		distPort: freeLocalPort(t),
-		server:   server,
-		ctl:      ctl,
-		as:       as,
+		serverHome: newServerHome(t, "rabbitmq", "outbox-testenv-rmq-", "rabbit.pid"),
+		node:       "rt" + randomHex(5) + "@localhost",
+		distPort:   freeLocalPort(t),
+		server:     server,
+		ctl:        ctl,
 	}
+	dir, as := r.dir, r.as
 	conf := confLines(opts.Conf)
 	if opts.TLS != nil {
 		r.tls, r.tlsPort = opts.TLS, freeLocalPort(t)
@@ -412,10 +381,6 @@ func newRabbitMQ(t testing.TB, opts RabbitMQOptions) *RabbitMQ {
 		})
 	}
 	t.Cleanup(func() { r.cleanup(t) })
-	// beam.smp's command line carries "-home DIR": the reaper's marker.
-	if r.reaper, err = startReaper(r.pidFile(), dir); err != nil {
-		t.Fatalf("testenv: rabbitmq: %v", err)
-	}
 
 	files := map[string]string{
 		".erlang.cookie":    cmp.Or(opts.Cookie, randomHex(16)),
@@ -658,10 +623,6 @@ func (r *RabbitMQ) cleanup(t testing.TB) {
 			}
 		}
 	}
-	if err := os.RemoveAll(r.dir); err != nil {
-		t.Errorf("testenv: rabbitmq cleanup: %v", err)
-	}
-	r.reaper.dismiss()
 }
 
 // rabbitMQScripts returns the rabbitmq-server and rabbitmqctl scripts to run,

@@ -16,7 +16,8 @@ import (
 )
 
 // TLS is a certificate authority made for one test, with a server
-// certificate for localhost and 127.0.0.1 and a client certificate, as PEM
+// certificate (for localhost and the loopback addresses, unless NewTLSFor
+// names others) and a client certificate, as PEM
 // files in a directory of their own that any user can read (the servers run
 // as their own users), removed at cleanup.
 type TLS struct {
@@ -35,6 +36,22 @@ type TLS struct {
 // certificate's subject (PostgreSQL maps it to the database user).
 func NewTLS(t testing.TB, client string) *TLS {
 	t.Helper()
+	return NewTLSFor(t, client, "localhost", "127.0.0.1", "::1")
+}
+
+// NewTLSFor is NewTLS with a server certificate for the given host names
+// and IP addresses only: one for another name tests host verification.
+func NewTLSFor(t testing.TB, client string, serverNames ...string) *TLS {
+	t.Helper()
+	var dns []string
+	var ips []net.IP
+	for _, n := range serverNames {
+		if ip := net.ParseIP(n); ip != nil {
+			ips = append(ips, ip)
+		} else {
+			dns = append(dns, n)
+		}
+	}
 	dir, err := os.MkdirTemp("", "outbox-testenv-tls-")
 	if err != nil {
 		t.Fatalf("testenv: tls: %v", err)
@@ -54,9 +71,9 @@ func NewTLS(t testing.TB, client string) *TLS {
 		t.Fatalf("testenv: tls: %v", err)
 	}
 	srvKey, srvDER := newCert(t, &x509.Certificate{
-		Subject:     pkix.Name{CommonName: "localhost"},
-		DNSNames:    []string{"localhost"},
-		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
+		Subject:     pkix.Name{CommonName: serverNames[0]},
+		DNSNames:    dns,
+		IPAddresses: ips,
 		KeyUsage:    x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	}, ca, caKey)
