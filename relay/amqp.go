@@ -28,6 +28,7 @@ type AMQPPublisher struct {
 
 	mu      sync.Mutex // serialises Publish and guards the fields below
 	conn    *amqp.Connection
+	sock    net.Conn     // conn's socket: closing it ends any wait on conn
 	cur     *amqpChannel // the channel batches are sent on; nil before the first dial
 	lastErr error
 	next    int // index in urls of the node to dial next
@@ -96,6 +97,7 @@ func (p *AMQPPublisher) ensure(ctx context.Context) error {
 	if dl, ok := ctx.Deadline(); ok {
 		dial = amqp.DefaultDial(time.Until(dl))
 	}
+	var sock net.Conn
 	dialCfg := amqp.Config{
 		Heartbeat:  10 * time.Second,
 		Properties: amqp.Table{"connection_name": cmp.Or(p.cfg.ConnectionName, "outbox-relay")},
@@ -104,6 +106,7 @@ func (p *AMQPPublisher) ensure(ctx context.Context) error {
 			if err != nil {
 				return nil, err
 			}
+			sock = c
 			return writeDeadlineConn{Conn: c, timeout: p.cfg.ConfirmTimeout}, nil
 		},
 	}
@@ -128,7 +131,7 @@ func (p *AMQPPublisher) ensure(ctx context.Context) error {
 		return p.lastErr
 	}
 	p.dials.Add(1)
-	p.conn, p.cur, p.lastErr = conn, cur, nil
+	p.conn, p.sock, p.cur, p.lastErr = conn, sock, cur, nil
 	if i != p.node {
 		p.log.Info("connected to broker node", zap.String("node", nodeName(url)), zap.Int("node_index", i+1), zap.Int("nodes", len(p.urls)))
 		p.node = i
@@ -192,10 +195,16 @@ func (p *AMQPPublisher) openChannel(conn *amqp.Connection, window int) (*amqpCha
 func (p *AMQPPublisher) closeLocked() {
 	if p.conn != nil {
 		// A broker that stopped reading (a memory or disk alarm blocks
-		// publishers) never answers connection.close: give it a moment.
-		_ = p.conn.CloseDeadline(time.Now().Add(closeTimeout))
+		// publishers) never answers connection.close: give it a moment, then
+		// drop the socket, which ends the wait. CloseDeadline would not do:
+		// amqp091-go's heartbeater pushes the read deadline out at every
+		// frame received, and a blocked broker still sends heartbeats.
+		sock := p.sock
+		drop := time.AfterFunc(closeTimeout, func() { _ = sock.Close() })
+		_ = p.conn.Close()
+		drop.Stop()
 	}
-	p.conn, p.cur = nil, nil
+	p.conn, p.sock, p.cur = nil, nil, nil
 }
 
 // closeReasonWait bounds the wait for the reason of a channel already seen

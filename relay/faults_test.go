@@ -471,7 +471,13 @@ func blockPublishers(t *testing.T, rmq *testenv.RabbitMQ) (unblock func()) {
 // a 1 s confirm timeout and short retry backoffs.
 func blockedBroker(t *testing.T) (*testenv.RabbitMQ, *testenv.Outbox, <-chan amqp.Delivery, *running) {
 	t.Helper()
-	rmq := testenv.StartRabbitMQ(t)
+	return blockedBrokerWith(t, testenv.RabbitMQOptions{})
+}
+
+// blockedBrokerWith is blockedBroker with options for the private RabbitMQ.
+func blockedBrokerWith(t *testing.T, opts testenv.RabbitMQOptions) (*testenv.RabbitMQ, *testenv.Outbox, <-chan amqp.Delivery, *running) {
+	t.Helper()
+	rmq := testenv.StartRabbitMQWith(t, opts)
 	o, b := testenv.NewOutbox(t), testenv.NewBrokerAt(t, rmq.URL())
 	deliveries := b.Consume(t, b.Queue(t, "#", nil))
 	cfg := config(o, b)
