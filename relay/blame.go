@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 	"go.uber.org/zap"
@@ -70,7 +71,16 @@ func (p *AMQPPublisher) isolate(ctx context.Context, b *amqpBatch, suspects []in
 	var c *amqpChannel
 	defer func() {
 		if c != nil && !c.ch.IsClosed() {
+			// Bounded like closeLocked: a broker that began blocking
+			// publishers meanwhile never answers channel.close.
+			sock := p.sock
+			drop := time.AfterFunc(closeTimeout, func() {
+				if sock != nil {
+					_ = sock.Close()
+				}
+			})
 			_ = c.ch.Close()
+			drop.Stop()
 		}
 	}()
 	for k, i := range suspects {
