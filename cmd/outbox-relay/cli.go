@@ -70,6 +70,11 @@ func leafErrors(err error) []error {
 // keys under those prefixes must be valid (migrate needs no broker).
 func (c *cliEnv) loadConfig(only ...string) (config.File, error) {
 	f, err := config.Load(c.configPath, c.environ)
+	var unknown *config.UnknownKeysError
+	if errors.As(err, &unknown) {
+		// The rest of the file was read: name its bad values too, at once.
+		err = errors.Join(err, filterErrors(f.Validate(), only))
+	}
 	if err != nil {
 		return f, &configError{err}
 	}

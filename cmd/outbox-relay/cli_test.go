@@ -104,12 +104,13 @@ func TestCompletion(t *testing.T) {
 // filled and passwords redacted, and exits 0.
 func TestConfigCheck(t *testing.T) {
 	t.Parallel()
-	bad := writeFile(t, validYAML+"relay:\n  batch_size: -5\n  ordering: sideways\nwake:\n  mode: listen\n")
+	// An unknown key does not hide the bad values beside it.
+	bad := writeFile(t, validYAML+"relay:\n  batch_size: -5\n  ordering: sideways\n  batchsize: 3\nwake:\n  mode: listen\n")
 	code, out, errOut := runCLI(t, []string{"OUTBOX_RELAY_LOG_LEVEL=loud"}, "config", "check", "--config", bad)
 	if code != exitUsage || out != "" {
 		t.Fatalf("bad config: exit %d, stdout %q; want 2 and nothing on stdout", code, out)
 	}
-	for _, key := range []string{"relay.batch_size", "relay.ordering", "wake.mode", "log.level"} {
+	for _, key := range []string{"relay.batch_size", "relay.ordering", "relay.batchsize: unknown key", "wake.mode", "log.level"} {
 		if !strings.Contains(errOut, key) {
 			t.Errorf("bad config: stderr does not name %s:\n%s", key, errOut)
 		}

@@ -179,7 +179,10 @@ func (f *File) noteZero(key string, v reflect.Value) {
 // applies the environment (KEY=VALUE strings, as os.Environ returns) and the
 // defaults. It does not validate.
 func Load(path string, environ []string) (File, error) {
-	var f File
+	var (
+		f        File
+		parseErr error
+	)
 	path = ConfigPath(path, environ)
 	environ, err := resolveEnv(environ)
 	if err != nil {
@@ -191,16 +194,32 @@ func Load(path string, environ []string) (File, error) {
 			return f, fmt.Errorf("config file: %w", err)
 		}
 		if err := Parse(data, &f); err != nil {
-			return f, fmt.Errorf("config file %s: %w", path, err)
+			var unknown *UnknownKeysError
+			if !errors.As(err, &unknown) {
+				return f, fmt.Errorf("config file %s: %w", path, err)
+			}
+			for i, e := range unknown.Errs {
+				unknown.Errs[i] = fmt.Errorf("config file %s: %w", path, e)
+			}
+			parseErr = unknown
 		}
 	}
 	if err := applyEnv(&f, environ); err != nil {
-		return f, err
+		return f, errors.Join(parseErr, err)
 	}
 	f = f.WithDefaults()
 	f.Config = f.Config.WithAppNames()
-	return f, nil
+	return f, parseErr
 }
+
+// UnknownKeysError lists the keys of a file that are not configuration
+// keys. The rest of the file was still read, so Load returns it with the
+// error, and the caller can report the file's invalid values beside them.
+type UnknownKeysError struct{ Errs []error }
+
+func (e *UnknownKeysError) Error() string { return errors.Join(e.Errs...).Error() }
+
+func (e *UnknownKeysError) Unwrap() []error { return e.Errs }
 
 // Parse decodes YAML strictly: unknown keys and a second document are errors.
 func Parse(data []byte, f *File) error {
@@ -208,11 +227,11 @@ func Parse(data []byte, f *File) error {
 	if err := yaml.Unmarshal(data, &doc); err != nil {
 		return errors.New(strings.TrimPrefix(err.Error(), "yaml: "))
 	}
-	if err := unknownKeys(&doc); err != nil {
-		return err
-	}
+	unknown := unknownKeys(&doc)
 	dec := yaml.NewDecoder(bytes.NewReader(data))
-	dec.KnownFields(true)
+	// Unknown keys are reported by unknownKeys, each with what is allowed;
+	// the decoder reads the rest so that its values are checked too.
+	dec.KnownFields(unknown == nil)
 	if err := dec.Decode(f); err != nil && !errors.Is(err, io.EOF) {
 		return fmt.Errorf("%s (every key is listed in config.example.yaml)", strings.TrimPrefix(err.Error(), "yaml: "))
 	}
@@ -229,6 +248,9 @@ func Parse(data []byte, f *File) error {
 			v.SetZero() // "[]" and no list are the same
 		}
 	})
+	if unknown != nil {
+		return &UnknownKeysError{Errs: unknown}
+	}
 	return nil
 }
 
@@ -247,7 +269,7 @@ func setKeys(doc *yaml.Node) map[string]bool {
 
 // unknownKeys reports every key of the document that is not a configuration
 // key or section, by its dotted path, with the keys allowed at that level.
-func unknownKeys(doc *yaml.Node) error {
+func unknownKeys(doc *yaml.Node) []error {
 	known := map[string]bool{}
 	children := map[string][]string{}
 	for _, k := range Keys() {
@@ -270,7 +292,7 @@ func unknownKeys(doc *yaml.Node) error {
 		}
 		return true
 	})
-	return errors.Join(errs...)
+	return errs
 }
 
 // walkMappings calls fn for every key of the document's nested mappings,
