@@ -2,6 +2,7 @@ package relay
 
 import (
 	"context"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 )
@@ -30,3 +31,6 @@ func CloudEventsJSON(m *Message, source string) ([]byte, error) {
 	}
 	return cloudEventsJSON(m, source), nil
 }
+
+// LastTurn is when r's claim loop last began a turn.
+func LastTurn(r *Relay) time.Time { return time.Unix(0, r.lastLoop.Load()) }
