@@ -85,22 +85,7 @@ func TestOrderedIgnoresReadersAndOtherDatabases(t *testing.T) {
 
 	cfg := orderedConfig(o, b)
 	start(t, cfg)
-	w, _ := outbox.NewWriter(o.Schema, o.Table.Name)
-	var want []string
-	for i := range 5 {
-		e := outbox.NewEvent("lesson.updated", fmt.Appendf(nil, `{"step":%d}`, i))
-		e.Key = "lesson-1"
-		want = append(want, e.ID.String())
-		if err := pgx.BeginFunc(ctx, o.Pool, func(tx pgx.Tx) error { return w.Write(ctx, tx, e) }); err != nil {
-			t.Fatal(err)
-		}
-	}
-	got := testenv.Receive(t, deliveries, len(want), 10*time.Second)
-	for i, d := range got {
-		if d.MessageId != want[i] {
-			t.Fatalf("message %d is %s, want %s", i, d.MessageId, want[i])
-		}
-	}
+	deliversOneKeyInOrder(t, o, deliveries)
 }
 
 // hangingPublisher is the real AMQP publisher whose Send blocks while hang

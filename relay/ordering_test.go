@@ -142,22 +142,7 @@ func TestOrderedIgnoresOtherTransactions(t *testing.T) {
 	}
 
 	start(t, orderedConfig(o, b))
-	w, _ := outbox.NewWriter(o.Schema, o.Table.Name)
-	var want []string
-	for i := range 5 {
-		e := outbox.NewEvent("lesson.updated", fmt.Appendf(nil, `{"step":%d}`, i))
-		e.Key = "lesson-1"
-		want = append(want, e.ID.String())
-		if err := pgx.BeginFunc(ctx, o.Pool, func(tx pgx.Tx) error { return w.Write(ctx, tx, e) }); err != nil {
-			t.Fatal(err)
-		}
-	}
-	got := testenv.Receive(t, deliveries, len(want), 10*time.Second)
-	for i, d := range got {
-		if d.MessageId != want[i] {
-			t.Fatalf("message %d is %s, want %s", i, d.MessageId, want[i])
-		}
-	}
+	deliversOneKeyInOrder(t, o, deliveries)
 }
 
 func txID(t *testing.T, tx pgx.Tx) string {
@@ -692,4 +677,27 @@ func sum(m map[int32]int) int {
 		n += v
 	}
 	return n
+}
+
+// deliversOneKeyInOrder writes five events of one key, each in a
+// transaction of its own, and fails unless they arrive in that order.
+func deliversOneKeyInOrder(t *testing.T, o *testenv.Outbox, deliveries <-chan amqp.Delivery) {
+	t.Helper()
+	ctx := context.Background()
+	w, _ := outbox.NewWriter(o.Schema, o.Table.Name)
+	var want []string
+	for i := range 5 {
+		e := outbox.NewEvent("lesson.updated", fmt.Appendf(nil, `{"step":%d}`, i))
+		e.Key = "lesson-1"
+		want = append(want, e.ID.String())
+		if err := pgx.BeginFunc(ctx, o.Pool, func(tx pgx.Tx) error { return w.Write(ctx, tx, e) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := testenv.Receive(t, deliveries, len(want), 10*time.Second)
+	for i, d := range got {
+		if d.MessageId != want[i] {
+			t.Fatalf("message %d is %s, want %s", i, d.MessageId, want[i])
+		}
+	}
 }
