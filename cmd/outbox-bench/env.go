@@ -22,6 +22,7 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/outbox-relay/outbox-relay/internal/ident"
+	"github.com/outbox-relay/outbox-relay/internal/outboxsql"
 	"github.com/outbox-relay/outbox-relay/relay"
 	"github.com/outbox-relay/outbox-relay/schema"
 )
@@ -313,9 +314,6 @@ func joinInts(v []int) string {
 
 // --- the outbox table ---------------------------------------------------
 
-// pending is the relay's predicate for rows still to publish.
-const pendingPred = `dispatched_at IS NULL AND dead_at IS NULL`
-
 // reset empties the outbox table and sets its NOTIFY trigger. No relay may
 // be running.
 func (b *bench) reset(ctx context.Context, notify bool) error {
@@ -326,13 +324,9 @@ func (b *bench) reset(ctx context.Context, notify bool) error {
 }
 
 func (b *bench) setTrigger(ctx context.Context, enabled bool) error {
-	verb := "DISABLE"
-	if enabled {
-		verb = "ENABLE"
-	}
-	_, err := b.pool.Exec(ctx, "ALTER TABLE "+b.table.Quoted()+" "+verb+" TRIGGER "+b.table.Local("notify"))
-	if err != nil {
-		return fmt.Errorf("%s trigger: %w", strings.ToLower(verb), err)
+	if _, err := b.pool.Exec(ctx, outboxsql.SetNotify(b.table, enabled)); err != nil {
+		verb := map[bool]string{true: "enable", false: "disable"}[enabled]
+		return fmt.Errorf("%s trigger: %w", verb, err)
 	}
 	return nil
 }
@@ -358,7 +352,7 @@ FROM generate_series($2::bigint, $3::bigint) g`
 
 func (b *bench) pending(ctx context.Context) (int64, error) {
 	var n int64
-	err := b.pool.QueryRow(ctx, `SELECT count(*) FROM `+b.table.Quoted()+` WHERE `+pendingPred).Scan(&n)
+	err := b.pool.QueryRow(ctx, `SELECT count(*) FROM `+b.table.Quoted()+` WHERE `+outboxsql.Pending).Scan(&n)
 	return n, err
 }
 

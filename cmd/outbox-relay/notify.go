@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/outbox-relay/outbox-relay/internal/outboxsql"
 )
 
 // cmdNotify switches the table's statement-level NOTIFY trigger. It is off
@@ -32,7 +33,7 @@ func (c *cliEnv) cmdNotify(ctx context.Context, action string, asJSON bool) erro
 		fmt.Fprintf(c.stdout, "NOTIFY trigger on %s %sd\n", t, action)
 	case "status":
 		var enabled *bool
-		err := conn.QueryRow(ctx, q.notifyTrigger, t.Quoted(), t.Name+"_notify").Scan(&enabled)
+		err := conn.QueryRow(ctx, q.notifyTrigger, t.Quoted(), outboxsql.NotifyTrigger(t)).Scan(&enabled)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return fmt.Errorf("%s has no NOTIFY trigger (run `outbox-relay migrate up`)", t)
 		}

@@ -4,6 +4,7 @@ import (
 	"fmt"
 
 	"github.com/outbox-relay/outbox-relay/internal/ident"
+	"github.com/outbox-relay/outbox-relay/internal/outboxsql"
 	"github.com/outbox-relay/outbox-relay/schema"
 )
 
@@ -35,12 +36,11 @@ type opsQueries struct {
 	notifyDisable string
 }
 
-// Predicates of the partial indexes outbox_pending and outbox_dead
-// (schema/migrations/00001_create_outbox.sql). Queries repeat them verbatim
+// Predicates of the partial indexes pending and dead: queries repeat them
 // so that the planner can use the indexes.
 const (
-	pendingRows = `dispatched_at IS NULL AND dead_at IS NULL`
-	deadRows    = `dead_at IS NOT NULL`
+	pendingRows = outboxsql.Pending
+	deadRows    = outboxsql.Dead
 )
 
 // deadMatch selects dead rows for list, retry and purge. Each parameter is a
@@ -152,13 +152,8 @@ LIMIT $1`, tbl),
 		versionTable:  versionTable,
 		schemaVersion: fmt.Sprintf(`SELECT coalesce(max(version_id), 0) FROM %s`, versionTable),
 
-		// NULL when the trigger is missing; 'O' (origin) and 'A' (always)
-		// fire, 'D' is disabled.
-		notifyTrigger: `SELECT tgenabled IN ('O', 'A') FROM pg_trigger WHERE tgrelid = $1::regclass AND tgname = $2`,
-
-		// The trigger the migration creates, disabled there (see
-		// schema/migrations/00001_create_outbox.sql).
-		notifyEnable:  fmt.Sprintf(`ALTER TABLE %s ENABLE TRIGGER %s`, tbl, t.Local("notify")),
-		notifyDisable: fmt.Sprintf(`ALTER TABLE %s DISABLE TRIGGER %s`, tbl, t.Local("notify")),
+		notifyTrigger: outboxsql.NotifyEnabled,
+		notifyEnable:  outboxsql.SetNotify(t, true),
+		notifyDisable: outboxsql.SetNotify(t, false),
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5/stdlib"
 
 	"github.com/outbox-relay/outbox-relay/internal/ident"
+	"github.com/outbox-relay/outbox-relay/internal/outboxsql"
 	"github.com/outbox-relay/outbox-relay/relay"
 	"github.com/outbox-relay/outbox-relay/schema"
 )
@@ -206,7 +207,7 @@ func readStatus(ctx context.Context, conn *pgx.Conn, q opsQueries, t ident.Table
 		}
 
 		var enabled *bool
-		err = tx.QueryRow(ctx, q.notifyTrigger, t.Quoted(), t.Name+"_notify").Scan(&enabled)
+		err = tx.QueryRow(ctx, q.notifyTrigger, t.Quoted(), outboxsql.NotifyTrigger(t)).Scan(&enabled)
 		switch {
 		case errors.Is(err, pgx.ErrNoRows):
 			rep.NotifyTrigger = "missing"

@@ -27,6 +27,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/outbox-relay/outbox-relay/internal/ident"
+	"github.com/outbox-relay/outbox-relay/internal/outboxsql"
 	"github.com/outbox-relay/outbox-relay/metrics"
 	"github.com/outbox-relay/outbox-relay/relay"
 	"github.com/outbox-relay/outbox-relay/schema"
@@ -219,7 +220,7 @@ func sample(ctx context.Context, pool *pgxpool.Pool, t ident.Table, m *metrics.M
 	if err != nil {
 		return s, fmt.Errorf("sizes: %w", err)
 	}
-	rows, err := pool.Query(ctx, `EXPLAIN SELECT seq FROM `+t.Quoted()+` WHERE dispatched_at IS NULL AND dead_at IS NULL
+	rows, err := pool.Query(ctx, `EXPLAIN SELECT seq FROM `+t.Quoted()+` WHERE `+outboxsql.Pending+`
 		AND available_at <= now() ORDER BY seq LIMIT 500 FOR UPDATE SKIP LOCKED`)
 	if err != nil {
 		return s, fmt.Errorf("explain: %w", err)
