@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap/zaptest"
 
+	"github.com/outbox-relay/outbox-relay/internal/ops"
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/metrics"
 	"github.com/outbox-relay/outbox-relay/outbox"
@@ -128,7 +129,7 @@ func TestOrderedStuckLoopGivesUpPartitions(t *testing.T) {
 	testenv.RunRelay(t, stuck)
 	defer close(pub.release)
 	holds := func() int {
-		list, err := relay.PartitionOwners(ctx, o.Pool, o.Schema, o.Table.Name)
+		list, err := ops.PartitionOwners(ctx, o.Pool, o.Schema, o.Table.Name)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/outbox-relay/outbox-relay/internal/ops"
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/metrics"
 	"github.com/outbox-relay/outbox-relay/outbox"
@@ -201,7 +202,7 @@ func TestOrderedThroughPgBouncer(t *testing.T) {
 	_, logs2 := startObserved(t, cfg)
 	ctx := context.Background()
 	testenv.Eventually(t, 20*time.Second, "two relays holding 4 partitions each", func() bool {
-		list, err := relay.PartitionOwners(ctx, o.Pool, o.Schema, o.Table.Name)
+		list, err := ops.PartitionOwners(ctx, o.Pool, o.Schema, o.Table.Name)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -37,21 +37,6 @@ type queries struct {
 	releaseAll        string
 }
 
-// partitionOwners lists the live leases of table t grouped by replica.
-func partitionOwners(t ident.Table) string {
-	return fmt.Sprintf(`SELECT r.owner, r.pid, r.application_name, r.client_addr, r.since,
-       array_agg(l.partition ORDER BY l.partition)
-FROM %s l JOIN %s r ON r.owner = l.owner
-WHERE l.expires_at > now()
-GROUP BY r.owner, r.pid, r.application_name, r.client_addr, r.since
-ORDER BY r.pid, r.owner`, t.Derived("leases"), t.Derived("relays"))
-}
-
-// queryPartitionBacklog counts pending keyed rows per partition; format
-// with the table and partitionOf(1).
-const queryPartitionBacklog = `SELECT %[2]s AS p, count(*) FROM %[1]s
-WHERE ` + pending + ` AND partition_key IS NOT NULL GROUP BY p`
-
 // partitionOf is the SQL expression for a key's virtual partition, given
 // the partition count as parameter $n.
 func partitionOf(n int) string { return partitionOfKey("partition_key", n) }
@@ -71,28 +56,17 @@ const deadOwners = `held AS MATERIALIZED (
 )`
 
 // messageColumns are the columns scanMessage reads, in its order.
-const messageColumns = `seq, id, event_type, coalesce(partition_key, ''), payload, content_type,
+const messageColumns = MessageColumns
+
+// MessageColumns is the select list ScanMessage reads, for packages that
+// read rows to publish them again (internal/ops: replay).
+const MessageColumns = `seq, id, event_type, coalesce(partition_key, ''), payload, content_type,
        headers, coalesce(correlation_id, ''), created_at, attempts, coalesce(routing_key, ''), coalesce(exchange, '')`
 
 // routingColumns counts the columns of migration 00003 (routing overrides)
 // on table $1: 2 once it is applied.
 const routingColumns = `SELECT count(*) FROM pg_attribute
 WHERE attrelid = $1::regclass AND attname IN ('routing_key', 'exchange') AND NOT attisdropped`
-
-// replaySelection restricts a replay to dispatched rows: $1 from seq, $2 to
-// seq (0: none), $3 since, $4 until (NULL: none), $5 types (empty: all).
-const replaySelection = `dispatched_at IS NOT NULL AND seq >= $1 AND ($2 = 0 OR seq <= $2)
-  AND ($3::timestamptz IS NULL OR created_at >= $3) AND ($4::timestamptz IS NULL OR created_at < $4)
-  AND (cardinality($5::text[]) = 0 OR event_type = ANY($5))`
-
-// countReplay and pageReplay read a replay selection; the page is $6 rows.
-func countReplay(tbl string) string {
-	return fmt.Sprintf(`SELECT count(*) FROM %s WHERE `+replaySelection, tbl)
-}
-
-func pageReplay(tbl string) string {
-	return fmt.Sprintf(`SELECT `+messageColumns+` FROM %s WHERE `+replaySelection+` ORDER BY seq LIMIT $6`, tbl)
-}
 
 // payloadPiece is the most payload bytes read in one row: larger payloads
 // are read in pieces (Relay.readLargePayload).

@@ -14,6 +14,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/outbox-relay/outbox-relay/internal/ops"
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
@@ -49,7 +50,7 @@ func TestOrderedReplicaFrozen(t *testing.T) {
 	ctx := context.Background()
 	owners := func() map[int]int { // OS pid → partitions held
 		t.Helper()
-		list, err := relay.PartitionOwners(ctx, o.Pool, o.Schema, o.Table.Name)
+		list, err := ops.PartitionOwners(ctx, o.Pool, o.Schema, o.Table.Name)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -152,7 +153,7 @@ func TestOrderedReplicaFrozen(t *testing.T) {
 		t.Fatal(err)
 	}
 	frozen := 0
-	list, err := relay.PartitionOwners(ctx, o.Pool, o.Schema, o.Table.Name)
+	list, err := ops.PartitionOwners(ctx, o.Pool, o.Schema, o.Table.Name)
 	if err != nil {
 		t.Fatal(err)
 	}
