@@ -104,7 +104,7 @@ func (b *bench) drainWith(ctx context.Context, n int, onDispatch string, tweak f
 	if err := b.reset(ctx, false); err != nil {
 		return res, err
 	}
-	if err := b.fill(ctx, 0, n); err != nil {
+	if err := b.fill(ctx, 0, n, 0); err != nil {
 		return res, err
 	}
 	// A checkpoint now makes the WAL figure repeatable: every page the

@@ -17,12 +17,14 @@ import (
 	"sync"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jackc/pgx/v5/stdlib"
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/outbox-relay/outbox-relay/internal/ident"
 	"github.com/outbox-relay/outbox-relay/internal/outboxsql"
+	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
 	"github.com/outbox-relay/outbox-relay/schema"
 )
@@ -40,8 +42,9 @@ type bench struct {
 
 	name     string // schema, exchange and queue name: bench_<random>
 	table    ident.Table
-	pool     *pgxpool.Pool // the bench's own queries
-	prodPool *pgxpool.Pool // the producers', connected on first use
+	writer   *outbox.Writer // every insert goes through the helper applications use
+	pool     *pgxpool.Pool  // the bench's own queries
+	prodPool *pgxpool.Pool  // the producers', connected on first use
 	consConn *amqp.Connection
 	tmpDir   string
 	relayBin string // built lazily for the subprocess sections
@@ -82,6 +85,11 @@ func (b *bench) setup(ctx context.Context) error {
 	_, _ = rand.Read(rnd)
 	b.name = "bench_" + hex.EncodeToString(rnd)
 	b.table = ident.Table{Schema: b.name, Name: "outbox"}
+	w, err := outbox.NewWriter(b.table.Schema, b.table.Name)
+	if err != nil {
+		return err
+	}
+	b.writer = w
 
 	poolCfg, err := pgxpool.ParseConfig(b.opts.dsn)
 	if err != nil {
@@ -230,7 +238,7 @@ func (b *bench) header(ctx context.Context) {
 		drainModes += ",delete"
 	}
 	out.line("config.drain_on_dispatch", drainModes, "")
-	out.line("config.producers", strconv.Itoa(o.producers), "connections", "one-event transactions, plain SQL INSERT")
+	out.line("config.producers", strconv.Itoa(o.producers), "connections", "one-event transactions, outbox.Writer.Write")
 	out.line("config.producer_time", o.prodTime.String(), "", fmt.Sprintf("per mode, %d round(s)", o.rounds))
 	out.line("config.idle_time", o.idleTime.String(), "")
 	out.line("config.latency_time", o.latTime.String(), "", "per point")
@@ -331,16 +339,25 @@ func (b *bench) setTrigger(ctx context.Context, enabled bool) error {
 	return nil
 }
 
-// fill inserts n events numbered from first in one statement per 100,000,
-// with payloads like the producers' ({"k":N,"p":"xxx..."}).
-func (b *bench) fill(ctx context.Context, first, n int) error {
-	q := `INSERT INTO ` + b.table.Quoted() + ` (event_type, payload)
-SELECT $1, convert_to(rpad('{"k":' || g || ',"p":"', $4::int - 2, 'x') || '"}', 'UTF8')
-FROM generate_series($2::bigint, $3::bigint) g`
-	const chunk = 100_000
-	for lo := first; lo < first+n; lo += chunk {
-		hi := min(lo+chunk, first+n) - 1
-		if _, err := b.pool.Exec(ctx, q, eventType, lo, hi, b.opts.payload); err != nil {
+// fillChunk is how many events fill writes per transaction: large enough
+// that round trips do not matter, small enough to bound the bench's memory.
+const fillChunk = 10_000
+
+// fill writes n events numbered from first with payloads like the
+// producers' ({"k":N,"p":"xxx..."}), keyed k0 to k<keys-1> by number when
+// keys > 0, through the outbox helper in transactions of fillChunk events.
+func (b *bench) fill(ctx context.Context, first, n, keys int) error {
+	events := make([]outbox.Event, 0, min(n, fillChunk))
+	for lo := first; lo < first+n; lo += fillChunk {
+		events = events[:0]
+		for k := lo; k < min(lo+fillChunk, first+n); k++ {
+			e := outbox.NewEvent(eventType, payload(int64(k), b.opts.payload))
+			if keys > 0 {
+				e.Key = "k" + strconv.Itoa(k%keys)
+			}
+			events = append(events, e)
+		}
+		if err := pgx.BeginFunc(ctx, b.pool, func(tx pgx.Tx) error { return b.writer.Write(ctx, tx, events...) }); err != nil {
 			return fmt.Errorf("fill backlog: %w", err)
 		}
 	}
@@ -368,10 +385,14 @@ func (b *bench) walDiff(ctx context.Context, from, to string) (float64, error) {
 	return d, err
 }
 
-// insertSQL is what the producers run: plain SQL, one event per transaction,
-// as an application in any language would.
-func (b *bench) insertSQL() string {
-	return `INSERT INTO ` + b.table.Quoted() + ` (event_type, payload) VALUES ($1, $2)`
+// writeOne commits one event in a transaction of its own, as an
+// application's request would: what the producers run.
+func (b *bench) writeOne(ctx context.Context, db interface {
+	Begin(context.Context) (pgx.Tx, error)
+}, body []byte) error {
+	return pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
+		return b.writer.Write(ctx, tx, outbox.NewEvent(eventType, body))
+	})
 }
 
 // relayConfig is the relay's default configuration pointed at the bench's

@@ -23,7 +23,7 @@ type produceResult struct {
 }
 
 // produce runs opts.producers connections, each committing one-event
-// transactions (BEGIN; INSERT; COMMIT) for d. With rate > 0 the events are
+// transactions (writeOne) for d. With rate > 0 the events are
 // offered open-loop at that total rate (event i is due at start + i/rate, and
 // a late event goes at once); with rate 0 every connection commits as fast as
 // it can. onCommit, if set, gets each event's number and commit time.
@@ -48,7 +48,6 @@ func (b *bench) produce(ctx context.Context, d time.Duration, rate float64, onCo
 		}
 	}
 
-	insert := b.insertSQL()
 	var (
 		next     atomic.Int64 // next event number
 		commits  atomic.Int64
@@ -79,7 +78,7 @@ func (b *bench) produce(ctx context.Context, d time.Duration, rate float64, onCo
 				} else if !time.Now().Before(end) {
 					return
 				}
-				err := b.commitOne(ctx, c, insert, payload(k, b.opts.payload))
+				err := b.writeOne(ctx, c, payload(k, b.opts.payload))
 				at := time.Now()
 				if err != nil {
 					if ctx.Err() != nil {
@@ -125,18 +124,6 @@ func (b *bench) producerPool(ctx context.Context) (*pgxpool.Pool, error) {
 	b.prodPool = pool
 	b.onCleanup(func(context.Context) error { pool.Close(); return nil })
 	return pool, nil
-}
-
-func (b *bench) commitOne(ctx context.Context, c *pgxpool.Conn, insert string, body []byte) error {
-	tx, err := c.Begin(ctx)
-	if err != nil {
-		return err
-	}
-	if _, err := tx.Exec(ctx, insert, eventType, body); err != nil {
-		_ = tx.Rollback(ctx)
-		return err
-	}
-	return tx.Commit(ctx)
 }
 
 // wakeMode is one of the producer-rate configurations.

@@ -7,6 +7,7 @@
 package main
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"errors"
@@ -14,6 +15,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -29,6 +31,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/internal/ident"
 	"github.com/outbox-relay/outbox-relay/internal/outboxsql"
 	"github.com/outbox-relay/outbox-relay/metrics"
+	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
 	"github.com/outbox-relay/outbox-relay/schema"
 )
@@ -80,6 +83,10 @@ func soak(ctx context.Context, dsn, amqpURL string, events, perTx, rate int, kee
 	if err != nil {
 		return fmt.Errorf("migrate: %w", err)
 	}
+	w, err := outbox.NewWriter(t.Schema, t.Name)
+	if err != nil {
+		return err
+	}
 	// Autovacuum per table as a platform team would set it for an outbox:
 	// the default scale factor (20% of the table) lets dead tuples pile up.
 	if _, err := pool.Exec(ctx, "ALTER TABLE "+t.Quoted()+" SET (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 10000)"); err != nil {
@@ -130,18 +137,23 @@ func soak(ctx context.Context, dsn, amqpURL string, events, perTx, rate int, kee
 	var written int64
 	produced := make(chan error, 1)
 	go func() {
-		insert := fmt.Sprintf(`INSERT INTO %s (event_type, partition_key, payload)
-SELECT 'lesson.progressed', 'learner-' || (g %% 1000), convert_to(repeat('x', 200), 'UTF8') FROM generate_series(1, $1) g`, t.Quoted())
+		body := bytes.Repeat([]byte("x"), 200)
+		batch := make([]outbox.Event, 0, perTx)
 		for written < int64(events) && ctx.Err() == nil {
 			if due := start.Add(time.Duration(float64(written) / float64(rate) * float64(time.Second))); time.Now().Before(due) {
 				time.Sleep(time.Until(due))
 			}
-			n := min(perTx, events-int(written))
-			if _, err := pool.Exec(ctx, insert, n); err != nil {
+			batch = batch[:0]
+			for g := 1; g <= min(perTx, events-int(written)); g++ {
+				e := outbox.NewEvent("lesson.progressed", body)
+				e.Key = "learner-" + strconv.Itoa(g%1000)
+				batch = append(batch, e)
+			}
+			if err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error { return w.Write(ctx, tx, batch...) }); err != nil {
 				produced <- err
 				return
 			}
-			written += int64(n)
+			written += int64(len(batch))
 		}
 		produced <- nil
 	}()
