@@ -31,7 +31,7 @@ const (
 	OtherEventType = "other"
 )
 
-// Links and WakeSources are the label values created at zero up front.
+// Links, WakeSources and Stages are the label values created at zero up front.
 var (
 	Links       = []string{LinkPostgres, LinkListen, LinkAMQP}
 	WakeSources = []string{WakeNotify, WakePoll, WakeReconnect}
@@ -54,7 +54,7 @@ type Metrics struct {
 	BatchSize        prometheus.Histogram     // rows claimed per non-empty batch
 	PublishLatency   prometheus.Histogram     // publish to confirm, per batch
 	EndToEndLatency  prometheus.Histogram     // created_at to confirm, per event
-	Pending          prometheus.Gauge         // pending rows (table-wide, see TableStats)
+	Pending          prometheus.Gauge         // pending rows (table-wide, see SetTableStatsHeld)
 	OldestPendingAge prometheus.Gauge         // seconds, oldest due row (table-wide)
 	DeadRows         prometheus.Gauge         // rows parked dead (table-wide)
 	Delayed          prometheus.Gauge         // pending rows not yet due (table-wide)
@@ -74,13 +74,13 @@ type Metrics struct {
 	types     map[string]struct{}
 }
 
-// Config bounds label cardinality.
+// Config bounds label cardinality and names the build.
 type Config struct {
 	// MaxEventTypes is the most distinct event_type label values; later types
 	// are counted as "other". Default 100.
 	MaxEventTypes int
-	Version       string
-	Commit        string
+	// Version and Commit label outbox_relay_build_info.
+	Version, Commit string
 }
 
 // New creates the collectors and registers them on reg.

@@ -30,13 +30,13 @@ type SQLTx interface {
 type Writer struct {
 	table  ident.Table
 	insert string
-	// insertRouted also sets routing_key and exchange (migration 3); it is
-	// used only for batches that override them, so applications that do not
-	// can take a new helper before the table is migrated.
+	// insertRouted also sets routing_key and exchange (00003_routing.sql);
+	// used only for batches that set them, so an application that does not
+	// can upgrade this package before its table is migrated.
 	insertRouted string
 }
 
-// DefaultWriter writes to public.outbox.
+// defaultWriter backs the package-level Write and WriteSQL: public.outbox.
 var defaultWriter = mustWriter("public", "outbox")
 
 func mustWriter(schema, table string) *Writer {

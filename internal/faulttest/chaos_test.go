@@ -50,8 +50,7 @@ const (
 // counts deliveries by message_id: nothing may be lost, and duplicates may not
 // exceed what was in flight at the faults (faults × 3 batches × batch_size).
 //
-// CHAOS_EVENTS sets the size (default 20,000; the full run is
-// 100,000), CHAOS_RATE the events per second (default: the writing takes
+// CHAOS_EVENTS sets the size (default 20,000; 100,000 for a full run), CHAOS_RATE the events per second (default: the writing takes
 // about 90 s), CHAOS_SEED the fault schedule.
 //
 // Not parallel: it would compete for the 2 cores with the other tests while
