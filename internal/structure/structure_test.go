@@ -252,7 +252,7 @@ func checkDoc(root, doc string, pkgs []*pkg) []string {
 				continue
 			}
 			if !slices.ContainsFunc(cands, func(p *pkg) bool { return p.declares(name, method) }) {
-				report(m[0], "%s: package %s (%s) declares no %s", ref, pkgName, rel(root, cands[0].dir), strings.TrimPrefix(name+"."+method, "."))
+				report(m[0], "%s: package %s (%s) declares no %s", ref, pkgName, rel(root, cands[0].dir), strings.TrimSuffix(name+"."+method, "."))
 			}
 		}
 	}
