@@ -324,17 +324,6 @@ func scanMessage(rows pgx.Rows, extra ...any) (Message, error) {
 	return m, nil
 }
 
-// ScanMessage is scanMessage for the packages that read rows of
-// MessageColumns to publish them again (internal/ops: replay), so that a
-// copy carries what the first publish did.
-func ScanMessage(rows pgx.Rows) (Message, error) { return scanMessage(rows) }
-
-// accepted reports a return that amqp.unroutable: accept counts as delivered.
-func accepted(err error) bool {
-	var pe *PublishError
-	return errors.As(err, &pe) && pe.Accepted
-}
-
 // record marks the confirmed rows and schedules or parks the failed ones,
 // one statement each.
 func (r *Relay) record(ctx context.Context, tx pgx.Tx, done []int64, failed []failure) error {
@@ -377,4 +366,15 @@ func (r *Relay) record(ctx context.Context, tx pgx.Tx, done []int64, failed []fa
 		return fmt.Errorf("record failures: %w", err)
 	}
 	return nil
+}
+
+// ScanMessage is scanMessage for the packages that read rows of
+// MessageColumns to publish them again (internal/ops: replay), so that a
+// copy carries what the first publish did.
+func ScanMessage(rows pgx.Rows) (Message, error) { return scanMessage(rows) }
+
+// accepted reports a return that amqp.unroutable: accept counts as delivered.
+func accepted(err error) bool {
+	var pe *PublishError
+	return errors.As(err, &pe) && pe.Accepted
 }
