@@ -21,7 +21,7 @@ type queries struct {
 	deadSelect string
 	deadRetry  string
 	deadPurge  string
-	idStates   string
+	idStates   string // EventStates
 	wakeRelay  string
 
 	// status.
@@ -60,7 +60,7 @@ const replaySelection = `dispatched_at IS NOT NULL AND seq >= $1 AND ($2 = 0 OR 
 
 // deadMatch selects dead rows for list, retry and purge. Each parameter is a
 // filter; NULL switches it off, so one fixed statement serves every
-// combination of flags (see deadFilter.args):
+// combination of flags (see DeadFilter.args):
 //
 //	$1 uuid[]    ids (--id)
 //	$2 text[]    event types (--type)
