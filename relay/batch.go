@@ -289,6 +289,15 @@ func (r *Relay) readLargePayload(ctx context.Context, tx pgx.Tx, m *Message) err
 	return nil
 }
 
+// Headers the relay adds to every message besides the row's own headers.
+const (
+	// HeaderSeq carries the row's sequence number (int64): consumers can check
+	// per-key order with it.
+	HeaderSeq = "x-outbox-seq"
+	// HeaderPartitionKey carries the row's partition key, when it has one.
+	HeaderPartitionKey = "x-outbox-partition-key"
+)
+
 // scanMessage reads one row of the claim columns into a message, with the
 // relay's own headers added. A row whose headers cannot be decoded is
 // returned with a *PublishError of reason invalid. extra receives the

@@ -2,19 +2,11 @@ package relay
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
-	"errors"
 	"fmt"
-	"math"
-	"os"
 	"slices"
-	"strconv"
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgxpool"
-	"go.uber.org/zap"
 )
 
 // Ordered mode (relay.ordering: partition_key) keeps each key's events in
@@ -57,96 +49,6 @@ import (
 //     half is dropped, so a replica that wakes after losing a partition
 //     publishes nothing of it. Leases split the work; order never depends
 //     on them, only on row locks and the horizon.
-
-// horizon tracks the commit horizon.
-type horizon struct {
-	safe       int64       // the horizon: every seq ≤ safe is settled
-	latest     int64       // the highest seq of any candidate (or safe)
-	candidates []candidate // (seq, xid) pairs waiting for old transactions to end
-	started    time.Time   // the server's start time when the horizon was read
-}
-
-type candidate struct {
-	seq   int64
-	xid   uint64 // a transaction id taken after seq was read
-	since time.Time
-}
-
-// advance reads the sequence and, if it moved, takes a fresh transaction id
-// as a new candidate; then it promotes every candidate whose older writers
-// have all ended. It runs in a transaction of its own, committed
-// asynchronously: the transaction ids it takes need no flush.
-func (h *horizon) advance(ctx context.Context, pool *pgxpool.Pool, q queries, seqName, table string) error {
-	var (
-		last    int64
-		xid     string
-		writer  *string
-		started time.Time
-	)
-	// writeTx: the transaction id it may take commits without a WAL flush.
-	err := pgx.BeginTxFunc(ctx, pool, writeTx, func(tx pgx.Tx) error {
-		return tx.QueryRow(ctx, q.readHorizon, seqName, h.latest, table).Scan(&last, &xid, &writer, &started)
-	})
-	if err != nil {
-		return fmt.Errorf("read commit horizon: %w", err)
-	}
-	if !started.Equal(h.started) {
-		// A restarted server (or another one, after a failover) may hand
-		// out sequence values above the last durable one again, to
-		// transactions still running: an old horizon would vouch for them.
-		wasSet := !h.started.IsZero()
-		h.reset()
-		h.started = started
-		if wasSet {
-			// The id was taken against the old horizon's latest: read again.
-			return h.advance(ctx, pool, q, seqName, table)
-		}
-	}
-	// Every transaction older than lo has ended or holds no ROW EXCLUSIVE
-	// lock on the outbox table, and so drew no seq that is still open.
-	lo := uint64(math.MaxUint64)
-	if writer != nil {
-		w, err := strconv.ParseUint(*writer, 10, 64)
-		if err != nil {
-			return fmt.Errorf("parse writer transaction id %q: %w", *writer, err)
-		}
-		lo = w
-	}
-	now := time.Now()
-	if xid != "" {
-		x, err := strconv.ParseUint(xid, 10, 64)
-		if err != nil {
-			return fmt.Errorf("parse transaction id %q: %w", xid, err)
-		}
-		h.candidates = append(h.candidates, candidate{seq: last, xid: x, since: now})
-		h.latest = max(h.latest, last)
-	}
-	n := 0
-	for n < len(h.candidates) && h.candidates[n].xid <= lo {
-		h.safe = max(h.safe, h.candidates[n].seq)
-		n++
-	}
-	h.candidates = h.candidates[n:]
-	// Bound the list: merging keeps the larger seq and the larger id, which
-	// is conservative.
-	if len(h.candidates) > 64 {
-		h.candidates[1].since = h.candidates[0].since
-		h.candidates = h.candidates[1:]
-	}
-	return nil
-}
-
-// reset forgets everything, the horizon included (see advance). Starting
-// over costs one probe round.
-func (h *horizon) reset() { h.candidates, h.latest, h.safe, h.started = nil, 0, 0, time.Time{} }
-
-// wait is how long the oldest candidate has waited for older transactions.
-func (h *horizon) wait(now time.Time) time.Duration {
-	if len(h.candidates) == 0 {
-		return 0
-	}
-	return now.Sub(h.candidates[0].since)
-}
 
 // gate keeps, of a claimed ordered batch, the rows that may be published
 // now: keyless rows, heads at or below the horizon known before the claim,
@@ -328,154 +230,6 @@ func (r *Relay) noteSettled(msgs []Message, done []int64) {
 	r.settledMu.Unlock()
 }
 
-// leases are this replica's partition leases, kept in the lease table and
-// renewed by the claim loop (maintain), so they work through a pooler in
-// transaction mode and lapse when the loop stops.
-type leases struct {
-	owner      string // this replica's name in the lease tables
-	timeout    time.Duration
-	partitions int
-	owned      []int32
-	next       time.Time // next renewal
-
-	// token is a connection of this replica's own holding a session
-	// advisory lock (tokenClass, hashtext(owner)) while the process lives:
-	// when it dies, PostgreSQL ends the session and the others take its
-	// partitions at their next renewal instead of after timeout. A frozen
-	// process keeps it; the expiry covers that. None behind a pooler in
-	// transaction mode (noToken), where a session lock would stay behind.
-	token      *pgx.Conn
-	tokenClass int32
-	noToken    bool
-}
-
-// newOwner names a replica: host, process id and a random suffix, so
-// replicas in one process (tests) and restarts never share a name.
-func newOwner() string {
-	host, _ := os.Hostname()
-	b := make([]byte, 4)
-	_, _ = rand.Read(b)
-	return fmt.Sprintf("%s/%d/%s", host, os.Getpid(), hex.EncodeToString(b))
-}
-
-// renewEvery is how often the claim loop renews its leases and rebalances:
-// a sixth of the timeout, and at least every second, so the partitions of
-// a replica that died move within about a second.
-func (l *leases) renewEvery() time.Duration { return min(l.timeout/6, time.Second) }
-
-// claimMargin is how long a lease must still run for a claim to take rows
-// of its partition; a batch not sent within it is dropped (fresh).
-func (l *leases) claimMargin() time.Duration { return l.timeout / 2 }
-
-// maintain renews this replica's membership and leases and takes or
-// releases partitions towards ceil(partitions / live replicas). It runs
-// between batches, every renewEvery.
-func (l *leases) maintain(ctx context.Context, r *Relay, connCfg *pgx.ConnConfig) error {
-	now := time.Now()
-	if now.Before(l.next) {
-		return nil
-	}
-	l.keepToken(ctx, r, connCfg)
-	ms := l.timeout.Milliseconds()
-	var (
-		members int
-		owned   []int32
-	)
-	if err := r.pool.QueryRow(ctx, r.q.renewLeases, l.owner, ms, l.partitions, l.token != nil, l.tokenClass).Scan(&members, &owned); err != nil {
-		l.owned = nil
-		return fmt.Errorf("renew partition leases: %w", err)
-	}
-	l.next = now.Add(l.renewEvery())
-	before := len(l.owned)
-	l.owned = owned
-	target := (l.partitions + max(members, 1) - 1) / max(members, 1)
-	if len(l.owned) > target {
-		if _, err := r.pool.Exec(ctx, r.q.releasePartitions, l.owner, l.owned[target:]); err != nil {
-			return fmt.Errorf("release partitions: %w", err)
-		}
-		l.owned = slices.Clone(l.owned[:target])
-	}
-	if len(l.owned) < target {
-		rows, err := r.pool.Query(ctx, r.q.takePartitions, l.owner, ms, l.partitions, target-len(l.owned), l.tokenClass)
-		if err != nil {
-			return fmt.Errorf("take partitions: %w", err)
-		}
-		got, err := pgx.CollectRows(rows, pgx.RowTo[int32])
-		if err != nil {
-			return fmt.Errorf("take partitions: %w", err)
-		}
-		l.owned = append(l.owned, got...)
-		slices.Sort(l.owned)
-	}
-	r.m.PartitionsOwned.Set(float64(len(l.owned)))
-	if len(l.owned) != before {
-		r.log.Info("partitions rebalanced", zap.Int("members", members), zap.Int("owned", len(l.owned)),
-			zap.Int("target", target), zap.String("owner", l.owner))
-	}
-	return nil
-}
-
-// keepToken (re)connects the token connection and takes the token; on
-// failure the replica runs without one until the next renewal (its leases
-// then only expire).
-func (l *leases) keepToken(ctx context.Context, r *Relay, connCfg *pgx.ConnConfig) {
-	if l.noToken {
-		return
-	}
-	if l.token != nil && !l.token.IsClosed() {
-		return
-	}
-	l.dropToken(ctx)
-	cfg := connCfg.Copy()
-	// If this replica's host vanishes, PostgreSQL ends the session within
-	// about 25 s rather than the OS default of two hours (the leases
-	// expire sooner anyway).
-	for k, v := range map[string]string{"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3"} {
-		if _, set := cfg.RuntimeParams[k]; !set {
-			cfg.RuntimeParams[k] = v
-		}
-	}
-	conn, err := pgx.ConnectConfig(ctx, cfg)
-	if err == nil {
-		_, err = conn.Exec(ctx, `SELECT pg_advisory_lock($1::int4, hashtext($2))`, l.tokenClass, l.owner)
-		if err != nil {
-			_ = conn.Close(context.WithoutCancel(ctx))
-		}
-	}
-	if err != nil {
-		r.log.Debug("partition lease token", zap.Error(err))
-		return
-	}
-	l.token = conn
-}
-
-func (l *leases) dropToken(ctx context.Context) {
-	if l.token != nil {
-		_ = l.token.Close(context.WithoutCancel(ctx))
-		l.token = nil
-	}
-}
-
-// lapse forgets the leases after an error: the claim statement checks them
-// in the table anyway, and the next maintain renews what is still held.
-func (l *leases) lapse() { l.owned, l.next = nil, time.Time{} }
-
-// release gives up every lease and the membership at shutdown, so the other
-// replicas take the partitions at their next renewal, not after the timeout.
-func (l *leases) release(ctx context.Context, r *Relay) {
-	if r.pool == nil {
-		return
-	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-	defer cancel()
-	if _, err := r.pool.Exec(ctx, r.q.releaseAll, l.owner); err != nil && !isUndefinedTable(err) {
-		r.log.Warn("release partition leases", zap.Error(err))
-	}
-	l.dropToken(ctx)
-	l.lapse()
-	r.m.PartitionsOwned.Set(0)
-}
-
 // PartitionOwner is one replica's share of the partition leases.
 type PartitionOwner struct {
 	Owner           string    // the replica's name: host/pid/random
@@ -538,6 +292,3 @@ func PartitionBacklog(ctx context.Context, db Querier, schema, table string, par
 	}
 	return out, nil
 }
-
-// errNotLive is Live's answer while the claim loop is stuck.
-var errNotLive = errors.New("claim loop stuck")

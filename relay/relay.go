@@ -9,14 +9,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/google/uuid"
-	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/google/uuid"
+
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
 
@@ -31,25 +30,6 @@ type Deps struct {
 	// Publisher defaults to an AMQPPublisher built from Config.AMQP.
 	Publisher Publisher
 }
-
-// Headers the relay adds to every message besides the row's own headers.
-const (
-	// HeaderSeq carries the row's sequence number (int64): consumers can check
-	// per-key order with it.
-	HeaderSeq = "x-outbox-seq"
-	// HeaderPartitionKey carries the row's partition key, when it has one.
-	HeaderPartitionKey = "x-outbox-partition-key"
-)
-
-// ErrTableMissing is returned by Run when the outbox table does not exist.
-var ErrTableMissing = errors.New("outbox table does not exist")
-
-// ErrSchemaOutdated is returned by Run when the outbox table lacks columns
-// of a migration this relay needs.
-var ErrSchemaOutdated = errors.New("outbox table is missing migrations")
-
-// errNotConnected is every link's state before its first attempt.
-var errNotConnected = errors.New("not connected yet")
 
 // Relay moves committed outbox rows to the broker. Create it with New and
 // run it with Run; it holds no resources until Run.
@@ -455,99 +435,4 @@ func (r *Relay) signal(src string) {
 	case r.wake <- src:
 	default:
 	}
-}
-
-// sleep waits for d or until ctx is done.
-func sleep(ctx context.Context, d time.Duration) {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-	case <-t.C:
-	}
-}
-
-// checkSchema fails with ErrTableMissing when the table is absent, with
-// ErrSchemaOutdated when it lacks the routing columns, and warns
-// when the NOTIFY trigger disagrees with wake.mode.
-func (r *Relay) checkSchema(ctx context.Context, pool *pgxpool.Pool) error {
-	var exists bool
-	if err := pool.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, r.table.Quoted()).Scan(&exists); err != nil {
-		return fmt.Errorf("check outbox table: %w", err)
-	}
-	if !exists {
-		return fmt.Errorf("%w: %s (run `outbox-relay migrate up`, or check postgres.schema and postgres.table)", ErrTableMissing, r.table)
-	}
-	var routing int
-	if err := pool.QueryRow(ctx, routingColumns, r.table.Quoted()).Scan(&routing); err != nil {
-		return fmt.Errorf("check outbox columns: %w", err)
-	}
-	if routing != 2 {
-		return fmt.Errorf("%w: %s has no routing_key and exchange columns (run `outbox-relay migrate up`)", ErrSchemaOutdated, r.table)
-	}
-	if r.cfg.Relay.Ordering == OrderingPartitionKey {
-		if err := pool.QueryRow(ctx, `SELECT pg_get_serial_sequence($1, 'seq')`, r.table.Quoted()).Scan(&r.seqName); err != nil {
-			return fmt.Errorf("find the seq sequence of %s: %w", r.table, err)
-		}
-	}
-	var enabled bool
-	if err := pool.QueryRow(ctx, r.q.notifyTrigger, r.table.Quoted(), r.table.Name+"_notify").Scan(&enabled); err != nil {
-		return fmt.Errorf("check notify trigger: %w", err)
-	}
-	switch {
-	case r.cfg.Wake.Mode == WakeNotify && !enabled:
-		r.log.Warn("wake.mode is notify but the table's NOTIFY trigger is disabled: events wait for the fallback poll; run `outbox-relay notify enable`",
-			zap.Duration("poll_interval", r.cfg.Wake.PollInterval))
-	case r.cfg.Wake.Mode == WakePoll && enabled:
-		r.log.Warn("the table's NOTIFY trigger is enabled but wake.mode is poll: producers pay for NOTIFY for nothing; run `outbox-relay notify disable`")
-	}
-	r.setLink(metrics.LinkPostgres, nil)
-	return nil
-}
-
-// pgFailed records a database error on the postgres link; an error caused by
-// the relay's own shutdown (a cancelled context) is not a link failure.
-func (r *Relay) pgFailed(err error) error {
-	if !errors.Is(err, context.Canceled) {
-		r.setLink(metrics.LinkPostgres, err)
-	}
-	return err
-}
-
-// reconnectDelay is the wait before retrying a failed link: 100 ms doubling
-// to 1 s, jittered. The cap is low on purpose: a dial or a probe per second
-// costs nothing, and the relay claims within a second of a link's return.
-func (r *Relay) reconnectDelay(failures int) time.Duration {
-	return backoff(failures, 100*time.Millisecond, time.Second)
-}
-
-// backoff is the capped exponential delay before attempt n (n ≥ 1), with
-// "equal jitter": uniformly in [d/2, d].
-func backoff(n int, lo, hi time.Duration) time.Duration {
-	d := lo
-	for i := 1; i < n && d < hi; i++ {
-		if d > hi/2 { // doubling would pass hi, or overflow
-			d = hi
-			break
-		}
-		d *= 2
-	}
-	d = min(d, hi)
-	half := d / 2
-	return half + rand.N(d-half+1)
-}
-
-// lockClass derives a positive advisory-lock class from a name (FNV-1a).
-func lockClass(name string) int32 {
-	h := uint32(2166136261)
-	for i := 0; i < len(name); i++ {
-		h ^= uint32(name[i])
-		h *= 16777619
-	}
-	return int32(h & 0x7fffffff)
-}
-
-func isUndefinedTable(err error) bool {
-	var pgErr *pgconn.PgError
-	return errors.As(err, &pgErr) && pgErr.Code == "42P01"
 }
