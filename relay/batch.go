@@ -75,9 +75,9 @@ func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, pro
 	b.msgs, b.invalid, err = r.claim(ctx, tx, budget, held == 0)
 	if err == nil && r.cfg.Relay.Ordering == OrderingPartitionKey {
 		n := b.size()
-		b.msgs, b.invalid, err = r.gate(ctx, tx, b.msgs, b.invalid)
-		r.held = n - b.size()
-		r.requeue(b.msgs)
+		b.msgs, b.invalid, err = r.ord.gate(ctx, pool, tx, b.msgs, b.invalid)
+		r.ord.held = n - b.size()
+		r.ord.requeue(b.msgs)
 	}
 	if err != nil {
 		_ = tx.Rollback(drain)
@@ -90,7 +90,7 @@ func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, pro
 		// the claim loop waits, and looks again when one settles.
 		return nil, tx.Commit(drain)
 	}
-	if r.cfg.Relay.Ordering == OrderingPartitionKey && time.Since(b.claimed) >= r.leases.claimMargin() {
+	if r.cfg.Relay.Ordering == OrderingPartitionKey && time.Since(b.claimed) >= r.ord.leases.claimMargin() {
 		// The claim vouched for its partitions' leases for claimMargin
 		// only: this process was stalled (GC, SIGSTOP) between claim and
 		// send, another replica may hold them now, and the server may have
@@ -212,12 +212,12 @@ func (r *Relay) claim(ctx context.Context, tx pgx.Tx, budget int64, alone bool) 
 	maxSize := int64(r.cfg.AMQP.MaxMessageSize)
 	if r.cfg.Relay.Ordering == OrderingPartitionKey {
 		var heads []int64
-		if heads, err = r.findHeads(ctx, tx); err != nil {
+		if heads, err = r.ord.findHeads(ctx, tx); err != nil {
 			return nil, nil, err
 		}
 		rows, err = tx.Query(ctx, r.q.claimOrdered, r.cfg.Relay.BatchSize, r.cfg.Relay.Partitions,
-			r.leases.owner, strconv.FormatInt(r.cfg.Relay.LeaseTimeout.Milliseconds(), 10),
-			r.leases.claimMargin().Milliseconds(), heads, budget, alone, maxSize)
+			r.ord.leases.owner, strconv.FormatInt(r.cfg.Relay.LeaseTimeout.Milliseconds(), 10),
+			r.ord.leases.claimMargin().Milliseconds(), heads, budget, alone, maxSize)
 	} else {
 		rows, err = tx.Query(ctx, r.q.claimBatch, r.cfg.Relay.BatchSize, budget, alone, maxSize)
 	}

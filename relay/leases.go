@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 )
 
@@ -17,6 +19,10 @@ import (
 // renewed by the claim loop (maintain), so they work through a pooler in
 // transaction mode and lapse when the loop stops.
 type leases struct {
+	q     *queries
+	log   *zap.Logger
+	gauge prometheus.Gauge // partitions owned
+
 	owner      string // this replica's name in the lease tables
 	timeout    time.Duration
 	partitions int
@@ -55,18 +61,18 @@ func (l *leases) claimMargin() time.Duration { return l.timeout / 2 }
 // maintain renews this replica's membership and leases and takes or
 // releases partitions towards ceil(partitions / live replicas). It runs
 // between batches, every renewEvery.
-func (l *leases) maintain(ctx context.Context, r *Relay, connCfg *pgx.ConnConfig) error {
+func (l *leases) maintain(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.ConnConfig) error {
 	now := time.Now()
 	if now.Before(l.next) {
 		return nil
 	}
-	l.keepToken(ctx, r, connCfg)
+	l.keepToken(ctx, connCfg)
 	ms := l.timeout.Milliseconds()
 	var (
 		members int
 		owned   []int32
 	)
-	if err := r.pool.QueryRow(ctx, r.q.renewLeases, l.owner, ms, l.partitions, l.token != nil, l.tokenClass).Scan(&members, &owned); err != nil {
+	if err := pool.QueryRow(ctx, l.q.renewLeases, l.owner, ms, l.partitions, l.token != nil, l.tokenClass).Scan(&members, &owned); err != nil {
 		l.owned = nil
 		return fmt.Errorf("renew partition leases: %w", err)
 	}
@@ -75,13 +81,13 @@ func (l *leases) maintain(ctx context.Context, r *Relay, connCfg *pgx.ConnConfig
 	l.owned = owned
 	target := (l.partitions + max(members, 1) - 1) / max(members, 1)
 	if len(l.owned) > target {
-		if _, err := r.pool.Exec(ctx, r.q.releasePartitions, l.owner, l.owned[target:]); err != nil {
+		if _, err := pool.Exec(ctx, l.q.releasePartitions, l.owner, l.owned[target:]); err != nil {
 			return fmt.Errorf("release partitions: %w", err)
 		}
 		l.owned = slices.Clone(l.owned[:target])
 	}
 	if len(l.owned) < target {
-		rows, err := r.pool.Query(ctx, r.q.takePartitions, l.owner, ms, l.partitions, target-len(l.owned), l.tokenClass)
+		rows, err := pool.Query(ctx, l.q.takePartitions, l.owner, ms, l.partitions, target-len(l.owned), l.tokenClass)
 		if err != nil {
 			return fmt.Errorf("take partitions: %w", err)
 		}
@@ -92,9 +98,9 @@ func (l *leases) maintain(ctx context.Context, r *Relay, connCfg *pgx.ConnConfig
 		l.owned = append(l.owned, got...)
 		slices.Sort(l.owned)
 	}
-	r.m.PartitionsOwned.Set(float64(len(l.owned)))
+	l.gauge.Set(float64(len(l.owned)))
 	if len(l.owned) != before {
-		r.log.Info("partitions rebalanced", zap.Int("members", members), zap.Int("owned", len(l.owned)),
+		l.log.Info("partitions rebalanced", zap.Int("members", members), zap.Int("owned", len(l.owned)),
 			zap.Int("target", target), zap.String("owner", l.owner))
 	}
 	return nil
@@ -103,7 +109,7 @@ func (l *leases) maintain(ctx context.Context, r *Relay, connCfg *pgx.ConnConfig
 // keepToken (re)connects the token connection and takes the token; on
 // failure the replica runs without one until the next renewal (its leases
 // then only expire).
-func (l *leases) keepToken(ctx context.Context, r *Relay, connCfg *pgx.ConnConfig) {
+func (l *leases) keepToken(ctx context.Context, connCfg *pgx.ConnConfig) {
 	if l.noToken {
 		return
 	}
@@ -128,7 +134,7 @@ func (l *leases) keepToken(ctx context.Context, r *Relay, connCfg *pgx.ConnConfi
 		}
 	}
 	if err != nil {
-		r.log.Debug("partition lease token", zap.Error(err))
+		l.log.Debug("partition lease token", zap.Error(err))
 		return
 	}
 	l.token = conn
@@ -147,18 +153,18 @@ func (l *leases) lapse() { l.owned, l.next = nil, time.Time{} }
 
 // release gives up every lease and the membership at shutdown, so the other
 // replicas take the partitions at their next renewal, not after the timeout.
-func (l *leases) release(ctx context.Context, r *Relay) {
-	if r.pool == nil {
+func (l *leases) release(ctx context.Context, pool *pgxpool.Pool) {
+	if pool == nil {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
-	if _, err := r.pool.Exec(ctx, r.q.releaseAll, l.owner); err != nil && !isUndefinedTable(err) {
-		r.log.Warn("release partition leases", zap.Error(err))
+	if _, err := pool.Exec(ctx, l.q.releaseAll, l.owner); err != nil && !isUndefinedTable(err) {
+		l.log.Warn("release partition leases", zap.Error(err))
 	}
 	l.dropToken(ctx)
 	l.lapse()
-	r.m.PartitionsOwned.Set(0)
+	l.gauge.Set(0)
 }
 
 // lockClass derives a positive advisory-lock class from a name (FNV-1a).

@@ -4,9 +4,11 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // Ordered mode (relay.ordering: partition_key) keeps each key's events in
@@ -50,13 +52,52 @@ import (
 //     publishes nothing of it. Leases split the work; order never depends
 //     on them, only on row locks and the horizon.
 
+// ordered is ordered mode's state. The claim loop's goroutine uses it
+// alone, but for the keys in flight and settled, which the settler also
+// writes (mu).
+type ordered struct {
+	q          *queries
+	table      string // the outbox table, quoted
+	batchSize  int
+	partitions int
+
+	horizon horizon
+	leases  leases
+	seqName string              // the seq column's sequence, found by checkSchema
+	held    int                 // rows the last claim left unpublished above the commit horizon
+	cursor  string              // the key findHeads starts from
+	found   map[int64]foundHead // heads the last findHeads found, by seq
+
+	settledHits int  // heads the last claim found among settled keys
+	exhausted   bool // the last claim took every head it found
+
+	// Keys whose batches settled since the last claim, with the dispatched
+	// row of each, and keys in batches in flight.
+	mu          sync.Mutex
+	settledKeys []string
+	settledSeqs []int64
+	flying      map[string]int
+}
+
+func newOrdered(q *queries, table string, batchSize, partitions int, l leases) *ordered {
+	return &ordered{
+		q:          q,
+		table:      table,
+		batchSize:  batchSize,
+		partitions: partitions,
+		leases:     l,
+		found:      map[int64]foundHead{},
+		flying:     map[string]int{},
+	}
+}
+
 // gate keeps, of a claimed ordered batch, the rows that may be published
 // now: keyless rows, heads at or below the horizon known before the claim,
 // and heads the horizon, read after the claim, covers and a fresh statement
 // confirms are still their key's lowest pending row. The rest stay locked
 // and untouched until the batch ends, and are claimed again later.
-func (r *Relay) gate(ctx context.Context, tx pgx.Tx, msgs []Message, invalid []failure) ([]Message, []failure, error) {
-	safe := r.horizon.safe
+func (o *ordered) gate(ctx context.Context, pool *pgxpool.Pool, tx pgx.Tx, msgs []Message, invalid []failure) ([]Message, []failure, error) {
+	safe := o.horizon.safe
 	above := false
 	for _, m := range msgs {
 		above = above || (m.Key != "" && m.Seq > safe)
@@ -67,26 +108,26 @@ func (r *Relay) gate(ctx context.Context, tx pgx.Tx, msgs []Message, invalid []f
 	if !above {
 		return msgs, invalid, nil
 	}
-	if err := r.horizon.advance(ctx, r.pool, r.q, r.seqName, r.table.Quoted()); err != nil {
+	if err := o.horizon.advance(ctx, pool, *o.q, o.seqName, o.table); err != nil {
 		return nil, nil, err
 	}
-	if r.horizon.safe < safe {
+	if o.horizon.safe < safe {
 		safe = 0 // the horizon started over: vouch for nothing claimed against the old one
 	}
 	var recheck []int64
 	for _, m := range msgs {
-		if m.Key != "" && m.Seq > safe && m.Seq <= r.horizon.safe {
+		if m.Key != "" && m.Seq > safe && m.Seq <= o.horizon.safe {
 			recheck = append(recheck, m.Seq)
 		}
 	}
 	for _, f := range invalid {
-		if f.msg.Key != "" && f.msg.Seq > safe && f.msg.Seq <= r.horizon.safe {
+		if f.msg.Key != "" && f.msg.Seq > safe && f.msg.Seq <= o.horizon.safe {
 			recheck = append(recheck, f.msg.Seq)
 		}
 	}
 	heads := map[int64]bool{}
 	if len(recheck) > 0 {
-		rows, err := tx.Query(ctx, r.q.confirmHeads, recheck)
+		rows, err := tx.Query(ctx, o.q.confirmHeads, recheck)
 		if err != nil {
 			return nil, nil, fmt.Errorf("confirm heads: %w", err)
 		}
@@ -111,20 +152,20 @@ func (r *Relay) gate(ctx context.Context, tx pgx.Tx, msgs []Message, invalid []f
 // many keys there are. While the settled keys yield half a batch or more
 // (a backlog), the walk is short: it only has to discover keys, and
 // visiting keys whose heads are in flight costs a probe each for nothing.
-func (r *Relay) findHeads(ctx context.Context, tx pgx.Tx) ([]int64, error) {
-	r.settledMu.Lock()
-	keys, after := r.settledKeys, r.settledSeqs
-	r.settledKeys, r.settledSeqs = nil, nil
-	flying := make(map[string]bool, len(r.flying))
-	for k := range r.flying {
+func (o *ordered) findHeads(ctx context.Context, tx pgx.Tx) ([]int64, error) {
+	o.mu.Lock()
+	keys, after := o.settledKeys, o.settledSeqs
+	o.settledKeys, o.settledSeqs = nil, nil
+	flying := make(map[string]bool, len(o.flying))
+	for k := range o.flying {
 		flying[k] = true
 	}
-	r.settledMu.Unlock()
-	walk := 4 * r.cfg.Relay.BatchSize
-	if len(keys) > 0 && r.settledHits >= r.cfg.Relay.BatchSize/2 {
-		walk = max(1, r.cfg.Relay.BatchSize/16)
+	o.mu.Unlock()
+	walk := 4 * o.batchSize
+	if len(keys) > 0 && o.settledHits >= o.batchSize/2 {
+		walk = max(1, o.batchSize/16)
 	}
-	rows, err := tx.Query(ctx, r.q.findHeads, r.cursor, walk, r.leases.owned, r.cfg.Relay.Partitions, keys, after)
+	rows, err := tx.Query(ctx, o.q.findHeads, o.cursor, walk, o.leases.owned, o.partitions, keys, after)
 	if err != nil {
 		return nil, fmt.Errorf("find heads: %w", err)
 	}
@@ -142,7 +183,7 @@ func (r *Relay) findHeads(ctx context.Context, tx pgx.Tx) ([]int64, error) {
 		}
 		if usable && !flying[key] {
 			heads = append(heads, seq)
-			r.found[seq] = foundHead{key, from}
+			o.found[seq] = foundHead{key, from}
 			if !walked {
 				hits++
 			}
@@ -153,11 +194,11 @@ func (r *Relay) findHeads(ctx context.Context, tx pgx.Tx) ([]int64, error) {
 		return nil, fmt.Errorf("find heads: %w", err)
 	}
 	if len(keys) > 0 {
-		r.settledHits = hits
+		o.settledHits = hits
 	}
-	r.cursor = ""
+	o.cursor = ""
 	if n == walk {
-		r.cursor = last // the next walk starts there
+		o.cursor = last // the next walk starts there
 	}
 	return heads, nil
 }
@@ -167,25 +208,25 @@ func (r *Relay) findHeads(ctx context.Context, tx pgx.Tx) ([]int64, error) {
 // that their turn does not wait for a walk. When none is left, every head
 // found is in flight, and claiming again before a batch settles would walk
 // the keys for nothing (exhausted).
-func (r *Relay) requeue(msgs []Message) {
+func (o *ordered) requeue(msgs []Message) {
 	for _, m := range msgs {
-		delete(r.found, m.Seq)
+		delete(o.found, m.Seq)
 	}
-	r.exhausted = len(r.found) == 0
-	if r.exhausted {
+	o.exhausted = len(o.found) == 0
+	if o.exhausted {
 		return
 	}
-	r.settledMu.Lock()
-	for _, h := range r.found {
-		if len(r.settledKeys) < 4*r.cfg.Relay.BatchSize {
+	o.mu.Lock()
+	for _, h := range o.found {
+		if len(o.settledKeys) < 4*o.batchSize {
 			// Probed from where it was found, not from just below it: a
 			// lower row of its key may have committed since.
-			r.settledKeys = append(r.settledKeys, h.key)
-			r.settledSeqs = append(r.settledSeqs, h.after)
+			o.settledKeys = append(o.settledKeys, h.key)
+			o.settledSeqs = append(o.settledSeqs, h.after)
 		}
 	}
-	r.settledMu.Unlock()
-	clear(r.found)
+	o.mu.Unlock()
+	clear(o.found)
 }
 
 // foundHead is a head findHeads found: its key, and the seq of the key's
@@ -198,12 +239,12 @@ type foundHead struct {
 
 // noteSent records the keys of a batch in flight: their heads are locked
 // by it, and findHeads leaves them out of the claim.
-func (r *Relay) noteSent(msgs []Message) {
-	r.settledMu.Lock()
-	defer r.settledMu.Unlock()
+func (o *ordered) noteSent(msgs []Message) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
 	for _, m := range msgs {
 		if m.Key != "" {
-			r.flying[m.Key]++
+			o.flying[m.Key]++
 		}
 	}
 }
@@ -211,23 +252,23 @@ func (r *Relay) noteSent(msgs []Message) {
 // noteSettled records the keys of a settled batch's dispatched rows (done,
 // nil if its transaction did not commit): the next claim looks for their
 // next heads first.
-func (r *Relay) noteSettled(msgs []Message, done []int64) {
+func (o *ordered) noteSettled(msgs []Message, done []int64) {
 	ok := make(map[int64]bool, len(done))
 	for _, s := range done {
 		ok[s] = true
 	}
-	r.settledMu.Lock()
+	o.mu.Lock()
 	for _, m := range msgs {
-		r.flying[m.Key]--
-		if r.flying[m.Key] <= 0 {
-			delete(r.flying, m.Key)
+		o.flying[m.Key]--
+		if o.flying[m.Key] <= 0 {
+			delete(o.flying, m.Key)
 		}
-		if m.Key != "" && ok[m.Seq] && len(r.settledKeys) < 4*r.cfg.Relay.BatchSize {
-			r.settledKeys = append(r.settledKeys, m.Key)
-			r.settledSeqs = append(r.settledSeqs, m.Seq)
+		if m.Key != "" && ok[m.Seq] && len(o.settledKeys) < 4*o.batchSize {
+			o.settledKeys = append(o.settledKeys, m.Key)
+			o.settledSeqs = append(o.settledSeqs, m.Seq)
 		}
 	}
-	r.settledMu.Unlock()
+	o.mu.Unlock()
 }
 
 // PartitionOwner is one replica's share of the partition leases.

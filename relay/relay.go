@@ -41,23 +41,10 @@ type Relay struct {
 	m     *metrics.Metrics
 	pub   Publisher
 
-	// Ordered mode only; used by the claim loop's goroutine alone.
-	horizon horizon
-	leases  leases
-	seqName string
-	held    int    // rows the last claim left unpublished above the commit horizon
-	cursor  string // the key findHeads starts from
+	// ord is ordered mode's state; nil unless relay.ordering is partition_key.
+	ord *ordered
 
-	// Ordered mode: keys whose batches settled since the last claim (the
-	// settler signals each on settled), keys in flight, heads found.
-	settledMu   sync.Mutex
-	settledKeys []string
-	settledSeqs []int64             // the dispatched row of each settled key
-	settledHits int                 // heads the last claim found among settled keys
-	exhausted   bool                // the last claim took every head it found
-	flying      map[string]int      // keys in batches in flight
-	found       map[int64]foundHead // heads the last findHeads found, by seq
-	inflight    atomic.Int32        // batches sent and not yet settled
+	inflight atomic.Int32 // batches sent and not yet settled
 
 	pool *pgxpool.Pool // set by Run
 
@@ -113,17 +100,20 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 		links: map[string]error{},
 
 		settled: make(chan struct{}, 1),
-		flying:  map[string]int{},
-		found:   map[int64]foundHead{},
 
 		cleanerLock: lockClass("cleaner " + cfg.table().String()),
 	}
-	r.leases = leases{
-		owner:      newOwner(),
-		timeout:    cfg.Relay.LeaseTimeout,
-		partitions: cfg.Relay.Partitions,
-		tokenClass: lockClass("member " + cfg.table().String()),
-		noToken:    cfg.Postgres.Pooler == PoolerTransaction,
+	if cfg.Relay.Ordering == OrderingPartitionKey {
+		r.ord = newOrdered(&r.q, r.table.Quoted(), cfg.Relay.BatchSize, cfg.Relay.Partitions, leases{
+			q:          &r.q,
+			log:        log,
+			gauge:      deps.Metrics.PartitionsOwned,
+			owner:      newOwner(),
+			timeout:    cfg.Relay.LeaseTimeout,
+			partitions: cfg.Relay.Partitions,
+			tokenClass: lockClass("member " + cfg.table().String()),
+			noToken:    cfg.Postgres.Pooler == PoolerTransaction,
+		})
 	}
 	r.links[metrics.LinkPostgres] = errNotConnected
 	r.links[metrics.LinkAMQP] = errNotConnected
@@ -183,7 +173,7 @@ func (r *Relay) Run(ctx context.Context) error {
 		zap.Int("batch_size", r.cfg.Relay.BatchSize))
 	err = r.claimLoop(ctx, pool, poolCfg.ConnConfig)
 	if r.cfg.Relay.Ordering == OrderingPartitionKey {
-		r.leases.release(ctx, r)
+		r.ord.leases.release(ctx, pool)
 	}
 
 	// Reverse order of start: claiming has stopped and its last batch is
@@ -235,7 +225,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			// loop that sees the batch in flight gets the signal after it.
 			r.inflight.Add(-1)
 			if ordered {
-				r.noteSettled(msgs, b.done)
+				r.ord.noteSettled(msgs, b.done)
 			}
 			select {
 			case r.settled <- struct{}{}:
@@ -296,9 +286,9 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			r.setLink(metrics.LinkAMQP, nil)
 		}
 		if ordered {
-			if err := r.leases.maintain(ctx, r, connCfg); err != nil {
-				r.leases.lapse()
-				r.horizon.reset()
+			if err := r.ord.leases.maintain(ctx, pool, connCfg); err != nil {
+				r.ord.leases.lapse()
+				r.ord.horizon.reset()
 				if ctx.Err() == nil {
 					r.pgFailed(err)
 				}
@@ -308,8 +298,8 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			// Only while rows are held back: a candidate left from the last
 			// read ages with nothing waiting on it.
 			wait := time.Duration(0)
-			if r.held > 0 {
-				wait = r.horizon.wait(time.Now())
+			if r.ord.held > 0 {
+				wait = r.ord.horizon.wait(time.Now())
 			}
 			r.m.HorizonWait.Set(wait.Seconds())
 		}
@@ -317,7 +307,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		if err != nil {
 			if ordered {
 				// The error may be a restarted or failed-over server.
-				r.horizon.reset()
+				r.ord.horizon.reset()
 			}
 			if ctx.Err() == nil {
 				pause()
@@ -330,13 +320,13 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			// Blocks while the pipeline is full: the settler makes room
 			// within amqp.confirm_timeout.
 			if ordered {
-				r.noteSent(next.msgs)
+				r.ord.noteSent(next.msgs)
 			}
 			r.inflight.Add(1)
 			sent <- next
 			probe, interval = false, r.cfg.Wake.MinInterval
 			linkOK()
-			if ordered && r.exhausted {
+			if ordered && r.ord.exhausted {
 				r.awaitHeads(ctx)
 			}
 			if r.cfg.Wake.Mode == WakePoll && !ordered && n < r.cfg.Relay.BatchSize {
@@ -361,11 +351,11 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		linkOK()
 		wait := interval
 		switch {
-		case ordered && r.held == 0 && r.inflight.Load() > 0:
+		case ordered && r.ord.held == 0 && r.inflight.Load() > 0:
 			r.awaitHeads(ctx)
 			probe = false
 			continue
-		case ordered && r.held > 0:
+		case ordered && r.ord.held > 0:
 			// Committed rows may wait above the commit horizon: look again
 			// soon, without hammering while a long transaction holds it.
 			probe = false
@@ -398,7 +388,7 @@ func (r *Relay) awaitHeads(ctx context.Context) {
 		return
 	}
 	// Not longer than a lease renewal period: the loop renews the leases.
-	t := time.NewTimer(r.leases.renewEvery())
+	t := time.NewTimer(r.ord.leases.renewEvery())
 	defer t.Stop()
 	select {
 	case <-ctx.Done():

@@ -37,7 +37,7 @@ func (r *Relay) checkSchema(ctx context.Context, pool *pgxpool.Pool) error {
 		return fmt.Errorf("%w: %s has no routing_key and exchange columns (run `outbox-relay migrate up`)", ErrSchemaOutdated, r.table)
 	}
 	if r.cfg.Relay.Ordering == OrderingPartitionKey {
-		if err := pool.QueryRow(ctx, `SELECT pg_get_serial_sequence($1, 'seq')`, r.table.Quoted()).Scan(&r.seqName); err != nil {
+		if err := pool.QueryRow(ctx, `SELECT pg_get_serial_sequence($1, 'seq')`, r.table.Quoted()).Scan(&r.ord.seqName); err != nil {
 			return fmt.Errorf("find the seq sequence of %s: %w", r.table, err)
 		}
 	}
