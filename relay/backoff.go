@@ -19,7 +19,7 @@ func sleep(ctx context.Context, d time.Duration) {
 // reconnectDelay is the wait before retrying a failed link: 100 ms doubling
 // to 1 s, jittered. The cap is low on purpose: a dial or a probe per second
 // costs nothing, and the relay claims within a second of a link's return.
-func (r *Relay) reconnectDelay(failures int) time.Duration {
+func reconnectDelay(failures int) time.Duration {
 	return backoff(failures, 100*time.Millisecond, time.Second)
 }
 

@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/google/uuid"
-
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
@@ -156,15 +155,7 @@ func (r *Relay) Run(ctx context.Context) error {
 	r.pool = pool
 	r.lastLoop.Store(time.Now().UnixNano())
 
-	var wg sync.WaitGroup
-	bg, stopBG := context.WithCancel(ctx)
-	if r.cfg.Wake.Mode == WakeNotify {
-		wg.Go(func() { r.listen(bg, poolCfg.ConnConfig) })
-	}
-	wg.Go(func() { r.statsLoop(bg, pool) })
-	if *r.cfg.Retention.Enabled {
-		wg.Go(func() { r.cleanLoop(bg, pool) })
-	}
+	stopServices := startServices(ctx, r.services(pool, poolCfg.ConnConfig))
 
 	r.log.Info("relay started",
 		zap.String("table", r.table.String()),
@@ -178,8 +169,7 @@ func (r *Relay) Run(ctx context.Context) error {
 
 	// Reverse order of start: claiming has stopped and its last batch is
 	// settled; now the background loops, the broker, the pool.
-	stopBG()
-	wg.Wait()
+	stopServices()
 	err = errors.Join(err, r.pub.Close())
 	pool.Close()
 	if err == nil {
@@ -243,7 +233,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 
 	pause := func() {
 		failures++
-		sleep(ctx, r.reconnectDelay(failures))
+		sleep(ctx, reconnectDelay(failures))
 	}
 	// The links work again, unless the last settled batch lost the broker
 	// link: connecting and claiming prove nothing then (a broker that

@@ -7,8 +7,9 @@ import (
 
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/outbox-relay/outbox-relay/metrics"
 	"go.uber.org/zap"
+
+	"github.com/outbox-relay/outbox-relay/metrics"
 )
 
 // ErrTableMissing is returned by Run when the outbox table does not exist.

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
 	"github.com/outbox-relay/outbox-relay/internal/ident"
 )
 
