@@ -72,7 +72,13 @@ func (l *leases) maintain(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		members int
 		owned   []int32
 	)
-	if err := pool.QueryRow(ctx, l.q.renewLeases, l.owner, ms, l.partitions, l.token != nil, l.tokenClass).Scan(&members, &owned); err != nil {
+	// Each statement in a writeTx: a renewal lost in a database crash
+	// costs nothing (the claim reads the lease table), and the renewals,
+	// about one a second per replica, need no WAL flush.
+	err := pgx.BeginTxFunc(ctx, pool, writeTx, func(tx pgx.Tx) error {
+		return tx.QueryRow(ctx, l.q.renewLeases, l.owner, ms, l.partitions, l.token != nil, l.tokenClass).Scan(&members, &owned)
+	})
+	if err != nil {
 		l.owned = nil
 		return fmt.Errorf("renew partition leases: %w", err)
 	}
@@ -81,17 +87,24 @@ func (l *leases) maintain(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 	l.owned = owned
 	target := (l.partitions + max(members, 1) - 1) / max(members, 1)
 	if len(l.owned) > target {
-		if _, err := pool.Exec(ctx, l.q.releasePartitions, l.owner, l.owned[target:]); err != nil {
+		err := pgx.BeginTxFunc(ctx, pool, writeTx, func(tx pgx.Tx) error {
+			_, err := tx.Exec(ctx, l.q.releasePartitions, l.owner, l.owned[target:])
+			return err
+		})
+		if err != nil {
 			return fmt.Errorf("release partitions: %w", err)
 		}
 		l.owned = slices.Clone(l.owned[:target])
 	}
 	if len(l.owned) < target {
-		rows, err := pool.Query(ctx, l.q.takePartitions, l.owner, ms, l.partitions, target-len(l.owned), l.tokenClass)
-		if err != nil {
-			return fmt.Errorf("take partitions: %w", err)
-		}
-		got, err := pgx.CollectRows(rows, pgx.RowTo[int32])
+		var got []int32
+		err := pgx.BeginTxFunc(ctx, pool, writeTx, func(tx pgx.Tx) error {
+			rows, err := tx.Query(ctx, l.q.takePartitions, l.owner, ms, l.partitions, target-len(l.owned), l.tokenClass)
+			if err == nil {
+				got, err = pgx.CollectRows(rows, pgx.RowTo[int32])
+			}
+			return err
+		})
 		if err != nil {
 			return fmt.Errorf("take partitions: %w", err)
 		}
