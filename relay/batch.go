@@ -110,6 +110,33 @@ func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, pro
 	return b, nil
 }
 
+// settler settles the sent batches in order until sent is closed, then
+// returns. It reports a batch's failure on errs without blocking (the claim
+// loop backs off once however many failed).
+func (r *Relay) settler(ctx, drain context.Context, sent <-chan *batch, errs chan<- error) {
+	for b := range sent {
+		msgs := b.msgs // settle lets go of them
+		err := r.settle(ctx, drain, b)
+		r.inflightBytes.Add(-b.bytes)
+		// Counted out, and its keys noted, before the signal: a claim
+		// loop that sees the batch in flight gets the signal after it.
+		r.inflight.Add(-1)
+		if r.ord != nil {
+			r.ord.noteSettled(msgs, b.done)
+		}
+		select {
+		case r.settled <- struct{}{}:
+		default:
+		}
+		if err != nil {
+			select {
+			case errs <- err:
+			default:
+			}
+		}
+	}
+}
+
 // waitSettled waits until a batch in flight settles; false when ctx is done.
 func (r *Relay) waitSettled(ctx context.Context) bool {
 	select {

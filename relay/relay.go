@@ -207,27 +207,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 	settled := make(chan struct{})
 	go func() {
 		defer close(settled)
-		for b := range sent {
-			msgs := b.msgs // settle lets go of them
-			err := r.settle(ctx, drain, b)
-			r.inflightBytes.Add(-b.bytes)
-			// Counted out, and its keys noted, before the signal: a claim
-			// loop that sees the batch in flight gets the signal after it.
-			r.inflight.Add(-1)
-			if ordered {
-				r.ord.noteSettled(msgs, b.done)
-			}
-			select {
-			case r.settled <- struct{}{}:
-			default:
-			}
-			if err != nil {
-				select {
-				case settleErr <- err:
-				default:
-				}
-			}
-		}
+		r.settler(ctx, drain, sent, settleErr)
 	}()
 	defer func() { close(sent); <-settled }()
 
@@ -320,14 +300,10 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 				r.awaitHeads(ctx)
 			}
 			if r.cfg.Wake.Mode == WakePoll && !ordered && n < r.cfg.Relay.BatchSize {
-				// A short batch took all that was due, so claiming again
-				// at once would mostly come back empty: three round trips
-				// for nothing, at every batch. Claim again after
-				// min_interval instead (full batches go on at once), or
-				// under a heavy flow after wake.linger, so that batches
-				// grow and cost less per event. A plain sleep:
-				// outbox_relay_wakeups_total counts idle turns of the loop,
-				// and this is not one.
+				// A short batch took all that was due: claiming again at
+				// once would mostly come back empty. Under a heavy flow,
+				// wait longer (wake.linger) so batches grow. Not counted
+				// as a wake-up: the loop is not idle.
 				wait := r.cfg.Wake.MinInterval
 				if flowRate > float64(r.cfg.Wake.LingerAbove) {
 					wait = r.cfg.Wake.Linger
