@@ -12,11 +12,11 @@ import (
 // configuration file (see config.example.yaml, which documents every key);
 // zero values take the defaults below.
 type Config struct {
-	Postgres  PostgresConfig  `yaml:"postgres"`
-	AMQP      AMQPConfig      `yaml:"amqp"`
-	Relay     EngineConfig    `yaml:"relay"`
-	Wake      WakeConfig      `yaml:"wake"`
-	Retention RetentionConfig `yaml:"retention"`
+	Postgres  PostgresConfig  `yaml:"postgres"`  // the outbox table and how to reach it
+	AMQP      AMQPConfig      `yaml:"amqp"`      // the broker and how events become messages
+	Relay     EngineConfig    `yaml:"relay"`     // the claim loop
+	Wake      WakeConfig      `yaml:"wake"`      // how the relay learns that rows wait
+	Retention RetentionConfig `yaml:"retention"` // the cleaner of old rows
 }
 
 // RetentionConfig bounds the table: a background cleaner deletes old

@@ -12,45 +12,10 @@ import (
 )
 
 // Ordered mode (relay.ordering: partition_key) keeps each key's events in
-// sequence order with three mechanisms:
-//
-//  1. Heads only. A claim takes a keyed row only if it is its key's lowest
-//     pending row (findHeads: one probe of the pending_key index per key,
-//     so the cost follows the rows claimed, not the backlog), and only if
-//     no other transaction holds it locked. The next row of a key becomes the
-//     head only once the previous one is committed as dispatched (or dead),
-//     so one row per key is in flight, across all replicas, whatever the
-//     partition leases say.
-//
-//  2. Commit horizon. seq is drawn at insert, but transactions commit in
-//     another order: a committed row with seq 12 may have an uncommitted
-//     sibling with seq 11 of the same key. A head is published only if its
-//     seq is at or below the horizon: a seq value H such that every
-//     transaction that drew a seq ≤ H has ended. Each writer locks the
-//     outbox table (ROW EXCLUSIVE, held to its end) and has its transaction
-//     id before it draws seq (tx_id is the table's first column; defaults
-//     are evaluated in column order). So the relay reads the sequence's
-//     last value L and then takes a fresh transaction id X, larger than
-//     every id assigned before; once no transaction older than X holds ROW
-//     EXCLUSIVE on the outbox table in this database (pg_locks), everyone
-//     who drew a seq ≤ L has ended and L becomes the horizon. Readers,
-//     ANALYZE, the relays' own FOR UPDATE claims and other databases hold
-//     other modes or other tables and do not count. The horizon is read
-//     only when a claimed head lies above it: a drained backlog never reads
-//     pg_locks. Such a head was claimed with a snapshot older than the new
-//     horizon, so it is published only after a fresh statement confirms it
-//     is still its key's lowest pending row (gate).
-//
-//  3. Partition leases. Keys hash into relay.partitions virtual partitions;
-//     each replica holds leases with an expiry in <table>_leases, renewed
-//     by its claim loop every sixth of relay.lease_timeout, and counts the
-//     live replicas in <table>_relays to take ceil(partitions / replicas).
-//     A replica that freezes stops renewing and its leases lapse. A claim
-//     takes keyed rows only from partitions whose lease this replica holds
-//     for at least half the timeout more, and a batch not sent within that
-//     half is dropped, so a replica that wakes after losing a partition
-//     publishes nothing of it. Leases split the work; order never depends
-//     on them, only on row locks and the horizon.
+// seq order with three mechanisms: a claim takes only a key's head (this
+// file), a head above the commit horizon waits (horizon.go), and partition
+// leases split the keys between replicas (leases.go). docs/ordering.md
+// explains why each is sound.
 
 // ordered is ordered mode's state. The claim loop's goroutine uses it
 // alone, but for the keys in flight and settled, which the settler also

@@ -22,6 +22,7 @@ type FieldError struct {
 	Problem string // what is wrong and what is allowed
 }
 
+// Error reads "key: problem".
 func (e *FieldError) Error() string { return e.Key + ": " + e.Problem }
 
 // Validate checks a config that has had WithDefaults applied and returns
