@@ -16,9 +16,8 @@ import (
 	"github.com/outbox-relay/outbox-relay/metrics"
 )
 
-// A batch's path, in this file: claimAndSend claims due rows (claim) and
-// publishes them without waiting; settle waits for their confirms and
-// records the outcome (record) in the claim's transaction.
+// A batch's path, in this file: claimAndSend → claim, then Send; the
+// settler's settle → record, in the claim's transaction.
 
 // batch is a claimed batch on its way: its transaction holds the rows'
 // locks until settle commits the outcome.
@@ -91,10 +90,9 @@ func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, pro
 		return nil, tx.Commit(drain)
 	}
 	if r.cfg.Relay.Ordering == OrderingPartitionKey && time.Since(b.claimed) >= r.ord.leases.claimMargin() {
-		// The claim vouched for its partitions' leases for claimMargin
-		// only: this process was stalled (GC, SIGSTOP) between claim and
-		// send, another replica may hold them now, and the server may have
-		// ended this transaction. Publishing could overtake that replica.
+		// The claim vouched for its leases for claimMargin only: stalled
+		// since (GC, SIGSTOP), this process may have lost them to another
+		// replica, and the server may have ended this transaction.
 		_ = tx.Rollback(drain)
 		r.log.Warn("claimed batch dropped: not sent while its partition leases were certain",
 			zap.Int("batch_size", b.size()), zap.Duration("since_claim", time.Since(b.claimed)))
@@ -110,9 +108,8 @@ func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, pro
 	return b, nil
 }
 
-// settler settles the sent batches in order until sent is closed, then
-// returns. It reports a batch's failure on errs without blocking (the claim
-// loop backs off once however many failed).
+// settler settles the sent batches in order until sent is closed. It reports
+// failures on errs without blocking: the loop backs off once for any number.
 func (r *Relay) settler(ctx, drain context.Context, sent <-chan *batch, errs chan<- error) {
 	for b := range sent {
 		msgs := b.msgs // settle lets go of them
@@ -225,6 +222,7 @@ func (r *Relay) settle(ctx, drain context.Context, b *batch) error {
 	return nil
 }
 
+// failure is a row that failed to publish, or that cannot be published.
 type failure struct {
 	msg Message
 	err *PublishError
@@ -289,11 +287,9 @@ func (r *Relay) claim(ctx context.Context, tx pgx.Tx, budget int64, alone bool) 
 	return msgs, invalid, nil
 }
 
-// readLargePayload reads a payload the claim left out for its size, in
-// pieces of payloadPiece bytes into m.Body (allocated at its full size): a
-// single read would have pgx hold it twice, once in the connection's read
-// buffer (rounded up to a power of two, and kept until the connection's
-// next read) and once in the copy.
+// readLargePayload reads a payload the claim left out for its size into
+// m.Body, payloadPiece bytes at a time: read whole, pgx would hold it twice
+// (in its read buffer, kept until the connection's next read, and the copy).
 func (r *Relay) readLargePayload(ctx context.Context, tx pgx.Tx, m *Message) error {
 	for len(m.Body) < cap(m.Body) {
 		rows, err := tx.Query(ctx, r.q.readPayloadPiece, pgx.QueryResultFormats{pgx.BinaryFormatCode},
@@ -325,10 +321,9 @@ const (
 	HeaderPartitionKey = "x-outbox-partition-key"
 )
 
-// scanMessage reads one row of the claim columns into a message, with the
-// relay's own headers added. A row whose headers cannot be decoded is
-// returned with a *PublishError of reason invalid. extra receives the
-// columns after messageColumns.
+// scanMessage reads a row of messageColumns into a message with the relay's
+// headers added; undecodable headers give a *PublishError of reason invalid.
+// extra receives the columns after messageColumns.
 func scanMessage(rows pgx.Rows, extra ...any) (Message, error) {
 	var (
 		m       Message
