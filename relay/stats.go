@@ -41,11 +41,7 @@ func (s *statsReader) run(ctx context.Context) {
 		// than the last, so its holder keeps it, and one that is gone frees
 		// it soon.
 		lease := 3*wait + statsLeaseMargin
-		// A writeTx: the lease's renewal needs no WAL flush (a lost one
-		// only lets another replica count a round early).
-		err := pgx.BeginTxFunc(ctx, s.pool, writeTx, func(tx pgx.Tx) error {
-			return tx.QueryRow(ctx, s.q.readStats, s.owner, lease.Milliseconds()).Scan(&pending, &delayed, &dead, &age, &at)
-		})
+		err := s.pool.QueryRow(ctx, s.q.readStats, s.owner, lease.Milliseconds()).Scan(&pending, &delayed, &dead, &age, &at)
 		took := time.Since(began)
 		switch {
 		case err == nil:
