@@ -102,6 +102,12 @@ func (e *PublishError) Permanent() bool {
 	return e.Reason == ReasonTooLarge || e.Reason == ReasonInvalid
 }
 
+// accepted reports a return that amqp.unroutable: accept counts as delivered.
+func accepted(err error) bool {
+	var pe *PublishError
+	return errors.As(err, &pe) && pe.Accepted
+}
+
 // reasonOf extracts the reason of a publish error (connection when unknown).
 func reasonOf(err error) *PublishError {
 	var pe *PublishError

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/outbox-relay/outbox-relay/internal/ident"
 	"github.com/outbox-relay/outbox-relay/internal/outboxsql"
 )
@@ -62,6 +63,11 @@ const messageColumns = MessageColumns
 // read rows to publish them again (internal/ops: replay).
 const MessageColumns = `seq, id, event_type, coalesce(partition_key, ''), payload, content_type,
        headers, coalesce(correlation_id, ''), created_at, attempts, coalesce(routing_key, ''), coalesce(exchange, '')`
+
+// ScanMessage reads one row of MessageColumns into a message as the engine
+// does (scanMessage), for packages that publish rows again (internal/ops:
+// replay), so that a copy carries what the first publish did.
+func ScanMessage(rows pgx.Rows) (Message, error) { return scanMessage(rows) }
 
 // routingColumns counts the columns of migration 00003 (routing overrides)
 // on table $1: 2 once it is applied.
