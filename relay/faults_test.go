@@ -15,8 +15,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-	"github.com/prometheus/client_golang/prometheus"
 	amqp "github.com/rabbitmq/amqp091-go"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -38,49 +36,27 @@ const outage = 3 * time.Second
 // count them.
 func startObserved(t *testing.T, cfg relay.Config) (*running, *observer.ObservedLogs) {
 	t.Helper()
-	m, err := metrics.New(prometheus.NewRegistry(), metrics.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
 	core, logs := observer.New(zapcore.DebugLevel)
 	log := zap.New(zapcore.NewTee(zaptest.NewLogger(t).Core(), core))
-	r, err := relay.New(cfg, relay.Deps{Logger: log, Metrics: m})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &running{Relay: r, Metrics: m, stop: testenv.RunRelay(t, r)}, logs
+	return startLogged(t, cfg, log), logs
 }
 
 // linkLogs counts the log entries with message msg ("link down", "link
 // restored") for link.
 func linkLogs(logs *observer.ObservedLogs, msg, link string) int {
-	return logs.FilterMessage(msg).FilterField(zap.String("link", link)).Len()
+	return testenv.LinkLogs(logs, msg, link)
 }
 
 // writeEvents commits n events of type typ in one transaction and returns
 // them by message id.
 func writeEvents(t *testing.T, o *testenv.Outbox, typ string, n int) map[string]outbox.Event {
 	t.Helper()
-	events := make([]outbox.Event, n)
-	byID := make(map[string]outbox.Event, n)
-	for i := range events {
-		events[i] = outbox.NewEvent(typ, fmt.Appendf(nil, `{"type":%q,"n":%d}`, typ, i))
-		byID[events[i].ID.String()] = events[i]
-	}
-	commitEvents(t, o, events...)
-	return byID
+	return o.WriteEvents(t, typ, n)
 }
 
 func commitEvents(t *testing.T, o *testenv.Outbox, events ...outbox.Event) {
 	t.Helper()
-	w, err := outbox.NewWriter(o.Schema, o.Table.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx := context.Background()
-	if err := pgx.BeginFunc(ctx, o.Pool, func(tx pgx.Tx) error { return w.Write(ctx, tx, events...) }); err != nil {
-		t.Fatalf("write %d events: %v", len(events), err)
-	}
+	o.Commit(t, events...)
 }
 
 // ids lists the message ids of events, for an id = ANY($1::uuid[]) condition.
@@ -100,43 +76,7 @@ func ids(events ...map[string]outbox.Event) []string {
 // a late copy of an event of earlier counts as one.
 func receiveAll(t *testing.T, d <-chan amqp.Delivery, want map[string]outbox.Event, timeout time.Duration, earlier ...map[string]outbox.Event) (duplicates int) {
 	t.Helper()
-	seen := make(map[string]bool, len(want))
-	isEarlier := func(id string) bool {
-		for _, m := range earlier {
-			if _, ok := m[id]; ok {
-				return true
-			}
-		}
-		return false
-	}
-	deadline := time.NewTimer(timeout)
-	defer deadline.Stop()
-	for len(seen) < len(want) {
-		select {
-		case m, ok := <-d:
-			if !ok {
-				t.Fatalf("consumer closed after %d of %d events", len(seen), len(want))
-			}
-			ev, known := want[m.MessageId]
-			if !known && isEarlier(m.MessageId) {
-				duplicates++
-				continue
-			}
-			if !known {
-				t.Fatalf("unexpected message %s (type %s, %d bytes)", m.MessageId, m.Type, len(m.Body))
-			}
-			if !bytes.Equal(m.Body, ev.Payload) {
-				t.Fatalf("%s: body %q, want %q", m.MessageId, m.Body, ev.Payload)
-			}
-			if seen[m.MessageId] {
-				duplicates++
-			}
-			seen[m.MessageId] = true
-		case <-deadline.C:
-			t.Fatalf("received %d of %d events within %s", len(seen), len(want), timeout)
-		}
-	}
-	return duplicates
+	return testenv.ReceiveAll(t, d, want, timeout, earlier...)
 }
 
 // durableQueue declares a durable queue bound to exchange with key on the
@@ -545,7 +485,7 @@ func TestBlockedBrokerFullSocketStops(t *testing.T) {
 		return o.Count(t, "id = ANY($1::uuid[]) AND id IN (SELECT id FROM "+o.Table.Quoted()+" FOR UPDATE SKIP LOCKED)", ids(big)) < len(big)
 	})
 	begin := time.Now()
-	if err := r.stop(); err != nil {
+	if err := r.Stop(); err != nil {
 		t.Fatalf("Run: %v", err)
 	}
 	// Shutdown waits up to relay.shutdown_timeout (5s) for confirms, and a

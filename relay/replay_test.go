@@ -41,7 +41,7 @@ func TestReplay(t *testing.T) {
 	copies := target.Consume(t, target.Queue(t, "#", nil))
 	cfg := config(o, b).WithDefaults()
 	cfg.AMQP.Exchange = target.Exchange
-	pub := relay.NewAMQPPublisher(cfg.AMQP, 50, zaptest.NewLogger(t))
+	pub := testenv.NewAMQPPublisher(t, cfg.AMQP, 50, zaptest.NewLogger(t))
 	defer pub.Close()
 
 	rp, err := relay.NewReplayer(o.Schema, o.Table.Name)
@@ -107,7 +107,7 @@ func newReplay(t *testing.T, o *testenv.Outbox, b *testenv.Broker) (*relay.Repla
 	t.Helper()
 	cfg := relay.Config{AMQP: relay.AMQPConfig{URL: b.URL, Exchange: b.Exchange}}.WithDefaults()
 	*cfg.AMQP.DeclareExchange = false
-	pub := relay.NewAMQPPublisher(cfg.AMQP, 500, zaptest.NewLogger(t))
+	pub := testenv.NewAMQPPublisher(t, cfg.AMQP, 500, zaptest.NewLogger(t))
 	t.Cleanup(func() { pub.Close() })
 	rp, err := relay.NewReplayer(o.Schema, o.Table.Name)
 	if err != nil {

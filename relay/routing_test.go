@@ -9,11 +9,9 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/stdlib"
-	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap/zaptest"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
-	"github.com/outbox-relay/outbox-relay/metrics"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
 	"github.com/outbox-relay/outbox-relay/schema"
@@ -126,7 +124,7 @@ func TestReplayKeepsRoute(t *testing.T) {
 		VALUES ('invoice.paid', '{}', 'tenant-7', $1, now())`, other.Exchange); err != nil {
 		t.Fatal(err)
 	}
-	pub := relay.NewAMQPPublisher(cfg.WithDefaults().AMQP, 10, zaptest.NewLogger(t))
+	pub := testenv.NewAMQPPublisher(t, cfg.WithDefaults().AMQP, 10, zaptest.NewLogger(t))
 	defer pub.Close()
 	rp, err := relay.NewReplayer(o.Schema, o.Table.Name)
 	if err != nil {
@@ -144,7 +142,7 @@ func TestReplayKeepsRoute(t *testing.T) {
 	target := testenv.NewBroker(t)
 	copies := target.Consume(t, target.Queue(t, "#", nil))
 	cfg.AMQP.Exchange = target.Exchange
-	one := relay.NewAMQPPublisher(cfg.WithDefaults().AMQP, 10, zaptest.NewLogger(t))
+	one := testenv.NewAMQPPublisher(t, cfg.WithDefaults().AMQP, 10, zaptest.NewLogger(t))
 	defer one.Close()
 	if p, err := rp.Replay(context.Background(), o.Pool, one, relay.ReplaySelection{}, relay.ReplayOptions{OneExchange: true}); err != nil || p.Done != 1 {
 		t.Fatalf("replay to one exchange: done %d, %v", p.Done, err)
@@ -170,14 +168,7 @@ func TestSchemaOutdated(t *testing.T) {
 	if _, err := m.DownTo(context.Background(), 2); err != nil {
 		t.Fatal(err)
 	}
-	met, err := metrics.New(prometheus.NewRegistry(), metrics.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r, err := relay.New(config(o, b), relay.Deps{Logger: zaptest.NewLogger(t), Metrics: met})
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := testenv.NewRelay(t, config(o, b))
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	err = r.Run(ctx)

@@ -68,7 +68,7 @@ func TestTLSBothLinks(t *testing.T) {
 		if err := r.Ready(); err == nil {
 			t.Errorf("%s for %s: the relay says it is ready", tc.name, tc.link)
 		}
-		if err := r.stop(); err != nil {
+		if err := r.Stop(); err != nil {
 			t.Fatal(err)
 		}
 		if n := o.Count(t, "dispatched_at IS NOT NULL"); n != 0 {
