@@ -89,7 +89,7 @@ func throughPgBouncer(t *testing.T, pgb *testenv.PgBouncer, pooler string) {
 	for err := range errs {
 		t.Fatal(err)
 	}
-	if dups := receiveAll(t, deliveries, want, time.Minute); dups != 0 {
+	if dups := testenv.ReceiveAll(t, deliveries, want, time.Minute); dups != 0 {
 		t.Logf("%d duplicates (allowed)", dups)
 	}
 	testenv.Eventually(t, 10*time.Second, "every row dispatched", func() bool {
