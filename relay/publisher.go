@@ -43,7 +43,8 @@ type Publisher interface {
 	Connect(ctx context.Context) error
 	// Ready reports whether the broker link is up (nil) or why not.
 	Ready() error
-	// Close releases the broker connection.
+	// Close releases the broker connection; it may be called more than
+	// once, and Ready reports an error after it.
 	Close() error
 }
 
@@ -68,9 +69,6 @@ const (
 	ReasonInvalid    Reason = "invalid"    // the row cannot be turned into a message (bad headers)
 )
 
-// Reasons lists every Reason, for metrics created at zero up front.
-var Reasons = []Reason{ReasonNack, ReasonUnroutable, ReasonTimeout, ReasonConnection, ReasonTooLarge, ReasonInvalid}
-
 // PublishError is a failed publish with its reason.
 type PublishError struct {
 	Reason Reason
@@ -84,6 +82,7 @@ type PublishError struct {
 	Deferred bool
 }
 
+// Error is the reason, then the cause.
 func (e *PublishError) Error() string {
 	if e.Err == nil {
 		return string(e.Reason)
@@ -91,6 +90,7 @@ func (e *PublishError) Error() string {
 	return string(e.Reason) + ": " + e.Err.Error()
 }
 
+// Unwrap returns the cause, for errors.Is and errors.As.
 func (e *PublishError) Unwrap() error { return e.Err }
 
 // Transient reports whether the failure says nothing about the message

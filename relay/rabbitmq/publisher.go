@@ -287,6 +287,7 @@ type writeDeadlineConn struct {
 	timeout time.Duration
 }
 
+// Write writes b, failing once timeout passes.
 func (c writeDeadlineConn) Write(b []byte) (int, error) {
 	if err := c.Conn.SetWriteDeadline(time.Now().Add(c.timeout)); err != nil {
 		return 0, err
