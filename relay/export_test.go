@@ -10,7 +10,7 @@ import (
 // CleanDispatchedOnce runs one pass of the retention cleaner over pool and
 // returns the rows it deleted and the pages it read.
 func CleanDispatchedOnce(ctx context.Context, r *Relay, pool *pgxpool.Pool) (deleted, pages int64) {
-	return r.cleanDispatched(ctx, pool)
+	return r.cleaner(pool).cleanDispatched(ctx)
 }
 
 // StatsWait is statsWait, for its unit test.

@@ -217,8 +217,10 @@ func Load(path string, environ []string) (File, error) {
 // error, and the caller can report the file's invalid values beside them.
 type UnknownKeysError struct{ Errs []error }
 
+// Error lists the unknown keys, one a line.
 func (e *UnknownKeysError) Error() string { return errors.Join(e.Errs...).Error() }
 
+// Unwrap returns one error per unknown key, for errors.Is and errors.As.
 func (e *UnknownKeysError) Unwrap() []error { return e.Errs }
 
 // Parse decodes YAML strictly: unknown keys and a second document are errors.
