@@ -663,7 +663,7 @@ func TestPartitionLeasesSplit(t *testing.T) {
 		}
 		return true
 	})
-	if err := r1.stop(); err != nil {
+	if err := r1.Stop(); err != nil {
 		t.Fatal(err)
 	}
 	testenv.Eventually(t, 10*time.Second, "the survivor owns all 8", func() bool {

@@ -8,7 +8,6 @@ package relay
 import (
 	"context"
 	"errors"
-	"fmt"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -22,11 +21,16 @@ import (
 	"github.com/outbox-relay/outbox-relay/metrics"
 )
 
-// Deps are the relay's collaborators. Logger and Metrics are required.
+// Deps are the relay's collaborators, all required. The caller builds them
+// from the same Config (PoolConfig for the pool, package relay/rabbitmq for
+// the publisher) and owns the pool: Run neither opens nor closes it, so
+// close it after Run returns. The publisher is the relay's once New
+// accepts it: Run connects it and closes it when it returns, after the
+// last batch has settled.
 type Deps struct {
-	Logger  *zap.Logger
-	Metrics *metrics.Metrics
-	// Publisher defaults to an AMQPPublisher built from Config.AMQP.
+	Logger    *zap.Logger
+	Metrics   *metrics.Metrics
+	Pool      *pgxpool.Pool
 	Publisher Publisher
 }
 
@@ -45,7 +49,7 @@ type Relay struct {
 
 	inflight atomic.Int32 // batches sent and not yet settled
 
-	pool *pgxpool.Pool // set by Run
+	pool *pgxpool.Pool
 
 	// cleanerLock is the advisory lock class that lets one replica's
 	// retention cleaner run at a time (taken per statement, so a replica
@@ -77,24 +81,25 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 	if deps.Metrics == nil {
 		return nil, errors.New("relay: nil Metrics")
 	}
+	if deps.Pool == nil {
+		return nil, errors.New("relay: nil Pool (build it with pgxpool.NewWithConfig and relay.PoolConfig)")
+	}
+	if deps.Publisher == nil {
+		return nil, errors.New("relay: nil Publisher (build it with package relay/rabbitmq)")
+	}
 	cfg = cfg.WithDefaults().WithAppNames()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
 	log := deps.Logger.Named("relay")
-	pub := deps.Publisher
-	if pub == nil {
-		ap := NewAMQPPublisher(cfg.AMQP, cfg.Relay.BatchSize, log.Named("amqp"))
-		ap.onNode = nodeGauge(deps.Metrics, ap.urls)
-		pub = ap
-	}
 	r := &Relay{
 		cfg:   cfg,
 		table: cfg.table(),
 		q:     newQueries(cfg.table(), cfg.Relay.OnDead),
 		log:   log,
 		m:     deps.Metrics,
-		pub:   pub,
+		pub:   deps.Publisher,
+		pool:  deps.Pool,
 		wake:  make(chan string, 1),
 		links: map[string]error{},
 
@@ -144,34 +149,29 @@ func (r *Relay) Run(ctx context.Context) error {
 	if !r.started.CompareAndSwap(false, true) {
 		return errors.New("relay: Run called twice")
 	}
-	poolCfg, err := PoolConfig(r.cfg.Postgres)
-	if err != nil {
-		return err
-	}
-	pool, err := pgxpool.NewWithConfig(context.WithoutCancel(ctx), poolCfg)
-	if err != nil {
-		return fmt.Errorf("postgres pool: %w", err)
-	}
-	r.pool = pool
+	pool := r.pool
+	// Dedicated connections (LISTEN, the session check, the lease token)
+	// are opened with the pool's own settings.
+	connCfg := pool.Config().ConnConfig
 	r.lastLoop.Store(time.Now().UnixNano())
 
-	stopServices := startServices(ctx, r.services(pool, poolCfg.ConnConfig))
+	stopServices := startServices(ctx, r.services(pool, connCfg))
 
 	r.log.Info("relay started",
 		zap.String("table", r.table.String()),
 		zap.String("exchange", r.cfg.AMQP.Exchange),
 		zap.String("wake_mode", r.cfg.Wake.Mode),
 		zap.Int("batch_size", r.cfg.Relay.BatchSize))
-	err = r.claimLoop(ctx, pool, poolCfg.ConnConfig)
+	err := r.claimLoop(ctx, pool, connCfg)
 	if r.cfg.Relay.Ordering == OrderingPartitionKey {
 		r.ord.leases.release(ctx, pool)
 	}
 
 	// Reverse order of start: claiming has stopped and its last batch is
-	// settled; now the background loops, the broker, the pool.
+	// settled; now the background loops and the broker. The pool is the
+	// caller's.
 	stopServices()
 	err = errors.Join(err, r.pub.Close())
-	pool.Close()
 	if err == nil {
 		r.log.Info("relay stopped")
 	}
@@ -363,12 +363,9 @@ func (r *Relay) awaitHeads(ctx context.Context) {
 	}
 }
 
-// inflightLimit is how many sent batches may await their confirms at once.
-// Each holds a pool connection; two are kept for claiming and the stats and
-// cleaner loops.
-func (r *Relay) inflightLimit() int {
-	return max(1, min(4, int(r.cfg.Postgres.MaxConns)-2))
-}
+// inflightLimit is how many sent batches may await their confirms at once
+// (Config.inflightLimit).
+func (r *Relay) inflightLimit() int { return r.cfg.inflightLimit() }
 
 // waitWake blocks until a wake-up signal, the interval, a batch settled
 // (when settled is not nil), or ctx.

@@ -9,11 +9,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/stdlib"
-	"github.com/prometheus/client_golang/prometheus"
-	"go.uber.org/zap/zaptest"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
-	"github.com/outbox-relay/outbox-relay/metrics"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
 	"github.com/outbox-relay/outbox-relay/schema"
@@ -128,14 +125,7 @@ func TestSchemaOutdated(t *testing.T) {
 	if _, err := m.DownTo(context.Background(), 2); err != nil {
 		t.Fatal(err)
 	}
-	met, err := metrics.New(prometheus.NewRegistry(), metrics.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r, err := relay.New(config(o, b), relay.Deps{Logger: zaptest.NewLogger(t), Metrics: met})
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := testenv.NewRelay(t, config(o, b))
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	err = r.Run(ctx)

@@ -16,6 +16,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/internal/ops"
 	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/relay/rabbitmq"
 )
 
 const replayLong = `Publishes already dispatched events again, in seq order, with confirms, each
@@ -137,7 +138,11 @@ func (c *cliEnv) cmdReplay(ctx context.Context, o replayFlags) error {
 		amqpCfg.Exchange, amqpCfg.DeclareExchange = o.exchange, &noDeclare
 	}
 	log := newLogger(cfg.Log, c.stderr)
-	pub := relay.NewAMQPPublisher(amqpCfg, o.batch, log.Named("replay"))
+	// Replay waits for each batch before sending the next: one pending batch.
+	pub, err := rabbitmq.New(amqpCfg, rabbitmq.Options{Logger: log.Named("replay"), Window: o.batch, Batches: 1})
+	if err != nil {
+		return err
+	}
 	defer pub.Close()
 	if err := pub.Connect(ctx); err != nil {
 		return fmt.Errorf("broker: %w (nothing was sent)", err)

@@ -8,11 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"go.uber.org/zap/zaptest"
-
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
-	"github.com/outbox-relay/outbox-relay/metrics"
 	"github.com/outbox-relay/outbox-relay/relay"
 )
 
@@ -202,20 +198,12 @@ func TestStatusPartitions(t *testing.T) {
 		t.Fatalf("keyed pending by partition sums to %d, want 3 (the keyless row is not partitioned)", total)
 	}
 
-	m, err := metrics.New(prometheus.NewRegistry(), metrics.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
 	declare := false
-	r, err := relay.New(relay.Config{
+	testenv.StartRelay(t, relay.Config{
 		Postgres: relay.PostgresConfig{DSN: o.DSN, Schema: o.Schema},
 		AMQP:     relay.AMQPConfig{URL: b.URL, Exchange: b.Exchange, DeclareExchange: &declare},
 		Relay:    relay.EngineConfig{Ordering: relay.OrderingPartitionKey, Partitions: 8},
-	}, relay.Deps{Logger: zaptest.NewLogger(t), Metrics: m})
-	if err != nil {
-		t.Fatal(err)
-	}
-	testenv.RunRelay(t, r)
+	})
 	testenv.Eventually(t, 10*time.Second, "one replica owning all 8 partitions", func() bool {
 		rep = statusJSON(t, env)
 		return len(rep.Partitions.Owners) == 1 && len(rep.Partitions.Owners[0].Partitions) == 8

@@ -33,6 +33,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/metrics"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/relay/rabbitmq"
 	"github.com/outbox-relay/outbox-relay/schema"
 )
 
@@ -120,11 +121,25 @@ func soak(ctx context.Context, dsn, amqpURL string, events, perTx, rate int, kee
 		return err
 	}
 	declare := false
-	r, err := relay.New(relay.Config{
+	cfg := relay.Config{
 		Postgres:  relay.PostgresConfig{DSN: dsn, Schema: name},
 		AMQP:      relay.AMQPConfig{URL: amqpURL, Exchange: exchange, DeclareExchange: &declare},
 		Retention: relay.RetentionConfig{Dispatched: keep, Interval: time.Second, BatchSize: 5000},
-	}, relay.Deps{Logger: zap.NewNop(), Metrics: mets})
+	}.WithDefaults().WithAppNames()
+	relayPoolCfg, err := relay.PoolConfig(cfg.Postgres)
+	if err != nil {
+		return err
+	}
+	relayPool, err := pgxpool.NewWithConfig(ctx, relayPoolCfg)
+	if err != nil {
+		return err
+	}
+	defer relayPool.Close()
+	pub, err := rabbitmq.NewForRelay(cfg, zap.NewNop(), mets)
+	if err != nil {
+		return err
+	}
+	r, err := relay.New(cfg, relay.Deps{Logger: zap.NewNop(), Metrics: mets, Pool: relayPool, Publisher: pub})
 	if err != nil {
 		return err
 	}

@@ -24,7 +24,7 @@ func TestReplay(t *testing.T) {
 	t.Parallel()
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
 	live := b.Consume(t, b.Queue(t, "#", nil))
-	start(t, config(o, b))
+	testenv.StartRelay(t, testenv.RelayConfig(o, b))
 	w, _ := outbox.NewWriter(o.Schema, o.Table.Name)
 	ctx := context.Background()
 	var events []outbox.Event
@@ -40,9 +40,9 @@ func TestReplay(t *testing.T) {
 	// A second exchange for the copies.
 	target := testenv.NewBroker(t)
 	copies := target.Consume(t, target.Queue(t, "#", nil))
-	cfg := config(o, b).WithDefaults()
+	cfg := testenv.RelayConfig(o, b).WithDefaults()
 	cfg.AMQP.Exchange = target.Exchange
-	pub := relay.NewAMQPPublisher(cfg.AMQP, 50, zaptest.NewLogger(t))
+	pub := testenv.NewAMQPPublisher(t, cfg.AMQP, 50, zaptest.NewLogger(t))
 	defer pub.Close()
 
 	rp, err := ops.NewReplayer(o.Schema, o.Table.Name)
@@ -108,7 +108,7 @@ func newReplay(t *testing.T, o *testenv.Outbox, b *testenv.Broker) (*ops.Replaye
 	t.Helper()
 	cfg := relay.Config{AMQP: relay.AMQPConfig{URL: b.URL, Exchange: b.Exchange}}.WithDefaults()
 	*cfg.AMQP.DeclareExchange = false
-	pub := relay.NewAMQPPublisher(cfg.AMQP, 500, zaptest.NewLogger(t))
+	pub := testenv.NewAMQPPublisher(t, cfg.AMQP, 500, zaptest.NewLogger(t))
 	t.Cleanup(func() { pub.Close() })
 	rp, err := ops.NewReplayer(o.Schema, o.Table.Name)
 	if err != nil {
@@ -207,13 +207,13 @@ func TestReplayKeepsRoute(t *testing.T) {
 	t.Parallel()
 	o, b, other := testenv.NewOutbox(t), testenv.NewBroker(t), testenv.NewBroker(t)
 	routed := other.Consume(t, other.Queue(t, "tenant-7", nil))
-	cfg := config(o, b)
+	cfg := testenv.RelayConfig(o, b)
 	cfg.AMQP.Exchanges = []string{other.Exchange}
 	if _, err := o.Pool.Exec(context.Background(), `INSERT INTO `+o.Table.Quoted()+` (event_type, payload, routing_key, exchange, dispatched_at)
 		VALUES ('invoice.paid', '{}', 'tenant-7', $1, now())`, other.Exchange); err != nil {
 		t.Fatal(err)
 	}
-	pub := relay.NewAMQPPublisher(cfg.WithDefaults().AMQP, 10, zaptest.NewLogger(t))
+	pub := testenv.NewAMQPPublisher(t, cfg.WithDefaults().AMQP, 10, zaptest.NewLogger(t))
 	defer pub.Close()
 	rp, err := ops.NewReplayer(o.Schema, o.Table.Name)
 	if err != nil {
@@ -231,7 +231,7 @@ func TestReplayKeepsRoute(t *testing.T) {
 	target := testenv.NewBroker(t)
 	copies := target.Consume(t, target.Queue(t, "#", nil))
 	cfg.AMQP.Exchange = target.Exchange
-	one := relay.NewAMQPPublisher(cfg.WithDefaults().AMQP, 10, zaptest.NewLogger(t))
+	one := testenv.NewAMQPPublisher(t, cfg.WithDefaults().AMQP, 10, zaptest.NewLogger(t))
 	defer one.Close()
 	if p, err := rp.Replay(context.Background(), o.Pool, one, ops.ReplaySelection{}, ops.ReplayOptions{OneExchange: true}); err != nil || p.Done != 1 {
 		t.Fatalf("replay to one exchange: done %d, %v", p.Done, err)
