@@ -89,7 +89,7 @@ func TestChaos(t *testing.T) {
 	}
 	o := testenv.NewOutboxAt(t, pg.DSN())
 	b := testenv.NewBrokerAt(t, rmq.URL())
-	queue := durableQueue(t, rmq.URL(), b.Exchange)
+	queue := b.DurableQueue(t, "#", nil)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -326,41 +326,6 @@ func nextFaultAt(now, to, reserve time.Duration, left int, rng *rand.Rand) time.
 		return now + minGap
 	}
 	return now + share/2 + time.Duration(rng.Int64N(int64(share)))
-}
-
-// durableQueue declares a durable queue bound to exchange with "#" (a
-// testenv.Broker queue is not durable and would not survive a restart) and
-// deletes it at cleanup.
-func durableQueue(t *testing.T, url, exchange string) string {
-	t.Helper()
-	conn, err := amqp.Dial(url)
-	if err != nil {
-		t.Fatalf("dial: %v", err)
-	}
-	defer conn.Close()
-	ch, err := conn.Channel()
-	if err != nil {
-		t.Fatalf("channel: %v", err)
-	}
-	name := testenv.Name("chaos")
-	if _, err := ch.QueueDeclare(name, true, false, false, false, nil); err != nil {
-		t.Fatalf("declare queue: %v", err)
-	}
-	if err := ch.QueueBind(name, "#", exchange, false, nil); err != nil {
-		t.Fatalf("bind queue: %v", err)
-	}
-	t.Cleanup(func() {
-		conn, err := amqp.Dial(url)
-		if err != nil {
-			t.Logf("delete queue %s: %v", name, err)
-			return
-		}
-		defer conn.Close()
-		if ch, err := conn.Channel(); err == nil {
-			_, _ = ch.QueueDelete(name, false, false, false)
-		}
-	})
-	return name
 }
 
 const sentinelID = "chaos-sentinel"

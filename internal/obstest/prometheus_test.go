@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	amqp "github.com/rabbitmq/amqp091-go"
 	"gopkg.in/yaml.v3"
 
 	"github.com/outbox-relay/outbox-relay/internal/obstest"
@@ -200,28 +199,6 @@ func testRules(t *testing.T) string {
 	return string(out)
 }
 
-// declareDurableQueue binds a durable queue to the exchange, so events
-// published after a broker restart still have somewhere to go.
-func declareDurableQueue(t *testing.T, amqpURL, exchange string) {
-	t.Helper()
-	conn, err := amqp.Dial(amqpURL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	ch, err := conn.Channel()
-	if err != nil {
-		t.Fatal(err)
-	}
-	q, err := ch.QueueDeclare(testenv.Name("q"), true, false, false, false, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ch.QueueBind(q.Name, "#", exchange, false, nil); err != nil {
-		t.Fatal(err)
-	}
-}
-
 // TestPrometheusAlertsOnBrokerOutage has a real Prometheus scrape a relay
 // every second: the published counter and the end-to-end latency histogram
 // move as events flow; while a private RabbitMQ is stopped the backlog-age
@@ -232,7 +209,7 @@ func TestPrometheusAlertsOnBrokerOutage(t *testing.T) {
 	needTool(t, "prometheus")
 	rmq := testenv.StartRabbitMQ(t) // stopped below: never the shared broker
 	o, b := testenv.NewOutbox(t), testenv.NewBrokerAt(t, rmq.URL())
-	declareDurableQueue(t, rmq.URL(), b.Exchange)
+	b.DurableQueue(t, "#", nil)
 	declare := false
 	r := startRelay(t, relay.Config{
 		Postgres: relay.PostgresConfig{DSN: o.DSN, Schema: o.Schema, Table: o.Table.Name},
