@@ -9,6 +9,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
 
+	"github.com/outbox-relay/outbox-relay/internal/outboxsql"
 	"github.com/outbox-relay/outbox-relay/metrics"
 )
 
@@ -43,7 +44,7 @@ func (r *Relay) checkSchema(ctx context.Context, pool *pgxpool.Pool) error {
 		}
 	}
 	var enabled bool
-	if err := pool.QueryRow(ctx, r.q.notifyTrigger, r.table.Quoted(), r.table.Name+"_notify").Scan(&enabled); err != nil {
+	if err := pool.QueryRow(ctx, r.q.notifyTrigger, r.table.Quoted(), outboxsql.NotifyTrigger(r.table)).Scan(&enabled); err != nil {
 		return fmt.Errorf("check notify trigger: %w", err)
 	}
 	switch {
