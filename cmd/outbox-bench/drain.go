@@ -112,9 +112,6 @@ func (b *bench) drainWith(ctx context.Context, n int, onDispatch string, tweak f
 	if _, err := b.pool.Exec(ctx, "CHECKPOINT"); err != nil {
 		return res, fmt.Errorf("checkpoint: %w", err)
 	}
-	if err := b.purge(); err != nil {
-		return res, err
-	}
 	cons, err := b.startConsumer(nil)
 	if err != nil {
 		return res, err

@@ -22,6 +22,7 @@ import (
 	"github.com/jackc/pgx/v5/stdlib"
 	amqp "github.com/rabbitmq/amqp091-go"
 
+	"github.com/outbox-relay/outbox-relay/internal/amqpconn"
 	"github.com/outbox-relay/outbox-relay/internal/ident"
 	"github.com/outbox-relay/outbox-relay/internal/outboxsql"
 	"github.com/outbox-relay/outbox-relay/outbox"
@@ -167,21 +168,21 @@ func (b *bench) setup(ctx context.Context) error {
 // deleteBrokerObjects deletes the queue and exchange over a fresh
 // connection, since the run's may be the reason it is ending.
 func (b *bench) deleteBrokerObjects(ctx context.Context) error {
-	conn, err := b.dial(ctx, b.name+"_cleanup")
+	conn, ch, err := amqpconn.Channel(b.opts.amqpURL, b.amqpConfig(ctx, b.name+"_cleanup"))
 	if err != nil {
 		return err
 	}
 	defer conn.Close()
-	ch, err := conn.Channel()
-	if err != nil {
-		return err
-	}
-	defer ch.Close()
 	_, errQ := ch.QueueDelete(b.name, false, false, false)
 	return errors.Join(errQ, ch.ExchangeDelete(b.name, false, false))
 }
 
 func (b *bench) dial(ctx context.Context, name string) (*amqp.Connection, error) {
+	return amqpconn.Dial(b.opts.amqpURL, b.amqpConfig(ctx, name))
+}
+
+// amqpConfig names a connection of the bench and bounds its dial by ctx.
+func (b *bench) amqpConfig(ctx context.Context, name string) amqp.Config {
 	cfg := amqp.Config{
 		Heartbeat:  10 * time.Second,
 		Properties: amqp.Table{"connection_name": name},
@@ -190,11 +191,7 @@ func (b *bench) dial(ctx context.Context, name string) (*amqp.Connection, error)
 	if dl, ok := ctx.Deadline(); ok && time.Until(dl) < 10*time.Second {
 		cfg.Dial = amqp.DefaultDial(max(time.Until(dl), time.Second))
 	}
-	conn, err := amqp.DialConfig(b.opts.amqpURL, cfg)
-	if err != nil {
-		return nil, fmt.Errorf("amqp dial %s: %s", relay.RedactURL(b.opts.amqpURL), relay.Redact(err.Error()))
-	}
-	return conn, nil
+	return cfg
 }
 
 func ignoreClosed(err error) error {
@@ -412,19 +409,6 @@ func (b *bench) relayConfig() relay.Config {
 }
 
 func (b *bench) engineAppName() string { return b.name + "_engine" }
-
-// purge empties the queue of what an earlier measurement left behind.
-func (b *bench) purge() error {
-	ch, err := b.consConn.Channel()
-	if err != nil {
-		return fmt.Errorf("amqp channel: %w", err)
-	}
-	defer ch.Close()
-	if _, err := ch.QueuePurge(b.name, false); err != nil {
-		return fmt.Errorf("purge queue: %w", err)
-	}
-	return nil
-}
 
 // waitFor polls cond every step until it holds, ctx ends or limit passes.
 func waitFor(ctx context.Context, limit, step time.Duration, cond func() (bool, error)) error {

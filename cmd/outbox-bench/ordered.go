@@ -70,9 +70,6 @@ func (b *bench) orderedDrain(ctx context.Context, n, replicas int, ordering stri
 	if err := b.fill(ctx, 1, n, orderedKeys); err != nil {
 		return res, err
 	}
-	if err := b.purge(); err != nil {
-		return res, err
-	}
 	cons, err := b.startConsumer(nil)
 	if err != nil {
 		return res, err

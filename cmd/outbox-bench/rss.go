@@ -73,9 +73,6 @@ func (b *bench) startDrain(ctx context.Context, fill func() error, env ...string
 		return nil, err
 	}
 	d := &drain{filled: time.Since(began)}
-	if err := b.purge(); err != nil {
-		return nil, err
-	}
 	var err error
 	if d.cons, err = b.startConsumer(nil); err != nil {
 		return nil, err

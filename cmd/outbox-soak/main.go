@@ -28,6 +28,7 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 	"go.uber.org/zap"
 
+	"github.com/outbox-relay/outbox-relay/internal/amqpconn"
 	"github.com/outbox-relay/outbox-relay/internal/ident"
 	"github.com/outbox-relay/outbox-relay/internal/outboxsql"
 	"github.com/outbox-relay/outbox-relay/metrics"
@@ -94,15 +95,11 @@ func soak(ctx context.Context, dsn, amqpURL string, events, perTx, rate int, kee
 		return err
 	}
 
-	conn, err := amqp.Dial(amqpURL)
+	conn, ch, err := amqpconn.Channel(amqpURL, amqp.Config{Heartbeat: 10 * time.Second, Properties: amqp.Table{"connection_name": name}})
 	if err != nil {
 		return err
 	}
 	defer conn.Close()
-	ch, err := conn.Channel()
-	if err != nil {
-		return err
-	}
 	exchange := name
 	if err := ch.ExchangeDeclare(exchange, "topic", false, true, false, false, nil); err != nil {
 		return err
