@@ -19,9 +19,13 @@ import (
 // Postgres is a private PostgreSQL server in a temporary directory, listening
 // on 127.0.0.1 on a free port, with trust authentication for user postgres and
 // a database named test. Its lifecycle methods must be called from the test
-// goroutine, one at a time.
+// goroutine, one at a time: Start after a Kill runs crash recovery first;
+// Stop is pg_ctl stop -m fast (open transactions are rolled back, clients
+// disconnected); Kill sends SIGKILL to the postmaster and returns once it
+// and all its children are gone.
 type Postgres struct {
 	*serverHome
+	serverControl
 	data    string // dir/data
 	name    string // cluster_name: marks the server's processes
 	bin     string // directory holding pg_ctl and initdb
@@ -59,6 +63,7 @@ func StartPostgresWith(t testing.TB, opts PostgresOptions) *Postgres {
 		name:       "outbox-testenv-" + randomHex(6),
 		bin:        bin,
 	}
+	p.serverControl = serverControl{kind: "postgres", proc: p}
 	t.Cleanup(func() { p.cleanup(t) })
 
 	begin := time.Now()
@@ -121,41 +126,6 @@ func (p *Postgres) DSN() string {
 
 // Port returns the TCP port the server listens on.
 func (p *Postgres) Port() int { return p.port }
-
-// Start starts the stopped or killed server on the same port and data; after a
-// Kill, PostgreSQL runs crash recovery first. It returns once the server
-// accepts connections.
-func (p *Postgres) Start(t testing.TB) {
-	t.Helper()
-	if err := p.start(); err != nil {
-		t.Fatalf("testenv: postgres: %v", err)
-	}
-}
-
-// Stop shuts the server down (pg_ctl stop -m fast: open transactions are
-// rolled back, clients disconnected) and returns once it is gone.
-func (p *Postgres) Stop(t testing.TB) {
-	t.Helper()
-	if err := p.stop(); err != nil {
-		t.Fatalf("testenv: postgres: %v", err)
-	}
-}
-
-// Restart stops and starts the server.
-func (p *Postgres) Restart(t testing.TB) {
-	t.Helper()
-	p.Stop(t)
-	p.Start(t)
-}
-
-// Kill sends SIGKILL to the postmaster, as a crash would, and returns once
-// the postmaster and all its children are gone.
-func (p *Postgres) Kill(t testing.TB) {
-	t.Helper()
-	if err := p.kill(); err != nil {
-		t.Fatalf("testenv: postgres: %v", err)
-	}
-}
 
 func (p *Postgres) start() error {
 	if p.running {

@@ -18,16 +18,21 @@ import (
 
 // RabbitMQ is a private RabbitMQ node in a temporary directory, with its own
 // node name, AMQP port, distribution port, Erlang cookie and no plugins. Its
-// lifecycle methods must be called from the test goroutine, one at a time.
+// lifecycle methods must be called from the test goroutine, one at a time:
+// Start keeps the node's name, port and data (durable queues and persistent
+// messages survive); Stop is SIGTERM, the equivalent of rabbitmqctl stop;
+// Kill sends SIGKILL to the node's Erlang VM. Stop and Kill return once the
+// process is gone and the AMQP port closed.
 type RabbitMQ struct {
-	*serverHome        // port is AMQP's
-	node        string // e.g. rt1a2b3c4d@localhost
-	distPort    int    // Erlang distribution
-	tlsPort     int    // AMQPS, 0 without RabbitMQOptions.TLS
-	tls         *TLS
-	server      string // rabbitmq-server script
-	ctl         string // rabbitmqctl script
-	pid         int    // of the running beam.smp, 0 when stopped
+	*serverHome // port is AMQP's
+	serverControl
+	node     string // e.g. rt1a2b3c4d@localhost
+	distPort int    // Erlang distribution
+	tlsPort  int    // AMQPS, 0 without RabbitMQOptions.TLS
+	tls      *TLS
+	server   string // rabbitmq-server script
+	ctl      string // rabbitmqctl script
+	pid      int    // of the running beam.smp, 0 when stopped
 }
 
 // RabbitMQOptions tunes a private RabbitMQ node.
@@ -67,6 +72,7 @@ func newRabbitMQ(t testing.TB, opts RabbitMQOptions) *RabbitMQ {
 		server:     server,
 		ctl:        ctl,
 	}
+	r.serverControl = serverControl{kind: "rabbitmq", proc: r}
 	dir, as := r.dir, r.as
 	conf := confLines(opts.Conf)
 	if opts.TLS != nil {
@@ -145,41 +151,6 @@ func (r *RabbitMQ) TLSURL(ca string) string {
 
 // Node returns the Erlang node name, for rabbitmqctl -n.
 func (r *RabbitMQ) Node() string { return r.node }
-
-// Start starts the stopped or killed node with the same name, port and data
-// (durable queues and persistent messages survive) and returns once it
-// accepts AMQP connections.
-func (r *RabbitMQ) Start(t testing.TB) {
-	t.Helper()
-	if err := r.start(); err != nil {
-		t.Fatalf("testenv: rabbitmq: %v", err)
-	}
-}
-
-// Stop stops the node gracefully (SIGTERM, the equivalent of rabbitmqctl
-// stop) and returns once its process is gone and its AMQP port closed.
-func (r *RabbitMQ) Stop(t testing.TB) {
-	t.Helper()
-	if err := r.stop(); err != nil {
-		t.Fatalf("testenv: rabbitmq: %v", err)
-	}
-}
-
-// Restart stops and starts the node.
-func (r *RabbitMQ) Restart(t testing.TB) {
-	t.Helper()
-	r.Stop(t)
-	r.Start(t)
-}
-
-// Kill sends SIGKILL to the node's Erlang VM, as a crash would, and returns
-// once it is gone and its AMQP port closed.
-func (r *RabbitMQ) Kill(t testing.TB) {
-	t.Helper()
-	if err := r.kill(); err != nil {
-		t.Fatalf("testenv: rabbitmq: %v", err)
-	}
-}
 
 // Ctl runs rabbitmqctl against the node (for example "close_all_connections",
 // "set_vm_memory_high_watermark 0" to block publishers) and returns its output.

@@ -57,7 +57,7 @@ type Fake struct {
 	link     error         // nil: up
 	refuse   error         // connecting fails with it while set
 	dropped  chan struct{} // closed when the current link drops
-	resumed  chan struct{} // non-nil while stalled; closed by Resume
+	stall                  // Stall and Resume
 	sent     []relay.Message
 	connects int
 }
@@ -88,19 +88,14 @@ func (f *Fake) Script(id uuid.UUID, outcomes ...Outcome) {
 func (f *Fake) Stall() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.resumed == nil {
-		f.resumed = make(chan struct{})
-	}
+	f.hold()
 }
 
 // Resume ends a Stall: held confirms arrive.
 func (f *Fake) Resume() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.resumed != nil {
-		close(f.resumed)
-		f.resumed = nil
-	}
+	f.release()
 }
 
 // Cut drops the link as a network failure would: messages not yet

@@ -14,9 +14,9 @@ type Proxy struct {
 	ln     net.Listener
 	target string
 
-	mu      sync.Mutex
-	conns   map[net.Conn]struct{}
-	resumed chan struct{} // non-nil while stalled
+	mu    sync.Mutex
+	conns map[net.Conn]struct{}
+	stall // Stall and Resume
 }
 
 // NewProxy listens on a free local port and forwards to target
@@ -44,19 +44,14 @@ func (p *Proxy) Addr() string { return p.ln.Addr().String() }
 func (p *Proxy) Stall() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.resumed == nil {
-		p.resumed = make(chan struct{})
-	}
+	p.hold()
 }
 
 // Resume delivers what Stall held, and what follows.
 func (p *Proxy) Resume() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.resumed != nil {
-		close(p.resumed)
-		p.resumed = nil
-	}
+	p.release()
 }
 
 // Cut closes every connection through the proxy; new ones are accepted.
