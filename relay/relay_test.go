@@ -296,16 +296,22 @@ func value(t *testing.T, m prometheus.Metric) float64 {
 }
 
 // TestStatsWait: the stats query runs every relay.stats_interval while it
-// is cheap, and at most 1% of the time once the counts get slow.
+// is cheap, and at most 1% of the time once the counts get slow, but never
+// so late that the lease it holds lapses first (2.5 s to spare).
 func TestStatsWait(t *testing.T) {
-	for _, c := range []struct{ interval, took, want time.Duration }{
-		{5 * time.Second, 2 * time.Millisecond, 5 * time.Second},
-		{5 * time.Second, 50 * time.Millisecond, 5 * time.Second},
-		{5 * time.Second, 240 * time.Millisecond, 24 * time.Second},
-		{time.Second, 0, time.Second},
+	for _, c := range []struct{ interval, took, lease, want time.Duration }{
+		{5 * time.Second, 2 * time.Millisecond, 20 * time.Second, 5 * time.Second},
+		{5 * time.Second, 50 * time.Millisecond, 20 * time.Second, 5 * time.Second},
+		{5 * time.Second, 240 * time.Millisecond, 80 * time.Second, 24 * time.Second},
+		{time.Second, 0, 8 * time.Second, time.Second},
+		// A round slower than the last: the stretch stops within the lease.
+		{200 * time.Millisecond, 60 * time.Millisecond, 5600 * time.Millisecond, 3040 * time.Millisecond},
+		{5 * time.Second, 240 * time.Millisecond, 20 * time.Second, 17260 * time.Millisecond},
+		// A round slower than the lease: relay.stats_interval is the floor.
+		{time.Second, 9 * time.Second, 8 * time.Second, time.Second},
 	} {
-		if got := relay.StatsWait(c.interval, c.took); got != c.want {
-			t.Errorf("statsWait(%v, %v) = %v, want %v", c.interval, c.took, got, c.want)
+		if got := relay.StatsWait(c.interval, c.took, c.lease); got != c.want {
+			t.Errorf("statsWait(%v, %v, %v) = %v, want %v", c.interval, c.took, c.lease, got, c.want)
 		}
 	}
 }

@@ -60,7 +60,7 @@ func (s *statsReader) run(ctx context.Context) {
 		case ctx.Err() == nil && !isUndefinedTable(err):
 			s.log.Debug("read stats", zap.Error(err))
 		}
-		wait = statsWait(s.interval, took)
+		wait = statsWait(s.interval, took, lease)
 		sleep(ctx, wait)
 		if ctx.Err() != nil {
 			return
@@ -81,7 +81,10 @@ func (s *statsReader) release(ctx context.Context) {
 // statsWait is the pause before the next stats query: relay.stats_interval,
 // stretched so the counts, which take time in proportion to the backlog
 // (about 0.25 s per million pending rows), cost at most 1% of the
-// database's time: a large backlog is when the relay needs it most.
-func statsWait(interval, took time.Duration) time.Duration {
-	return max(interval, 100*took)
+// database's time: a large backlog is when the relay needs it most. The
+// stretch stops half a margin short of the lease just written (it began
+// when the query did), so that a holder renews before its lease lapses and
+// two replicas never export the gauges at once.
+func statsWait(interval, took, lease time.Duration) time.Duration {
+	return max(interval, min(100*took, lease-took-statsLeaseMargin/2))
 }

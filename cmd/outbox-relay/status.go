@@ -79,7 +79,7 @@ type typeCounts struct {
 	Dead      int64  `json:"dead"`
 }
 
-const statusLong = `Shows the outbox table's backlog (pending rows, due now, oldest pending age),
+const statusLong = `Shows the outbox table's backlog (pending rows, due now, oldest due row's age),
 dead rows, rows dispatched in the last minute and 5 minutes, pending and dead
 counts of the top 20 event types, the schema version and the NOTIFY trigger.
 All numbers come from one consistent snapshot; status never writes.

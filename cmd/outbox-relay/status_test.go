@@ -147,6 +147,27 @@ func TestStatusTopTypes(t *testing.T) {
 	}
 }
 
+// TestStatusOldestIsDue: like the gauge, the oldest age counts due rows
+// only; an older row waiting out its retry backoff does not make it.
+func TestStatusOldestIsDue(t *testing.T) {
+	t.Parallel()
+	o := testenv.NewOutbox(t)
+	insertRows(t, o,
+		opsRow{typ: "a", createdAgo: 2 * time.Hour, availableIn: time.Hour, attempts: 3},
+		opsRow{typ: "a", createdAgo: 10 * time.Minute})
+	rep := statusJSON(t, opsEnv(o))
+	if rep.Pending != 2 || rep.DueNow != 1 {
+		t.Errorf("pending %d, due %d; want 2, 1", rep.Pending, rep.DueNow)
+	}
+	a := rep.OldestPendingAgeSeconds
+	if a == nil {
+		t.Fatal("no oldest pending age, want about 600s")
+	}
+	if *a < 600 || *a > 600+60 {
+		t.Errorf("oldest pending age %.0fs, want about 600s (the due row's), not the delayed row's 7200s", *a)
+	}
+}
+
 func TestStatusEmptyAndMissing(t *testing.T) {
 	t.Parallel()
 	o := testenv.NewOutbox(t)

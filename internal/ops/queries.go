@@ -122,10 +122,11 @@ WHERE id = ANY($1::uuid[])`, tbl),
 		// commit; nobody listens in poll mode, which polls anyway).
 		wakeRelay: `SELECT pg_notify($1, '')`,
 
-		// Both counts come from one pass over the pending index; the oldest
-		// pending row is its first entry.
+		// Both counts come from one pass over the pending index. The oldest
+		// age is of due rows only, like the oldest-pending gauge: a row
+		// waiting out its retry backoff is not late.
 		statusBacklog: fmt.Sprintf(`SELECT p.pending, p.due,
-       (SELECT extract(epoch FROM now() - created_at)::float8 FROM %[1]s WHERE `+pendingRows+` ORDER BY seq LIMIT 1),
+       (SELECT extract(epoch FROM now() - created_at)::float8 FROM %[1]s WHERE `+pendingRows+` AND available_at <= now() ORDER BY seq LIMIT 1),
        (SELECT count(*) FROM %[1]s WHERE `+deadRows+`),
        now()
 FROM (SELECT count(*) AS pending, count(*) FILTER (WHERE available_at <= now()) AS due
