@@ -54,27 +54,34 @@ var ErrNoMessageID = errors.New("inbox: message has no message_id")
 // without processing. The record exists only if tx commits, so a consumer
 // that crashes before commit processes the message again.
 func (i *Inbox) Claim(ctx context.Context, tx Tx, messageID string) (bool, error) {
-	if messageID == "" {
-		return false, ErrNoMessageID
-	}
-	tag, err := tx.Exec(ctx, i.claim, i.consumer, messageID)
-	if err != nil {
-		return false, fmt.Errorf("inbox: record %s: %w", messageID, err)
-	}
-	return tag.RowsAffected() == 1, nil
+	return i.record(messageID, func() (int64, error) {
+		tag, err := tx.Exec(ctx, i.claim, i.consumer, messageID)
+		return tag.RowsAffected(), err
+	})
 }
 
 // ClaimSQL is Claim for a database/sql transaction.
 func (i *Inbox) ClaimSQL(ctx context.Context, tx SQLTx, messageID string) (bool, error) {
+	return i.record(messageID, func() (int64, error) {
+		res, err := tx.ExecContext(ctx, i.claim, i.consumer, messageID)
+		if err != nil {
+			return 0, err
+		}
+		return res.RowsAffected()
+	})
+}
+
+// record checks messageID and runs the claim insert with exec, the caller's
+// transaction's own method, which returns the rows it inserted.
+func (i *Inbox) record(messageID string, exec func() (int64, error)) (bool, error) {
 	if messageID == "" {
 		return false, ErrNoMessageID
 	}
-	res, err := tx.ExecContext(ctx, i.claim, i.consumer, messageID)
+	n, err := exec()
 	if err != nil {
 		return false, fmt.Errorf("inbox: record %s: %w", messageID, err)
 	}
-	n, err := res.RowsAffected()
-	return n == 1, err
+	return n == 1, nil
 }
 
 // Purge deletes this consumer's records processed before cutoff, at most

@@ -31,7 +31,7 @@ const (
 	OtherEventType = "other"
 )
 
-// Links and WakeSources are the label values created at zero up front.
+// Links, WakeSources and Stages are the label values created at zero up front.
 var (
 	Links       = []string{LinkPostgres, LinkListen, LinkAMQP}
 	WakeSources = []string{WakeNotify, WakePoll, WakeReconnect}
@@ -54,7 +54,7 @@ type Metrics struct {
 	BatchSize        prometheus.Histogram     // rows claimed per non-empty batch
 	PublishLatency   prometheus.Histogram     // publish to confirm, per batch
 	EndToEndLatency  prometheus.Histogram     // created_at to confirm, per event
-	Pending          prometheus.Gauge         // pending rows (table-wide, see TableStats)
+	Pending          prometheus.Gauge         // pending rows (table-wide, see SetTableStatsHeld)
 	OldestPendingAge prometheus.Gauge         // seconds, oldest due row (table-wide)
 	DeadRows         prometheus.Gauge         // rows parked dead (table-wide)
 	Delayed          prometheus.Gauge         // pending rows not yet due (table-wide)
@@ -74,13 +74,13 @@ type Metrics struct {
 	types     map[string]struct{}
 }
 
-// Config bounds label cardinality.
+// Config bounds label cardinality and names the build.
 type Config struct {
 	// MaxEventTypes is the most distinct event_type label values; later types
 	// are counted as "other". Default 100.
 	MaxEventTypes int
-	Version       string
-	Commit        string
+	// Version and Commit label outbox_relay_build_info.
+	Version, Commit string
 }
 
 // New creates the collectors and registers them on reg.
@@ -90,118 +90,61 @@ func New(reg prometheus.Registerer, cfg Config) (*Metrics, error) {
 	}
 	latency := []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300}
 	m := &Metrics{
-		Published: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "outbox_relay_events_published_total",
-			Help: "Events confirmed by the broker, by event type.",
-		}, []string{"event_type"}),
-		Failed: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "outbox_relay_publish_failures_total",
-			Help: "Failed publish attempts by event type and reason (nack, unroutable, timeout, connection, too_large, invalid).",
-		}, []string{"event_type", "reason"}),
-		Returned: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "outbox_relay_events_returned_total",
-			Help: "Messages the broker returned as unroutable, whether treated as failures or accepted (amqp.unroutable).",
-		}, []string{"event_type"}),
-		Dead: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "outbox_relay_events_dead_total",
-			Help: "Events parked dead by this relay, by event type and the reason of the last failure.",
-		}, []string{"event_type", "reason"}),
-		BatchDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name:    "outbox_relay_batch_duration_seconds",
-			Help:    "Time from claiming a batch to committing its outcome.",
-			Buckets: latency,
-		}),
-		StageDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name:    "outbox_relay_stage_duration_seconds",
-			Help:    "Time spent per batch in each stage: claim (select and lock), publish (until the last confirm), mark (record outcome and commit).",
-			Buckets: latency,
-		}, []string{"stage"}),
-		Retries: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "outbox_relay_retries_scheduled_total",
-			Help: "Failed events scheduled for another attempt with backoff, by event type.",
-		}, []string{"event_type"}),
-		Cleaned: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "outbox_relay_rows_cleaned_total",
-			Help: "Rows deleted by the retention cleaner, by kind (dispatched, dead).",
-		}, []string{"kind"}),
-		PartitionsOwned: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "outbox_relay_partitions_owned",
-			Help: "Virtual partitions leased by this replica (relay.ordering: partition_key; 0 otherwise).",
-		}),
-		Partitions: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "outbox_relay_partitions",
-			Help: "Ordered mode: relay.partitions, the virtual partitions the replicas split between them (0 otherwise).",
-		}),
-		HorizonWait: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "outbox_relay_commit_horizon_wait_seconds",
-			Help: "Ordered mode: how long committed keyed rows have been held back waiting for older, still open transactions to end.",
-		}),
-		BatchSize: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name:    "outbox_relay_batch_size",
-			Help:    "Rows claimed per non-empty batch.",
-			Buckets: []float64{1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000},
-		}),
-		PublishLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name:    "outbox_relay_publish_confirm_seconds",
-			Help:    "Time from the first publish of a batch to its last confirm.",
-			Buckets: latency,
-		}),
-		EndToEndLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name:    "outbox_relay_end_to_end_latency_seconds",
-			Help:    "Time from an event's created_at (its transaction's start) to the broker's confirm.",
-			Buckets: latency,
-		}),
-		Pending: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "outbox_relay_pending_events",
-			Help: "Rows neither dispatched nor dead, read from the table every relay.stats_interval.",
-		}),
-		OldestPendingAge: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "outbox_relay_oldest_pending_age_seconds",
-			Help: "Age (since created_at) of the oldest pending row that is due, available_at reached (0 when none), read every relay.stats_interval.",
-		}),
-		Delayed: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "outbox_relay_delayed_events",
-			Help: "Pending rows not yet due (available_at in the future: delayed on purpose or waiting for a retry), read every relay.stats_interval.",
-		}),
-		StatsTimestamp: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "outbox_relay_table_stats_timestamp_seconds",
-			Help: "Unix time the table-wide gauges (pending, delayed, dead, oldest age) were last read; they are exported by one replica per table.",
-		}),
-		Info: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "outbox_relay_info",
-			Help: "Always 1; labels name the outbox table (schema.table) and the exchange this relay serves.",
-		}, []string{"table", "exchange"}),
-		DeadRows: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "outbox_relay_dead_events",
-			Help: "Rows parked dead in the table, read every relay.stats_interval.",
-		}),
-		LinkUp: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "outbox_relay_link_up",
-			Help: "1 while the link (postgres, listen, amqp) is up, else 0.",
-		}, []string{"link"}),
-		Reconnects: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "outbox_relay_reconnects_total",
-			Help: "Times a link was re-established after being down.",
-		}, []string{"link"}),
-		Wakeups: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "outbox_relay_wakeups_total",
-			Help: "Claim loop wake-ups by source (notify, poll, reconnect).",
-		}, []string{"source"}),
-		BuildInfo: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "outbox_relay_build_info",
-			Help: "Always 1; labels carry the version, commit and Go version.",
-		}, []string{"version", "commit", "go_version"}),
-		AMQPNode: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "outbox_relay_amqp_node",
-			Help: "1 for the broker node (host:port of an amqp.url entry) the relay is connected to, 0 for the other configured ones.",
-		}, []string{"node"}),
+		Published: counterVec("outbox_relay_events_published_total",
+			"Events confirmed by the broker, by event type.", "event_type"),
+		Failed: counterVec("outbox_relay_publish_failures_total",
+			"Failed publish attempts by event type and reason (nack, unroutable, timeout, connection, too_large, invalid).", "event_type", "reason"),
+		Returned: counterVec("outbox_relay_events_returned_total",
+			"Messages the broker returned as unroutable, whether treated as failures or accepted (amqp.unroutable).", "event_type"),
+		Dead: counterVec("outbox_relay_events_dead_total",
+			"Events parked dead by this relay, by event type and the reason of the last failure.", "event_type", "reason"),
+		BatchDuration: histogram("outbox_relay_batch_duration_seconds",
+			"Time from claiming a batch to committing its outcome.", latency),
+		StageDuration: histogramVec("outbox_relay_stage_duration_seconds",
+			"Time spent per batch in each stage: claim (select and lock), publish (until the last confirm), mark (record outcome and commit).", latency, "stage"),
+		Retries: counterVec("outbox_relay_retries_scheduled_total",
+			"Failed events scheduled for another attempt with backoff, by event type.", "event_type"),
+		Cleaned: counterVec("outbox_relay_rows_cleaned_total",
+			"Rows deleted by the retention cleaner, by kind (dispatched, dead).", "kind"),
+		PartitionsOwned: gauge("outbox_relay_partitions_owned",
+			"Virtual partitions leased by this replica (relay.ordering: partition_key; 0 otherwise)."),
+		Partitions: gauge("outbox_relay_partitions",
+			"Ordered mode: relay.partitions, the virtual partitions the replicas split between them (0 otherwise)."),
+		HorizonWait: gauge("outbox_relay_commit_horizon_wait_seconds",
+			"Ordered mode: how long committed keyed rows have been held back waiting for older, still open transactions to end."),
+		BatchSize: histogram("outbox_relay_batch_size",
+			"Rows claimed per non-empty batch.", []float64{1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000}),
+		PublishLatency: histogram("outbox_relay_publish_confirm_seconds",
+			"Time from the first publish of a batch to its last confirm.", latency),
+		EndToEndLatency: histogram("outbox_relay_end_to_end_latency_seconds",
+			"Time from an event's created_at (its transaction's start) to the broker's confirm.", latency),
+		Pending: gauge("outbox_relay_pending_events",
+			"Rows neither dispatched nor dead, read from the table every relay.stats_interval."),
+		OldestPendingAge: gauge("outbox_relay_oldest_pending_age_seconds",
+			"Age (since created_at) of the oldest pending row that is due, available_at reached (0 when none), read every relay.stats_interval."),
+		Delayed: gauge("outbox_relay_delayed_events",
+			"Pending rows not yet due (available_at in the future: delayed on purpose or waiting for a retry), read every relay.stats_interval."),
+		StatsTimestamp: gauge("outbox_relay_table_stats_timestamp_seconds",
+			"Unix time the table-wide gauges (pending, delayed, dead, oldest age) were last read; they are exported by one replica per table."),
+		Info: gaugeVec("outbox_relay_info",
+			"Always 1; labels name the outbox table (schema.table) and the exchange this relay serves.", "table", "exchange"),
+		DeadRows: gauge("outbox_relay_dead_events",
+			"Rows parked dead in the table, read every relay.stats_interval."),
+		LinkUp: gaugeVec("outbox_relay_link_up",
+			"1 while the link (postgres, listen, amqp) is up, else 0.", "link"),
+		Reconnects: counterVec("outbox_relay_reconnects_total",
+			"Times a link was re-established after being down.", "link"),
+		Wakeups: counterVec("outbox_relay_wakeups_total",
+			"Claim loop wake-ups by source (notify, poll, reconnect).", "source"),
+		BuildInfo: gaugeVec("outbox_relay_build_info",
+			"Always 1; labels carry the version, commit and Go version.", "version", "commit", "go_version"),
+		AMQPNode: gaugeVec("outbox_relay_amqp_node",
+			"1 for the broker node (host:port of an amqp.url entry) the relay is connected to, 0 for the other configured ones.", "node"),
 		maxTypes: cfg.MaxEventTypes,
 		types:    make(map[string]struct{}),
 	}
-	m.Ready = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-		Name: "outbox_relay_ready",
-		Help: "1 while the relay is ready as /readyz reports it (its links up, the claim loop not stuck), else 0.",
-	}, func() float64 {
+	m.Ready = prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "outbox_relay_ready",
+		Help: "1 while the relay is ready as /readyz reports it (its links up, the claim loop not stuck), else 0."}, func() float64 {
 		if f := m.readiness.Load(); f != nil && (*f)() == nil {
 			return 1
 		}
@@ -248,4 +191,27 @@ func (m *Metrics) EventType(t string) string {
 	}
 	m.types[t] = struct{}{}
 	return t
+}
+
+// The collectors' constructors: a name, its help text, a histogram's
+// buckets, and a vector's label names.
+
+func gauge(name, help string) prometheus.Gauge {
+	return prometheus.NewGauge(prometheus.GaugeOpts{Name: name, Help: help})
+}
+
+func gaugeVec(name, help string, labels ...string) *prometheus.GaugeVec {
+	return prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: name, Help: help}, labels)
+}
+
+func counterVec(name, help string, labels ...string) *prometheus.CounterVec {
+	return prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: help}, labels)
+}
+
+func histogram(name, help string, buckets []float64) prometheus.Histogram {
+	return prometheus.NewHistogram(prometheus.HistogramOpts{Name: name, Help: help, Buckets: buckets})
+}
+
+func histogramVec(name, help string, buckets []float64, labels ...string) *prometheus.HistogramVec {
+	return prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: name, Help: help, Buckets: buckets}, labels)
 }

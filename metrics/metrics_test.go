@@ -211,26 +211,10 @@ func TestMetricNames(t *testing.T) {
 func TestCreatedUpFront(t *testing.T) {
 	t.Parallel()
 	reg := prometheus.NewRegistry()
-	m, err := metrics.New(reg, metrics.Config{Version: "v1.2.3", Commit: "deadbeef"})
-	if err != nil {
+	if _, err := metrics.New(reg, metrics.Config{Version: "v1.2.3", Commit: "deadbeef"}); err != nil {
 		t.Fatal(err)
 	}
-	families, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	series := map[string][]string{} // family -> label sets of its series
-	values := map[string]float64{}  // gauge family -> value of its last series
-	for _, f := range families {
-		for _, m := range f.GetMetric() {
-			values[f.GetName()] = m.GetGauge().GetValue()
-			var vals []string
-			for _, l := range m.GetLabel() {
-				vals = append(vals, l.GetName()+"="+l.GetValue())
-			}
-			series[f.GetName()] = append(series[f.GetName()], strings.Join(vals, ","))
-		}
-	}
+	series, values := gather(t, reg)
 	// outbox_relay_link_up is left out: which links exist depends on the
 	// relay's wake mode (listen only in notify mode).
 	want := map[string][]string{
@@ -257,9 +241,19 @@ func TestCreatedUpFront(t *testing.T) {
 	if v := values["outbox_relay_build_info"]; v != 1 {
 		t.Errorf("outbox_relay_build_info = %v, want 1", v)
 	}
+}
 
-	// The table-wide gauges exist only on the replica that holds the stats
-	// lease (alerts on them fire once per table), at zero from then on.
+// TestTableWideGaugesWithLease checks that the table-wide gauges exist only
+// on the replica that holds the stats lease (alerts on them fire once per
+// table), at zero from then on.
+func TestTableWideGaugesWithLease(t *testing.T) {
+	t.Parallel()
+	reg := prometheus.NewRegistry()
+	m, err := metrics.New(reg, metrics.Config{Version: "v1.2.3", Commit: "deadbeef"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	series, values := gather(t, reg)
 	tableWide := []string{"outbox_relay_pending_events", "outbox_relay_oldest_pending_age_seconds", "outbox_relay_dead_events",
 		"outbox_relay_delayed_events", "outbox_relay_table_stats_timestamp_seconds"}
 	for _, name := range tableWide {
@@ -271,18 +265,34 @@ func TestCreatedUpFront(t *testing.T) {
 		t.Errorf("outbox_relay_table_stats_leader = %v (present %v), want 0", v, ok)
 	}
 	m.SetTableStatsHeld(true)
-	if families, err = reg.Gather(); err != nil {
-		t.Fatal(err)
-	}
-	held := map[string]int{}
-	for _, f := range families {
-		held[f.GetName()] = len(f.GetMetric())
-	}
+	series, _ = gather(t, reg)
 	for _, name := range tableWide {
-		if held[name] != 1 {
-			t.Errorf("%s: %d series while holding the stats lease, want 1", name, held[name])
+		if len(series[name]) != 1 {
+			t.Errorf("%s: %d series while holding the stats lease, want 1", name, len(series[name]))
 		}
 	}
+}
+
+// gather returns, per family registered on reg, the label sets of its
+// series ("name=value,..."), and the gauge value of its last series.
+func gather(t *testing.T, reg prometheus.Gatherer) (series map[string][]string, values map[string]float64) {
+	t.Helper()
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	series, values = map[string][]string{}, map[string]float64{}
+	for _, f := range families {
+		for _, m := range f.GetMetric() {
+			values[f.GetName()] = m.GetGauge().GetValue()
+			var vals []string
+			for _, l := range m.GetLabel() {
+				vals = append(vals, l.GetName()+"="+l.GetValue())
+			}
+			series[f.GetName()] = append(series[f.GetName()], strings.Join(vals, ","))
+		}
+	}
+	return series, values
 }
 
 // TestEventTypeCap checks that event types beyond MaxEventTypes fold into
@@ -334,18 +344,49 @@ func TestServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	var notReady atomic.Pointer[error]
-	srv, err := metrics.NewServer("127.0.0.1:0", reg, func() error {
+	srv := serve(t, reg, func() error {
 		if e := notReady.Load(); e != nil {
 			return *e
 		}
 		return nil
 	})
+	if code, body := httpGet(t, srv, "/healthz"); code != http.StatusOK || body != "ok\n" {
+		t.Errorf("/healthz: %d %q, want 200 \"ok\\n\"", code, body)
+	}
+	if code, body := httpGet(t, srv, "/readyz"); code != http.StatusOK {
+		t.Errorf("/readyz while ready: %d %q, want 200", code, body)
+	}
+	// /readyz names what is down but not the errors' text (hosts, users).
+	cause := errors.Join(
+		publicError{"postgres link down", "postgres: dial tcp 10.1.2.3:5432: user relay"},
+		errors.New("amqp: dial amqp://relay@mq.internal:5672/"))
+	notReady.Store(&cause)
+	if code, body := httpGet(t, srv, "/readyz"); code != http.StatusServiceUnavailable || body != "not ready: postgres link down, unavailable\n" {
+		t.Errorf("/readyz while not ready: %d %q, want 503 naming the link and hiding the errors' text", code, body)
+	}
+	if code, body := httpGet(t, srv, "/healthz"); code != http.StatusOK {
+		t.Errorf("/healthz while not ready: %d %q, want 200: liveness must not follow readiness", code, body)
+	}
+	if code, body := httpGet(t, srv, "/metrics"); code != http.StatusOK || !strings.Contains(body, `outbox_relay_build_info{commit="",go_version="`) {
+		t.Errorf("/metrics: %d, build info missing from:\n%s", code, body)
+	}
+
+	if _, err := metrics.NewServer(srv.Addr(), reg, func() error { return nil }); err == nil {
+		t.Errorf("NewServer on the taken address %s succeeded; want an error at once", srv.Addr())
+	}
+}
+
+// serve runs a metrics server for g on a loopback port until the test ends,
+// then checks that it shut down cleanly.
+func serve(t *testing.T, g prometheus.Gatherer, ready func() error) *metrics.Server {
+	t.Helper()
+	srv, err := metrics.NewServer("127.0.0.1:0", g, ready)
 	if err != nil {
 		t.Fatal(err)
 	}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve() }()
-	defer func() {
+	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		if err := srv.Shutdown(ctx); err != nil {
@@ -354,45 +395,23 @@ func TestServer(t *testing.T) {
 		if err := <-served; err != nil {
 			t.Errorf("serve: %v", err)
 		}
-	}()
+	})
+	return srv
+}
 
-	get := func(path string) (int, string) {
-		t.Helper()
-		resp, err := http.Get("http://" + srv.Addr() + path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		b, err := io.ReadAll(resp.Body)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return resp.StatusCode, string(b)
+// httpGet fetches path from srv and returns the status code and body.
+func httpGet(t *testing.T, srv *metrics.Server, path string) (int, string) {
+	t.Helper()
+	resp, err := http.Get("http://" + srv.Addr() + path)
+	if err != nil {
+		t.Fatal(err)
 	}
-	if code, body := get("/healthz"); code != http.StatusOK || body != "ok\n" {
-		t.Errorf("/healthz: %d %q, want 200 \"ok\\n\"", code, body)
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
 	}
-	if code, body := get("/readyz"); code != http.StatusOK {
-		t.Errorf("/readyz while ready: %d %q, want 200", code, body)
-	}
-	// /readyz names what is down but not the errors' text (hosts, users).
-	cause := errors.Join(
-		publicError{"postgres link down", "postgres: dial tcp 10.1.2.3:5432: user relay"},
-		errors.New("amqp: dial amqp://relay@mq.internal:5672/"))
-	notReady.Store(&cause)
-	if code, body := get("/readyz"); code != http.StatusServiceUnavailable || body != "not ready: postgres link down, unavailable\n" {
-		t.Errorf("/readyz while not ready: %d %q, want 503 naming the link and hiding the errors' text", code, body)
-	}
-	if code, body := get("/healthz"); code != http.StatusOK {
-		t.Errorf("/healthz while not ready: %d %q, want 200: liveness must not follow readiness", code, body)
-	}
-	if code, body := get("/metrics"); code != http.StatusOK || !strings.Contains(body, `outbox_relay_build_info{commit="",go_version="`) {
-		t.Errorf("/metrics: %d, build info missing from:\n%s", code, body)
-	}
-
-	if _, err := metrics.NewServer(srv.Addr(), reg, func() error { return nil }); err == nil {
-		t.Errorf("NewServer on the taken address %s succeeded; want an error at once", srv.Addr())
-	}
+	return resp.StatusCode, string(b)
 }
 
 // publicError is an error with a reason fit for /readyz, like relay.NotReady.
@@ -405,12 +424,7 @@ func (e publicError) Public() string { return e.reason }
 // liveness function reports an error, and 200 again once it does not.
 func TestHealthzLiveness(t *testing.T) {
 	t.Parallel()
-	srv, err := metrics.NewServer("127.0.0.1:0", prometheus.NewRegistry(), func() error { return nil })
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = srv.Serve() }()
-	defer func() { _ = srv.Shutdown(context.Background()) }()
+	srv := serve(t, prometheus.NewRegistry(), func() error { return nil })
 	var stuck atomic.Pointer[error]
 	srv.SetLiveness(func() error {
 		if e := stuck.Load(); e != nil {
@@ -418,26 +432,16 @@ func TestHealthzLiveness(t *testing.T) {
 		}
 		return nil
 	})
-	get := func() (int, string) {
-		t.Helper()
-		resp, err := http.Get("http://" + srv.Addr() + "/healthz")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(b)
-	}
-	if code, body := get(); code != http.StatusOK {
+	if code, body := httpGet(t, srv, "/healthz"); code != http.StatusOK {
 		t.Fatalf("/healthz while live: %d %q", code, body)
 	}
 	cause := errors.New("claim loop stuck")
 	stuck.Store(&cause)
-	if code, body := get(); code != http.StatusServiceUnavailable || !strings.Contains(body, cause.Error()) {
+	if code, body := httpGet(t, srv, "/healthz"); code != http.StatusServiceUnavailable || !strings.Contains(body, cause.Error()) {
 		t.Fatalf("/healthz while stuck: %d %q, want 503 naming the cause", code, body)
 	}
 	stuck.Store(nil)
-	if code, body := get(); code != http.StatusOK {
+	if code, body := httpGet(t, srv, "/healthz"); code != http.StatusOK {
 		t.Fatalf("/healthz after recovery: %d %q", code, body)
 	}
 }

@@ -12,7 +12,8 @@ const HeaderTraceparent = "traceparent"
 type traceparentKey struct{}
 
 // traceparentPattern is version 00 of the W3C traceparent format:
-// version-traceid-parentid-flags, lowercase hex, ids not all zero.
+// version-traceid-parentid-flags, lowercase hex (ValidTraceparent also
+// rejects all-zero ids).
 var traceparentPattern = regexp.MustCompile(`^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$`)
 
 // ContextWithTraceparent returns ctx carrying a W3C traceparent value. Write

@@ -30,13 +30,13 @@ type SQLTx interface {
 type Writer struct {
 	table  ident.Table
 	insert string
-	// insertRouted also sets routing_key and exchange (migration 3); it is
-	// used only for batches that override them, so applications that do not
-	// can take a new helper before the table is migrated.
+	// insertRouted also sets routing_key and exchange (00003_routing.sql);
+	// used only for batches that set them, so an application that does not
+	// can upgrade this package before its table is migrated.
 	insertRouted string
 }
 
-// DefaultWriter writes to public.outbox.
+// defaultWriter backs the package-level Write and WriteSQL: public.outbox.
 var defaultWriter = mustWriter("public", "outbox")
 
 func mustWriter(schema, table string) *Writer {
@@ -84,23 +84,28 @@ ORDER BY u.ord`
 // commits or retries. Invalid events are rejected before anything is sent.
 // Events with a zero ID get a new UUIDv7 (the caller's slice is not modified).
 func (w *Writer) Write(ctx context.Context, tx Tx, events ...Event) error {
-	args, err := w.args(ctx, events)
-	if err != nil || args == nil {
+	return w.write(ctx, events, func(stmt string, args []any) error {
+		_, err := tx.Exec(ctx, stmt, args...)
 		return err
-	}
-	if _, err := tx.Exec(ctx, w.statement(args), args...); err != nil {
-		return w.insertErr(len(events), args, err)
-	}
-	return nil
+	})
 }
 
 // WriteSQL is Write for a database/sql transaction (pgx stdlib driver).
 func (w *Writer) WriteSQL(ctx context.Context, tx SQLTx, events ...Event) error {
+	return w.write(ctx, events, func(stmt string, args []any) error {
+		_, err := tx.ExecContext(ctx, stmt, args...)
+		return err
+	})
+}
+
+// write validates events and runs their insert with exec, the caller's
+// transaction's own method.
+func (w *Writer) write(ctx context.Context, events []Event, exec func(stmt string, args []any) error) error {
 	args, err := w.args(ctx, events)
 	if err != nil || args == nil {
 		return err
 	}
-	if _, err := tx.ExecContext(ctx, w.statement(args), args...); err != nil {
+	if err := exec(w.statement(args), args); err != nil {
 		return w.insertErr(len(events), args, err)
 	}
 	return nil

@@ -16,9 +16,8 @@ import (
 	"github.com/outbox-relay/outbox-relay/metrics"
 )
 
-// A batch's path, in this file: claimAndSend claims due rows (claim) and
-// publishes them without waiting; settle waits for their confirms and
-// records the outcome (record) in the claim's transaction.
+// A batch's path, in this file: claimAndSend → claim, then Send; the
+// settler's settle → record, in the claim's transaction.
 
 // batch is a claimed batch on its way: its transaction holds the rows'
 // locks until settle commits the outcome.
@@ -75,9 +74,9 @@ func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, pro
 	b.msgs, b.invalid, err = r.claim(ctx, tx, budget, held == 0)
 	if err == nil && r.cfg.Relay.Ordering == OrderingPartitionKey {
 		n := b.size()
-		b.msgs, b.invalid, err = r.gate(ctx, tx, b.msgs, b.invalid)
-		r.held = n - b.size()
-		r.requeue(b.msgs)
+		b.msgs, b.invalid, err = r.ord.gate(ctx, pool, tx, b.msgs, b.invalid)
+		r.ord.held = n - b.size()
+		r.ord.requeue(b.msgs)
 	}
 	if err != nil {
 		_ = tx.Rollback(drain)
@@ -90,11 +89,10 @@ func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, pro
 		// the claim loop waits, and looks again when one settles.
 		return nil, tx.Commit(drain)
 	}
-	if r.cfg.Relay.Ordering == OrderingPartitionKey && time.Since(b.claimed) >= r.leases.claimMargin() {
-		// The claim vouched for its partitions' leases for claimMargin
-		// only: this process was stalled (GC, SIGSTOP) between claim and
-		// send, another replica may hold them now, and the server may have
-		// ended this transaction. Publishing could overtake that replica.
+	if r.cfg.Relay.Ordering == OrderingPartitionKey && time.Since(b.claimed) >= r.ord.leases.claimMargin() {
+		// The claim vouched for its leases for claimMargin only: stalled
+		// since (GC, SIGSTOP), this process may have lost them to another
+		// replica, and the server may have ended this transaction.
 		_ = tx.Rollback(drain)
 		r.log.Warn("claimed batch dropped: not sent while its partition leases were certain",
 			zap.Int("batch_size", b.size()), zap.Duration("since_claim", time.Since(b.claimed)))
@@ -108,6 +106,32 @@ func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, pro
 	b.sent = time.Now()
 	b.pending = r.pub.Send(drain, b.msgs)
 	return b, nil
+}
+
+// settler settles the sent batches in order until sent is closed. It reports
+// failures on errs without blocking: the loop backs off once for any number.
+func (r *Relay) settler(ctx, drain context.Context, sent <-chan *batch, errs chan<- error) {
+	for b := range sent {
+		msgs := b.msgs // settle lets go of them
+		err := r.settle(ctx, drain, b)
+		r.inflightBytes.Add(-b.bytes)
+		// Counted out, and its keys noted, before the signal: a claim
+		// loop that sees the batch in flight gets the signal after it.
+		r.inflight.Add(-1)
+		if r.ord != nil {
+			r.ord.noteSettled(msgs, b.done)
+		}
+		select {
+		case r.settled <- struct{}{}:
+		default:
+		}
+		if err != nil {
+			select {
+			case errs <- err:
+			default:
+			}
+		}
+	}
 }
 
 // waitSettled waits until a batch in flight settles; false when ctx is done.
@@ -198,6 +222,7 @@ func (r *Relay) settle(ctx, drain context.Context, b *batch) error {
 	return nil
 }
 
+// failure is a row that failed to publish, or that cannot be published.
 type failure struct {
 	msg Message
 	err *PublishError
@@ -212,12 +237,12 @@ func (r *Relay) claim(ctx context.Context, tx pgx.Tx, budget int64, alone bool) 
 	maxSize := int64(r.cfg.AMQP.MaxMessageSize)
 	if r.cfg.Relay.Ordering == OrderingPartitionKey {
 		var heads []int64
-		if heads, err = r.findHeads(ctx, tx); err != nil {
+		if heads, err = r.ord.findHeads(ctx, tx); err != nil {
 			return nil, nil, err
 		}
 		rows, err = tx.Query(ctx, r.q.claimOrdered, r.cfg.Relay.BatchSize, r.cfg.Relay.Partitions,
-			r.leases.owner, strconv.FormatInt(r.cfg.Relay.LeaseTimeout.Milliseconds(), 10),
-			r.leases.claimMargin().Milliseconds(), heads, budget, alone, maxSize)
+			r.ord.leases.owner, strconv.FormatInt(r.cfg.Relay.LeaseTimeout.Milliseconds(), 10),
+			r.ord.leases.claimMargin().Milliseconds(), heads, budget, alone, maxSize)
 	} else {
 		rows, err = tx.Query(ctx, r.q.claimBatch, r.cfg.Relay.BatchSize, budget, alone, maxSize)
 	}
@@ -262,11 +287,9 @@ func (r *Relay) claim(ctx context.Context, tx pgx.Tx, budget int64, alone bool) 
 	return msgs, invalid, nil
 }
 
-// readLargePayload reads a payload the claim left out for its size, in
-// pieces of payloadPiece bytes into m.Body (allocated at its full size): a
-// single read would have pgx hold it twice, once in the connection's read
-// buffer (rounded up to a power of two, and kept until the connection's
-// next read) and once in the copy.
+// readLargePayload reads a payload the claim left out for its size into
+// m.Body, payloadPiece bytes at a time: read whole, pgx would hold it twice
+// (in its read buffer, kept until the connection's next read, and the copy).
 func (r *Relay) readLargePayload(ctx context.Context, tx pgx.Tx, m *Message) error {
 	for len(m.Body) < cap(m.Body) {
 		rows, err := tx.Query(ctx, r.q.readPayloadPiece, pgx.QueryResultFormats{pgx.BinaryFormatCode},
@@ -289,10 +312,18 @@ func (r *Relay) readLargePayload(ctx context.Context, tx pgx.Tx, m *Message) err
 	return nil
 }
 
-// scanMessage reads one row of the claim columns into a message, with the
-// relay's own headers added. A row whose headers cannot be decoded is
-// returned with a *PublishError of reason invalid. extra receives the
-// columns after messageColumns.
+// Headers the relay adds to every message besides the row's own headers.
+const (
+	// HeaderSeq carries the row's sequence number (int64): consumers can check
+	// per-key order with it.
+	HeaderSeq = "x-outbox-seq"
+	// HeaderPartitionKey carries the row's partition key, when it has one.
+	HeaderPartitionKey = "x-outbox-partition-key"
+)
+
+// scanMessage reads a row of messageColumns into a message with the relay's
+// headers added; undecodable headers give a *PublishError of reason invalid.
+// extra receives the columns after messageColumns.
 func scanMessage(rows pgx.Rows, extra ...any) (Message, error) {
 	var (
 		m       Message

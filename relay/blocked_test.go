@@ -20,7 +20,7 @@ func TestConfirmTimeoutRecordedWhileBlockedBrokerSendsHeartbeats(t *testing.T) {
 	rmq, o, deliveries, r := blockedBrokerWith(t, testenv.RabbitMQOptions{Conf: []string{"heartbeat = 2"}})
 
 	unblock := blockPublishers(t, rmq)
-	blocked := writeEvents(t, o, "invoice.sent", 5)
+	blocked := o.WriteEvents(t, "invoice.sent", 5)
 	// Claim, the 1 s confirm timeout and a close bounded at 2 s; the alarm
 	// lasts until unblock, so without the bound nothing is recorded.
 	testenv.Eventually(t, 20*time.Second, "blocked events retried with a timeout error while blocked", func() bool {
@@ -34,7 +34,7 @@ func TestConfirmTimeoutRecordedWhileBlockedBrokerSendsHeartbeats(t *testing.T) {
 		t.Errorf("%d events dispatched without a confirm", n)
 	}
 	unblock()
-	receiveAll(t, deliveries, blocked, 30*time.Second)
+	testenv.ReceiveAll(t, deliveries, blocked, 30*time.Second)
 	testenv.Eventually(t, 20*time.Second, "blocked events dispatched after the alarm cleared", func() bool {
 		return o.Count(t, "id = ANY($1::uuid[]) AND dispatched_at IS NOT NULL", ids(blocked)) == len(blocked)
 	})

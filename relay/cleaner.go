@@ -13,10 +13,33 @@ import (
 	"github.com/outbox-relay/outbox-relay/metrics"
 )
 
-// cleanLoop deletes dispatched and dead rows past their retention, in
+// cleaner deletes dispatched and dead rows past their retention, in
 // bounded batches on short transactions of their own.
-func (r *Relay) cleanLoop(ctx context.Context, pool *pgxpool.Pool) {
-	t := time.NewTicker(r.cfg.Retention.Interval)
+type cleaner struct {
+	pool       *pgxpool.Pool
+	q          *queries
+	cfg        RetentionConfig
+	onDispatch string // relay.on_dispatch: with delete, no dispatched row stays
+	lock       int32  // lockClass of the advisory lock that lets one replica's cleaner run at a time
+	m          *metrics.Metrics
+	log        *zap.Logger
+}
+
+// cleaner is the relay's retention cleaner, cleaning through pool.
+func (r *Relay) cleaner(pool *pgxpool.Pool) *cleaner {
+	return &cleaner{
+		pool:       pool,
+		q:          &r.q,
+		cfg:        r.cfg.Retention,
+		onDispatch: r.cfg.Relay.OnDispatch,
+		lock:       r.cleanerLock,
+		m:          r.m,
+		log:        r.log,
+	}
+}
+
+func (c *cleaner) run(ctx context.Context) {
+	t := time.NewTicker(c.cfg.Interval)
 	defer t.Stop()
 	for {
 		select {
@@ -24,11 +47,11 @@ func (r *Relay) cleanLoop(ctx context.Context, pool *pgxpool.Pool) {
 			return
 		case <-t.C:
 		}
-		if r.cfg.Relay.OnDispatch == OnDispatchMark {
-			r.cleanDispatched(ctx, pool)
+		if c.onDispatch == OnDispatchMark {
+			c.cleanDispatched(ctx)
 		}
-		if r.cfg.Retention.Dead > 0 {
-			r.cleanDead(ctx, pool)
+		if c.cfg.Dead > 0 {
+			c.cleanDead(ctx)
 		}
 	}
 }
@@ -37,64 +60,64 @@ func (r *Relay) cleanLoop(ctx context.Context, pool *pgxpool.Pool) {
 // page of retention.batch_size rows (by seq) per statement, from the oldest
 // until the rows are too recent (queries.cleanDispatched). It returns the
 // rows deleted and the pages read.
-func (r *Relay) cleanDispatched(ctx context.Context, pool *pgxpool.Pool) (total, pages int64) {
-	keep := r.cfg.Retention.Dispatched
+func (c *cleaner) cleanDispatched(ctx context.Context) (total, pages int64) {
+	keep := c.cfg.Dispatched
 	var after int64
 	for ctx.Err() == nil {
 		pages++
 		var deleted, last, rows int64
 		var recent bool
-		err := pgx.BeginTxFunc(ctx, pool, writeTx, func(tx pgx.Tx) error {
-			return tx.QueryRow(ctx, r.q.cleanDispatched, keep.Milliseconds(), r.cfg.Retention.BatchSize,
-				after, r.cleanerLock).Scan(&deleted, &last, &rows, &recent)
+		err := pgx.BeginTxFunc(ctx, c.pool, writeTx, func(tx pgx.Tx) error {
+			return tx.QueryRow(ctx, c.q.cleanDispatched, keep.Milliseconds(), c.cfg.BatchSize,
+				after, c.lock).Scan(&deleted, &last, &rows, &recent)
 		})
 		if err != nil {
-			r.cleanFailed(err, metrics.CleanDispatched)
+			c.cleanFailed(err, metrics.CleanDispatched)
 			return total, pages
 		}
 		total += deleted
-		r.m.Cleaned.WithLabelValues(metrics.CleanDispatched).Add(float64(deleted))
-		if rows < int64(r.cfg.Retention.BatchSize) || (deleted == 0 && recent) {
+		c.m.Cleaned.WithLabelValues(metrics.CleanDispatched).Add(float64(deleted))
+		if rows < int64(c.cfg.BatchSize) || (deleted == 0 && recent) {
 			break
 		}
 		after = last
 	}
-	r.cleaned(metrics.CleanDispatched, total, keep)
+	c.cleaned(metrics.CleanDispatched, total, keep)
 	return total, pages
 }
 
 // cleanDead deletes dead rows past retention.dead, through the dead index.
-func (r *Relay) cleanDead(ctx context.Context, pool *pgxpool.Pool) {
-	keep := r.cfg.Retention.Dead
+func (c *cleaner) cleanDead(ctx context.Context) {
+	keep := c.cfg.Dead
 	total := int64(0)
 	for ctx.Err() == nil {
 		var tag pgconn.CommandTag
-		err := pgx.BeginTxFunc(ctx, pool, writeTx, func(tx pgx.Tx) (err error) {
-			tag, err = tx.Exec(ctx, r.q.cleanDead, keep.Milliseconds(), r.cfg.Retention.BatchSize)
+		err := pgx.BeginTxFunc(ctx, c.pool, writeTx, func(tx pgx.Tx) (err error) {
+			tag, err = tx.Exec(ctx, c.q.cleanDead, keep.Milliseconds(), c.cfg.BatchSize)
 			return err
 		})
 		if err != nil {
-			r.cleanFailed(err, metrics.CleanDead)
+			c.cleanFailed(err, metrics.CleanDead)
 			return
 		}
 		n := tag.RowsAffected()
 		total += n
-		r.m.Cleaned.WithLabelValues(metrics.CleanDead).Add(float64(n))
-		if n < int64(r.cfg.Retention.BatchSize) {
+		c.m.Cleaned.WithLabelValues(metrics.CleanDead).Add(float64(n))
+		if n < int64(c.cfg.BatchSize) {
 			break
 		}
 	}
-	r.cleaned(metrics.CleanDead, total, keep)
+	c.cleaned(metrics.CleanDead, total, keep)
 }
 
-func (r *Relay) cleanFailed(err error, kind string) {
+func (c *cleaner) cleanFailed(err error, kind string) {
 	if !errors.Is(err, context.Canceled) && !isUndefinedTable(err) {
-		r.log.Warn("retention cleaner", zap.String("kind", kind), zap.Error(err))
+		c.log.Warn("retention cleaner", zap.String("kind", kind), zap.Error(err))
 	}
 }
 
-func (r *Relay) cleaned(kind string, total int64, keep time.Duration) {
+func (c *cleaner) cleaned(kind string, total int64, keep time.Duration) {
 	if total > 0 {
-		r.log.Info("retention cleaner deleted rows", zap.String("kind", kind), zap.Int64("rows", total), zap.Duration("older_than", keep))
+		c.log.Info("retention cleaner deleted rows", zap.String("kind", kind), zap.Int64("rows", total), zap.Duration("older_than", keep))
 	}
 }

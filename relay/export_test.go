@@ -10,27 +10,14 @@ import (
 // CleanDispatchedOnce runs one pass of the retention cleaner over pool and
 // returns the rows it deleted and the pages it read.
 func CleanDispatchedOnce(ctx context.Context, r *Relay, pool *pgxpool.Pool) (deleted, pages int64) {
-	return r.cleanDispatched(ctx, pool)
+	return r.cleaner(pool).cleanDispatched(ctx)
 }
 
 // StatsWait is statsWait, for its unit test.
 var StatsWait = statsWait
 
-// SkipChecks turns off p's checks before publishing, so a test can show
-// what happens when the broker refuses a message the checks did not foresee.
-func SkipChecks(p *AMQPPublisher) { p.skipChecks = true }
-
 // Backoff is backoff, for its unit test.
 var Backoff = backoff
-
-// CloudEventsJSON renders m as a structured CloudEvent, or says why m
-// cannot be one.
-func CloudEventsJSON(m *Message, source string) ([]byte, error) {
-	if err := cloudEventsValid(m); err != nil {
-		return nil, err
-	}
-	return cloudEventsJSON(m, source), nil
-}
 
 // LastTurn is when r's claim loop last began a turn.
 func LastTurn(r *Relay) time.Time { return time.Unix(0, r.lastLoop.Load()) }

@@ -15,8 +15,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-	"github.com/prometheus/client_golang/prometheus"
 	amqp "github.com/rabbitmq/amqp091-go"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -38,49 +36,9 @@ const outage = 3 * time.Second
 // count them.
 func startObserved(t *testing.T, cfg relay.Config) (*running, *observer.ObservedLogs) {
 	t.Helper()
-	m, err := metrics.New(prometheus.NewRegistry(), metrics.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
 	core, logs := observer.New(zapcore.DebugLevel)
 	log := zap.New(zapcore.NewTee(zaptest.NewLogger(t).Core(), core))
-	r, err := relay.New(cfg, relay.Deps{Logger: log, Metrics: m})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &running{Relay: r, Metrics: m, stop: testenv.RunRelay(t, r)}, logs
-}
-
-// linkLogs counts the log entries with message msg ("link down", "link
-// restored") for link.
-func linkLogs(logs *observer.ObservedLogs, msg, link string) int {
-	return logs.FilterMessage(msg).FilterField(zap.String("link", link)).Len()
-}
-
-// writeEvents commits n events of type typ in one transaction and returns
-// them by message id.
-func writeEvents(t *testing.T, o *testenv.Outbox, typ string, n int) map[string]outbox.Event {
-	t.Helper()
-	events := make([]outbox.Event, n)
-	byID := make(map[string]outbox.Event, n)
-	for i := range events {
-		events[i] = outbox.NewEvent(typ, fmt.Appendf(nil, `{"type":%q,"n":%d}`, typ, i))
-		byID[events[i].ID.String()] = events[i]
-	}
-	commitEvents(t, o, events...)
-	return byID
-}
-
-func commitEvents(t *testing.T, o *testenv.Outbox, events ...outbox.Event) {
-	t.Helper()
-	w, err := outbox.NewWriter(o.Schema, o.Table.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx := context.Background()
-	if err := pgx.BeginFunc(ctx, o.Pool, func(tx pgx.Tx) error { return w.Write(ctx, tx, events...) }); err != nil {
-		t.Fatalf("write %d events: %v", len(events), err)
-	}
+	return startLogged(t, cfg, log), logs
 }
 
 // ids lists the message ids of events, for an id = ANY($1::uuid[]) condition.
@@ -92,74 +50,6 @@ func ids(events ...map[string]outbox.Event) []string {
 		}
 	}
 	return out
-}
-
-// receiveAll consumes d until every event of want has arrived with its exact
-// body, failing on a message that was not written or on the deadline. It
-// returns how many duplicates arrived meanwhile (at-least-once allows them);
-// a late copy of an event of earlier counts as one.
-func receiveAll(t *testing.T, d <-chan amqp.Delivery, want map[string]outbox.Event, timeout time.Duration, earlier ...map[string]outbox.Event) (duplicates int) {
-	t.Helper()
-	seen := make(map[string]bool, len(want))
-	isEarlier := func(id string) bool {
-		for _, m := range earlier {
-			if _, ok := m[id]; ok {
-				return true
-			}
-		}
-		return false
-	}
-	deadline := time.NewTimer(timeout)
-	defer deadline.Stop()
-	for len(seen) < len(want) {
-		select {
-		case m, ok := <-d:
-			if !ok {
-				t.Fatalf("consumer closed after %d of %d events", len(seen), len(want))
-			}
-			ev, known := want[m.MessageId]
-			if !known && isEarlier(m.MessageId) {
-				duplicates++
-				continue
-			}
-			if !known {
-				t.Fatalf("unexpected message %s (type %s, %d bytes)", m.MessageId, m.Type, len(m.Body))
-			}
-			if !bytes.Equal(m.Body, ev.Payload) {
-				t.Fatalf("%s: body %q, want %q", m.MessageId, m.Body, ev.Payload)
-			}
-			if seen[m.MessageId] {
-				duplicates++
-			}
-			seen[m.MessageId] = true
-		case <-deadline.C:
-			t.Fatalf("received %d of %d events within %s", len(seen), len(want), timeout)
-		}
-	}
-	return duplicates
-}
-
-// durableQueue declares a durable queue bound to exchange with key on the
-// broker at url, so that it and its persistent messages survive a broker
-// restart; it is deleted at cleanup if the broker runs then.
-func durableQueue(t *testing.T, url, exchange, key string) string {
-	t.Helper()
-	name := testenv.Name("q")
-	withChannel(t, url, func(ch *amqp.Channel) error {
-		if _, err := ch.QueueDeclare(name, true, false, false, false, nil); err != nil {
-			return err
-		}
-		return ch.QueueBind(name, key, exchange, false, nil)
-	})
-	t.Cleanup(func() {
-		if conn, err := amqp.Dial(url); err == nil {
-			defer conn.Close()
-			if ch, err := conn.Channel(); err == nil {
-				_, _ = ch.QueueDelete(name, false, false, false)
-			}
-		}
-	})
-	return name
 }
 
 // withChannel runs fn on a channel of a short-lived connection to url.
@@ -218,13 +108,13 @@ func TestBrokerEnforcedMaxMessageSize(t *testing.T) {
 		}
 	}
 	oversized := events[150]
-	commitEvents(t, o, events...)
+	o.Commit(t, events...)
 
 	r, logs := startObserved(t, cfg)
 	if got := r.Config().AMQP.MaxMessageSize; got != 128<<20 {
 		t.Fatalf("amqp.max_message_size %d, want the 128 MiB default: the relay must not filter by itself here", got)
 	}
-	dups := receiveAll(t, deliveries, good, 30*time.Second)
+	dups := testenv.ReceiveAll(t, deliveries, good, 30*time.Second)
 	t.Logf("%d duplicates (good events whose confirm the channel close cut off)", dups)
 
 	testenv.Eventually(t, 20*time.Second, "oversized row dead, good rows dispatched", func() bool {
@@ -259,9 +149,9 @@ func TestBrokerEnforcedMaxMessageSize(t *testing.T) {
 	// is sent, so the channel is not closed (and reopened) again.
 	reconnects := value(t, r.Metrics.Reconnects.WithLabelValues(metrics.LinkAMQP))
 	again := outbox.NewEvent("good.huge", bytes.Repeat([]byte("y"), limit+1))
-	more := writeEvents(t, o, "good.later", 50)
-	commitEvents(t, o, again)
-	receiveAll(t, deliveries, more, 20*time.Second, good)
+	more := o.WriteEvents(t, "good.later", 50)
+	o.Commit(t, again)
+	testenv.ReceiveAll(t, deliveries, more, 20*time.Second, good)
 	testenv.Eventually(t, 10*time.Second, "second oversized row dead", func() bool {
 		return o.Count(t, "id = $1 AND dead_at IS NOT NULL AND last_error LIKE 'too_large%'", again.ID) == 1
 	})
@@ -284,17 +174,17 @@ func TestRabbitMQOutage(t *testing.T) {
 	t.Parallel()
 	rmq := testenv.StartRabbitMQ(t)
 	o, b := testenv.NewOutbox(t), testenv.NewBrokerAt(t, rmq.URL()) // durable exchange
-	queue := durableQueue(t, rmq.URL(), b.Exchange, "#")
+	queue := b.DurableQueue(t, "#", nil)
 	r, logs := startObserved(t, config(o, b))
 
-	before := writeEvents(t, o, "order.placed", 20)
+	before := o.WriteEvents(t, "order.placed", 20)
 	testenv.Eventually(t, 20*time.Second, "events before the outage dispatched", func() bool {
 		return o.Count(t, "dispatched_at IS NOT NULL") == len(before)
 	})
 	testenv.Eventually(t, 10*time.Second, "relay ready", func() bool { return r.Ready() == nil })
 
 	rmq.Stop(t)
-	during := writeEvents(t, o, "order.paid", 200)
+	during := o.WriteEvents(t, "order.paid", 200)
 	testenv.Eventually(t, 10*time.Second, "readiness reports the amqp link down", func() bool {
 		err := r.Ready()
 		return err != nil && strings.Contains(err.Error(), metrics.LinkAMQP+":")
@@ -317,12 +207,12 @@ func TestRabbitMQOutage(t *testing.T) {
 	testenv.Eventually(t, 20*time.Second, "every row dispatched after the broker is back", func() bool {
 		return o.Count(t, "dispatched_at IS NOT NULL") == len(all)
 	})
-	dups := receiveAll(t, consume(t, rmq.URL(), queue), all, 20*time.Second)
+	dups := testenv.ReceiveAll(t, consume(t, rmq.URL(), queue), all, 20*time.Second)
 	t.Logf("%d duplicates", dups)
 	if n := o.Count(t, "attempts <> 0 OR last_error IS NOT NULL"); n != 0 {
 		t.Errorf("%d rows charged an attempt or given an error; a lost connection must charge none", n)
 	}
-	down, restored := linkLogs(logs, "link down", metrics.LinkAMQP), linkLogs(logs, "link restored", metrics.LinkAMQP)
+	down, restored := testenv.LinkLogs(logs, "link down", metrics.LinkAMQP), testenv.LinkLogs(logs, "link restored", metrics.LinkAMQP)
 	if down != 1 || restored != 1 {
 		t.Errorf("amqp: %d \"link down\" and %d \"link restored\" logs, want 1 each (one per state change, not per retry)", down, restored)
 	}
@@ -358,7 +248,7 @@ func TestRabbitMQOutageIdleRelay(t *testing.T) {
 	}
 	rmq.Start(t)
 	testenv.Eventually(t, 10*time.Second, "relay ready after the broker is back", func() bool { return r.Ready() == nil })
-	if down := linkLogs(logs, "link down", metrics.LinkAMQP); down != 1 {
+	if down := testenv.LinkLogs(logs, "link down", metrics.LinkAMQP); down != 1 {
 		t.Errorf("%d amqp \"link down\" logs, want 1", down)
 	}
 }
@@ -375,7 +265,7 @@ func TestPostgresOutage(t *testing.T) {
 	deliveries := b.Consume(t, b.Queue(t, "#", nil))
 	r, logs := startObserved(t, config(o, b))
 
-	receiveAll(t, deliveries, writeEvents(t, o, "user.created", 5), 20*time.Second)
+	testenv.ReceiveAll(t, deliveries, o.WriteEvents(t, "user.created", 5), 20*time.Second)
 	// Marked too, so that no batch is in flight when the database stops
 	// (one would be rolled back and published again: at-least-once).
 	testenv.Eventually(t, 10*time.Second, "events before the outage dispatched", func() bool {
@@ -396,21 +286,21 @@ func TestPostgresOutage(t *testing.T) {
 	o.Pool.Reset() // the test's own connections died with the server
 
 	written := time.Now()
-	after := writeEvents(t, o, "user.renamed", 1)
-	receiveAll(t, deliveries, after, 5*time.Second)
+	after := o.WriteEvents(t, "user.renamed", 1)
+	testenv.ReceiveAll(t, deliveries, after, 5*time.Second)
 	t.Logf("written after the restart → received in %s", time.Since(written).Round(time.Millisecond))
 	testenv.Eventually(t, 10*time.Second, "event dispatched", func() bool {
 		return o.Count(t, "id = ANY($1::uuid[]) AND dispatched_at IS NOT NULL AND attempts = 0", ids(after)) == 1
 	})
 	testenv.Eventually(t, 10*time.Second, "relay ready", func() bool { return r.Ready() == nil })
-	down, restored := linkLogs(logs, "link down", metrics.LinkPostgres), linkLogs(logs, "link restored", metrics.LinkPostgres)
+	down, restored := testenv.LinkLogs(logs, "link down", metrics.LinkPostgres), testenv.LinkLogs(logs, "link restored", metrics.LinkPostgres)
 	if down != 1 || restored != 1 {
 		t.Errorf("postgres: %d \"link down\" and %d \"link restored\" logs, want 1 each (one per state change, not per retry)", down, restored)
 	}
 	if n := value(t, r.Metrics.Reconnects.WithLabelValues(metrics.LinkPostgres)); n != 1 {
 		t.Errorf("reconnects_total{link=postgres} = %v, want 1", n)
 	}
-	if n := linkLogs(logs, "link down", metrics.LinkAMQP); n != 0 {
+	if n := testenv.LinkLogs(logs, "link down", metrics.LinkAMQP); n != 0 {
 		t.Errorf("%d amqp \"link down\" logs during a database outage, want 0", n)
 	}
 }
@@ -486,7 +376,7 @@ func blockedBrokerWith(t *testing.T, opts testenv.RabbitMQOptions) (*testenv.Rab
 	cfg.Relay.RetryMinBackoff = 100 * time.Millisecond
 	cfg.Relay.RetryMaxBackoff = 300 * time.Millisecond
 	r, _ := startObserved(t, cfg)
-	receiveAll(t, deliveries, writeEvents(t, o, "warmup", 1), 20*time.Second)
+	testenv.ReceiveAll(t, deliveries, o.WriteEvents(t, "warmup", 1), 20*time.Second)
 	return rmq, o, deliveries, r
 }
 
@@ -501,7 +391,7 @@ func TestConfirmTimeout(t *testing.T) {
 	rmq, o, deliveries, r := blockedBroker(t)
 
 	unblock := blockPublishers(t, rmq)
-	blocked := writeEvents(t, o, "invoice.sent", 20)
+	blocked := o.WriteEvents(t, "invoice.sent", 20)
 	// The timeouts are recorded while the broker still blocks, not only once
 	// it recovers: claim, the 1 s confirm timeout and a connection.close
 	// bounded at 2 s take seconds, and more on a loaded machine.
@@ -513,7 +403,7 @@ func TestConfirmTimeout(t *testing.T) {
 	}
 	unblock()
 
-	dups := receiveAll(t, deliveries, blocked, 20*time.Second)
+	dups := testenv.ReceiveAll(t, deliveries, blocked, 20*time.Second)
 	t.Logf("%d duplicates", dups)
 	testenv.Eventually(t, 20*time.Second, "blocked events dispatched after the alarm cleared", func() bool {
 		return o.Count(t, "id = ANY($1::uuid[]) AND dispatched_at IS NOT NULL", ids(blocked)) == len(blocked)
@@ -538,14 +428,14 @@ func TestBlockedBrokerFullSocketStops(t *testing.T) {
 	for range 40 {
 		ev := outbox.NewEvent("report.exported", bytes.Repeat([]byte("r"), 1<<20))
 		big[ev.ID.String()] = ev
-		commitEvents(t, o, ev)
+		o.Commit(t, ev)
 	}
 	// The relay has claimed them and is publishing into the blocked socket.
 	testenv.Eventually(t, 10*time.Second, "the big events claimed", func() bool {
 		return o.Count(t, "id = ANY($1::uuid[]) AND id IN (SELECT id FROM "+o.Table.Quoted()+" FOR UPDATE SKIP LOCKED)", ids(big)) < len(big)
 	})
 	begin := time.Now()
-	if err := r.stop(); err != nil {
+	if err := r.Stop(); err != nil {
 		t.Fatalf("Run: %v", err)
 	}
 	// Shutdown waits up to relay.shutdown_timeout (5s) for confirms, and a
@@ -559,7 +449,7 @@ func TestBlockedBrokerFullSocketStops(t *testing.T) {
 	unblock()
 	cfg := r.Config()
 	start(t, cfg)
-	receiveAll(t, deliveries, big, time.Minute)
+	testenv.ReceiveAll(t, deliveries, big, time.Minute)
 	testenv.Eventually(t, 20*time.Second, "every big event dispatched", func() bool {
 		return o.Count(t, "id = ANY($1::uuid[]) AND dispatched_at IS NOT NULL", ids(big)) == len(big)
 	})
@@ -610,8 +500,8 @@ func TestUnroutableAcceptWithAlternateExchange(t *testing.T) {
 	cfg.Relay.RetryMaxBackoff = time.Hour
 	r, _ := startObserved(t, cfg)
 
-	events := writeEvents(t, o, "nobody.binds", 30)
-	dups := receiveAll(t, deliveries, events, 20*time.Second)
+	events := o.WriteEvents(t, "nobody.binds", 30)
+	dups := testenv.ReceiveAll(t, deliveries, events, 20*time.Second)
 	if dups != 0 {
 		t.Errorf("%d duplicates on the alternate queue", dups)
 	}
@@ -653,8 +543,8 @@ func TestUnroutableAcceptWithoutAlternateExchange(t *testing.T) {
 		routed[a.ID.String()], lost[u.ID.String()] = a, u
 		events = append(events, a, u)
 	}
-	commitEvents(t, o, events...)
-	receiveAll(t, deliveries, routed, 20*time.Second)
+	o.Commit(t, events...)
+	testenv.ReceiveAll(t, deliveries, routed, 20*time.Second)
 	testenv.Eventually(t, 10*time.Second, "every row dispatched", func() bool {
 		return o.Count(t, "dispatched_at IS NOT NULL") == 2*n
 	})
@@ -699,13 +589,13 @@ func TestExchangeMissing(t *testing.T) {
 		queue := b.Queue(t, "#", nil)
 		deliveries := b.Consume(t, queue)
 		r, logs := startObserved(t, config(o, b))
-		receiveAll(t, deliveries, writeEvents(t, o, "invoice.sent", 1), 10*time.Second)
+		testenv.ReceiveAll(t, deliveries, o.WriteEvents(t, "invoice.sent", 1), 10*time.Second)
 
 		ch := b.Channel(t)
 		if err := ch.ExchangeDelete(b.Exchange, false, false); err != nil {
 			t.Fatal(err)
 		}
-		events := writeEvents(t, o, "invoice.sent", 3)
+		events := o.WriteEvents(t, "invoice.sent", 3)
 		// The settler reports the closed channel, or the claim loop's
 		// reconnect (its passive declare) gets there first: either way the
 		// broker's words are in the line.
@@ -731,7 +621,7 @@ func TestExchangeMissing(t *testing.T) {
 		if err := ch.QueueBind(queue, "#", b.Exchange, false, nil); err != nil {
 			t.Fatal(err)
 		}
-		receiveAll(t, deliveries, events, 20*time.Second)
+		testenv.ReceiveAll(t, deliveries, events, 20*time.Second)
 		testenv.Eventually(t, 10*time.Second, "ready again", func() bool { return r.Ready() == nil })
 	})
 }
@@ -754,10 +644,10 @@ func TestPublishRefusedBacksOff(t *testing.T) {
 	cfg := config(o, b)
 	cfg.AMQP.URL = fmt.Sprintf("amqp://nowrite:nowrite@127.0.0.1:%d/", rmq.Port())
 	_, logs := startObserved(t, cfg)
-	events := writeEvents(t, o, "invoice.sent", 1)
+	events := o.WriteEvents(t, "invoice.sent", 1)
 
 	testenv.Eventually(t, 40*time.Second, "15 reconnects after refused publishes", func() bool {
-		return linkLogs(logs, "link restored", metrics.LinkAMQP) >= 15
+		return testenv.LinkLogs(logs, "link restored", metrics.LinkAMQP) >= 15
 	})
 	restores := logs.FilterMessage("link restored").FilterField(zap.String("link", metrics.LinkAMQP)).All()
 	if span := restores[14].Time.Sub(restores[0].Time); span < 2500*time.Millisecond {

@@ -6,11 +6,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/prometheus/client_golang/prometheus"
-	"go.uber.org/zap/zaptest"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
-	"github.com/outbox-relay/outbox-relay/metrics"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
 )
@@ -129,14 +126,7 @@ func TestRetentionCleanerStopsAtRecentRows(t *testing.T) {
 	cfg := config(o, b)
 	cfg.Retention.Dispatched = 24 * time.Hour
 	cfg.Retention.BatchSize = 500
-	m, err := metrics.New(prometheus.NewRegistry(), metrics.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r, err := relay.New(cfg, relay.Deps{Logger: zaptest.NewLogger(t), Metrics: m})
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := testenv.NewRelay(t, cfg).Relay
 	deleted, pages := relay.CleanDispatchedOnce(ctx, r, o.Pool)
 	if deleted != 300 {
 		t.Errorf("first pass deleted %d rows, want the 300 expired ones", deleted)

@@ -10,13 +10,13 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap/zaptest"
 
+	"github.com/outbox-relay/outbox-relay/internal/ops"
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
-	"github.com/outbox-relay/outbox-relay/metrics"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/relay/rabbitmq"
 )
 
 // TestOrderedIgnoresReadersAndOtherDatabases: while a transaction in another
@@ -92,7 +92,7 @@ func TestOrderedIgnoresReadersAndOtherDatabases(t *testing.T) {
 // is closed over: a claim loop stuck inside the process (a deadlock, a
 // wedged call) with its database sessions alive.
 type hangingPublisher struct {
-	*relay.AMQPPublisher
+	*rabbitmq.Publisher
 	hang    atomic.Bool
 	release chan struct{}
 }
@@ -101,7 +101,7 @@ func (p *hangingPublisher) Send(ctx context.Context, msgs []relay.Message) relay
 	if p.hang.Load() {
 		<-p.release
 	}
-	return p.AMQPPublisher.Send(ctx, msgs)
+	return p.Publisher.Send(ctx, msgs)
 }
 
 // TestOrderedStuckLoopGivesUpPartitions: an ordered relay whose claim loop
@@ -116,19 +116,11 @@ func TestOrderedStuckLoopGivesUpPartitions(t *testing.T) {
 	ctx := context.Background()
 	cfg := orderedConfig(o, b)
 	cfg.Relay.LeaseTimeout = 2 * time.Second
-	m, err := metrics.New(prometheus.NewRegistry(), metrics.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pub := &hangingPublisher{AMQPPublisher: relay.NewAMQPPublisher(cfg.WithDefaults().AMQP, 500, zaptest.NewLogger(t)), release: make(chan struct{})}
-	stuck, err := relay.New(cfg, relay.Deps{Logger: zaptest.NewLogger(t).Named("stuck"), Metrics: m, Publisher: pub})
-	if err != nil {
-		t.Fatal(err)
-	}
-	testenv.RunRelay(t, stuck)
+	pub := &hangingPublisher{Publisher: testenv.NewAMQPPublisher(t, cfg.WithDefaults().AMQP, 500, zaptest.NewLogger(t)), release: make(chan struct{})}
+	stuck := testenv.StartRelay(t, cfg, testenv.WithLogger(zaptest.NewLogger(t).Named("stuck")), testenv.WithPublisher(pub)).Relay
 	defer close(pub.release)
 	holds := func() int {
-		list, err := relay.PartitionOwners(ctx, o.Pool, o.Schema, o.Table.Name)
+		list, err := ops.PartitionOwners(ctx, o.Pool, o.Schema, o.Table.Name)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -1,10 +1,12 @@
 package relay
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"time"
 
+	"github.com/outbox-relay/outbox-relay/metrics"
 	"go.uber.org/zap"
 )
 
@@ -66,4 +68,19 @@ func (r *Relay) Live() error {
 			errNotLive, last.Format(time.RFC3339), r.cfg.Relay.LeaseTimeout)
 	}
 	return nil
+}
+
+// errNotLive is Live's answer while the claim loop is stuck.
+var errNotLive = errors.New("claim loop stuck")
+
+// errNotConnected is every link's state before its first attempt.
+var errNotConnected = errors.New("not connected yet")
+
+// pgFailed records a database error on the postgres link; an error caused by
+// the relay's own shutdown (a cancelled context) is not a link failure.
+func (r *Relay) pgFailed(err error) error {
+	if !errors.Is(err, context.Canceled) {
+		r.setLink(metrics.LinkPostgres, err)
+	}
+	return err
 }

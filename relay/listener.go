@@ -8,16 +8,22 @@ import (
 	"github.com/outbox-relay/outbox-relay/metrics"
 )
 
-// listen keeps a dedicated LISTEN connection (notify mode), waking the claim
-// loop on every notification and once after each (re)connect, since
+// listener keeps a dedicated LISTEN connection (notify mode), waking the
+// claim loop on every notification and once after each (re)connect, since
 // notifications sent while it was down are lost.
-func (r *Relay) listen(ctx context.Context, connCfg *pgx.ConnConfig) {
-	channel := pgx.Identifier{r.table.Channel()}.Sanitize()
+type listener struct {
+	connCfg *pgx.ConnConfig
+	channel string                       // the table's channel, quoted
+	wake    func(src string)             // wakes the claim loop
+	setLink func(link string, err error) // records the listen link's state
+}
+
+func (l *listener) run(ctx context.Context) {
 	failures := 0
 	for ctx.Err() == nil {
-		conn, err := pgx.ConnectConfig(ctx, connCfg)
+		conn, err := pgx.ConnectConfig(ctx, l.connCfg)
 		if err == nil {
-			if _, err = conn.Exec(ctx, "LISTEN "+channel); err != nil {
+			if _, err = conn.Exec(ctx, "LISTEN "+l.channel); err != nil {
 				_ = conn.Close(context.WithoutCancel(ctx))
 			}
 		}
@@ -25,24 +31,24 @@ func (r *Relay) listen(ctx context.Context, connCfg *pgx.ConnConfig) {
 			if ctx.Err() != nil {
 				return
 			}
-			r.setLink(metrics.LinkListen, err)
+			l.setLink(metrics.LinkListen, err)
 			failures++
-			sleep(ctx, r.reconnectDelay(failures))
+			sleep(ctx, reconnectDelay(failures))
 			continue
 		}
 		failures = 0
-		r.setLink(metrics.LinkListen, nil)
-		r.signal(metrics.WakeReconnect)
+		l.setLink(metrics.LinkListen, nil)
+		l.wake(metrics.WakeReconnect)
 		for {
 			if _, err = conn.WaitForNotification(ctx); err != nil {
 				break
 			}
-			r.signal(metrics.WakeNotify)
+			l.wake(metrics.WakeNotify)
 		}
 		_ = conn.Close(context.WithoutCancel(ctx))
 		if ctx.Err() != nil {
 			return
 		}
-		r.setLink(metrics.LinkListen, err)
+		l.setLink(metrics.LinkListen, err)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	amqp "github.com/rabbitmq/amqp091-go"
 
+	"github.com/outbox-relay/outbox-relay/internal/ops"
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
@@ -634,7 +635,7 @@ func TestPartitionLeasesSplit(t *testing.T) {
 	cfg := orderedConfig(o, b)
 	ctx := context.Background()
 	owners := func() map[int32]int {
-		list, err := relay.PartitionOwners(ctx, o.Pool, o.Schema, o.Table.Name)
+		list, err := ops.PartitionOwners(ctx, o.Pool, o.Schema, o.Table.Name)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -662,7 +663,7 @@ func TestPartitionLeasesSplit(t *testing.T) {
 		}
 		return true
 	})
-	if err := r1.stop(); err != nil {
+	if err := r1.Stop(); err != nil {
 		t.Fatal(err)
 	}
 	testenv.Eventually(t, 10*time.Second, "the survivor owns all 8", func() bool {

@@ -12,12 +12,10 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/prometheus/client_golang/prometheus"
-	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/outbox-relay/outbox-relay/internal/ops"
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
-	"github.com/outbox-relay/outbox-relay/metrics"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
 )
@@ -92,7 +90,7 @@ func throughPgBouncer(t *testing.T, pgb *testenv.PgBouncer, pooler string) {
 	for err := range errs {
 		t.Fatal(err)
 	}
-	if dups := receiveAll(t, deliveries, want, time.Minute); dups != 0 {
+	if dups := testenv.ReceiveAll(t, deliveries, want, time.Minute); dups != 0 {
 		t.Logf("%d duplicates (allowed)", dups)
 	}
 	testenv.Eventually(t, 10*time.Second, "every row dispatched", func() bool {
@@ -123,16 +121,9 @@ func TestUndeclaredPgBouncerRefusesSessionModes(t *testing.T) {
 		cfg := config(o, b)
 		cfg.Postgres.DSN = pgb.DSN("test")
 		tc.set(&cfg)
-		m, err := metrics.New(prometheus.NewRegistry(), metrics.Config{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		r, err := relay.New(cfg, relay.Deps{Logger: zaptest.NewLogger(t), Metrics: m})
-		if err != nil {
-			t.Fatal(err)
-		}
+		r := testenv.NewRelay(t, cfg)
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		err = r.Run(ctx)
+		err := r.Run(ctx)
 		cancel()
 		if !errors.Is(err, relay.ErrTransactionPooler) {
 			t.Fatalf("%s through PgBouncer: Run returned %v, want ErrTransactionPooler", tc.setting, err)
@@ -201,7 +192,7 @@ func TestOrderedThroughPgBouncer(t *testing.T) {
 	_, logs2 := startObserved(t, cfg)
 	ctx := context.Background()
 	testenv.Eventually(t, 20*time.Second, "two relays holding 4 partitions each", func() bool {
-		list, err := relay.PartitionOwners(ctx, o.Pool, o.Schema, o.Table.Name)
+		list, err := ops.PartitionOwners(ctx, o.Pool, o.Schema, o.Table.Name)
 		if err != nil {
 			t.Fatal(err)
 		}

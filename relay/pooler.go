@@ -160,10 +160,11 @@ func PoolConfig(c PostgresConfig) (*pgxpool.Config, error) {
 	return poolCfg, nil
 }
 
-// writeTx begins the relay's write transactions (claim and mark, cleaning) with
-// synchronous_commit off, in the BEGIN's own round trip: their commits need
-// no WAL flush, since one lost in a database crash only makes the relay
-// publish those events again, which at-least-once allows, and not waiting
-// for the flush keeps the relay off the producers' commit path. SET LOCAL
-// rather than a startup parameter, which PgBouncer refuses.
+// writeTx begins the relay's write transactions (claim and mark, cleaning,
+// the commit horizon, lease renewals) with synchronous_commit off, in the
+// BEGIN's own round trip: their commits need no WAL flush, since one lost in
+// a database crash only makes the relay publish those events again, which
+// at-least-once allows, or a lease lapse early, and not waiting for the
+// flush keeps the relay off the producers' commit path. SET LOCAL rather
+// than a startup parameter, which PgBouncer refuses.
 var writeTx = pgx.TxOptions{BeginQuery: beginWrite}

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/google/uuid"
-	amqp "github.com/rabbitmq/amqp091-go"
 )
 
 // Message is one outbox row on its way to the broker.
@@ -32,9 +31,10 @@ type Message struct {
 
 // Publisher is what the relay needs from a broker: send a batch with all
 // confirms outstanding together, and later collect the outcome per message.
-// The relay keeps several batches in flight (postgres.max_conns - 1, at most
-// 5): it sends the next while earlier ones' confirms arrive. The AMQP
-// implementation is AMQPPublisher.
+// The relay keeps up to Config.PendingBatches batches sent and not yet
+// waited for: it sends the next while earlier ones' confirms arrive. The
+// AMQP implementation is package relay/rabbitmq; relay/relaytest has a fake
+// and the conformance suite every implementation must pass.
 type Publisher interface {
 	// Send publishes msgs without waiting for confirms. Calls are made from
 	// one goroutine; batches are waited for in the order they were sent.
@@ -43,7 +43,8 @@ type Publisher interface {
 	Connect(ctx context.Context) error
 	// Ready reports whether the broker link is up (nil) or why not.
 	Ready() error
-	// Close releases the broker connection.
+	// Close releases the broker connection; it may be called more than
+	// once, and Ready reports an error after it.
 	Close() error
 }
 
@@ -68,9 +69,6 @@ const (
 	ReasonInvalid    Reason = "invalid"    // the row cannot be turned into a message (bad headers)
 )
 
-// Reasons lists every Reason, for metrics created at zero up front.
-var Reasons = []Reason{ReasonNack, ReasonUnroutable, ReasonTimeout, ReasonConnection, ReasonTooLarge, ReasonInvalid}
-
 // PublishError is a failed publish with its reason.
 type PublishError struct {
 	Reason Reason
@@ -84,6 +82,7 @@ type PublishError struct {
 	Deferred bool
 }
 
+// Error is the reason, then the cause.
 func (e *PublishError) Error() string {
 	if e.Err == nil {
 		return string(e.Reason)
@@ -91,6 +90,7 @@ func (e *PublishError) Error() string {
 	return string(e.Reason) + ": " + e.Err.Error()
 }
 
+// Unwrap returns the cause, for errors.Is and errors.As.
 func (e *PublishError) Unwrap() error { return e.Err }
 
 // Transient reports whether the failure says nothing about the message
@@ -102,6 +102,12 @@ func (e *PublishError) Permanent() bool {
 	return e.Reason == ReasonTooLarge || e.Reason == ReasonInvalid
 }
 
+// accepted reports a return that amqp.unroutable: accept counts as delivered.
+func accepted(err error) bool {
+	var pe *PublishError
+	return errors.As(err, &pe) && pe.Accepted
+}
+
 // reasonOf extracts the reason of a publish error (connection when unknown).
 func reasonOf(err error) *PublishError {
 	var pe *PublishError
@@ -111,9 +117,11 @@ func reasonOf(err error) *PublishError {
 	return &PublishError{Reason: ReasonConnection, Err: err}
 }
 
-// DecodeHeaders turns the row's jsonb headers into AMQP field-table values:
-// strings, booleans, int64 for integral numbers, float64 otherwise, nested
-// tables and arrays. The input must be a JSON object.
+// DecodeHeaders turns the row's jsonb headers into the values an AMQP field
+// table can hold: strings, booleans, nil, int64 for integral numbers,
+// float64 otherwise, nested objects (map[string]any) and arrays ([]any).
+// Every name, at any depth, fits an AMQP short string. The input must be a
+// JSON object.
 func DecodeHeaders(raw []byte) (map[string]any, error) {
 	if len(raw) == 0 || string(raw) == "{}" { // the common case, without a decoder
 		return nil, nil
@@ -132,7 +140,7 @@ func DecodeHeaders(raw []byte) (map[string]any, error) {
 		return nil, nil
 	}
 	for k, v := range obj {
-		if obj[k], err = amqpValue(k, v); err != nil {
+		if obj[k], err = headerValue(k, v); err != nil {
 			return nil, err
 		}
 	}
@@ -144,9 +152,9 @@ func DecodeHeaders(raw []byte) (map[string]any, error) {
 // be encoded, and amqp091-go closes the connection over it.
 const maxShortString = 255
 
-// amqpValue converts a decoded JSON value of header name to its AMQP form,
-// checking the names of nested tables at every depth.
-func amqpValue(name string, v any) (any, error) {
+// headerValue converts a decoded JSON value of header name to its field
+// form, checking the names of nested objects at every depth.
+func headerValue(name string, v any) (any, error) {
 	if len(name) > maxShortString {
 		return nil, fmt.Errorf("header name %.20q... is longer than %d bytes", name, maxShortString)
 	}
@@ -158,10 +166,10 @@ func amqpValue(name string, v any) (any, error) {
 		f, _ := x.Float64()
 		return f, nil
 	case map[string]any:
-		t := make(amqp.Table, len(x))
+		t := make(map[string]any, len(x))
 		for k, e := range x {
 			var err error
-			if t[k], err = amqpValue(k, e); err != nil {
+			if t[k], err = headerValue(k, e); err != nil {
 				return nil, err
 			}
 		}
@@ -169,7 +177,7 @@ func amqpValue(name string, v any) (any, error) {
 	case []any:
 		for i, e := range x {
 			var err error
-			if x[i], err = amqpValue("", e); err != nil {
+			if x[i], err = headerValue("", e); err != nil {
 				return nil, err
 			}
 		}
@@ -178,3 +186,17 @@ func amqpValue(name string, v any) (any, error) {
 		return v, nil
 	}
 }
+
+// inflightLimit is how many sent batches may await their confirms at once.
+// Each holds a pool connection; two are kept for claiming and the stats and
+// cleaner loops.
+func (c Config) inflightLimit() int {
+	return max(1, min(4, int(c.WithDefaults().Postgres.MaxConns)-2))
+}
+
+// PendingBatches is the most batches a relay with this configuration has
+// sent to its Publisher and not yet waited for: those awaiting their
+// confirms, plus the one the claim loop holds while they are that many. A
+// Publisher that keeps per-batch state (rabbitmq.Options.Batches) sizes it
+// by this.
+func (c Config) PendingBatches() int { return c.inflightLimit() + 1 }

@@ -4,7 +4,9 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/outbox-relay/outbox-relay/internal/ident"
+	"github.com/outbox-relay/outbox-relay/internal/outboxsql"
 )
 
 // queries holds every SQL statement of the relay, rendered once for the
@@ -36,29 +38,12 @@ type queries struct {
 	releaseAll        string
 }
 
-// partitionOwners lists the live leases of table t grouped by replica.
-func partitionOwners(t ident.Table) string {
-	return fmt.Sprintf(`SELECT r.owner, r.pid, r.application_name, r.client_addr, r.since,
-       array_agg(l.partition ORDER BY l.partition)
-FROM %s l JOIN %s r ON r.owner = l.owner
-WHERE l.expires_at > now()
-GROUP BY r.owner, r.pid, r.application_name, r.client_addr, r.since
-ORDER BY r.pid, r.owner`, t.Derived("leases"), t.Derived("relays"))
-}
-
-// queryPartitionBacklog counts pending keyed rows per partition; format
-// with the table and partitionOf(1).
-const queryPartitionBacklog = `SELECT %[2]s AS p, count(*) FROM %[1]s
-WHERE ` + pending + ` AND partition_key IS NOT NULL GROUP BY p`
-
 // partitionOf is the SQL expression for a key's virtual partition, given
 // the partition count as parameter $n.
 func partitionOf(n int) string { return partitionOfKey("partition_key", n) }
 
 // partitionOfKey is partitionOf for the key in column col.
-func partitionOfKey(col string, n int) string {
-	return fmt.Sprintf(`((hashtextextended(%s, 0) & 2147483647) %% $%d)::int4`, col, n)
-}
+func partitionOfKey(col string, n int) string { return outboxsql.PartitionOf(col, n) }
 
 // deadOwners is a CTE "dead" of the replicas that registered a token ($5:
 // its advisory lock class, keyed by hashtext(owner)) and no longer hold it:
@@ -72,28 +57,22 @@ const deadOwners = `held AS MATERIALIZED (
 )`
 
 // messageColumns are the columns scanMessage reads, in its order.
-const messageColumns = `seq, id, event_type, coalesce(partition_key, ''), payload, content_type,
+const messageColumns = MessageColumns
+
+// MessageColumns is the select list ScanMessage reads, for packages that
+// read rows to publish them again (internal/ops: replay).
+const MessageColumns = `seq, id, event_type, coalesce(partition_key, ''), payload, content_type,
        headers, coalesce(correlation_id, ''), created_at, attempts, coalesce(routing_key, ''), coalesce(exchange, '')`
+
+// ScanMessage reads one row of MessageColumns into a message as the engine
+// does (scanMessage), for packages that publish rows again (internal/ops:
+// replay), so that a copy carries what the first publish did.
+func ScanMessage(rows pgx.Rows) (Message, error) { return scanMessage(rows) }
 
 // routingColumns counts the columns of migration 00003 (routing overrides)
 // on table $1: 2 once it is applied.
 const routingColumns = `SELECT count(*) FROM pg_attribute
 WHERE attrelid = $1::regclass AND attname IN ('routing_key', 'exchange') AND NOT attisdropped`
-
-// replaySelection restricts a replay to dispatched rows: $1 from seq, $2 to
-// seq (0: none), $3 since, $4 until (NULL: none), $5 types (empty: all).
-const replaySelection = `dispatched_at IS NOT NULL AND seq >= $1 AND ($2 = 0 OR seq <= $2)
-  AND ($3::timestamptz IS NULL OR created_at >= $3) AND ($4::timestamptz IS NULL OR created_at < $4)
-  AND (cardinality($5::text[]) = 0 OR event_type = ANY($5))`
-
-// countReplay and pageReplay read a replay selection; the page is $6 rows.
-func countReplay(tbl string) string {
-	return fmt.Sprintf(`SELECT count(*) FROM %s WHERE `+replaySelection, tbl)
-}
-
-func pageReplay(tbl string) string {
-	return fmt.Sprintf(`SELECT `+messageColumns+` FROM %s WHERE `+replaySelection+` ORDER BY seq LIMIT $6`, tbl)
-}
 
 // payloadPiece is the most payload bytes read in one row: larger payloads
 // are read in pieces (Relay.readLargePayload).
@@ -139,13 +118,12 @@ FROM locked
 WHERE (SELECT fit FROM totals) OR seq IN (SELECT seq FROM fits) OR claim_bytes > $%[5]d::bigint`, claim, tbl, p, p+1, p+2, columns)
 }
 
-// pending is the predicate of the partial indexes outbox_pending and
-// outbox_pending_key; every query that looks for work repeats it verbatim
-// so the planner can use them.
-const pending = `dispatched_at IS NULL AND dead_at IS NULL`
+// pending is the predicate of the partial indexes pending and pending_key;
+// every query that looks for work repeats it so the planner can use them.
+const pending = outboxsql.Pending
 
 // pendingAlias is pending for a table aliased e.
-const pendingAlias = `e.dispatched_at IS NULL AND e.dead_at IS NULL`
+var pendingAlias = outboxsql.Qualified("e", pending)
 
 func newQueries(t ident.Table, onDead string) queries {
 	tbl := t.Quoted()
@@ -153,7 +131,7 @@ func newQueries(t ident.Table, onDead string) queries {
 	// With on_dead: block, a dead row of a key stops the rows after it.
 	deadBlocks := ""
 	if onDead == OnDeadBlock {
-		deadBlocks = fmt.Sprintf(` AND NOT EXISTS (SELECT 1 FROM %s d WHERE d.dead_at IS NOT NULL
+		deadBlocks = fmt.Sprintf(` AND NOT EXISTS (SELECT 1 FROM %s d WHERE `+outboxsql.Qualified("d", outboxsql.Dead)+`
              AND d.dispatched_at IS NULL AND d.partition_key = o.partition_key AND d.seq < o.seq)`, tbl)
 	}
 	return queries{
@@ -215,7 +193,7 @@ FOR UPDATE SKIP LOCKED`, tbl, deadBlocks, partitionOf(2), leasesTbl), 7),
 		confirmHeads: fmt.Sprintf(`SELECT o.seq FROM %[1]s o
 WHERE o.seq = ANY($1::bigint[])
   AND NOT EXISTS (SELECT 1 FROM %[1]s e WHERE e.partition_key = o.partition_key AND e.seq < o.seq
-                    AND e.dispatched_at IS NULL AND e.dead_at IS NULL)%[2]s`, tbl, deadBlocks),
+                    AND `+pendingAlias+`)%[2]s`, tbl, deadBlocks),
 
 		// The sequence's last value L; if it passed $2, a fresh transaction
 		// id taken after L was read (the subquery is a fence: the CASE
@@ -335,7 +313,7 @@ WHERE o.seq = u.seq`, tbl),
 SELECT (SELECT count(*) FROM gone), coalesce((SELECT max(seq) FROM page), 0), (SELECT count(*) FROM page),
        coalesce((SELECT bool_or(created_at >= now() - $1::bigint * interval '1 millisecond') FROM page), false)`, tbl),
 		cleanDead: fmt.Sprintf(`DELETE FROM %[1]s WHERE seq IN (
-  SELECT seq FROM %[1]s WHERE dead_at IS NOT NULL AND dead_at < now() - $1::bigint * interval '1 millisecond'
+  SELECT seq FROM %[1]s WHERE `+outboxsql.Dead+` AND dead_at < now() - $1::bigint * interval '1 millisecond'
   LIMIT $2 FOR UPDATE SKIP LOCKED)`, tbl),
 
 		// Takes or renews the stats lease ($1 owner, $2 lease in ms) and
@@ -350,15 +328,14 @@ SELECT (SELECT count(*) FROM gone), coalesce((SELECT max(seq) FROM page), 0), (S
 SELECT
   (SELECT count(*) FROM %[1]s WHERE `+pending+`),
   (SELECT count(*) FROM %[1]s WHERE `+pending+` AND available_at > now()),
-  (SELECT count(*) FROM %[1]s WHERE dead_at IS NOT NULL),
+  (SELECT count(*) FROM %[1]s WHERE `+outboxsql.Dead+`),
   coalesce(extract(epoch FROM now() - (SELECT created_at FROM %[1]s WHERE `+pending+` AND available_at <= now() ORDER BY seq LIMIT 1)), 0)::float8,
   extract(epoch FROM now())::float8
 FROM lease`, tbl, t.Derived("stats_lease")),
 		releaseStats: fmt.Sprintf(`DELETE FROM %s WHERE owner = $1`, t.Derived("stats_lease")),
 
-		// Whether the NOTIFY trigger is enabled ('O' origin, 'A' always).
-		notifyTrigger: `SELECT coalesce((SELECT tgenabled IN ('O', 'A') FROM pg_trigger
-  WHERE tgrelid = $1::regclass AND tgname = $2), false)`,
+		// Whether the NOTIFY trigger is enabled; a missing one is not.
+		notifyTrigger: `SELECT coalesce((` + outboxsql.NotifyEnabled + `), false)`,
 	}
 }
 

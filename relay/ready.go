@@ -8,8 +8,10 @@ type NotReady struct {
 	Err    error
 }
 
+// Error is the detail, as logged.
 func (e *NotReady) Error() string { return e.Err.Error() }
 
+// Unwrap returns Err.
 func (e *NotReady) Unwrap() error { return e.Err }
 
 // Public is what /readyz shows (see metrics.NewServer).

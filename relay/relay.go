@@ -8,15 +8,12 @@ package relay
 import (
 	"context"
 	"errors"
-	"fmt"
-	"github.com/google/uuid"
-	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
 
@@ -24,32 +21,18 @@ import (
 	"github.com/outbox-relay/outbox-relay/metrics"
 )
 
-// Deps are the relay's collaborators. Logger and Metrics are required.
+// Deps are the relay's collaborators, all required. The caller builds them
+// from the same Config (PoolConfig for the pool, package relay/rabbitmq for
+// the publisher) and owns the pool: Run neither opens nor closes it, so
+// close it after Run returns. The publisher is the relay's once New
+// accepts it: Run connects it and closes it when it returns, after the
+// last batch has settled.
 type Deps struct {
-	Logger  *zap.Logger
-	Metrics *metrics.Metrics
-	// Publisher defaults to an AMQPPublisher built from Config.AMQP.
+	Logger    *zap.Logger
+	Metrics   *metrics.Metrics
+	Pool      *pgxpool.Pool
 	Publisher Publisher
 }
-
-// Headers the relay adds to every message besides the row's own headers.
-const (
-	// HeaderSeq carries the row's sequence number (int64): consumers can check
-	// per-key order with it.
-	HeaderSeq = "x-outbox-seq"
-	// HeaderPartitionKey carries the row's partition key, when it has one.
-	HeaderPartitionKey = "x-outbox-partition-key"
-)
-
-// ErrTableMissing is returned by Run when the outbox table does not exist.
-var ErrTableMissing = errors.New("outbox table does not exist")
-
-// ErrSchemaOutdated is returned by Run when the outbox table lacks columns
-// of a migration this relay needs.
-var ErrSchemaOutdated = errors.New("outbox table is missing migrations")
-
-// errNotConnected is every link's state before its first attempt.
-var errNotConnected = errors.New("not connected yet")
 
 // Relay moves committed outbox rows to the broker. Create it with New and
 // run it with Run; it holds no resources until Run.
@@ -61,25 +44,12 @@ type Relay struct {
 	m     *metrics.Metrics
 	pub   Publisher
 
-	// Ordered mode only; used by the claim loop's goroutine alone.
-	horizon horizon
-	leases  leases
-	seqName string
-	held    int    // rows the last claim left unpublished above the commit horizon
-	cursor  string // the key findHeads starts from
+	// ord is ordered mode's state; nil unless relay.ordering is partition_key.
+	ord *ordered
 
-	// Ordered mode: keys whose batches settled since the last claim (the
-	// settler signals each on settled), keys in flight, heads found.
-	settledMu   sync.Mutex
-	settledKeys []string
-	settledSeqs []int64             // the dispatched row of each settled key
-	settledHits int                 // heads the last claim found among settled keys
-	exhausted   bool                // the last claim took every head it found
-	flying      map[string]int      // keys in batches in flight
-	found       map[int64]foundHead // heads the last findHeads found, by seq
-	inflight    atomic.Int32        // batches sent and not yet settled
+	inflight atomic.Int32 // batches sent and not yet settled
 
-	pool *pgxpool.Pool // set by Run
+	pool *pgxpool.Pool
 
 	// cleanerLock is the advisory lock class that lets one replica's
 	// retention cleaner run at a time (taken per statement, so a replica
@@ -111,39 +81,43 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 	if deps.Metrics == nil {
 		return nil, errors.New("relay: nil Metrics")
 	}
+	if deps.Pool == nil {
+		return nil, errors.New("relay: nil Pool (build it with pgxpool.NewWithConfig and relay.PoolConfig)")
+	}
+	if deps.Publisher == nil {
+		return nil, errors.New("relay: nil Publisher (build it with package relay/rabbitmq)")
+	}
 	cfg = cfg.WithDefaults().WithAppNames()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
 	log := deps.Logger.Named("relay")
-	pub := deps.Publisher
-	if pub == nil {
-		ap := NewAMQPPublisher(cfg.AMQP, cfg.Relay.BatchSize, log.Named("amqp"))
-		ap.onNode = nodeGauge(deps.Metrics, ap.urls)
-		pub = ap
-	}
 	r := &Relay{
 		cfg:   cfg,
 		table: cfg.table(),
 		q:     newQueries(cfg.table(), cfg.Relay.OnDead),
 		log:   log,
 		m:     deps.Metrics,
-		pub:   pub,
+		pub:   deps.Publisher,
+		pool:  deps.Pool,
 		wake:  make(chan string, 1),
 		links: map[string]error{},
 
 		settled: make(chan struct{}, 1),
-		flying:  map[string]int{},
-		found:   map[int64]foundHead{},
 
 		cleanerLock: lockClass("cleaner " + cfg.table().String()),
 	}
-	r.leases = leases{
-		owner:      newOwner(),
-		timeout:    cfg.Relay.LeaseTimeout,
-		partitions: cfg.Relay.Partitions,
-		tokenClass: lockClass("member " + cfg.table().String()),
-		noToken:    cfg.Postgres.Pooler == PoolerTransaction,
+	if cfg.Relay.Ordering == OrderingPartitionKey {
+		r.ord = newOrdered(&r.q, r.table.Quoted(), cfg.Relay.BatchSize, cfg.Relay.Partitions, leases{
+			q:          &r.q,
+			log:        log,
+			gauge:      deps.Metrics.PartitionsOwned,
+			owner:      newOwner(),
+			timeout:    cfg.Relay.LeaseTimeout,
+			partitions: cfg.Relay.Partitions,
+			tokenClass: lockClass("member " + cfg.table().String()),
+			noToken:    cfg.Postgres.Pooler == PoolerTransaction,
+		})
 	}
 	r.links[metrics.LinkPostgres] = errNotConnected
 	r.links[metrics.LinkAMQP] = errNotConnected
@@ -175,43 +149,29 @@ func (r *Relay) Run(ctx context.Context) error {
 	if !r.started.CompareAndSwap(false, true) {
 		return errors.New("relay: Run called twice")
 	}
-	poolCfg, err := PoolConfig(r.cfg.Postgres)
-	if err != nil {
-		return err
-	}
-	pool, err := pgxpool.NewWithConfig(context.WithoutCancel(ctx), poolCfg)
-	if err != nil {
-		return fmt.Errorf("postgres pool: %w", err)
-	}
-	r.pool = pool
+	pool := r.pool
+	// Dedicated connections (LISTEN, the session check, the lease token)
+	// are opened with the pool's own settings.
+	connCfg := pool.Config().ConnConfig
 	r.lastLoop.Store(time.Now().UnixNano())
 
-	var wg sync.WaitGroup
-	bg, stopBG := context.WithCancel(ctx)
-	if r.cfg.Wake.Mode == WakeNotify {
-		wg.Go(func() { r.listen(bg, poolCfg.ConnConfig) })
-	}
-	wg.Go(func() { r.statsLoop(bg, pool) })
-	if *r.cfg.Retention.Enabled {
-		wg.Go(func() { r.cleanLoop(bg, pool) })
-	}
+	stopServices := startServices(ctx, r.services(pool, connCfg))
 
 	r.log.Info("relay started",
 		zap.String("table", r.table.String()),
 		zap.String("exchange", r.cfg.AMQP.Exchange),
 		zap.String("wake_mode", r.cfg.Wake.Mode),
 		zap.Int("batch_size", r.cfg.Relay.BatchSize))
-	err = r.claimLoop(ctx, pool, poolCfg.ConnConfig)
+	err := r.claimLoop(ctx, pool, connCfg)
 	if r.cfg.Relay.Ordering == OrderingPartitionKey {
-		r.leases.release(ctx, r)
+		r.ord.leases.release(ctx, pool)
 	}
 
 	// Reverse order of start: claiming has stopped and its last batch is
-	// settled; now the background loops, the broker, the pool.
-	stopBG()
-	wg.Wait()
+	// settled; now the background loops and the broker. The pool is the
+	// caller's.
+	stopServices()
 	err = errors.Join(err, r.pub.Close())
-	pool.Close()
 	if err == nil {
 		r.log.Info("relay stopped")
 	}
@@ -247,33 +207,13 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 	settled := make(chan struct{})
 	go func() {
 		defer close(settled)
-		for b := range sent {
-			msgs := b.msgs // settle lets go of them
-			err := r.settle(ctx, drain, b)
-			r.inflightBytes.Add(-b.bytes)
-			// Counted out, and its keys noted, before the signal: a claim
-			// loop that sees the batch in flight gets the signal after it.
-			r.inflight.Add(-1)
-			if ordered {
-				r.noteSettled(msgs, b.done)
-			}
-			select {
-			case r.settled <- struct{}{}:
-			default:
-			}
-			if err != nil {
-				select {
-				case settleErr <- err:
-				default:
-				}
-			}
-		}
+		r.settler(ctx, drain, sent, settleErr)
 	}()
 	defer func() { close(sent); <-settled }()
 
 	pause := func() {
 		failures++
-		sleep(ctx, r.reconnectDelay(failures))
+		sleep(ctx, reconnectDelay(failures))
 	}
 	// The links work again, unless the last settled batch lost the broker
 	// link: connecting and claiming prove nothing then (a broker that
@@ -316,9 +256,9 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			r.setLink(metrics.LinkAMQP, nil)
 		}
 		if ordered {
-			if err := r.leases.maintain(ctx, r, connCfg); err != nil {
-				r.leases.lapse()
-				r.horizon.reset()
+			if err := r.ord.leases.maintain(ctx, pool, connCfg); err != nil {
+				r.ord.leases.lapse()
+				r.ord.horizon.reset()
 				if ctx.Err() == nil {
 					r.pgFailed(err)
 				}
@@ -328,8 +268,8 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			// Only while rows are held back: a candidate left from the last
 			// read ages with nothing waiting on it.
 			wait := time.Duration(0)
-			if r.held > 0 {
-				wait = r.horizon.wait(time.Now())
+			if r.ord.held > 0 {
+				wait = r.ord.horizon.wait(time.Now())
 			}
 			r.m.HorizonWait.Set(wait.Seconds())
 		}
@@ -337,7 +277,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		if err != nil {
 			if ordered {
 				// The error may be a restarted or failed-over server.
-				r.horizon.reset()
+				r.ord.horizon.reset()
 			}
 			if ctx.Err() == nil {
 				pause()
@@ -350,24 +290,20 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			// Blocks while the pipeline is full: the settler makes room
 			// within amqp.confirm_timeout.
 			if ordered {
-				r.noteSent(next.msgs)
+				r.ord.noteSent(next.msgs)
 			}
 			r.inflight.Add(1)
 			sent <- next
 			probe, interval = false, r.cfg.Wake.MinInterval
 			linkOK()
-			if ordered && r.exhausted {
+			if ordered && r.ord.exhausted {
 				r.awaitHeads(ctx)
 			}
 			if r.cfg.Wake.Mode == WakePoll && !ordered && n < r.cfg.Relay.BatchSize {
-				// A short batch took all that was due, so claiming again
-				// at once would mostly come back empty: three round trips
-				// for nothing, at every batch. Claim again after
-				// min_interval instead (full batches go on at once), or
-				// under a heavy flow after wake.linger, so that batches
-				// grow and cost less per event. A plain sleep:
-				// outbox_relay_wakeups_total counts idle turns of the loop,
-				// and this is not one.
+				// A short batch took all that was due: claiming again at
+				// once would mostly come back empty. Under a heavy flow,
+				// wait longer (wake.linger) so batches grow. Not counted
+				// as a wake-up: the loop is not idle.
 				wait := r.cfg.Wake.MinInterval
 				if flowRate > float64(r.cfg.Wake.LingerAbove) {
 					wait = r.cfg.Wake.Linger
@@ -381,11 +317,11 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		linkOK()
 		wait := interval
 		switch {
-		case ordered && r.held == 0 && r.inflight.Load() > 0:
+		case ordered && r.ord.held == 0 && r.inflight.Load() > 0:
 			r.awaitHeads(ctx)
 			probe = false
 			continue
-		case ordered && r.held > 0:
+		case ordered && r.ord.held > 0:
 			// Committed rows may wait above the commit horizon: look again
 			// soon, without hammering while a long transaction holds it.
 			probe = false
@@ -418,7 +354,7 @@ func (r *Relay) awaitHeads(ctx context.Context) {
 		return
 	}
 	// Not longer than a lease renewal period: the loop renews the leases.
-	t := time.NewTimer(r.leases.renewEvery())
+	t := time.NewTimer(r.ord.leases.renewEvery())
 	defer t.Stop()
 	select {
 	case <-ctx.Done():
@@ -427,12 +363,9 @@ func (r *Relay) awaitHeads(ctx context.Context) {
 	}
 }
 
-// inflightLimit is how many sent batches may await their confirms at once.
-// Each holds a pool connection; two are kept for claiming and the stats and
-// cleaner loops.
-func (r *Relay) inflightLimit() int {
-	return max(1, min(4, int(r.cfg.Postgres.MaxConns)-2))
-}
+// inflightLimit is how many sent batches may await their confirms at once
+// (Config.inflightLimit).
+func (r *Relay) inflightLimit() int { return r.cfg.inflightLimit() }
 
 // waitWake blocks until a wake-up signal, the interval, a batch settled
 // (when settled is not nil), or ctx.
@@ -455,99 +388,4 @@ func (r *Relay) signal(src string) {
 	case r.wake <- src:
 	default:
 	}
-}
-
-// sleep waits for d or until ctx is done.
-func sleep(ctx context.Context, d time.Duration) {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-	case <-t.C:
-	}
-}
-
-// checkSchema fails with ErrTableMissing when the table is absent, with
-// ErrSchemaOutdated when it lacks the routing columns, and warns
-// when the NOTIFY trigger disagrees with wake.mode.
-func (r *Relay) checkSchema(ctx context.Context, pool *pgxpool.Pool) error {
-	var exists bool
-	if err := pool.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, r.table.Quoted()).Scan(&exists); err != nil {
-		return fmt.Errorf("check outbox table: %w", err)
-	}
-	if !exists {
-		return fmt.Errorf("%w: %s (run `outbox-relay migrate up`, or check postgres.schema and postgres.table)", ErrTableMissing, r.table)
-	}
-	var routing int
-	if err := pool.QueryRow(ctx, routingColumns, r.table.Quoted()).Scan(&routing); err != nil {
-		return fmt.Errorf("check outbox columns: %w", err)
-	}
-	if routing != 2 {
-		return fmt.Errorf("%w: %s has no routing_key and exchange columns (run `outbox-relay migrate up`)", ErrSchemaOutdated, r.table)
-	}
-	if r.cfg.Relay.Ordering == OrderingPartitionKey {
-		if err := pool.QueryRow(ctx, `SELECT pg_get_serial_sequence($1, 'seq')`, r.table.Quoted()).Scan(&r.seqName); err != nil {
-			return fmt.Errorf("find the seq sequence of %s: %w", r.table, err)
-		}
-	}
-	var enabled bool
-	if err := pool.QueryRow(ctx, r.q.notifyTrigger, r.table.Quoted(), r.table.Name+"_notify").Scan(&enabled); err != nil {
-		return fmt.Errorf("check notify trigger: %w", err)
-	}
-	switch {
-	case r.cfg.Wake.Mode == WakeNotify && !enabled:
-		r.log.Warn("wake.mode is notify but the table's NOTIFY trigger is disabled: events wait for the fallback poll; run `outbox-relay notify enable`",
-			zap.Duration("poll_interval", r.cfg.Wake.PollInterval))
-	case r.cfg.Wake.Mode == WakePoll && enabled:
-		r.log.Warn("the table's NOTIFY trigger is enabled but wake.mode is poll: producers pay for NOTIFY for nothing; run `outbox-relay notify disable`")
-	}
-	r.setLink(metrics.LinkPostgres, nil)
-	return nil
-}
-
-// pgFailed records a database error on the postgres link; an error caused by
-// the relay's own shutdown (a cancelled context) is not a link failure.
-func (r *Relay) pgFailed(err error) error {
-	if !errors.Is(err, context.Canceled) {
-		r.setLink(metrics.LinkPostgres, err)
-	}
-	return err
-}
-
-// reconnectDelay is the wait before retrying a failed link: 100 ms doubling
-// to 1 s, jittered. The cap is low on purpose: a dial or a probe per second
-// costs nothing, and the relay claims within a second of a link's return.
-func (r *Relay) reconnectDelay(failures int) time.Duration {
-	return backoff(failures, 100*time.Millisecond, time.Second)
-}
-
-// backoff is the capped exponential delay before attempt n (n ≥ 1), with
-// "equal jitter": uniformly in [d/2, d].
-func backoff(n int, lo, hi time.Duration) time.Duration {
-	d := lo
-	for i := 1; i < n && d < hi; i++ {
-		if d > hi/2 { // doubling would pass hi, or overflow
-			d = hi
-			break
-		}
-		d *= 2
-	}
-	d = min(d, hi)
-	half := d / 2
-	return half + rand.N(d-half+1)
-}
-
-// lockClass derives a positive advisory-lock class from a name (FNV-1a).
-func lockClass(name string) int32 {
-	h := uint32(2166136261)
-	for i := 0; i < len(name); i++ {
-		h ^= uint32(name[i])
-		h *= 16777619
-	}
-	return int32(h & 0x7fffffff)
-}
-
-func isUndefinedTable(err error) bool {
-	var pgErr *pgconn.PgError
-	return errors.As(err, &pgErr) && pgErr.Code == "42P01"
 }

@@ -23,21 +23,10 @@ import (
 )
 
 // config returns a relay config for the test's outbox and broker.
-func config(o *testenv.Outbox, b *testenv.Broker) relay.Config {
-	declare := false
-	return relay.Config{
-		Postgres: relay.PostgresConfig{DSN: o.DSN, Schema: o.Schema, Table: o.Table.Name},
-		AMQP:     relay.AMQPConfig{URL: b.URL, Exchange: b.Exchange, DeclareExchange: &declare},
-		Relay:    relay.EngineConfig{ShutdownTimeout: 5 * time.Second},
-	}
-}
+func config(o *testenv.Outbox, b *testenv.Broker) relay.Config { return testenv.RelayConfig(o, b) }
 
 // running is a relay running in-process for one test.
-type running struct {
-	*relay.Relay
-	Metrics *metrics.Metrics
-	stop    func() error
-}
+type running = testenv.Relay
 
 // start runs a relay until the test ends (or Stop), failing the test if Run
 // returns an error. Each relay has a metrics registry of its own.
@@ -49,15 +38,7 @@ func start(t *testing.T, cfg relay.Config) *running {
 // startLogged is start with the given logger.
 func startLogged(t *testing.T, cfg relay.Config, log *zap.Logger) *running {
 	t.Helper()
-	m, err := metrics.New(prometheus.NewRegistry(), metrics.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r, err := relay.New(cfg, relay.Deps{Logger: log, Metrics: m})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &running{Relay: r, Metrics: m, stop: testenv.RunRelay(t, r)}
+	return testenv.StartRelay(t, cfg, testenv.WithLogger(log))
 }
 
 // written is what a test wrote, to compare with what arrived.
@@ -311,27 +292,26 @@ func counterSum(t *testing.T, c prometheus.Collector) int {
 // value reads one counter or gauge.
 func value(t *testing.T, m prometheus.Metric) float64 {
 	t.Helper()
-	var pb dtoMetric
-	if err := m.Write(&pb.Metric); err != nil {
-		t.Fatal(err)
-	}
-	if c := pb.GetCounter(); c != nil {
-		return c.GetValue()
-	}
-	return pb.GetGauge().GetValue()
+	return testenv.Value(t, m)
 }
 
 // TestStatsWait: the stats query runs every relay.stats_interval while it
-// is cheap, and at most 1% of the time once the counts get slow.
+// is cheap, and at most 1% of the time once the counts get slow, but never
+// so late that the lease it holds lapses first (2.5 s to spare).
 func TestStatsWait(t *testing.T) {
-	for _, c := range []struct{ interval, took, want time.Duration }{
-		{5 * time.Second, 2 * time.Millisecond, 5 * time.Second},
-		{5 * time.Second, 50 * time.Millisecond, 5 * time.Second},
-		{5 * time.Second, 240 * time.Millisecond, 24 * time.Second},
-		{time.Second, 0, time.Second},
+	for _, c := range []struct{ interval, took, lease, want time.Duration }{
+		{5 * time.Second, 2 * time.Millisecond, 20 * time.Second, 5 * time.Second},
+		{5 * time.Second, 50 * time.Millisecond, 20 * time.Second, 5 * time.Second},
+		{5 * time.Second, 240 * time.Millisecond, 80 * time.Second, 24 * time.Second},
+		{time.Second, 0, 8 * time.Second, time.Second},
+		// A round slower than the last: the stretch stops within the lease.
+		{200 * time.Millisecond, 60 * time.Millisecond, 5600 * time.Millisecond, 3040 * time.Millisecond},
+		{5 * time.Second, 240 * time.Millisecond, 20 * time.Second, 17260 * time.Millisecond},
+		// A round slower than the lease: relay.stats_interval is the floor.
+		{time.Second, 9 * time.Second, 8 * time.Second, time.Second},
 	} {
-		if got := relay.StatsWait(c.interval, c.took); got != c.want {
-			t.Errorf("statsWait(%v, %v) = %v, want %v", c.interval, c.took, got, c.want)
+		if got := relay.StatsWait(c.interval, c.took, c.lease); got != c.want {
+			t.Errorf("statsWait(%v, %v, %v) = %v, want %v", c.interval, c.took, c.lease, got, c.want)
 		}
 	}
 }

@@ -9,11 +9,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/stdlib"
-	"github.com/prometheus/client_golang/prometheus"
-	"go.uber.org/zap/zaptest"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
-	"github.com/outbox-relay/outbox-relay/metrics"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
 	"github.com/outbox-relay/outbox-relay/schema"
@@ -113,48 +110,6 @@ func TestRoutedExchangeMissing(t *testing.T) {
 	testenv.Receive(t, main, 1, 20*time.Second)
 }
 
-// TestReplayKeepsRoute: a replayed event goes to the exchange and routing
-// key its row names, like the first time; with OneExchange (replay
-// --exchange) to the publisher's exchange, keeping its routing key.
-func TestReplayKeepsRoute(t *testing.T) {
-	t.Parallel()
-	o, b, other := testenv.NewOutbox(t), testenv.NewBroker(t), testenv.NewBroker(t)
-	routed := other.Consume(t, other.Queue(t, "tenant-7", nil))
-	cfg := config(o, b)
-	cfg.AMQP.Exchanges = []string{other.Exchange}
-	if _, err := o.Pool.Exec(context.Background(), `INSERT INTO `+o.Table.Quoted()+` (event_type, payload, routing_key, exchange, dispatched_at)
-		VALUES ('invoice.paid', '{}', 'tenant-7', $1, now())`, other.Exchange); err != nil {
-		t.Fatal(err)
-	}
-	pub := relay.NewAMQPPublisher(cfg.WithDefaults().AMQP, 10, zaptest.NewLogger(t))
-	defer pub.Close()
-	rp, err := relay.NewReplayer(o.Schema, o.Table.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if p, err := rp.Replay(context.Background(), o.Pool, pub, relay.ReplaySelection{}, relay.ReplayOptions{}); err != nil || p.Done != 1 {
-		t.Fatalf("replay: done %d, %v", p.Done, err)
-	}
-	d := testenv.Receive(t, routed, 1, 10*time.Second)[0]
-	if d.Exchange != other.Exchange || d.RoutingKey != "tenant-7" || d.Headers[relay.HeaderReplay] == nil {
-		t.Fatalf("replayed to %s with key %s (replay header %v)", d.Exchange, d.RoutingKey, d.Headers[relay.HeaderReplay])
-	}
-
-	// replay --exchange: every copy to that exchange, with its routing key.
-	target := testenv.NewBroker(t)
-	copies := target.Consume(t, target.Queue(t, "#", nil))
-	cfg.AMQP.Exchange = target.Exchange
-	one := relay.NewAMQPPublisher(cfg.WithDefaults().AMQP, 10, zaptest.NewLogger(t))
-	defer one.Close()
-	if p, err := rp.Replay(context.Background(), o.Pool, one, relay.ReplaySelection{}, relay.ReplayOptions{OneExchange: true}); err != nil || p.Done != 1 {
-		t.Fatalf("replay to one exchange: done %d, %v", p.Done, err)
-	}
-	d = testenv.Receive(t, copies, 1, 10*time.Second)[0]
-	if d.Exchange != target.Exchange || d.RoutingKey != "tenant-7" {
-		t.Fatalf("replayed with OneExchange to %s with key %s, want %s and tenant-7", d.Exchange, d.RoutingKey, target.Exchange)
-	}
-}
-
 // TestSchemaOutdated: a relay against a table without the routing columns
 // (migrations not applied) stops at start with ErrSchemaOutdated, saying
 // to run the migrations, instead of failing every claim.
@@ -170,14 +125,7 @@ func TestSchemaOutdated(t *testing.T) {
 	if _, err := m.DownTo(context.Background(), 2); err != nil {
 		t.Fatal(err)
 	}
-	met, err := metrics.New(prometheus.NewRegistry(), metrics.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r, err := relay.New(config(o, b), relay.Deps{Logger: zaptest.NewLogger(t), Metrics: met})
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := testenv.NewRelay(t, config(o, b))
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	err = r.Run(ctx)

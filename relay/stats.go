@@ -8,19 +8,30 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
+
+	"github.com/outbox-relay/outbox-relay/metrics"
 )
 
 // statsLeaseMargin is added to the stats lease beyond three rounds.
 const statsLeaseMargin = 5 * time.Second
 
-// statsLoop refreshes the table-wide backlog gauges. Replicas share a lease
+// statsReader refreshes the table-wide backlog gauges. Replicas share a lease
 // (readStats): its holder counts and exports the gauges, the others export
 // none, so alerts on them fire once per table. The holder keeps exporting
 // its last counts while the database is unreachable; their timestamp gauge
 // then shows how stale they are.
-func (r *Relay) statsLoop(ctx context.Context, pool *pgxpool.Pool) {
-	defer r.releaseStatsLease(ctx, pool)
-	wait := r.cfg.Relay.StatsInterval
+type statsReader struct {
+	pool     *pgxpool.Pool
+	q        *queries
+	owner    string // this replica's name in the stats lease
+	interval time.Duration
+	m        *metrics.Metrics
+	log      *zap.Logger
+}
+
+func (s *statsReader) run(ctx context.Context) {
+	defer s.release(ctx)
+	wait := s.interval
 	warned := false
 	for {
 		var pending, delayed, dead int64
@@ -30,26 +41,26 @@ func (r *Relay) statsLoop(ctx context.Context, pool *pgxpool.Pool) {
 		// than the last, so its holder keeps it, and one that is gone frees
 		// it soon.
 		lease := 3*wait + statsLeaseMargin
-		err := pool.QueryRow(ctx, r.q.readStats, r.statsOwner, lease.Milliseconds()).Scan(&pending, &delayed, &dead, &age, &at)
+		err := s.pool.QueryRow(ctx, s.q.readStats, s.owner, lease.Milliseconds()).Scan(&pending, &delayed, &dead, &age, &at)
 		took := time.Since(began)
 		switch {
 		case err == nil:
-			r.m.Pending.Set(float64(pending))
-			r.m.Delayed.Set(float64(delayed))
-			r.m.DeadRows.Set(float64(dead))
-			r.m.OldestPendingAge.Set(age)
-			r.m.StatsTimestamp.Set(at)
-			r.m.SetTableStatsHeld(true)
+			s.m.Pending.Set(float64(pending))
+			s.m.Delayed.Set(float64(delayed))
+			s.m.DeadRows.Set(float64(dead))
+			s.m.OldestPendingAge.Set(age)
+			s.m.StatsTimestamp.Set(at)
+			s.m.SetTableStatsHeld(true)
 		case errors.Is(err, pgx.ErrNoRows): // another replica holds the lease
-			r.m.SetTableStatsHeld(false)
+			s.m.SetTableStatsHeld(false)
 		case ctx.Err() == nil && isUndefinedTable(err) && !warned:
 			// The stats lease came with schema version 4.
-			r.log.Warn("cannot read the backlog gauges: a table is missing; run `outbox-relay migrate up`", zap.Error(err))
+			s.log.Warn("cannot read the backlog gauges: a table is missing; run `outbox-relay migrate up`", zap.Error(err))
 			warned = true
 		case ctx.Err() == nil && !isUndefinedTable(err):
-			r.log.Debug("read stats", zap.Error(err))
+			s.log.Debug("read stats", zap.Error(err))
 		}
-		wait = statsWait(r.cfg.Relay.StatsInterval, took)
+		wait = statsWait(s.interval, took, lease)
 		sleep(ctx, wait)
 		if ctx.Err() != nil {
 			return
@@ -57,20 +68,23 @@ func (r *Relay) statsLoop(ctx context.Context, pool *pgxpool.Pool) {
 	}
 }
 
-// releaseStatsLease gives the lease up at shutdown, so another replica
+// release gives the lease up at shutdown, so another replica
 // takes the counts over at its next round instead of after the lease lapses.
-func (r *Relay) releaseStatsLease(ctx context.Context, pool *pgxpool.Pool) {
+func (s *statsReader) release(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
 	defer cancel()
-	if _, err := pool.Exec(ctx, r.q.releaseStats, r.statsOwner); err != nil && !isUndefinedTable(err) {
-		r.log.Debug("release stats lease", zap.Error(err))
+	if _, err := s.pool.Exec(ctx, s.q.releaseStats, s.owner); err != nil && !isUndefinedTable(err) {
+		s.log.Debug("release stats lease", zap.Error(err))
 	}
 }
 
 // statsWait is the pause before the next stats query: relay.stats_interval,
 // stretched so the counts, which take time in proportion to the backlog
 // (about 0.25 s per million pending rows), cost at most 1% of the
-// database's time: a large backlog is when the relay needs it most.
-func statsWait(interval, took time.Duration) time.Duration {
-	return max(interval, 100*took)
+// database's time: a large backlog is when the relay needs it most. The
+// stretch stops half a margin short of the lease just written (it began
+// when the query did), so that a holder renews before its lease lapses and
+// two replicas never export the gauges at once.
+func statsWait(interval, took, lease time.Duration) time.Duration {
+	return max(interval, min(100*took, lease-took-statsLeaseMargin/2))
 }

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"go.uber.org/zap/zaptest"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/metrics"
@@ -24,16 +23,8 @@ type observed struct {
 
 func startObservable(t *testing.T, cfg relay.Config) observed {
 	t.Helper()
-	reg := prometheus.NewRegistry()
-	m, err := metrics.New(reg, metrics.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r, err := relay.New(cfg, relay.Deps{Logger: zaptest.NewLogger(t), Metrics: m})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return observed{&running{Relay: r, Metrics: m, stop: testenv.RunRelay(t, r)}, reg}
+	r := testenv.StartRelay(t, cfg)
+	return observed{r, r.Registry}
 }
 
 // scrape returns the values of o's unlabelled families, from one Gather.
@@ -124,7 +115,7 @@ func TestTableStatsOneReplica(t *testing.T) {
 		return ts > first+1
 	})
 
-	if err := relays[leader].stop(); err != nil {
+	if err := relays[leader].Stop(); err != nil {
 		t.Fatal(err)
 	}
 	rest := append(append([]observed{}, relays[:leader]...), relays[leader+1:]...)

@@ -35,7 +35,7 @@ func TestTLSBothLinks(t *testing.T) {
 	o := testenv.NewOutboxAt(t, good)
 	b := testenv.NewBrokerAt(t, rmq.TLSURL(certs.CA))
 	deliveries := b.Consume(t, b.Queue(t, "#", nil))
-	want := writeEvents(t, o, "lesson.published", 100)
+	want := o.WriteEvents(t, "lesson.published", 100)
 
 	const wrongCA = "certificate signed by unknown authority"
 	for _, tc := range []struct {
@@ -68,7 +68,7 @@ func TestTLSBothLinks(t *testing.T) {
 		if err := r.Ready(); err == nil {
 			t.Errorf("%s for %s: the relay says it is ready", tc.name, tc.link)
 		}
-		if err := r.stop(); err != nil {
+		if err := r.Stop(); err != nil {
 			t.Fatal(err)
 		}
 		if n := o.Count(t, "dispatched_at IS NOT NULL"); n != 0 {
@@ -77,7 +77,7 @@ func TestTLSBothLinks(t *testing.T) {
 	}
 
 	start(t, config(o, b))
-	if dups := receiveAll(t, deliveries, want, 30*time.Second); dups != 0 {
+	if dups := testenv.ReceiveAll(t, deliveries, want, 30*time.Second); dups != 0 {
 		t.Logf("%d duplicates (allowed)", dups)
 	}
 	// The relay's database sessions are encrypted, with its certificate.

@@ -37,7 +37,8 @@ const (
 // table: public.outbox → public.outbox_schema_version.
 const VersionTableSuffix = "schema_version"
 
-// Migrator applies the outbox migrations to one schema-qualified table.
+// Migrator applies one set of migrations (the outbox's, or the inbox's) to
+// one schema-qualified table.
 type Migrator struct {
 	provider *goose.Provider
 	db       *sql.DB
@@ -119,6 +120,8 @@ func render(t ident.Table, dir string) (fs.FS, error) {
 	return out, err
 }
 
+// templateData is what the migration templates call: {{.Table}},
+// {{.Func "uuid_v7"}}, {{.Local "pending"}}, {{.ChannelLiteral}}.
 type templateData struct{ t ident.Table }
 
 func (d templateData) Table() string              { return d.t.Quoted() }

@@ -10,6 +10,8 @@ import (
 
 	"github.com/google/uuid"
 	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/outbox-relay/outbox-relay/internal/amqpconn"
 )
 
 // consumer receives from the bench queue with auto-ack, counting messages
@@ -24,10 +26,16 @@ type consumer struct {
 	done  chan struct{}
 }
 
+// startConsumer empties the queue of what an earlier measurement left
+// behind and consumes it from then on.
 func (b *bench) startConsumer(track []int64) (*consumer, error) {
 	ch, err := b.consConn.Channel()
 	if err != nil {
 		return nil, fmt.Errorf("consumer channel: %w", err)
+	}
+	if _, err := ch.QueuePurge(b.name, false); err != nil {
+		ch.Close()
+		return nil, fmt.Errorf("purge queue: %w", err)
 	}
 	c := &consumer{ch: ch, tag: "bench-" + uuid.NewString(), track: track, done: make(chan struct{})}
 	deliveries, err := ch.Consume(b.name, c.tag, true, false, false, false, nil)
@@ -150,23 +158,16 @@ type publishResult struct {
 // A consumer drains the queue meanwhile, as in every other measurement.
 func (b *bench) publishRun(ctx context.Context, window int, stopAndWait bool, d time.Duration) (publishResult, error) {
 	var res publishResult
-	if err := b.purge(); err != nil {
-		return res, err
-	}
 	cons, err := b.startConsumer(nil)
 	if err != nil {
 		return res, err
 	}
 	defer cons.stop()
-	conn, err := b.dial(ctx, b.name+"_ceiling")
+	conn, ch, err := amqpconn.Channel(b.opts.amqpURL, b.amqpConfig(ctx, b.name+"_ceiling"))
 	if err != nil {
 		return res, err
 	}
 	defer conn.Close()
-	ch, err := conn.Channel()
-	if err != nil {
-		return res, fmt.Errorf("channel: %w", err)
-	}
 	if err := ch.Confirm(false); err != nil {
 		return res, fmt.Errorf("confirm mode: %w", err)
 	}
@@ -201,6 +202,24 @@ func (b *bench) publishRun(ctx context.Context, window int, stopAndWait bool, d 
 			return context.Cause(ctx)
 		}
 	}
+	// publish sends the next message; settle awaits confirms until at
+	// most limit messages are outstanding.
+	publish := func() error {
+		if err := b.publishOne(ctx, ch, body, seq); err != nil {
+			return err
+		}
+		seq++
+		outstanding++
+		return nil
+	}
+	settle := func(limit int64) error {
+		for outstanding > limit {
+			if err := await(); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
 	res.cpu0 = b.cpuSnapshot()
 	idle := b.sampleBroker()
 	defer idle.finish()
@@ -209,34 +228,24 @@ func (b *bench) publishRun(ctx context.Context, window int, stopAndWait bool, d 
 	for time.Now().Before(end) {
 		if stopAndWait {
 			for range window {
-				if err := b.publishOne(ctx, ch, body, seq); err != nil {
+				if err := publish(); err != nil {
 					return res, err
 				}
-				seq++
-				outstanding++
 			}
-			for outstanding > 0 {
-				if err := await(); err != nil {
-					return res, err
-				}
+			if err := settle(0); err != nil {
+				return res, err
 			}
 			continue
 		}
-		for outstanding >= int64(window) {
-			if err := await(); err != nil {
-				return res, err
-			}
-		}
-		if err := b.publishOne(ctx, ch, body, seq); err != nil {
+		if err := settle(int64(window) - 1); err != nil {
 			return res, err
 		}
-		seq++
-		outstanding++
+		if err := publish(); err != nil {
+			return res, err
+		}
 	}
-	for outstanding > 0 {
-		if err := await(); err != nil {
-			return res, err
-		}
+	if err := settle(0); err != nil {
+		return res, err
 	}
 	res.elapsed = time.Since(start)
 	res.cpu1 = b.cpuSnapshot()

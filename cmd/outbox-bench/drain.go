@@ -104,16 +104,13 @@ func (b *bench) drainWith(ctx context.Context, n int, onDispatch string, tweak f
 	if err := b.reset(ctx, false); err != nil {
 		return res, err
 	}
-	if err := b.fill(ctx, 0, n); err != nil {
+	if err := b.fill(ctx, 0, n, 0); err != nil {
 		return res, err
 	}
 	// A checkpoint now makes the WAL figure repeatable: every page the
 	// drain touches writes one full-page image, as after any checkpoint.
 	if _, err := b.pool.Exec(ctx, "CHECKPOINT"); err != nil {
 		return res, fmt.Errorf("checkpoint: %w", err)
-	}
-	if err := b.purge(); err != nil {
-		return res, err
 	}
 	cons, err := b.startConsumer(nil)
 	if err != nil {

@@ -17,11 +17,15 @@ import (
 	"sync"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jackc/pgx/v5/stdlib"
 	amqp "github.com/rabbitmq/amqp091-go"
 
+	"github.com/outbox-relay/outbox-relay/internal/amqpconn"
 	"github.com/outbox-relay/outbox-relay/internal/ident"
+	"github.com/outbox-relay/outbox-relay/internal/outboxsql"
+	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
 	"github.com/outbox-relay/outbox-relay/schema"
 )
@@ -39,8 +43,9 @@ type bench struct {
 
 	name     string // schema, exchange and queue name: bench_<random>
 	table    ident.Table
-	pool     *pgxpool.Pool // the bench's own queries
-	prodPool *pgxpool.Pool // the producers', connected on first use
+	writer   *outbox.Writer // every insert goes through the helper applications use
+	pool     *pgxpool.Pool  // the bench's own queries
+	prodPool *pgxpool.Pool  // the producers', connected on first use
 	consConn *amqp.Connection
 	tmpDir   string
 	relayBin string // built lazily for the subprocess sections
@@ -81,6 +86,11 @@ func (b *bench) setup(ctx context.Context) error {
 	_, _ = rand.Read(rnd)
 	b.name = "bench_" + hex.EncodeToString(rnd)
 	b.table = ident.Table{Schema: b.name, Name: "outbox"}
+	w, err := outbox.NewWriter(b.table.Schema, b.table.Name)
+	if err != nil {
+		return err
+	}
+	b.writer = w
 
 	poolCfg, err := pgxpool.ParseConfig(b.opts.dsn)
 	if err != nil {
@@ -158,21 +168,21 @@ func (b *bench) setup(ctx context.Context) error {
 // deleteBrokerObjects deletes the queue and exchange over a fresh
 // connection, since the run's may be the reason it is ending.
 func (b *bench) deleteBrokerObjects(ctx context.Context) error {
-	conn, err := b.dial(ctx, b.name+"_cleanup")
+	conn, ch, err := amqpconn.Channel(b.opts.amqpURL, b.amqpConfig(ctx, b.name+"_cleanup"))
 	if err != nil {
 		return err
 	}
 	defer conn.Close()
-	ch, err := conn.Channel()
-	if err != nil {
-		return err
-	}
-	defer ch.Close()
 	_, errQ := ch.QueueDelete(b.name, false, false, false)
 	return errors.Join(errQ, ch.ExchangeDelete(b.name, false, false))
 }
 
 func (b *bench) dial(ctx context.Context, name string) (*amqp.Connection, error) {
+	return amqpconn.Dial(b.opts.amqpURL, b.amqpConfig(ctx, name))
+}
+
+// amqpConfig names a connection of the bench and bounds its dial by ctx.
+func (b *bench) amqpConfig(ctx context.Context, name string) amqp.Config {
 	cfg := amqp.Config{
 		Heartbeat:  10 * time.Second,
 		Properties: amqp.Table{"connection_name": name},
@@ -181,11 +191,7 @@ func (b *bench) dial(ctx context.Context, name string) (*amqp.Connection, error)
 	if dl, ok := ctx.Deadline(); ok && time.Until(dl) < 10*time.Second {
 		cfg.Dial = amqp.DefaultDial(max(time.Until(dl), time.Second))
 	}
-	conn, err := amqp.DialConfig(b.opts.amqpURL, cfg)
-	if err != nil {
-		return nil, fmt.Errorf("amqp dial %s: %s", relay.RedactURL(b.opts.amqpURL), relay.Redact(err.Error()))
-	}
-	return conn, nil
+	return cfg
 }
 
 func ignoreClosed(err error) error {
@@ -229,7 +235,7 @@ func (b *bench) header(ctx context.Context) {
 		drainModes += ",delete"
 	}
 	out.line("config.drain_on_dispatch", drainModes, "")
-	out.line("config.producers", strconv.Itoa(o.producers), "connections", "one-event transactions, plain SQL INSERT")
+	out.line("config.producers", strconv.Itoa(o.producers), "connections", "one-event transactions, outbox.Writer.Write")
 	out.line("config.producer_time", o.prodTime.String(), "", fmt.Sprintf("per mode, %d round(s)", o.rounds))
 	out.line("config.idle_time", o.idleTime.String(), "")
 	out.line("config.latency_time", o.latTime.String(), "", "per point")
@@ -313,9 +319,6 @@ func joinInts(v []int) string {
 
 // --- the outbox table ---------------------------------------------------
 
-// pending is the relay's predicate for rows still to publish.
-const pendingPred = `dispatched_at IS NULL AND dead_at IS NULL`
-
 // reset empties the outbox table and sets its NOTIFY trigger. No relay may
 // be running.
 func (b *bench) reset(ctx context.Context, notify bool) error {
@@ -326,27 +329,32 @@ func (b *bench) reset(ctx context.Context, notify bool) error {
 }
 
 func (b *bench) setTrigger(ctx context.Context, enabled bool) error {
-	verb := "DISABLE"
-	if enabled {
-		verb = "ENABLE"
-	}
-	_, err := b.pool.Exec(ctx, "ALTER TABLE "+b.table.Quoted()+" "+verb+" TRIGGER "+b.table.Local("notify"))
-	if err != nil {
-		return fmt.Errorf("%s trigger: %w", strings.ToLower(verb), err)
+	if _, err := b.pool.Exec(ctx, outboxsql.SetNotify(b.table, enabled)); err != nil {
+		verb := map[bool]string{true: "enable", false: "disable"}[enabled]
+		return fmt.Errorf("%s trigger: %w", verb, err)
 	}
 	return nil
 }
 
-// fill inserts n events numbered from first in one statement per 100,000,
-// with payloads like the producers' ({"k":N,"p":"xxx..."}).
-func (b *bench) fill(ctx context.Context, first, n int) error {
-	q := `INSERT INTO ` + b.table.Quoted() + ` (event_type, payload)
-SELECT $1, convert_to(rpad('{"k":' || g || ',"p":"', $4::int - 2, 'x') || '"}', 'UTF8')
-FROM generate_series($2::bigint, $3::bigint) g`
-	const chunk = 100_000
-	for lo := first; lo < first+n; lo += chunk {
-		hi := min(lo+chunk, first+n) - 1
-		if _, err := b.pool.Exec(ctx, q, eventType, lo, hi, b.opts.payload); err != nil {
+// fillChunk is how many events fill writes per transaction: large enough
+// that round trips do not matter, small enough to bound the bench's memory.
+const fillChunk = 10_000
+
+// fill writes n events numbered from first with payloads like the
+// producers' ({"k":N,"p":"xxx..."}), keyed k0 to k<keys-1> by number when
+// keys > 0, through the outbox helper in transactions of fillChunk events.
+func (b *bench) fill(ctx context.Context, first, n, keys int) error {
+	events := make([]outbox.Event, 0, min(n, fillChunk))
+	for lo := first; lo < first+n; lo += fillChunk {
+		events = events[:0]
+		for k := lo; k < min(lo+fillChunk, first+n); k++ {
+			e := outbox.NewEvent(eventType, payload(int64(k), b.opts.payload))
+			if keys > 0 {
+				e.Key = "k" + strconv.Itoa(k%keys)
+			}
+			events = append(events, e)
+		}
+		if err := pgx.BeginFunc(ctx, b.pool, func(tx pgx.Tx) error { return b.writer.Write(ctx, tx, events...) }); err != nil {
 			return fmt.Errorf("fill backlog: %w", err)
 		}
 	}
@@ -358,7 +366,7 @@ FROM generate_series($2::bigint, $3::bigint) g`
 
 func (b *bench) pending(ctx context.Context) (int64, error) {
 	var n int64
-	err := b.pool.QueryRow(ctx, `SELECT count(*) FROM `+b.table.Quoted()+` WHERE `+pendingPred).Scan(&n)
+	err := b.pool.QueryRow(ctx, `SELECT count(*) FROM `+b.table.Quoted()+` WHERE `+outboxsql.Pending).Scan(&n)
 	return n, err
 }
 
@@ -374,10 +382,14 @@ func (b *bench) walDiff(ctx context.Context, from, to string) (float64, error) {
 	return d, err
 }
 
-// insertSQL is what the producers run: plain SQL, one event per transaction,
-// as an application in any language would.
-func (b *bench) insertSQL() string {
-	return `INSERT INTO ` + b.table.Quoted() + ` (event_type, payload) VALUES ($1, $2)`
+// writeOne commits one event in a transaction of its own, as an
+// application's request would: what the producers run.
+func (b *bench) writeOne(ctx context.Context, db interface {
+	Begin(context.Context) (pgx.Tx, error)
+}, body []byte) error {
+	return pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
+		return b.writer.Write(ctx, tx, outbox.NewEvent(eventType, body))
+	})
 }
 
 // relayConfig is the relay's default configuration pointed at the bench's
@@ -397,19 +409,6 @@ func (b *bench) relayConfig() relay.Config {
 }
 
 func (b *bench) engineAppName() string { return b.name + "_engine" }
-
-// purge empties the queue of what an earlier measurement left behind.
-func (b *bench) purge() error {
-	ch, err := b.consConn.Channel()
-	if err != nil {
-		return fmt.Errorf("amqp channel: %w", err)
-	}
-	defer ch.Close()
-	if _, err := ch.QueuePurge(b.name, false); err != nil {
-		return fmt.Errorf("purge queue: %w", err)
-	}
-	return nil
-}
 
 // waitFor polls cond every step until it holds, ctx ends or limit passes.
 func waitFor(ctx context.Context, limit, step time.Duration, cond func() (bool, error)) error {

@@ -58,9 +58,6 @@ func (b *bench) latencyPoint(ctx context.Context, p latencyPoint) error {
 	if err := b.reset(ctx, p.notify); err != nil {
 		return err
 	}
-	if err := b.purge(); err != nil {
-		return err
-	}
 	// Event numbers are dense from 0, so both times live in slices.
 	maxEvents := int(p.rate*b.opts.latTime.Seconds()) + 1
 	commits := make([]int64, maxEvents)

@@ -67,16 +67,7 @@ func (b *bench) orderedDrain(ctx context.Context, n, replicas int, ordering stri
 	if err := b.reset(ctx, false); err != nil {
 		return res, err
 	}
-	q := `INSERT INTO ` + b.table.Quoted() + ` (event_type, partition_key, payload)
-SELECT $1, 'k' || (g % $4), convert_to(rpad('{"k":' || g || ',"p":"', $3::int - 2, 'x') || '"}', 'UTF8')
-FROM generate_series(1, $2::bigint) g`
-	if _, err := b.pool.Exec(ctx, q, eventType, n, b.opts.payload, orderedKeys); err != nil {
-		return res, fmt.Errorf("fill keyed backlog: %w", err)
-	}
-	if _, err := b.pool.Exec(ctx, "ANALYZE "+b.table.Quoted()); err != nil {
-		return res, err
-	}
-	if err := b.purge(); err != nil {
+	if err := b.fill(ctx, 1, n, orderedKeys); err != nil {
 		return res, err
 	}
 	cons, err := b.startConsumer(nil)

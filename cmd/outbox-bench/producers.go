@@ -23,7 +23,7 @@ type produceResult struct {
 }
 
 // produce runs opts.producers connections, each committing one-event
-// transactions (BEGIN; INSERT; COMMIT) for d. With rate > 0 the events are
+// transactions (writeOne) for d. With rate > 0 the events are
 // offered open-loop at that total rate (event i is due at start + i/rate, and
 // a late event goes at once); with rate 0 every connection commits as fast as
 // it can. onCommit, if set, gets each event's number and commit time.
@@ -48,7 +48,6 @@ func (b *bench) produce(ctx context.Context, d time.Duration, rate float64, onCo
 		}
 	}
 
-	insert := b.insertSQL()
 	var (
 		next     atomic.Int64 // next event number
 		commits  atomic.Int64
@@ -79,7 +78,7 @@ func (b *bench) produce(ctx context.Context, d time.Duration, rate float64, onCo
 				} else if !time.Now().Before(end) {
 					return
 				}
-				err := b.commitOne(ctx, c, insert, payload(k, b.opts.payload))
+				err := b.writeOne(ctx, c, payload(k, b.opts.payload))
 				at := time.Now()
 				if err != nil {
 					if ctx.Err() != nil {
@@ -125,18 +124,6 @@ func (b *bench) producerPool(ctx context.Context) (*pgxpool.Pool, error) {
 	b.prodPool = pool
 	b.onCleanup(func(context.Context) error { pool.Close(); return nil })
 	return pool, nil
-}
-
-func (b *bench) commitOne(ctx context.Context, c *pgxpool.Conn, insert string, body []byte) error {
-	tx, err := c.Begin(ctx)
-	if err != nil {
-		return err
-	}
-	if _, err := tx.Exec(ctx, insert, eventType, body); err != nil {
-		_ = tx.Rollback(ctx)
-		return err
-	}
-	return tx.Commit(ctx)
 }
 
 // wakeMode is one of the producer-rate configurations.
@@ -209,9 +196,6 @@ func (b *bench) produceWithRelay(ctx context.Context, m wakeMode) (produceResult
 	if err := b.reset(ctx, m.notify); err != nil {
 		return res, 0, st, err
 	}
-	if err := b.purge(); err != nil {
-		return res, 0, st, err
-	}
 	cons, err := b.startConsumer(nil)
 	if err != nil {
 		return res, 0, st, err
@@ -273,50 +257,59 @@ func (b *bench) idleSection(ctx context.Context) error {
 		if err := sleepCtx(ctx, 500*time.Millisecond); err != nil {
 			return err
 		}
-		const series = "outbox_relay_wakeups_total" // all sources
-		w0, err := p.scrape(series)
-		if err != nil {
-			return err
-		}
 		pids, err := b.backendPIDs(ctx, p.appName)
 		if err != nil {
 			return err
 		}
-		cpu0, err := cpuTime(p.pid)
+		s0, err := sampleIdle(p, pids)
 		if err != nil {
 			return err
 		}
-		pg0 := backendsCPU(pids)
 		t0 := time.Now()
 		if err := sleepCtx(ctx, b.opts.idleTime); err != nil {
 			return err
 		}
-		w1, err := p.scrape(series)
+		s1, err := sampleIdle(p, pids)
 		if err != nil {
 			return err
 		}
-		cpu1, err := cpuTime(p.pid)
-		if err != nil {
-			return err
-		}
-		pg1 := backendsCPU(pids)
 		el := time.Since(t0)
 		if err := p.stop(); err != nil {
 			return err
 		}
 		pfx := "idle." + mode
-		b.out.line(pfx+".wakeups", fmt.Sprintf("%.1f", (w1-w0)/el.Seconds()), "per s",
+		b.out.line(pfx+".wakeups", fmt.Sprintf("%.1f", (s1.wakeups-s0.wakeups)/el.Seconds()), "per s",
 			"claim-loop wake-ups (outbox_relay_wakeups_total); each idle one is one probe query, plus one stats query per relay.stats_interval (5s)")
-		b.out.line(pfx+".relay_cpu", fmt.Sprintf("%.2f", 100*(cpu1-cpu0).Seconds()/el.Seconds()), "% of one core",
+		b.out.line(pfx+".relay_cpu", fmt.Sprintf("%.2f", 100*(s1.cpu-s0.cpu).Seconds()/el.Seconds()), "% of one core",
 			"outbox-relay process, all threads, from /proc/PID/task/*/schedstat")
-		if pg0 >= 0 && pg1 >= 0 {
-			b.out.line(pfx+".postgres_cpu", fmt.Sprintf("%.2f", 100*(pg1-pg0).Seconds()/el.Seconds()), "% of one core",
+		if s0.pg >= 0 && s1.pg >= 0 {
+			b.out.line(pfx+".postgres_cpu", fmt.Sprintf("%.2f", 100*(s1.pg-s0.pg).Seconds()/el.Seconds()), "% of one core",
 				fmt.Sprintf("the relay's %d database backends", len(pids)))
 		} else {
 			b.out.line(pfx+".postgres_cpu", "n/a", "", "database backends not visible in /proc")
 		}
 	}
 	return nil
+}
+
+// idleSample is what idleSection reads at each end of its quiet time.
+type idleSample struct {
+	wakeups float64       // outbox_relay_wakeups_total, all sources
+	cpu     time.Duration // the relay process
+	pg      time.Duration // its database backends, negative if not visible
+}
+
+func sampleIdle(p *proc, pids []int) (idleSample, error) {
+	var s idleSample
+	var err error
+	if s.wakeups, err = p.scrape("outbox_relay_wakeups_total"); err != nil {
+		return s, err
+	}
+	if s.cpu, err = cpuTime(p.pid); err != nil {
+		return s, err
+	}
+	s.pg = backendsCPU(pids)
+	return s, nil
 }
 
 // backendPIDs lists the server processes serving connections with the

@@ -18,6 +18,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
@@ -26,6 +27,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/metrics"
 	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/relay/rabbitmq"
 )
 
 func relayBatchSize() int { return relay.Config{}.WithDefaults().Relay.BatchSize }
@@ -47,13 +49,29 @@ func (b *bench) startRelay(ctx context.Context, cfg relay.Config) (*inproc, erro
 	if err != nil {
 		return nil, err
 	}
-	r, err := relay.New(cfg, relay.Deps{Logger: zap.NewNop(), Metrics: m})
+	cfg = cfg.WithDefaults().WithAppNames()
+	poolCfg, err := relay.PoolConfig(cfg.Postgres)
 	if err != nil {
+		return nil, err
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, poolCfg)
+	if err != nil {
+		return nil, err
+	}
+	pub, err := rabbitmq.NewForRelay(cfg, zap.NewNop(), m)
+	if err != nil {
+		pool.Close()
+		return nil, err
+	}
+	r, err := relay.New(cfg, relay.Deps{Logger: zap.NewNop(), Metrics: m, Pool: pool, Publisher: pub})
+	if err != nil {
+		pool.Close()
 		return nil, err
 	}
 	rctx, cancel := context.WithCancel(ctx)
 	p := &inproc{r: r, reg: reg, cancel: cancel, done: make(chan error, 1)}
-	go func() { p.done <- r.Run(rctx) }()
+	// The pool is ours: closed once Run has returned (Run closes pub).
+	go func() { err := r.Run(rctx); pool.Close(); p.done <- err }()
 	err = waitFor(ctx, 15*time.Second, 2*time.Millisecond, func() (bool, error) {
 		select {
 		case err := <-p.done:

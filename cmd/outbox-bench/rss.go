@@ -16,7 +16,7 @@ func (b *bench) rssSection(ctx context.Context) error {
 		return err
 	}
 	for _, n := range []int{b.opts.rssSmall, b.opts.rssLarge} {
-		d, err := b.startDrain(ctx, func() error { return b.fill(ctx, 0, n) })
+		d, err := b.startDrain(ctx, func() error { return b.fill(ctx, 0, n, 0) })
 		if err != nil {
 			return err
 		}
@@ -73,9 +73,6 @@ func (b *bench) startDrain(ctx context.Context, fill func() error, env ...string
 		return nil, err
 	}
 	d := &drain{filled: time.Since(began)}
-	if err := b.purge(); err != nil {
-		return nil, err
-	}
 	var err error
 	if d.cons, err = b.startConsumer(nil); err != nil {
 		return nil, err
@@ -105,7 +102,7 @@ func (b *bench) largePayloads(ctx context.Context) error {
 		payload := make([]byte, size)
 		for i := range rows {
 			_, _ = rand.Read(payload) // TOAST would compress a repeated byte to nothing
-			if _, err := b.pool.Exec(ctx, b.insertSQL(), eventType, payload); err != nil {
+			if err := b.writeOne(ctx, b.pool, payload); err != nil {
 				return fmt.Errorf("large payloads: row %d: %w", i, err)
 			}
 		}

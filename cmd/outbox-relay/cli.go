@@ -45,25 +45,10 @@ func (e *configError) Error() string { return e.err.Error() }
 
 func (e *configError) lines() []string {
 	var out []string
-	for _, err := range leafErrors(e.err) {
+	for _, err := range config.Problems(e.err) {
 		out = append(out, err.Error())
 	}
 	return out
-}
-
-// leafErrors flattens errors.Join trees into their leaves, in order.
-func leafErrors(err error) []error {
-	if j, ok := err.(interface{ Unwrap() []error }); ok {
-		var out []error
-		for _, e := range j.Unwrap() {
-			out = append(out, leafErrors(e)...)
-		}
-		return out
-	}
-	if err == nil {
-		return nil
-	}
-	return []error{err}
 }
 
 // loadConfig loads and validates the configuration. With only set, just the
@@ -89,7 +74,7 @@ func filterErrors(err error, prefixes []string) error {
 		return err
 	}
 	var keep []error
-	for _, err := range leafErrors(err) {
+	for _, err := range config.Problems(err) {
 		var fe *relay.FieldError
 		if !errors.As(err, &fe) || slices.ContainsFunc(prefixes, func(p string) bool { return strings.HasPrefix(fe.Key, p) }) {
 			keep = append(keep, err)

@@ -3,22 +3,18 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
-	"regexp"
-	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
-	"unicode"
 	"unicode/utf8"
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 
 	"github.com/outbox-relay/outbox-relay/internal/config"
-	"github.com/outbox-relay/outbox-relay/internal/ident"
+	"github.com/outbox-relay/outbox-relay/internal/ops"
 	"github.com/outbox-relay/outbox-relay/relay"
 )
 
@@ -81,37 +77,6 @@ func (c *cliEnv) reportCount(asJSON bool, past string, n int, ids []uuid.UUID) e
 	return writeJSON(c.stdout, rep)
 }
 
-// deadFilter selects dead rows; its zero value selects them all. Each
-// field maps onto a parameter of deadMatch (opsql.go); nil or zero there
-// means no bound.
-type deadFilter struct {
-	ids       []uuid.UUID
-	types     []string
-	olderThan time.Duration
-	newerThan time.Duration
-	seqs      []int64 // exactly the rows an operator confirmed
-}
-
-func (f deadFilter) args() []any {
-	a := []any{nil, nil, nil, nil, nil}
-	if f.ids != nil {
-		a[0] = f.ids
-	}
-	if f.types != nil {
-		a[1] = f.types
-	}
-	if f.olderThan > 0 {
-		a[2] = f.olderThan
-	}
-	if f.newerThan > 0 {
-		a[3] = f.newerThan
-	}
-	if f.seqs != nil {
-		a[4] = f.seqs
-	}
-	return a
-}
-
 // deadRow is one dead event, as dead list --json prints it.
 type deadRow struct {
 	Seq           int64           `json:"seq"`
@@ -144,47 +109,40 @@ func (c *cliEnv) deadList(ctx context.Context, o deadListFlags) error {
 	if o.olderThan.set && o.newerThan.set && o.newerThan.d <= o.olderThan.d {
 		return usagef("dead list: --newer-than (%s) must be longer than --older-than (%s), or nothing matches", o.newerThan.d, o.olderThan.d)
 	}
-	filter := deadFilter{types: o.types, olderThan: o.olderThan.d, newerThan: o.newerThan.d}
+	filter := ops.DeadFilter{Types: o.types, OlderThan: o.olderThan.d, NewerThan: o.newerThan.d}
 
-	conn, q, _, err := c.openOutbox(ctx)
+	conn, out, err := c.openOutbox(ctx)
 	if err != nil {
 		return err
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 
-	rows, err := conn.Query(ctx, q.deadList, append(filter.args(), o.payload, o.limit)...)
+	events, err := out.ListDead(ctx, conn, filter, o.payload, o.limit)
 	if err != nil {
-		return fmt.Errorf("list dead events: %w", err)
+		return err
 	}
-	list := []deadRow{}
-	for rows.Next() {
-		var r deadRow
-		var payload []byte
-		if err := rows.Scan(&r.Seq, &r.ID, &r.EventType, &r.PartitionKey, &r.ContentType, &r.Headers,
-			&r.CorrelationID, &r.CreatedAt, &r.AvailableAt, &r.Attempts, &r.LastError, &r.DeadAt,
-			&r.AgeSeconds, &payload); err != nil {
-			rows.Close()
-			return fmt.Errorf("list dead events: %w", err)
-		}
+	list := make([]deadRow, 0, len(events))
+	for _, e := range events {
+		r := deadRow{Seq: e.Seq, ID: e.ID, EventType: e.EventType, PartitionKey: e.PartitionKey,
+			ContentType: e.ContentType, Headers: e.Headers, CorrelationID: e.CorrelationID,
+			CreatedAt: e.CreatedAt, AvailableAt: e.AvailableAt, Attempts: e.Attempts,
+			LastError: e.LastError, DeadAt: e.DeadAt, AgeSeconds: e.AgeSeconds}
 		if o.payload {
-			if utf8.Valid(payload) && json.Valid(payload) {
-				r.Payload = payload
+			if utf8.Valid(e.Body) && json.Valid(e.Body) {
+				r.Payload = e.Body
 			} else {
-				r.PayloadBase64 = append([]byte{}, payload...)
+				r.PayloadBase64 = append([]byte{}, e.Body...)
 			}
 		}
 		list = append(list, r)
-	}
-	if err := rows.Err(); err != nil {
-		return fmt.Errorf("list dead events: %w", err)
 	}
 
 	if o.json {
 		return writeJSON(c.stdout, list)
 	}
-	var total int64
-	if err := conn.QueryRow(ctx, q.deadTotal).Scan(&total); err != nil {
-		return fmt.Errorf("count dead events: %w", err)
+	total, err := out.CountDead(ctx, conn)
+	if err != nil {
+		return err
 	}
 	if len(list) > 0 {
 		tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
@@ -212,7 +170,7 @@ func (c *cliEnv) deadRetry(ctx context.Context, o deadRetryFlags) error {
 	if selectors != 1 {
 		return usagef("dead retry: use exactly one of --id, --type or --all")
 	}
-	filter := deadFilter{ids: o.ids, types: o.types}
+	filter := ops.DeadFilter{IDs: o.ids, Types: o.types}
 	mass := len(o.ids) == 0 // --type or --all
 	if mass {
 		if err := c.needConfirmation("dead retry "+selectorFlag(o.all), o.yes); err != nil {
@@ -220,46 +178,34 @@ func (c *cliEnv) deadRetry(ctx context.Context, o deadRetryFlags) error {
 		}
 	}
 
-	conn, q, t, err := c.openOutbox(ctx)
+	conn, out, err := c.openOutbox(ctx)
 	if err != nil {
 		return err
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 
 	if mass && !o.yes {
-		ok, err := c.confirmRows(ctx, conn, q, &filter, "retry", o.json)
+		ok, err := c.confirmRows(ctx, conn, out, &filter, "retry", o.json)
 		if err != nil || !ok {
 			return err
 		}
 	}
-	var retried []uuid.UUID
-	err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-		rows, err := tx.Query(ctx, q.deadRetry, filter.args()...)
-		if err != nil {
-			return err
-		}
-		retried, err = pgx.CollectRows(rows, pgx.RowTo[uuid.UUID])
-		if err != nil || len(retried) == 0 {
-			return err
-		}
-		_, err = tx.Exec(ctx, q.wakeRelay, t.Channel())
-		return err
-	})
+	retried, err := out.RetryDead(ctx, conn, filter)
 	if err != nil {
-		return fmt.Errorf("retry dead events in %s: %w", t, err)
+		return err
 	}
 	if err := c.reportCount(o.json, "retried", len(retried), retried); err != nil {
 		return err
 	}
 	if len(o.ids) > 0 && len(retried) < len(o.ids) {
-		return c.explainMissing(ctx, conn, q, o.ids, retried)
+		return c.explainMissing(ctx, conn, out, o.ids, retried)
 	}
 	return nil
 }
 
 // explainMissing reports why some --id were not retried, as an error so
 // that the exit status shows the command did not do all it was asked.
-func (c *cliEnv) explainMissing(ctx context.Context, conn *pgx.Conn, q opsQueries, ids, retried []uuid.UUID) error {
+func (c *cliEnv) explainMissing(ctx context.Context, conn *pgx.Conn, out *ops.Outbox, ids, retried []uuid.UUID) error {
 	done := map[uuid.UUID]bool{}
 	for _, id := range retried {
 		done[id] = true
@@ -270,14 +216,8 @@ func (c *cliEnv) explainMissing(ctx context.Context, conn *pgx.Conn, q opsQuerie
 			missing = append(missing, id)
 		}
 	}
-	state := map[uuid.UUID]string{}
-	rows, err := conn.Query(ctx, q.idStates, missing)
+	state, err := out.EventStates(ctx, conn, missing)
 	if err != nil {
-		return fmt.Errorf("look up ids not retried: %w", err)
-	}
-	var id uuid.UUID
-	var s string
-	if _, err := pgx.ForEachRow(rows, []any{&id, &s}, func() error { state[id] = s; return nil }); err != nil {
 		return fmt.Errorf("look up ids not retried: %w", err)
 	}
 	var lines []string
@@ -285,7 +225,7 @@ func (c *cliEnv) explainMissing(ctx context.Context, conn *pgx.Conn, q opsQuerie
 		switch s := state[id]; s {
 		case "":
 			lines = append(lines, fmt.Sprintf("%s: not found", id))
-		case "dead": // was pending at the update and failed since; rare
+		case ops.StateDead: // was pending at the update and failed since; rare
 			lines = append(lines, fmt.Sprintf("%s: died just now; retry it again", id))
 		default:
 			lines = append(lines, fmt.Sprintf("%s: not dead (%s)", id, s))
@@ -301,25 +241,25 @@ func (c *cliEnv) deadPurge(ctx context.Context, o deadPurgeFlags) error {
 	if err := c.needConfirmation("dead purge", o.yes); err != nil {
 		return err
 	}
-	filter := deadFilter{types: o.types, olderThan: o.olderThan.d}
+	filter := ops.DeadFilter{Types: o.types, OlderThan: o.olderThan.d}
 
-	conn, q, t, err := c.openOutbox(ctx)
+	conn, out, err := c.openOutbox(ctx)
 	if err != nil {
 		return err
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 
 	if !o.yes {
-		ok, err := c.confirmRows(ctx, conn, q, &filter, "purge", o.json)
+		ok, err := c.confirmRows(ctx, conn, out, &filter, "purge", o.json)
 		if err != nil || !ok {
 			return err
 		}
 	}
-	tag, err := conn.Exec(ctx, q.deadPurge, filter.args()...)
+	n, err := out.PurgeDead(ctx, conn, filter)
 	if err != nil {
-		return fmt.Errorf("purge dead events in %s: %w", t, err)
+		return err
 	}
-	return c.reportCount(o.json, "purged", int(tag.RowsAffected()), nil)
+	return c.reportCount(o.json, "purged", int(n), nil)
 }
 
 func selectorFlag(all bool) string {
@@ -342,14 +282,10 @@ func (c *cliEnv) needConfirmation(command string, yes bool) error {
 // confirmRows counts the rows filter selects, asks whether to act on them,
 // and on yes pins filter to exactly those rows. With nothing to do it
 // prints the zero result and returns false without asking.
-func (c *cliEnv) confirmRows(ctx context.Context, conn *pgx.Conn, q opsQueries, filter *deadFilter, verb string, asJSON bool) (bool, error) {
-	rows, err := conn.Query(ctx, q.deadSelect, filter.args()...)
+func (c *cliEnv) confirmRows(ctx context.Context, conn *pgx.Conn, out *ops.Outbox, filter *ops.DeadFilter, verb string, asJSON bool) (bool, error) {
+	seqs, err := out.SelectDead(ctx, conn, *filter)
 	if err != nil {
-		return false, fmt.Errorf("select dead events: %w", err)
-	}
-	seqs, err := pgx.CollectRows(rows, pgx.RowTo[int64])
-	if err != nil {
-		return false, fmt.Errorf("select dead events: %w", err)
+		return false, err
 	}
 	past := map[string]string{"retry": "retried", "purge": "purged"}[verb]
 	if len(seqs) == 0 {
@@ -358,7 +294,7 @@ func (c *cliEnv) confirmRows(ctx context.Context, conn *pgx.Conn, q opsQueries, 
 	if err := c.confirm(fmt.Sprintf("%s %d dead events?", verb, len(seqs)), "nothing "+past); err != nil {
 		return false, err
 	}
-	filter.seqs = seqs
+	filter.Seqs = seqs
 	return true, nil
 }
 
@@ -376,156 +312,34 @@ func isTerminal(r any) bool {
 
 // openOutbox loads the configuration (only postgres.* must be valid),
 // connects and checks that the outbox table exists.
-func (c *cliEnv) openOutbox(ctx context.Context) (*pgx.Conn, opsQueries, ident.Table, error) {
+func (c *cliEnv) openOutbox(ctx context.Context) (*pgx.Conn, *ops.Outbox, error) {
 	cfg, err := c.loadConfig("postgres.")
 	if err != nil {
-		return nil, opsQueries{}, ident.Table{}, err
+		return nil, nil, err
 	}
 	return connectOutbox(ctx, cfg)
 }
 
-func connectOutbox(ctx context.Context, cfg config.File) (*pgx.Conn, opsQueries, ident.Table, error) {
-	t := ident.Table{Schema: cfg.Postgres.Schema, Name: cfg.Postgres.Table}
-	q := newOpsQueries(t)
+func connectOutbox(ctx context.Context, cfg config.File) (*pgx.Conn, *ops.Outbox, error) {
+	out, err := ops.New(cfg.Postgres.Schema, cfg.Postgres.Table)
+	if err != nil {
+		return nil, nil, err
+	}
 	poolCfg, err := relay.PoolConfig(cfg.Postgres)
 	if err != nil {
-		return nil, q, t, err
+		return nil, nil, err
 	}
 	conn, err := pgx.ConnectConfig(ctx, poolCfg.ConnConfig)
 	if err != nil {
-		return nil, q, t, fmt.Errorf("connect: %s", relay.Redact(err.Error()))
+		return nil, nil, fmt.Errorf("connect: %s", relay.Redact(err.Error()))
 	}
-	var exists bool
-	if err := conn.QueryRow(ctx, q.tableExists, t.Quoted()).Scan(&exists); err != nil {
-		conn.Close(context.WithoutCancel(ctx))
-		return nil, q, t, fmt.Errorf("check outbox table: %w", err)
+	exists, err := out.Exists(ctx, conn)
+	if err == nil && !exists {
+		err = fmt.Errorf("%w: %s (run `outbox-relay migrate up`, or check postgres.schema and postgres.table)", relay.ErrTableMissing, out.Table())
 	}
-	if !exists {
-		conn.Close(context.WithoutCancel(ctx))
-		return nil, q, t, fmt.Errorf("%w: %s (run `outbox-relay migrate up`, or check postgres.schema and postgres.table)", relay.ErrTableMissing, t)
-	}
-	return conn, q, t, nil
-}
-
-// stringList is a repeatable string flag.
-type stringList []string
-
-func (l *stringList) String() string { return strings.Join(*l, ",") }
-
-func (l *stringList) Type() string { return "string" }
-
-func (l *stringList) Set(v string) error {
-	if v == "" {
-		return errors.New("must not be empty")
-	}
-	*l = append(*l, v)
-	return nil
-}
-
-// idList is a repeatable UUID flag.
-type idList []uuid.UUID
-
-func (l *idList) String() string { return fmt.Sprint([]uuid.UUID(*l)) }
-
-func (l *idList) Type() string { return "uuid" }
-
-func (l *idList) Set(v string) error {
-	id, err := uuid.Parse(v)
 	if err != nil {
-		return fmt.Errorf("%q is not a UUID", v)
+		conn.Close(context.WithoutCancel(ctx))
+		return nil, nil, err
 	}
-	*l = append(*l, id)
-	return nil
-}
-
-// ageFlag is a positive age: a Go duration or days (7d, 1d12h).
-type ageFlag struct {
-	d   time.Duration
-	set bool
-}
-
-func (a *ageFlag) Type() string { return "age" }
-
-func (a *ageFlag) String() string {
-	if !a.set {
-		return ""
-	}
-	return a.d.String()
-}
-
-func (a *ageFlag) Set(v string) error {
-	d, err := parseAge(v)
-	if err != nil {
-		return err
-	}
-	a.d, a.set = d, true
-	return nil
-}
-
-var daysPrefix = regexp.MustCompile(`^(\d+)d(.*)$`)
-
-// parseAge parses a positive duration, accepting a leading number of days
-// ("7d", "1d12h") besides everything time.ParseDuration takes.
-func parseAge(s string) (time.Duration, error) {
-	bad := fmt.Errorf("%q is not a positive duration such as 30m, 72h or 7d", s)
-	var days time.Duration
-	rest := s
-	if m := daysPrefix.FindStringSubmatch(s); m != nil {
-		n, err := strconv.Atoi(m[1])
-		if err != nil || n > 100000 {
-			return 0, bad
-		}
-		days, rest = time.Duration(n)*24*time.Hour, m[2]
-	}
-	var d time.Duration
-	if rest != "" {
-		var err error
-		if d, err = time.ParseDuration(rest); err != nil {
-			return 0, bad
-		}
-	}
-	if days+d <= 0 || (rest == "" && days == 0) {
-		return 0, bad
-	}
-	return days + d, nil
-}
-
-// formatAge renders an age compactly and to the second: 45s, 3m12s,
-// 5h3m, 2d4h.
-func formatAge(d time.Duration) string {
-	d = d.Round(time.Second)
-	switch {
-	case d < 0:
-		return "0s"
-	case d < time.Minute:
-		return d.String()
-	case d < time.Hour:
-		return fmt.Sprintf("%dm%02ds", d/time.Minute, d%time.Minute/time.Second)
-	case d < 48*time.Hour:
-		return fmt.Sprintf("%dh%02dm", d/time.Hour, d%time.Hour/time.Minute)
-	default:
-		return fmt.Sprintf("%dd%02dh", d/(24*time.Hour), d%(24*time.Hour)/time.Hour)
-	}
-}
-
-// cell makes s safe for one tabwriter cell: control characters (tabs,
-// newlines) become spaces and it is cut to max runes.
-func cell(s string, max int) string {
-	s = strings.Map(func(r rune) rune {
-		if unicode.IsControl(r) {
-			return ' '
-		}
-		return r
-	}, s)
-	if utf8.RuneCountInString(s) <= max {
-		return s
-	}
-	return string([]rune(s)[:max-1]) + "…"
-}
-
-func deref(s *string, none string) string {
-	if s == nil {
-		return none
-	}
-	return *s
+	return conn, out, nil
 }

@@ -69,11 +69,7 @@ func (c *cliEnv) migrateUp(ctx context.Context, o migrateOptions) error {
 		return err
 	}
 	if o.json {
-		rep := migrateReport{Table: table.String(), Version: v, Applied: []string{}}
-		for _, r := range res {
-			rep.Applied = append(rep.Applied, r.Source.Path)
-		}
-		return writeJSON(c.stdout, rep)
+		return writeJSON(c.stdout, migrateReport{Table: table.String(), Version: v, Applied: sourcePaths(res)})
 	}
 	for _, r := range res {
 		fmt.Fprintf(c.stdout, "applied %s (%s)\n", r.Source.Path, r.Duration.Round(1e6))
@@ -133,17 +129,22 @@ func (c *cliEnv) migrateDown(ctx context.Context, o migrateOptions) error {
 		return err
 	}
 	if o.json {
-		rep := migrateReport{Table: table.String(), Version: v, Rolled: []string{}}
-		for _, r := range res {
-			rep.Rolled = append(rep.Rolled, r.Source.Path)
-		}
-		return writeJSON(c.stdout, rep)
+		return writeJSON(c.stdout, migrateReport{Table: table.String(), Version: v, Rolled: sourcePaths(res)})
 	}
 	for _, r := range res {
 		fmt.Fprintf(c.stdout, "rolled back %s\n", r.Source.Path)
 	}
 	fmt.Fprintf(c.stdout, "%s is at version %d\n", table, v)
 	return nil
+}
+
+// sourcePaths lists the files of the migrations up or down ran, in order.
+func sourcePaths(res []*goose.MigrationResult) []string {
+	paths := []string{}
+	for _, r := range res {
+		paths = append(paths, r.Source.Path)
+	}
+	return paths
 }
 
 func (c *cliEnv) migrateStatus(ctx context.Context, o migrateOptions) error {

@@ -14,7 +14,9 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/outbox-relay/outbox-relay/internal/ops"
 	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/relay/rabbitmq"
 )
 
 const replayLong = `Publishes already dispatched events again, in seq order, with confirms, each
@@ -53,7 +55,7 @@ type replayFlags struct {
 }
 
 func (c *cliEnv) cmdReplay(ctx context.Context, o replayFlags) error {
-	sel := relay.ReplaySelection{FromSeq: o.from, ToSeq: o.to, Types: o.types}
+	sel := ops.ReplaySelection{FromSeq: o.from, ToSeq: o.to, Types: o.types}
 	var err error
 	if sel.Since, err = parseWhen(o.since); err != nil {
 		return usagef("replay --since: %v", err)
@@ -87,11 +89,12 @@ func (c *cliEnv) cmdReplay(ctx context.Context, o replayFlags) error {
 	if err != nil {
 		return err
 	}
-	conn, _, t, err := connectOutbox(ctx, cfg) // checks the table exists
+	conn, out, err := connectOutbox(ctx, cfg) // checks the table exists
 	if err != nil {
 		return err
 	}
 	conn.Close(context.WithoutCancel(ctx))
+	t := out.Table()
 	poolCfg, err := relay.PoolConfig(cfg.Postgres)
 	if err != nil {
 		return err
@@ -101,10 +104,7 @@ func (c *cliEnv) cmdReplay(ctx context.Context, o replayFlags) error {
 		return fmt.Errorf("connect: %s", relay.Redact(err.Error()))
 	}
 	defer pool.Close()
-	rp, err := relay.NewReplayer(t.Schema, t.Name)
-	if err != nil {
-		return err
-	}
+	rp := out.Replayer()
 	if o.dryRun {
 		n, err := rp.Count(ctx, pool, sel)
 		if err != nil {
@@ -138,7 +138,11 @@ func (c *cliEnv) cmdReplay(ctx context.Context, o replayFlags) error {
 		amqpCfg.Exchange, amqpCfg.DeclareExchange = o.exchange, &noDeclare
 	}
 	log := newLogger(cfg.Log, c.stderr)
-	pub := relay.NewAMQPPublisher(amqpCfg, o.batch, log.Named("replay"))
+	// Replay waits for each batch before sending the next: one pending batch.
+	pub, err := rabbitmq.New(amqpCfg, rabbitmq.Options{Logger: log.Named("replay"), Window: o.batch, Batches: 1})
+	if err != nil {
+		return err
+	}
 	defer pub.Close()
 	if err := pub.Connect(ctx); err != nil {
 		return fmt.Errorf("broker: %w (nothing was sent)", err)
@@ -146,7 +150,7 @@ func (c *cliEnv) cmdReplay(ctx context.Context, o replayFlags) error {
 	// A second SIGINT/SIGTERM after the first kills the process at once.
 	context.AfterFunc(ctx, c.stopSignals)
 	pr := newProgress(c.stderr, isTerminal(c.stderr))
-	p, err := rp.Replay(ctx, pool, pub, sel, relay.ReplayOptions{
+	p, err := rp.Replay(ctx, pool, pub, sel, ops.ReplayOptions{
 		BatchSize: o.batch,
 		Rate:      o.rate,
 		Progress:  pr.update,
@@ -183,7 +187,7 @@ func (c *cliEnv) cmdReplay(ctx context.Context, o replayFlags) error {
 // the same selection and options from seq from on. Ages (--since 7d) are
 // given as the times they stood for, so the command means the same later;
 // --all becomes --from-seq alone, which selects the same events.
-func resumeCommand(configPath string, sel relay.ReplaySelection, from int64, exchange string, rate float64, batch int) string {
+func resumeCommand(configPath string, sel ops.ReplaySelection, from int64, exchange string, rate float64, batch int) string {
 	args := []string{"outbox-relay", "replay"}
 	if configPath != "" {
 		if abs, err := filepath.Abs(configPath); err == nil {
@@ -237,7 +241,7 @@ type progress struct {
 	live    bool
 	every   time.Duration
 	last    time.Time
-	printed relay.ReplayProgress
+	printed ops.ReplayProgress
 }
 
 func newProgress(w io.Writer, live bool) *progress {
@@ -248,7 +252,7 @@ func newProgress(w io.Writer, live bool) *progress {
 	return &progress{w: w, live: live, every: every, last: time.Now()}
 }
 
-func (pr *progress) update(p relay.ReplayProgress) {
+func (pr *progress) update(p ops.ReplayProgress) {
 	if now := time.Now(); now.Sub(pr.last) >= pr.every {
 		pr.last = now
 		pr.printed = p
@@ -256,7 +260,7 @@ func (pr *progress) update(p relay.ReplayProgress) {
 	}
 }
 
-func (pr *progress) finish(p relay.ReplayProgress) {
+func (pr *progress) finish(p ops.ReplayProgress) {
 	if p != pr.printed {
 		progressLine(pr.w, p, pr.live)
 	}
@@ -268,7 +272,7 @@ func (pr *progress) finish(p relay.ReplayProgress) {
 // progressLine prints one progress report: done of total, the average rate
 // since the start and the time left at that rate. On a terminal it rewrites
 // the current line.
-func progressLine(w io.Writer, p relay.ReplayProgress, live bool) {
+func progressLine(w io.Writer, p ops.ReplayProgress, live bool) {
 	rate := float64(p.Done) / max(p.Elapsed.Seconds(), 1e-3)
 	eta := "-"
 	if rate > 0 && p.Total > p.Done {

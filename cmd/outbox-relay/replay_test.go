@@ -14,8 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/outbox-relay/outbox-relay/internal/ops"
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
-	"github.com/outbox-relay/outbox-relay/relay"
 )
 
 // TestReplayCommand: dry run counts, a replay by type publishes exactly the
@@ -74,7 +74,7 @@ func TestReplayCommand(t *testing.T) {
 // few seconds, and the final state always.
 func TestReplayProgressFormat(t *testing.T) {
 	t.Parallel()
-	p := relay.ReplayProgress{Total: 1000, Done: 250, LastSeq: 777, Elapsed: 10 * time.Second}
+	p := ops.ReplayProgress{Total: 1000, Done: 250, LastSeq: 777, Elapsed: 10 * time.Second}
 	var plain, term bytes.Buffer
 	progressLine(&plain, p, false)
 	progressLine(&term, p, true)
@@ -87,7 +87,7 @@ func TestReplayProgressFormat(t *testing.T) {
 	}
 	plain.Reset()
 	plain.Reset()
-	progressLine(&plain, relay.ReplayProgress{Total: 10, LastSeq: -1, Elapsed: time.Second}, false)
+	progressLine(&plain, ops.ReplayProgress{Total: 10, LastSeq: -1, Elapsed: time.Second}, false)
 	if want := "replay: 0/10 (0.0%) 0 events/s, ETA -, last seq -\n"; plain.String() != want {
 		t.Errorf("nothing done yet: %q, want %q", plain.String(), want)
 	}
@@ -97,14 +97,14 @@ func TestReplayProgressFormat(t *testing.T) {
 	plain.Reset()
 	pr := newProgress(&plain, false)
 	send := func(i int64) {
-		pr.update(relay.ReplayProgress{Total: 100, Done: i, LastSeq: i, Elapsed: time.Duration(i) * 100 * time.Millisecond})
+		pr.update(ops.ReplayProgress{Total: 100, Done: i, LastSeq: i, Elapsed: time.Duration(i) * 100 * time.Millisecond})
 	}
 	send(1)
 	pr.last = pr.last.Add(-pr.every) // the interval passed
 	for i := int64(2); i < 100; i++ {
 		send(i)
 	}
-	pr.finish(relay.ReplayProgress{Total: 100, Done: 100, LastSeq: 100, Elapsed: 10 * time.Second})
+	pr.finish(ops.ReplayProgress{Total: 100, Done: 100, LastSeq: 100, Elapsed: 10 * time.Second})
 	if want := "replay: 2/100 (2.0%) 10 events/s, ETA 10s, last seq 2\nreplay: 100/100 (100.0%) 10 events/s, ETA -, last seq 100\n"; plain.String() != want {
 		t.Errorf("plain progress:\n%s\nwant:\n%s", plain.String(), want)
 	}
@@ -115,7 +115,7 @@ func TestReplayProgressFormat(t *testing.T) {
 func TestResumeCommand(t *testing.T) {
 	t.Parallel()
 	since, until := time.Date(2026, 11, 23, 9, 0, 0, 123456789, time.UTC), time.Date(2026, 11, 24, 0, 0, 0, 0, time.UTC)
-	sel := relay.ReplaySelection{ToSeq: 900, Since: since, Until: until, Types: []string{"order.created", "it's odd"}}
+	sel := ops.ReplaySelection{ToSeq: 900, Since: since, Until: until, Types: []string{"order.created", "it's odd"}}
 	got := resumeCommand("conf/relay.yaml", sel, 512, "rebuild x", 40, 100)
 	abs, _ := filepath.Abs("conf/relay.yaml")
 	want := []string{"outbox-relay", "replay", "--config", abs, "--from-seq", "512", "--to-seq", "900",
@@ -132,7 +132,7 @@ func TestResumeCommand(t *testing.T) {
 		t.Errorf("--since of the resume command parses to %v (%v), want %v", s, err, since)
 	}
 	// --all becomes --from-seq alone; defaults are left out.
-	if got := resumeCommand("", relay.ReplaySelection{}, 1, "", 0, defaultReplayBatch); got != "outbox-relay replay --from-seq 1" {
+	if got := resumeCommand("", ops.ReplaySelection{}, 1, "", 0, defaultReplayBatch); got != "outbox-relay replay --from-seq 1" {
 		t.Errorf("resume of --all: %s", got)
 	}
 }

@@ -6,12 +6,14 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"go.uber.org/zap"
 
 	"github.com/outbox-relay/outbox-relay/metrics"
 	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/relay/rabbitmq"
 	"github.com/outbox-relay/outbox-relay/schema"
 )
 
@@ -38,8 +40,24 @@ func (c *cliEnv) cmdRun(ctx context.Context) error {
 			return err
 		}
 	}
-	r, err := relay.New(cfg.Config, relay.Deps{Logger: log, Metrics: m})
+	// The relay takes its pool and publisher from here, built from the same
+	// configuration; the pool is closed after Run, the publisher by Run.
+	poolCfg, err := relay.PoolConfig(cfg.Postgres)
 	if err != nil {
+		return &configError{err}
+	}
+	pool, err := pgxpool.NewWithConfig(context.WithoutCancel(ctx), poolCfg)
+	if err != nil {
+		return fmt.Errorf("postgres pool: %w", err)
+	}
+	defer pool.Close()
+	pub, err := rabbitmq.NewForRelay(cfg.Config, log.Named("relay").Named("amqp"), m)
+	if err != nil {
+		return &configError{err}
+	}
+	r, err := relay.New(cfg.Config, relay.Deps{Logger: log, Metrics: m, Pool: pool, Publisher: pub})
+	if err != nil {
+		_ = pub.Close()
 		return &configError{err}
 	}
 

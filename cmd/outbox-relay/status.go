@@ -2,19 +2,14 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"strings"
 	"text/tabwriter"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/stdlib"
-
-	"github.com/outbox-relay/outbox-relay/internal/ident"
+	"github.com/outbox-relay/outbox-relay/internal/ops"
 	"github.com/outbox-relay/outbox-relay/relay"
-	"github.com/outbox-relay/outbox-relay/schema"
 )
 
 // statusTopTypes is how many event types status lists, by pending count.
@@ -66,7 +61,8 @@ type partitionOwner struct {
 }
 
 // dispatchCounts are rows marked dispatched recently (see statusDispatched
-// in opsql.go for why they are counted over a window of recent rows).
+// in internal/ops/queries.go for why they are counted over a window of
+// recent rows).
 type dispatchCounts struct {
 	LastMinute   int64 `json:"last_minute"`
 	Last5Minutes int64 `json:"last_5_minutes"`
@@ -83,7 +79,7 @@ type typeCounts struct {
 	Dead      int64  `json:"dead"`
 }
 
-const statusLong = `Shows the outbox table's backlog (pending rows, due now, oldest pending age),
+const statusLong = `Shows the outbox table's backlog (pending rows, due now, oldest due row's age),
 dead rows, rows dispatched in the last minute and 5 minutes, pending and dead
 counts of the top 20 event types, the schema version and the NOTIFY trigger.
 All numbers come from one consistent snapshot; status never writes.
@@ -110,20 +106,22 @@ func (c *cliEnv) cmdStatus(ctx context.Context, o statusFlags) error {
 	if err != nil {
 		return err
 	}
-	conn, q, t, err := connectOutbox(ctx, cfg)
+	conn, out, err := connectOutbox(ctx, cfg)
 	if err != nil {
 		return err
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 
-	rep, err := readStatus(ctx, conn, q, t, statusOptions{
-		window:         o.window,
-		keepDispatched: cfg.Relay.OnDispatch != relay.OnDispatchDelete,
-		partitions:     partitionsIfOrdered(cfg.Relay),
+	st, err := out.Status(ctx, conn, ops.StatusOptions{
+		Window:         o.window,
+		KeepDispatched: cfg.Relay.OnDispatch != relay.OnDispatchDelete,
+		Partitions:     partitionsIfOrdered(cfg.Relay),
+		TopTypes:       statusTopTypes,
 	})
 	if err != nil {
-		return fmt.Errorf("status of %s: %w", t, err)
+		return fmt.Errorf("status of %s: %w", out.Table(), err)
 	}
+	rep := reportOf(st)
 	if o.json {
 		return writeJSON(c.stdout, rep)
 	}
@@ -138,116 +136,28 @@ func partitionsIfOrdered(e relay.EngineConfig) int {
 	return 0
 }
 
-type statusOptions struct {
-	window         int64 // --recent-rows
-	keepDispatched bool  // relay.on_dispatch is mark
-	partitions     int   // relay.partitions in ordered mode; 0: not ordered
-}
-
-// readStatus reads every number in one read-only REPEATABLE READ
-// transaction, so they add up (and now() is one instant).
-func readStatus(ctx context.Context, conn *pgx.Conn, q opsQueries, t ident.Table, opt statusOptions) (statusReport, error) {
-	rep := statusReport{Table: t.String(), EventTypes: []typeCounts{}}
-	latest, err := latestMigration(conn, t)
-	if err != nil {
-		return rep, err
+// reportOf is st in the form status prints, with each replica's share of
+// the keyed backlog.
+func reportOf(st ops.Status) statusReport {
+	rep := statusReport{Table: st.Table, ObservedAt: st.ObservedAt, SchemaVersion: st.SchemaVersion,
+		SchemaLatest: st.SchemaLatest, NotifyTrigger: st.NotifyTrigger, Pending: st.Pending, DueNow: st.DueNow,
+		OldestPendingAgeSeconds: st.OldestPendingAgeSeconds, Dead: st.Dead,
+		Dispatched: dispatchCounts(st.Dispatched), EventTypes: []typeCounts{}, EventTypesTotal: st.EventTypesTotal}
+	for _, tc := range st.EventTypes {
+		rep.EventTypes = append(rep.EventTypes, typeCounts(tc))
 	}
-	rep.SchemaLatest = latest
-
-	err = pgx.BeginTxFunc(ctx, conn, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly}, func(tx pgx.Tx) error {
-		if err := tx.QueryRow(ctx, q.statusBacklog).Scan(&rep.Pending, &rep.DueNow,
-			&rep.OldestPendingAgeSeconds, &rep.Dead, &rep.ObservedAt); err != nil {
-			return fmt.Errorf("backlog: %w", err)
-		}
-
-		if opt.keepDispatched {
-			d := &rep.Dispatched
-			if err := tx.QueryRow(ctx, q.statusDispatched, opt.window).Scan(&d.LastMinute, &d.Last5Minutes, &d.Exact); err != nil {
-				return fmt.Errorf("dispatched: %w", err)
+	if ps := st.Partitions; ps != nil {
+		rep.Partitions = &partitionStatus{Count: ps.Count, Owners: []partitionOwner{}, Pending: ps.Pending, Unowned: ps.Unowned}
+		for _, o := range ps.Owners {
+			po := partitionOwner{Owner: o.Owner, PID: o.PID, ApplicationName: o.ApplicationName, ClientAddr: o.ClientAddr,
+				Since: o.Since, Partitions: o.Partitions}
+			for _, p := range o.Partitions {
+				po.Pending += ps.Pending[p]
 			}
-			if !d.Exact {
-				d.WindowRows = opt.window
-				d.Note = fmt.Sprintf("counted among the newest %d rows only, see --recent-rows", opt.window)
-			}
-		} else {
-			rep.Dispatched.Note = "unknown: relay.on_dispatch is delete, so dispatched rows are not kept"
-		}
-
-		rows, err := tx.Query(ctx, q.statusTypes, statusTopTypes)
-		if err != nil {
-			return fmt.Errorf("event types: %w", err)
-		}
-		var tc typeCounts
-		if _, err := pgx.ForEachRow(rows, []any{&tc.EventType, &tc.Pending, &tc.Dead, &rep.EventTypesTotal}, func() error {
-			rep.EventTypes = append(rep.EventTypes, tc)
-			return nil
-		}); err != nil {
-			return fmt.Errorf("event types: %w", err)
-		}
-
-		var versioned bool
-		if err := tx.QueryRow(ctx, q.tableExists, q.versionTable).Scan(&versioned); err != nil {
-			return fmt.Errorf("schema version: %w", err)
-		}
-		if versioned {
-			var v int64
-			if err := tx.QueryRow(ctx, q.schemaVersion).Scan(&v); err != nil {
-				return fmt.Errorf("schema version: %w", err)
-			}
-			rep.SchemaVersion = &v
-		}
-
-		if opt.partitions > 0 {
-			ps, err := readPartitions(ctx, tx, t, opt.partitions)
-			if err != nil {
-				return err
-			}
-			rep.Partitions = ps
-		}
-
-		var enabled *bool
-		err = tx.QueryRow(ctx, q.notifyTrigger, t.Quoted(), t.Name+"_notify").Scan(&enabled)
-		switch {
-		case errors.Is(err, pgx.ErrNoRows):
-			rep.NotifyTrigger = "missing"
-		case err != nil:
-			return fmt.Errorf("notify trigger: %w", err)
-		case enabled != nil && *enabled:
-			rep.NotifyTrigger = "enabled"
-		default:
-			rep.NotifyTrigger = "disabled"
-		}
-		return nil
-	})
-	return rep, err
-}
-
-// readPartitions reads lease owners (the lease table) and per-partition backlogs.
-func readPartitions(ctx context.Context, tx pgx.Tx, t ident.Table, n int) (*partitionStatus, error) {
-	owners, err := relay.PartitionOwners(ctx, tx, t.Schema, t.Name)
-	if err != nil {
-		return nil, err
-	}
-	backlog, err := relay.PartitionBacklog(ctx, tx, t.Schema, t.Name, n)
-	if err != nil {
-		return nil, err
-	}
-	ps := &partitionStatus{Count: n, Pending: backlog, Owners: []partitionOwner{}, Unowned: []int32{}}
-	owned := map[int32]bool{}
-	for _, o := range owners {
-		po := partitionOwner{Owner: o.Owner, PID: o.PID, ApplicationName: o.ApplicationName, ClientAddr: o.ClientAddr, Since: o.Since, Partitions: o.Partitions}
-		for _, p := range o.Partitions {
-			owned[p] = true
-			po.Pending += backlog[p]
-		}
-		ps.Owners = append(ps.Owners, po)
-	}
-	for p := int32(0); p < int32(n); p++ {
-		if !owned[p] {
-			ps.Unowned = append(ps.Unowned, p)
+			rep.Partitions.Owners = append(rep.Partitions.Owners, po)
 		}
 	}
-	return ps, nil
+	return rep
 }
 
 // ranges writes sorted partitions compactly: 0-3,8,10-11.
@@ -272,18 +182,6 @@ func ranges(ps []int32) string {
 		return "-"
 	}
 	return b.String()
-}
-
-// latestMigration is the newest migration version this binary carries. The
-// database/sql handle goose wants is never used, so it opens no connection.
-func latestMigration(conn *pgx.Conn, t ident.Table) (int64, error) {
-	db := stdlib.OpenDB(*conn.Config())
-	defer db.Close()
-	m, err := schema.NewMigrator(db, t.Schema, t.Name)
-	if err != nil {
-		return 0, err
-	}
-	return m.Latest(), nil
 }
 
 func printStatus(w io.Writer, rep statusReport, wakeMode string) error {

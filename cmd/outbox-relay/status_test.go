@@ -8,11 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"go.uber.org/zap/zaptest"
-
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
-	"github.com/outbox-relay/outbox-relay/metrics"
 	"github.com/outbox-relay/outbox-relay/relay"
 )
 
@@ -151,6 +147,27 @@ func TestStatusTopTypes(t *testing.T) {
 	}
 }
 
+// TestStatusOldestIsDue: like the gauge, the oldest age counts due rows
+// only; an older row waiting out its retry backoff does not make it.
+func TestStatusOldestIsDue(t *testing.T) {
+	t.Parallel()
+	o := testenv.NewOutbox(t)
+	insertRows(t, o,
+		opsRow{typ: "a", createdAgo: 2 * time.Hour, availableIn: time.Hour, attempts: 3},
+		opsRow{typ: "a", createdAgo: 10 * time.Minute})
+	rep := statusJSON(t, opsEnv(o))
+	if rep.Pending != 2 || rep.DueNow != 1 {
+		t.Errorf("pending %d, due %d; want 2, 1", rep.Pending, rep.DueNow)
+	}
+	a := rep.OldestPendingAgeSeconds
+	if a == nil {
+		t.Fatal("no oldest pending age, want about 600s")
+	}
+	if *a < 600 || *a > 600+60 {
+		t.Errorf("oldest pending age %.0fs, want about 600s (the due row's), not the delayed row's 7200s", *a)
+	}
+}
+
 func TestStatusEmptyAndMissing(t *testing.T) {
 	t.Parallel()
 	o := testenv.NewOutbox(t)
@@ -202,20 +219,12 @@ func TestStatusPartitions(t *testing.T) {
 		t.Fatalf("keyed pending by partition sums to %d, want 3 (the keyless row is not partitioned)", total)
 	}
 
-	m, err := metrics.New(prometheus.NewRegistry(), metrics.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
 	declare := false
-	r, err := relay.New(relay.Config{
+	testenv.StartRelay(t, relay.Config{
 		Postgres: relay.PostgresConfig{DSN: o.DSN, Schema: o.Schema},
 		AMQP:     relay.AMQPConfig{URL: b.URL, Exchange: b.Exchange, DeclareExchange: &declare},
 		Relay:    relay.EngineConfig{Ordering: relay.OrderingPartitionKey, Partitions: 8},
-	}, relay.Deps{Logger: zaptest.NewLogger(t), Metrics: m})
-	if err != nil {
-		t.Fatal(err)
-	}
-	testenv.RunRelay(t, r)
+	})
 	testenv.Eventually(t, 10*time.Second, "one replica owning all 8 partitions", func() bool {
 		rep = statusJSON(t, env)
 		return len(rep.Partitions.Owners) == 1 && len(rep.Partitions.Owners[0].Partitions) == 8

@@ -7,6 +7,7 @@
 package main
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"errors"
@@ -14,6 +15,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -26,9 +28,13 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 	"go.uber.org/zap"
 
+	"github.com/outbox-relay/outbox-relay/internal/amqpconn"
 	"github.com/outbox-relay/outbox-relay/internal/ident"
+	"github.com/outbox-relay/outbox-relay/internal/outboxsql"
 	"github.com/outbox-relay/outbox-relay/metrics"
+	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/relay/rabbitmq"
 	"github.com/outbox-relay/outbox-relay/schema"
 )
 
@@ -79,21 +85,21 @@ func soak(ctx context.Context, dsn, amqpURL string, events, perTx, rate int, kee
 	if err != nil {
 		return fmt.Errorf("migrate: %w", err)
 	}
+	w, err := outbox.NewWriter(t.Schema, t.Name)
+	if err != nil {
+		return err
+	}
 	// Autovacuum per table as a platform team would set it for an outbox:
 	// the default scale factor (20% of the table) lets dead tuples pile up.
 	if _, err := pool.Exec(ctx, "ALTER TABLE "+t.Quoted()+" SET (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 10000)"); err != nil {
 		return err
 	}
 
-	conn, err := amqp.Dial(amqpURL)
+	conn, ch, err := amqpconn.Channel(amqpURL, amqp.Config{Heartbeat: 10 * time.Second, Properties: amqp.Table{"connection_name": name}})
 	if err != nil {
 		return err
 	}
 	defer conn.Close()
-	ch, err := conn.Channel()
-	if err != nil {
-		return err
-	}
 	exchange := name
 	if err := ch.ExchangeDeclare(exchange, "topic", false, true, false, false, nil); err != nil {
 		return err
@@ -112,11 +118,25 @@ func soak(ctx context.Context, dsn, amqpURL string, events, perTx, rate int, kee
 		return err
 	}
 	declare := false
-	r, err := relay.New(relay.Config{
+	cfg := relay.Config{
 		Postgres:  relay.PostgresConfig{DSN: dsn, Schema: name},
 		AMQP:      relay.AMQPConfig{URL: amqpURL, Exchange: exchange, DeclareExchange: &declare},
 		Retention: relay.RetentionConfig{Dispatched: keep, Interval: time.Second, BatchSize: 5000},
-	}, relay.Deps{Logger: zap.NewNop(), Metrics: mets})
+	}.WithDefaults().WithAppNames()
+	relayPoolCfg, err := relay.PoolConfig(cfg.Postgres)
+	if err != nil {
+		return err
+	}
+	relayPool, err := pgxpool.NewWithConfig(ctx, relayPoolCfg)
+	if err != nil {
+		return err
+	}
+	defer relayPool.Close()
+	pub, err := rabbitmq.NewForRelay(cfg, zap.NewNop(), mets)
+	if err != nil {
+		return err
+	}
+	r, err := relay.New(cfg, relay.Deps{Logger: zap.NewNop(), Metrics: mets, Pool: relayPool, Publisher: pub})
 	if err != nil {
 		return err
 	}
@@ -129,18 +149,23 @@ func soak(ctx context.Context, dsn, amqpURL string, events, perTx, rate int, kee
 	var written int64
 	produced := make(chan error, 1)
 	go func() {
-		insert := fmt.Sprintf(`INSERT INTO %s (event_type, partition_key, payload)
-SELECT 'lesson.progressed', 'learner-' || (g %% 1000), convert_to(repeat('x', 200), 'UTF8') FROM generate_series(1, $1) g`, t.Quoted())
+		body := bytes.Repeat([]byte("x"), 200)
+		batch := make([]outbox.Event, 0, perTx)
 		for written < int64(events) && ctx.Err() == nil {
 			if due := start.Add(time.Duration(float64(written) / float64(rate) * float64(time.Second))); time.Now().Before(due) {
 				time.Sleep(time.Until(due))
 			}
-			n := min(perTx, events-int(written))
-			if _, err := pool.Exec(ctx, insert, n); err != nil {
+			batch = batch[:0]
+			for g := 1; g <= min(perTx, events-int(written)); g++ {
+				e := outbox.NewEvent("lesson.progressed", body)
+				e.Key = "learner-" + strconv.Itoa(g%1000)
+				batch = append(batch, e)
+			}
+			if err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error { return w.Write(ctx, tx, batch...) }); err != nil {
 				produced <- err
 				return
 			}
-			written += int64(n)
+			written += int64(len(batch))
 		}
 		produced <- nil
 	}()
@@ -219,7 +244,7 @@ func sample(ctx context.Context, pool *pgxpool.Pool, t ident.Table, m *metrics.M
 	if err != nil {
 		return s, fmt.Errorf("sizes: %w", err)
 	}
-	rows, err := pool.Query(ctx, `EXPLAIN SELECT seq FROM `+t.Quoted()+` WHERE dispatched_at IS NULL AND dead_at IS NULL
+	rows, err := pool.Query(ctx, `EXPLAIN SELECT seq FROM `+t.Quoted()+` WHERE `+outboxsql.Pending+`
 		AND available_at <= now() ORDER BY seq LIMIT 500 FOR UPDATE SKIP LOCKED`)
 	if err != nil {
 		return s, fmt.Errorf("explain: %w", err)

@@ -217,9 +217,27 @@ func Load(path string, environ []string) (File, error) {
 // error, and the caller can report the file's invalid values beside them.
 type UnknownKeysError struct{ Errs []error }
 
+// Error lists the unknown keys, one a line.
 func (e *UnknownKeysError) Error() string { return errors.Join(e.Errs...).Error() }
 
+// Unwrap returns one error per unknown key, for errors.Is and errors.As.
 func (e *UnknownKeysError) Unwrap() []error { return e.Errs }
+
+// Problems flattens an error of Load or Validate (errors.Join trees, an
+// UnknownKeysError) into its single problems, in order, one a key.
+func Problems(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		var out []error
+		for _, e := range j.Unwrap() {
+			out = append(out, Problems(e)...)
+		}
+		return out
+	}
+	if err == nil {
+		return nil
+	}
+	return []error{err}
+}
 
 // Parse decodes YAML strictly: unknown keys and a second document are errors.
 func Parse(data []byte, f *File) error {

@@ -250,7 +250,7 @@ func TestMetricsAddr(t *testing.T) {
 		f.Metrics.Addr = addr
 		err := f.Validate()
 		var bad bool
-		for _, e := range leaves(err) {
+		for _, e := range Problems(err) {
 			if strings.HasPrefix(e.Error(), "metrics.addr: must be host:port or :port") && strings.Contains(e.Error(), `"off"`) {
 				bad = true
 			}
@@ -259,20 +259,6 @@ func TestMetricsAddr(t *testing.T) {
 			t.Errorf("metrics.addr %q: accepted %v, want %v (%v)", addr, !bad, ok, err)
 		}
 	}
-}
-
-func leaves(err error) []error {
-	if j, ok := err.(interface{ Unwrap() []error }); ok {
-		var out []error
-		for _, e := range j.Unwrap() {
-			out = append(out, leaves(e)...)
-		}
-		return out
-	}
-	if err == nil {
-		return nil
-	}
-	return []error{err}
 }
 
 // TestRoutingAndFormatKeys: amqp.exchanges reads a YAML list or a

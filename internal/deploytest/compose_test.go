@@ -13,6 +13,11 @@ import (
 
 const composeFile = "deploy/compose/docker-compose.yml"
 
+// TestCompose checks the docker compose stack against the code and the
+// other shipped files: its services refer to each other and to files that
+// exist, the relay's configuration is valid and reaches the stack's own
+// servers, and Prometheus and Grafana are wired to the relay, the rules and
+// the dashboard.
 func TestCompose(t *testing.T) {
 	t.Parallel()
 	docs := yamlDocs(t, composeFile)
@@ -26,12 +31,17 @@ func TestCompose(t *testing.T) {
 			t.Errorf("%s: no service %s", composeFile, want)
 		}
 	}
+	checkComposeRefs(t, services, dir)
+	port := checkComposeRelay(t, services, dir)
+	checkComposePrometheus(t, services, dir, port)
+	checkComposeGrafana(t, services, dir)
+}
 
-	// Every dependency is a service of this file; every bind mount and
-	// build context exists.
-	names := make([]string, 0, len(services))
+// checkComposeRefs checks that every dependency is a service of the file,
+// and every bind mount and build context exists.
+func checkComposeRefs(t *testing.T, services map[string]any, dir string) {
+	t.Helper()
 	for name, svc := range services {
-		names = append(names, name)
 		for _, dep := range dependsOn(svc) {
 			if services[dep] == nil {
 				t.Errorf("%s: service %s depends on %s, which is not in the file", composeFile, name, dep)
@@ -52,11 +62,19 @@ func TestCompose(t *testing.T) {
 			}
 		}
 	}
-	sort.Strings(names)
+}
 
-	// The relay: its configuration and environment make a valid
-	// configuration whose hosts are services here; it starts after the
-	// migration and has time to drain.
+// checkComposeRelay checks the relay service: its configuration and
+// environment make a valid configuration whose hosts are services here; it
+// starts after the migration, which runs `migrate up` against the same
+// table, and has time to drain. It returns the relay's metrics port.
+func checkComposeRelay(t *testing.T, services map[string]any, dir string) (port string) {
+	t.Helper()
+	names := make([]string, 0, len(services))
+	for name := range services {
+		names = append(names, name)
+	}
+	sort.Strings(names)
 	relay := services["relay"]
 	cfgText, environ := relayConfig(t, relay, dir, "run")
 	cfg := parseConfig(t, composeFile+" relay", cfgText, environ)
@@ -71,7 +89,7 @@ func TestCompose(t *testing.T) {
 			t.Errorf("relay connects to %s, which is not a service (%s)", u.Hostname(), strings.Join(names, ", "))
 		}
 	}
-	port := addrPort(t, cfg.Metrics.Addr)
+	port = addrPort(t, cfg.Metrics.Addr)
 	if port != metricsPort(t) {
 		t.Errorf("relay.yaml: metrics.addr %q, the default port is %s", cfg.Metrics.Addr, metricsPort(t))
 	}
@@ -97,9 +115,14 @@ func TestCompose(t *testing.T) {
 	if img, rimg := str(services["migrate"], "image"), str(relay, "image"); img != rimg {
 		t.Errorf("migrate runs image %q, relay %q", img, rimg)
 	}
+	return port
+}
 
-	// Prometheus scrapes the relay service on its metrics port and loads the
-	// alerting rules, which are mounted next to its configuration.
+// checkComposePrometheus checks that Prometheus scrapes the relay service on
+// its metrics port and loads the alerting rules, which are mounted next to
+// its configuration.
+func checkComposePrometheus(t *testing.T, services map[string]any, dir, port string) {
+	t.Helper()
 	prom := services["prometheus"]
 	mounts := bindMounts(prom)
 	promCfgSrc := sourceOf(mounts, "/etc/prometheus/prometheus.yml")
@@ -141,9 +164,12 @@ func TestCompose(t *testing.T) {
 			t.Errorf("prometheus rule file %s comes from %s, want deploy/prometheus/alerts.yml", target, src)
 		}
 	}
+}
 
-	// Grafana: the data source is the prometheus service, and the dashboard
-	// file is mounted where the provider looks.
+// checkComposeGrafana checks that Grafana's data source is the prometheus
+// service, and the dashboard file is mounted where the provider looks.
+func checkComposeGrafana(t *testing.T, services map[string]any, dir string) {
+	t.Helper()
 	graf := services["grafana"]
 	gm := bindMounts(graf)
 	prov := sourceOf(gm, "/etc/grafana/provisioning")

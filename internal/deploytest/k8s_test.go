@@ -39,6 +39,9 @@ func k8sObjects(t *testing.T) []k8sObject {
 	return objs
 }
 
+// TestK8sManifests checks the Kubernetes examples against the code: the
+// kustomization, the relay's ConfigMap, every relay container (sidecar,
+// standalone Deployment, migration Job) and the PodMonitor.
 func TestK8sManifests(t *testing.T) {
 	t.Parallel()
 	objs := k8sObjects(t)
@@ -49,9 +52,28 @@ func TestK8sManifests(t *testing.T) {
 		}
 		byKind[o.kind()][o.name()] = o
 	}
+	checkKustomization(t, objs)
 
-	// kustomization.yaml names files that exist, and no Secret: applying
-	// the example must never overwrite real credentials with placeholders.
+	// The relay's configuration file, strictly parsed.
+	cm, ok := byKind["ConfigMap"]["outbox-relay-config"]
+	if !ok {
+		t.Fatal("no ConfigMap outbox-relay-config")
+	}
+	cfgText := str(cm.doc, "data", "config.yaml")
+	cfg := parseConfig(t, cm.String()+" config.yaml", cfgText, nil)
+	port := addrPort(t, cfg.Metrics.Addr)
+	if port != metricsPort(t) {
+		t.Errorf("%s: metrics.addr %q, but the default port is %s", cm, cfg.Metrics.Addr, metricsPort(t))
+	}
+	checkRelayPods(t, objs, byKind, cfgText, cfg.Relay.ShutdownTimeout, port)
+	checkPodMonitors(t, byKind, port)
+}
+
+// checkKustomization checks that kustomization.yaml names files that exist,
+// and no Secret: applying the example must never overwrite real credentials
+// with placeholders.
+func checkKustomization(t *testing.T, objs []k8sObject) {
+	t.Helper()
 	for _, o := range objs {
 		if o.kind() != "Kustomization" {
 			continue
@@ -69,19 +91,14 @@ func TestK8sManifests(t *testing.T) {
 			}
 		}
 	}
+}
 
-	// The relay's configuration file, strictly parsed.
-	cm, ok := byKind["ConfigMap"]["outbox-relay-config"]
-	if !ok {
-		t.Fatal("no ConfigMap outbox-relay-config")
-	}
-	cfgText := str(cm.doc, "data", "config.yaml")
-	cfg := parseConfig(t, cm.String()+" config.yaml", cfgText, nil)
-	port := addrPort(t, cfg.Metrics.Addr)
-	if port != metricsPort(t) {
-		t.Errorf("%s: metrics.addr %q, but the default port is %s", cm, cfg.Metrics.Addr, metricsPort(t))
-	}
-
+// checkRelayPods checks every Deployment and Job that runs the relay: each
+// relay container, the sidecar's shape, the grace period and the scrape
+// annotation; and that the examples hold a sidecar, a standalone Deployment
+// probed for readiness and a migration Job.
+func checkRelayPods(t *testing.T, objs []k8sObject, byKind map[string]map[string]k8sObject, cfgText string, shutdownTimeout time.Duration, port string) {
+	t.Helper()
 	relays, readiness, sidecars := 0, 0, 0
 	for _, o := range objs {
 		if o.kind() != "Deployment" && o.kind() != "Job" {
@@ -122,10 +139,10 @@ func TestK8sManifests(t *testing.T) {
 		}
 		if o.kind() == "Deployment" {
 			grace, _ := get(pod, "terminationGracePeriodSeconds").(int)
-			min := cfg.Relay.ShutdownTimeout + 5*time.Second
+			min := shutdownTimeout + 5*time.Second
 			if time.Duration(grace)*time.Second <= min {
 				t.Errorf("%s: terminationGracePeriodSeconds %d must exceed relay.shutdown_timeout (%s) + 5s for the metrics server",
-					o, grace, cfg.Relay.ShutdownTimeout)
+					o, grace, shutdownTimeout)
 			}
 			ann := mapping(o.doc, "spec", "template", "metadata", "annotations")
 			if p, ok := ann["prometheus.io/port"]; ok && p != port {
@@ -142,8 +159,12 @@ func TestK8sManifests(t *testing.T) {
 	if readiness == 0 {
 		t.Error("no relay container probes /readyz (the standalone Deployment should)")
 	}
+}
 
-	// The PodMonitor scrapes a named port of the pods it selects.
+// checkPodMonitors checks that each PodMonitor scrapes a named port of the
+// pods it selects.
+func checkPodMonitors(t *testing.T, byKind map[string]map[string]k8sObject, port string) {
+	t.Helper()
 	for _, pm := range byKind["PodMonitor"] {
 		sel := mapping(pm.doc, "spec", "selector", "matchLabels")
 		for _, ep := range list(pm.doc, "spec", "podMetricsEndpoints") {
@@ -197,6 +218,31 @@ func checkRelayContainer(t *testing.T, o k8sObject, pod, c any, byKind map[strin
 			configPath = args[i+1]
 		}
 	}
+	mounts := containerMounts(t, name, pod, c, byKind)
+	if mounts[configPath] != "configmap/config.yaml" {
+		t.Errorf("%s: --config %q is not the mounted config.yaml of the ConfigMap (mounts: %v)", name, configPath, mounts)
+	}
+	f := parseConfig(t, name, cfgText, containerEnviron(t, name, c, byKind, mounts))
+	if o.kind() == "Job" {
+		if f.Postgres.DSN == "" {
+			t.Errorf("%s: no OUTBOX_RELAY_POSTGRES_DSN", name)
+		}
+	} else {
+		validate(t, name, f)
+	}
+	ready := 0
+	if o.kind() != "Job" {
+		ready = checkProbes(t, name, c, port)
+	}
+	checkContainerLimits(t, name, c)
+	return ready
+}
+
+// containerMounts returns the files container c of pod mounts, by path: a
+// ConfigMap key as "configmap/key", a Secret's directory (path ending in /)
+// as "secret/name". Every mount must be read-only.
+func containerMounts(t *testing.T, name string, pod, c any, byKind map[string]map[string]k8sObject) map[string]string {
+	t.Helper()
 	mounts := map[string]string{} // mount path of a file → "configmap/key" or "secret/name"
 	for _, m := range list(c, "volumeMounts") {
 		vol := findVolume(pod, str(m, "name"))
@@ -228,11 +274,14 @@ func checkRelayContainer(t *testing.T, o k8sObject, pod, c any, byKind map[strin
 			t.Errorf("%s: volumeMount %s should be readOnly", name, str(m, "name"))
 		}
 	}
-	if mounts[configPath] != "configmap/config.yaml" {
-		t.Errorf("%s: --config %q is not the mounted config.yaml of the ConfigMap (mounts: %v)", name, configPath, mounts)
-	}
+	return mounts
+}
 
-	// Environment: real variables, from Secret keys that the example has.
+// containerEnviron returns container c's environment as KEY=VALUE, Secret
+// references resolved: real variables, from Secret keys that the example
+// has; a CA file named in the DSN must be in one of mounts.
+func containerEnviron(t *testing.T, name string, c any, byKind map[string]map[string]k8sObject, mounts map[string]string) []string {
+	t.Helper()
 	var environ []string
 	for _, e := range list(c, "env") {
 		env := str(e, "name")
@@ -263,49 +312,49 @@ func checkRelayContainer(t *testing.T, o k8sObject, pod, c any, byKind map[strin
 			}
 		}
 	}
-	f := parseConfig(t, name, cfgText, environ)
-	if o.kind() == "Job" {
-		if f.Postgres.DSN == "" {
-			t.Errorf("%s: no OUTBOX_RELAY_POSTGRES_DSN", name)
-		}
-	} else {
-		validate(t, name, f)
-	}
+	return environ
+}
 
-	// Ports and probes.
+// checkProbes checks that a long-running relay container exposes the
+// metrics port and probes /healthz and /readyz on it; it returns 1 if the
+// container has a readiness probe.
+func checkProbes(t *testing.T, name string, c any, port string) (ready int) {
+	t.Helper()
 	portName := ""
 	for _, p := range list(c, "ports") {
 		if fmt.Sprint(get(p, "containerPort")) == port {
 			portName = str(p, "name")
 		}
 	}
-	ready := 0
-	if o.kind() != "Job" {
-		if portName == "" {
-			t.Errorf("%s: no containerPort %s (metrics.addr)", name, port)
+	if portName == "" {
+		t.Errorf("%s: no containerPort %s (metrics.addr)", name, port)
+	}
+	probes := map[string]string{"livenessProbe": "/healthz", "readinessProbe": "/readyz", "startupProbe": "/healthz"}
+	for probe, want := range probes {
+		p := mapping(c, probe)
+		if p == nil {
+			if probe == "livenessProbe" {
+				t.Errorf("%s: no livenessProbe", name)
+			}
+			continue
 		}
-		probes := map[string]string{"livenessProbe": "/healthz", "readinessProbe": "/readyz", "startupProbe": "/healthz"}
-		for probe, want := range probes {
-			p := mapping(c, probe)
-			if p == nil {
-				if probe == "livenessProbe" {
-					t.Errorf("%s: no livenessProbe", name)
-				}
-				continue
-			}
-			if got := str(p, "httpGet", "path"); got != want {
-				t.Errorf("%s: %s path %q, want %s", name, probe, got, want)
-			}
-			if got := fmt.Sprint(get(p, "httpGet", "port")); got != port && got != portName {
-				t.Errorf("%s: %s port %s, want %s or %q", name, probe, got, port, portName)
-			}
-			if probe == "readinessProbe" {
-				ready = 1
-			}
+		if got := str(p, "httpGet", "path"); got != want {
+			t.Errorf("%s: %s path %q, want %s", name, probe, got, want)
+		}
+		if got := fmt.Sprint(get(p, "httpGet", "port")); got != port && got != portName {
+			t.Errorf("%s: %s port %s, want %s or %q", name, probe, got, port, portName)
+		}
+		if probe == "readinessProbe" {
+			ready = 1
 		}
 	}
+	return ready
+}
 
-	// Resources and security context.
+// checkContainerLimits checks a relay container's resources and security
+// context.
+func checkContainerLimits(t *testing.T, name string, c any) {
+	t.Helper()
 	for _, k := range []string{"requests", "limits"} {
 		for _, r := range []string{"cpu", "memory"} {
 			if get(c, "resources", k, r) == nil {
@@ -323,7 +372,6 @@ func checkRelayContainer(t *testing.T, o k8sObject, pod, c any, byKind map[strin
 	if drop := strs(list(sc, "capabilities", "drop")); len(drop) != 1 || drop[0] != "ALL" {
 		t.Errorf("%s: securityContext.capabilities.drop = %v, want [ALL]", name, drop)
 	}
-	return ready
 }
 
 // checkDisruptionBudget checks that a standalone relay Deployment of several

@@ -16,14 +16,12 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
-	"github.com/outbox-relay/outbox-relay/metrics"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
 )
@@ -309,10 +307,6 @@ func leastPrivilege(t *testing.T, blocks map[string]string, c privilegeCase) {
 	b := testenv.NewBroker(t)
 	q := b.Queue(t, "#", nil)
 	deliveries := b.Consume(t, q)
-	m, err := metrics.New(prometheus.NewRegistry(), metrics.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
 	obsCore, logs := observer.New(zapcore.DebugLevel)
 	log := zap.New(zapcore.NewTee(zaptest.NewLogger(t).Core(), obsCore))
 	retention := c.keep > 0
@@ -326,11 +320,8 @@ func leastPrivilege(t *testing.T, blocks map[string]string, c privilegeCase) {
 		Wake:      relay.WakeConfig{PollInterval: 20 * time.Millisecond},
 		Retention: relay.RetentionConfig{Enabled: &retention, Dispatched: c.keep, Interval: 50 * time.Millisecond},
 	}
-	r, err := relay.New(cfg, relay.Deps{Logger: log, Metrics: m})
-	if err != nil {
-		t.Fatal(err)
-	}
-	stop := testenv.RunRelay(t, r)
+	r := testenv.StartRelay(t, cfg, testenv.WithLogger(log))
+	stop := r.Stop
 	stopRelay := func() {
 		if err := stop(); err != nil {
 			t.Errorf("relay as %s: Run: %v", relayRole, err)

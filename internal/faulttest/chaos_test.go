@@ -18,6 +18,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	amqp "github.com/rabbitmq/amqp091-go"
 
+	"github.com/outbox-relay/outbox-relay/internal/amqpconn"
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
@@ -50,8 +51,7 @@ const (
 // counts deliveries by message_id: nothing may be lost, and duplicates may not
 // exceed what was in flight at the faults (faults × 3 batches × batch_size).
 //
-// CHAOS_EVENTS sets the size (default 20,000; the full run is
-// 100,000), CHAOS_RATE the events per second (default: the writing takes
+// CHAOS_EVENTS sets the size (default 20,000; 100,000 for a full run), CHAOS_RATE the events per second (default: the writing takes
 // about 90 s), CHAOS_SEED the fault schedule.
 //
 // Not parallel: it would compete for the 2 cores with the other tests while
@@ -90,7 +90,7 @@ func TestChaos(t *testing.T) {
 	}
 	o := testenv.NewOutboxAt(t, pg.DSN())
 	b := testenv.NewBrokerAt(t, rmq.URL())
-	queue := durableQueue(t, rmq.URL(), b.Exchange)
+	queue := b.DurableQueue(t, "#", nil)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -120,10 +120,60 @@ func TestChaos(t *testing.T) {
 	go prod.run(prodCtx)
 	t.Cleanup(func() { cancelProd(); <-prod.done })
 
-	// The faults, shuffled, over 10%..85% of the producing period: each one
-	// a random gap after the previous one finished, the gap drawn around an
-	// even share of the time left once the expected duration of the faults
-	// still to come is set aside (nextFaultAt).
+	run := &chaosRun{seed: seed, total: total, start: runStart, rng: rng, expect: expect,
+		pg: pg, rmq: rmq, o: o, queue: queue, cons: cons, relays: relays, prod: prod}
+	run.injectFaults(t, producing)
+
+	// The producer finishes on its own; the relay is watched meanwhile.
+	relays.waitFor(prod.done, time.Until(prod.started().Add(producing+chaosSlack+5*time.Second)), "producer finished")
+	if prod.err != nil {
+		t.Errorf("producer: %v", prod.err)
+	}
+	run.awaitDelivery(deadline)
+	run.tally()
+	run.log(t)
+	run.check(t)
+	checkTable(t, o, run.ids)
+	relays.report(prod.started())
+}
+
+// chaosRun is one chaos run's servers, actors and results, filled in step
+// by step: injectFaults, awaitDelivery, tally; then log and check.
+type chaosRun struct {
+	seed   uint64
+	total  int
+	start  time.Time
+	rng    *rand.Rand
+	expect map[string]time.Duration // what each kind of fault is expected to take
+	pg     *testenv.Postgres
+	rmq    *testenv.RabbitMQ
+	o      *testenv.Outbox
+	queue  string
+	cons   *chaosConsumer
+	relays *relaySupervisor
+	prod   *producer
+
+	// injectFaults
+	faults, overlapped int
+	timeline           []string
+	// awaitDelivery
+	written             int
+	writeTook           time.Duration
+	drainFor, drainTook time.Duration
+	settled, barrier    bool
+	// tally
+	ids                           []string
+	received, lost, unknown, dups int
+	redelivered, reconnects       int
+	consErr                       error
+	missing, bursts               string
+}
+
+// injectFaults runs the faults, shuffled, over 10%..85% of the producing
+// period: each one a random gap after the previous one finished, the gap
+// drawn around an even share of the time left once the expected duration of
+// the faults still to come is set aside (nextFaultAt).
+func (r *chaosRun) injectFaults(t *testing.T, producing time.Duration) {
 	var kinds []string
 	for range chaosRelayKills {
 		kinds = append(kinds, "relay-kill")
@@ -134,130 +184,134 @@ func TestChaos(t *testing.T) {
 	for range chaosPG {
 		kinds = append(kinds, "postgres-restart")
 	}
-	rng.Shuffle(len(kinds), func(i, j int) { kinds[i], kinds[j] = kinds[j], kinds[i] })
+	r.rng.Shuffle(len(kinds), func(i, j int) { kinds[i], kinds[j] = kinds[j], kinds[i] })
 	from, to := producing/10, producing*85/100
 
-	var timeline []string
-	overlapped := 0
+	prod := r.prod
 	for i, kind := range kinds {
-		at := from + time.Duration(rng.Int64N(int64(max(from, 1))))
+		at := from + time.Duration(r.rng.Int64N(int64(max(from, 1))))
 		if i > 0 {
 			var reserve time.Duration
 			for _, k := range kinds[i:] {
-				reserve += expect[k]
+				reserve += r.expect[k]
 			}
-			at = nextFaultAt(time.Since(prod.started()), to, reserve, len(kinds)-i, rng)
+			at = nextFaultAt(time.Since(prod.started()), to, reserve, len(kinds)-i, r.rng)
 		}
-		relays.waitUntil(prod.started().Add(at))
+		r.relays.waitUntil(prod.started().Add(at))
 		before := time.Now()
 		written := prod.written.Load()
 		if !prod.finished() {
-			overlapped++
+			r.overlapped++
 		}
 		switch kind {
 		case "relay-kill":
-			relays.killAndRestart()
+			r.relays.killAndRestart()
 		case "rabbitmq-restart":
-			rmq.Restart(t)
+			r.rmq.Restart(t)
 		case "postgres-restart":
-			pg.Restart(t)
+			r.pg.Restart(t)
 		}
-		expect[kind] = max(expect[kind], time.Since(before))
-		timeline = append(timeline, fmt.Sprintf("+%.1fs %s (%v, written %d, received %d)",
+		r.expect[kind] = max(r.expect[kind], time.Since(before))
+		r.timeline = append(r.timeline, fmt.Sprintf("+%.1fs %s (%v, written %d, received %d)",
 			before.Sub(prod.started()).Seconds(), kind, time.Since(before).Round(10*time.Millisecond),
-			written, cons.unique()))
+			written, r.cons.unique()))
 	}
-	faults := len(kinds)
+	r.faults = len(kinds)
+}
 
-	// The producer finishes on its own; the relay is watched meanwhile.
-	relays.waitFor(prod.done, time.Until(prod.started().Add(producing+chaosSlack+5*time.Second)), "producer finished")
-	if prod.err != nil {
-		t.Errorf("producer: %v", prod.err)
-	}
-	written := int(prod.written.Load())
-	writeTook := prod.end.Sub(prod.start)
-
-	// Delivery: every written event received and every row settled.
+// awaitDelivery waits, until deadline at the latest, for every written
+// event to be received and every row settled, then for a sentinel put
+// behind everything the relay published: it arrives after all of it, so the
+// duplicate count is final.
+func (r *chaosRun) awaitDelivery(deadline time.Time) {
+	r.written = int(r.prod.written.Load())
+	r.writeTook = r.prod.end.Sub(r.prod.start)
 	drainStart := time.Now()
-	drainFor := min(chaosDrain, time.Until(deadline))
-	settled := relays.poll(drainFor, func() bool {
-		if cons.unique() < written {
+	r.drainFor = min(chaosDrain, time.Until(deadline))
+	r.settled = r.relays.poll(r.drainFor, func() bool {
+		if r.cons.unique() < r.written {
 			return false
 		}
-		n, err := countRows(o.Pool, o.Table.Quoted(), "dispatched_at IS NULL AND dead_at IS NULL")
+		n, err := countRows(r.o.Pool, r.o.Table.Quoted(), "dispatched_at IS NULL AND dead_at IS NULL")
 		return err == nil && n == 0
 	})
-	drainTook := time.Since(drainStart)
-	// A barrier: a message put behind everything the relay published
-	// arrives after all of it, so the duplicate count is final.
-	barrier := false
-	if settled {
-		barrier = publishSentinel(rmq.URL(), queue) == nil && relays.waitFor(cons.sentinel, 20*time.Second, "")
+	r.drainTook = time.Since(drainStart)
+	if r.settled {
+		r.barrier = publishSentinel(r.rmq.URL(), r.queue) == nil && r.relays.waitFor(r.cons.sentinel, 20*time.Second, "")
 	}
+}
 
-	ids := prod.ids()
+// tally compares what the producer committed with what the consumer saw.
+func (r *chaosRun) tally() {
+	r.ids = r.prod.ids()
+	cons := r.cons
 	cons.mu.Lock()
-	writtenSet := make(map[string]bool, len(ids))
-	for _, id := range ids {
+	defer cons.mu.Unlock()
+	writtenSet := make(map[string]bool, len(r.ids))
+	for _, id := range r.ids {
 		writtenSet[id] = true
 	}
-	received, lost, unknown := 0, 0, 0
-	for _, id := range ids {
+	for _, id := range r.ids {
 		if cons.seen[id] > 0 {
-			received++
+			r.received++
 		} else {
-			lost++
+			r.lost++
 		}
 	}
 	for id := range cons.seen {
 		if !writtenSet[id] {
-			unknown++
+			r.unknown++
 		}
 	}
-	dups, redelivered, reconnects, consErr := cons.deliveries-len(cons.seen), cons.redelivered, cons.reconnects, cons.err
-	missing := firstMissing(ids, cons)
-	bursts := repeatBursts(cons.repeats, prod.started())
-	cons.mu.Unlock()
+	r.dups, r.redelivered, r.reconnects, r.consErr = cons.deliveries-len(cons.seen), cons.redelivered, cons.reconnects, cons.err
+	r.missing = firstMissing(r.ids, cons)
+	r.bursts = repeatBursts(cons.repeats, r.prod.started())
+}
 
-	line := fmt.Sprintf("chaos: written %d, received unique %d, lost %d, duplicates %d", written, received, lost, dups)
+// log prints the run's figures to the test log and to stdout.
+func (r *chaosRun) log(t *testing.T) {
+	line := fmt.Sprintf("chaos: written %d, received unique %d, lost %d, duplicates %d", r.written, r.received, r.lost, r.dups)
 	t.Log(line)
 	fmt.Println(line)
 	faultLine := fmt.Sprintf("chaos faults (seed %d): %s; relay processes %d; producer %v (%d retries, %d ambiguous commits: %d had committed); drain %v; consumer reconnects %d, broker redeliveries %d; total %v",
-		seed, strings.Join(timeline, ", "), len(relays.procs), writeTook.Round(100*time.Millisecond),
-		prod.retries, prod.ambiguous, prod.ambiguousCommitted, drainTook.Round(100*time.Millisecond),
-		reconnects, redelivered, time.Since(runStart).Round(time.Second))
+		r.seed, strings.Join(r.timeline, ", "), len(r.relays.procs), r.writeTook.Round(100*time.Millisecond),
+		r.prod.retries, r.prod.ambiguous, r.prod.ambiguousCommitted, r.drainTook.Round(100*time.Millisecond),
+		r.reconnects, r.redelivered, time.Since(r.start).Round(time.Second))
 	t.Log(faultLine)
 	fmt.Println(faultLine)
-	t.Logf("chaos duplicates by arrival: %s", bursts)
+	t.Logf("chaos duplicates by arrival: %s", r.bursts)
+}
 
-	bound := faults * chaosInFlight * chaosBatch
-	if lost > 0 {
-		t.Errorf("lost %d of %d written events (first: %s)", lost, written, missing)
+// check holds the run to the promise: nothing lost, duplicates within what
+// was in flight at the faults, nothing unknown, everything written and
+// settled, and every fault while the producer wrote.
+func (r *chaosRun) check(t *testing.T) {
+	bound := r.faults * chaosInFlight * chaosBatch
+	if r.lost > 0 {
+		t.Errorf("lost %d of %d written events (first: %s)", r.lost, r.written, r.missing)
 	}
-	if dups > bound {
+	if r.dups > bound {
 		t.Errorf("duplicates %d exceed the bound of what can be in flight at the faults: %d faults (%d relay kills + %d RabbitMQ restarts + %d PostgreSQL restarts) × %d batches in flight × relay.batch_size %d = %d",
-			dups, faults, chaosRelayKills, chaosRMQ, chaosPG, chaosInFlight, chaosBatch, bound)
+			r.dups, r.faults, chaosRelayKills, chaosRMQ, chaosPG, chaosInFlight, chaosBatch, bound)
 	}
-	if unknown > 0 {
-		t.Errorf("%d message ids received that the producer never counted as written", unknown)
+	if r.unknown > 0 {
+		t.Errorf("%d message ids received that the producer never counted as written", r.unknown)
 	}
-	if written != total {
-		t.Errorf("producer wrote %d of %d events", written, total)
+	if r.written != r.total {
+		t.Errorf("producer wrote %d of %d events", r.written, r.total)
 	}
-	if !settled {
-		t.Errorf("not settled within %v after the producer finished: received unique %d of %d", drainFor.Round(time.Second), received, written)
-	} else if !barrier {
+	if !r.settled {
+		t.Errorf("not settled within %v after the producer finished: received unique %d of %d", r.drainFor.Round(time.Second), r.received, r.written)
+	} else if !r.barrier {
 		t.Errorf("the sentinel published after the last event did not arrive within 20s")
 	}
-	if consErr != nil {
-		t.Errorf("consumer: %v", consErr)
+	if r.consErr != nil {
+		t.Errorf("consumer: %v", r.consErr)
 	}
-	if overlapped < faults {
+	if r.overlapped < r.faults {
 		t.Errorf("only %d of %d faults began while the producer was writing: the writing (%v) is too short for the faults (a RabbitMQ restart takes seconds); lower CHAOS_RATE",
-			overlapped, faults, writeTook.Round(time.Second))
+			r.overlapped, r.faults, r.writeTook.Round(time.Second))
 	}
-	checkTable(t, o, ids)
-	relays.report(prod.started())
 }
 
 // nextFaultAt returns when (as an offset from the producer's start) the next
@@ -275,54 +329,15 @@ func nextFaultAt(now, to, reserve time.Duration, left int, rng *rand.Rand) time.
 	return now + share/2 + time.Duration(rng.Int64N(int64(share)))
 }
 
-// durableQueue declares a durable queue bound to exchange with "#" (a
-// testenv.Broker queue is not durable and would not survive a restart) and
-// deletes it at cleanup.
-func durableQueue(t *testing.T, url, exchange string) string {
-	t.Helper()
-	conn, err := amqp.Dial(url)
-	if err != nil {
-		t.Fatalf("dial: %v", err)
-	}
-	defer conn.Close()
-	ch, err := conn.Channel()
-	if err != nil {
-		t.Fatalf("channel: %v", err)
-	}
-	name := testenv.Name("chaos")
-	if _, err := ch.QueueDeclare(name, true, false, false, false, nil); err != nil {
-		t.Fatalf("declare queue: %v", err)
-	}
-	if err := ch.QueueBind(name, "#", exchange, false, nil); err != nil {
-		t.Fatalf("bind queue: %v", err)
-	}
-	t.Cleanup(func() {
-		conn, err := amqp.Dial(url)
-		if err != nil {
-			t.Logf("delete queue %s: %v", name, err)
-			return
-		}
-		defer conn.Close()
-		if ch, err := conn.Channel(); err == nil {
-			_, _ = ch.QueueDelete(name, false, false, false)
-		}
-	})
-	return name
-}
-
 const sentinelID = "chaos-sentinel"
 
 // publishSentinel puts a confirmed persistent message straight into queue.
 func publishSentinel(url, queue string) error {
-	conn, err := amqp.DialConfig(url, amqp.Config{Dial: amqp.DefaultDial(5 * time.Second)})
+	conn, ch, err := amqpconn.Channel(url, amqp.Config{Dial: amqp.DefaultDial(5 * time.Second)})
 	if err != nil {
 		return err
 	}
 	defer conn.Close()
-	ch, err := conn.Channel()
-	if err != nil {
-		return err
-	}
 	if err := ch.Confirm(false); err != nil {
 		return err
 	}

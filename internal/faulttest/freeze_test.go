@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -13,7 +14,9 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	amqp "github.com/rabbitmq/amqp091-go"
 
+	"github.com/outbox-relay/outbox-relay/internal/ops"
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
@@ -46,123 +49,31 @@ func TestOrderedReplicaFrozen(t *testing.T) {
 			"OUTBOX_RELAY_RELAY_BATCH_SIZE=50",
 			"OUTBOX_RELAY_RELAY_SHUTDOWN_TIMEOUT=5s")
 	}
-	ctx := context.Background()
-	owners := func() map[int]int { // OS pid → partitions held
-		t.Helper()
-		list, err := relay.PartitionOwners(ctx, o.Pool, o.Schema, o.Table.Name)
-		if err != nil {
-			t.Fatal(err)
-		}
-		m := map[int]int{}
-		for _, ow := range list {
-			m[ownerPID(t, ow.Owner)] += len(ow.Partitions)
-		}
-		return m
-	}
 	relays := map[int]*relayProc{}
 	for _, name := range []string{"a", "b"} {
 		p := startRelay(t, env(name))
 		relays[p.cmd.Process.Pid] = p
 	}
 	testenv.Eventually(t, 20*time.Second, "two relays holding 4 partitions each", func() bool {
-		m := owners()
+		m := partitionsByPID(t, o)
 		return len(m) == 2 && m[pidsOf(relays)[0]] == 4 && m[pidsOf(relays)[1]] == 4
 	})
 
-	// Consumer: duplicates dropped by id, per key the highest seq seen.
-	var (
-		mu         sync.Mutex
-		seen       = map[string]bool{}
-		received   = map[string]time.Time{}
-		lastSeq    = map[string]int64{}
-		outOfOrder []string
-	)
-	go func() {
-		for d := range deliveries {
-			mu.Lock()
-			if !seen[d.MessageId] {
-				seen[d.MessageId] = true
-				received[d.MessageId] = time.Now()
-				key, _ := d.Headers[relay.HeaderPartitionKey].(string)
-				seq, _ := d.Headers[relay.HeaderSeq].(int64)
-				if seq <= lastSeq[key] {
-					outOfOrder = append(outOfOrder, fmt.Sprintf("key %s: seq %d after %d", key, seq, lastSeq[key]))
-				}
-				lastSeq[key] = max(lastSeq[key], seq)
-			}
-			mu.Unlock()
-		}
-	}()
-
-	// Producer: every 10 ms one event of the busy key and one of another of
-	// 50 keys, each in a transaction of its own.
-	w, _ := outbox.NewWriter(o.Schema, o.Table.Name)
-	type written struct {
-		id string
-		at time.Time
-	}
-	var (
-		wmu      sync.Mutex
-		busy     []written
-		all      []string
-		stopProd atomic.Bool
-		prodDone = make(chan struct{})
-	)
-	go func() {
-		defer close(prodDone)
-		for i := 0; !stopProd.Load(); i++ {
-			for _, key := range []string{busyKey, fmt.Sprint("k", i%50)} {
-				e := outbox.NewEvent("lesson.progressed", fmt.Appendf(nil, `{"i":%d}`, i))
-				e.Key = key
-				if err := pgx.BeginFunc(ctx, o.Pool, func(tx pgx.Tx) error { return w.Write(ctx, tx, e) }); err != nil {
-					t.Error(err)
-					return
-				}
-				wmu.Lock()
-				all = append(all, e.ID.String())
-				if key == busyKey {
-					busy = append(busy, written{e.ID.String(), time.Now()})
-				}
-				wmu.Unlock()
-			}
-			time.Sleep(10 * time.Millisecond) // the producer's pace, not a wait for a condition
-		}
-	}()
-	defer func() { stopProd.Store(true); <-prodDone }()
-	delivered := func(id string) (time.Time, bool) {
-		mu.Lock()
-		defer mu.Unlock()
-		at, ok := received[id]
-		return at, ok
-	}
+	cons := consumeInKeyOrder(deliveries, 0)
+	prod := &busyProducer{key: busyKey, done: make(chan struct{})}
+	go prod.run(t, o)
+	defer func() { prod.stop.Store(true); <-prod.done }()
 	// The flow is live: a busy event written now arrives.
 	testenv.Eventually(t, 20*time.Second, "the busy key flowing", func() bool {
-		wmu.Lock()
-		defer wmu.Unlock()
-		if len(busy) < 20 {
+		n := prod.busyCount()
+		if n < 20 {
 			return false
 		}
-		_, ok := delivered(busy[len(busy)-20].id)
+		_, ok := cons.delivered(prod.busyEvent(n - 20).id)
 		return ok
 	})
 
-	// Freeze the relay that owns the busy key's partition.
-	var part int32
-	if err := o.Pool.QueryRow(ctx, `SELECT ((hashtextextended($1, 0) & 2147483647) % $2)::int4`, busyKey, partitions).Scan(&part); err != nil {
-		t.Fatal(err)
-	}
-	frozen := 0
-	list, err := relay.PartitionOwners(ctx, o.Pool, o.Schema, o.Table.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, ow := range list {
-		for _, p := range ow.Partitions {
-			if p == part {
-				frozen = ownerPID(t, ow.Owner)
-			}
-		}
-	}
+	frozen, part := busyOwner(t, o, busyKey, partitions)
 	if relays[frozen] == nil {
 		t.Fatalf("partition %d of %q is held by pid %d, not one of the relays", part, busyKey, frozen)
 	}
@@ -171,20 +82,16 @@ func TestOrderedReplicaFrozen(t *testing.T) {
 	}
 	stoppedAt := time.Now()
 	defer syscall.Kill(frozen, syscall.SIGCONT)
-	wmu.Lock()
-	firstAfter := len(busy)
-	wmu.Unlock()
+	firstAfter := prod.busyCount()
 
 	// The busy key's events written after the freeze arrive, from the
 	// other relay, within the bound.
 	var moved time.Time
 	testenv.Eventually(t, 3*bound, "a busy event written after the freeze delivered", func() bool {
-		wmu.Lock()
-		defer wmu.Unlock()
-		if len(busy) <= firstAfter {
+		if prod.busyCount() <= firstAfter {
 			return false
 		}
-		at, ok := delivered(busy[firstAfter].id)
+		at, ok := cons.delivered(prod.busyEvent(firstAfter).id)
 		moved = at
 		return ok
 	})
@@ -202,27 +109,170 @@ func TestOrderedReplicaFrozen(t *testing.T) {
 		t.Fatal(err)
 	}
 	testenv.Eventually(t, 20*time.Second, "the thawed relay holding partitions again", func() bool {
-		return owners()[frozen] > 0
+		return partitionsByPID(t, o)[frozen] > 0
 	})
-	stopProd.Store(true)
-	<-prodDone
+	prod.stop.Store(true)
+	<-prod.done
 
+	all := prod.written()
 	testenv.Eventually(t, 60*time.Second, "every written event delivered", func() bool {
-		wmu.Lock()
-		defer wmu.Unlock()
 		for _, id := range all {
-			if _, ok := delivered(id); !ok {
+			if _, ok := cons.delivered(id); !ok {
 				return false
 			}
 		}
 		return true
 	})
-	mu.Lock()
-	defer mu.Unlock()
-	t.Logf("frozen replica: %d events, %d busy", len(all), len(busy))
-	if len(outOfOrder) > 0 {
-		t.Errorf("%d out of order, first: %s", len(outOfOrder), outOfOrder[0])
+	cons.mu.Lock()
+	defer cons.mu.Unlock()
+	t.Logf("frozen replica: %d events, %d busy", len(all), prod.busyCount())
+	if len(cons.outOfOrder) > 0 {
+		t.Errorf("%d out of order, first: %s", len(cons.outOfOrder), cons.outOfOrder[0])
 	}
+}
+
+// partitionsByPID maps each lease owner's OS pid to the partitions it holds.
+func partitionsByPID(t *testing.T, o *testenv.Outbox) map[int]int {
+	t.Helper()
+	list, err := ops.PartitionOwners(context.Background(), o.Pool, o.Schema, o.Table.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := map[int]int{}
+	for _, ow := range list {
+		m[ownerPID(t, ow.Owner)] += len(ow.Partitions)
+	}
+	return m
+}
+
+// busyOwner returns key's partition and the OS pid of the relay whose lease
+// covers it (0 if none).
+func busyOwner(t *testing.T, o *testenv.Outbox, key string, partitions int) (owner int, part int32) {
+	t.Helper()
+	ctx := context.Background()
+	if err := o.Pool.QueryRow(ctx, `SELECT ((hashtextextended($1, 0) & 2147483647) % $2)::int4`, key, partitions).Scan(&part); err != nil {
+		t.Fatal(err)
+	}
+	list, err := ops.PartitionOwners(ctx, o.Pool, o.Schema, o.Table.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ow := range list {
+		for _, p := range ow.Partitions {
+			if p == part {
+				owner = ownerPID(t, ow.Owner)
+			}
+		}
+	}
+	return owner, part
+}
+
+// busyProducer writes, every 10 ms until stop, one event of key and one of
+// another of 50 keys, each in a transaction of its own.
+type busyProducer struct {
+	key  string
+	stop atomic.Bool
+	done chan struct{}
+
+	mu   sync.Mutex
+	busy []writtenAt // key's events
+	all  []string    // every event's id
+}
+
+type writtenAt struct {
+	id string
+	at time.Time
+}
+
+func (p *busyProducer) run(t *testing.T, o *testenv.Outbox) {
+	defer close(p.done)
+	ctx := context.Background()
+	w, _ := outbox.NewWriter(o.Schema, o.Table.Name)
+	for i := 0; !p.stop.Load(); i++ {
+		for _, key := range []string{p.key, fmt.Sprint("k", i%50)} {
+			e := outbox.NewEvent("lesson.progressed", fmt.Appendf(nil, `{"i":%d}`, i))
+			e.Key = key
+			if err := pgx.BeginFunc(ctx, o.Pool, func(tx pgx.Tx) error { return w.Write(ctx, tx, e) }); err != nil {
+				t.Error(err)
+				return
+			}
+			p.mu.Lock()
+			p.all = append(p.all, e.ID.String())
+			if key == p.key {
+				p.busy = append(p.busy, writtenAt{e.ID.String(), time.Now()})
+			}
+			p.mu.Unlock()
+		}
+		time.Sleep(10 * time.Millisecond) // the producer's pace, not a wait for a condition
+	}
+}
+
+func (p *busyProducer) busyCount() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.busy)
+}
+
+func (p *busyProducer) busyEvent(i int) writtenAt {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.busy[i]
+}
+
+func (p *busyProducer) written() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Clone(p.all)
+}
+
+// keyOrder is a consumer that drops duplicates by message id and records,
+// per key, the highest sequence seen and every event that came after a
+// higher one.
+type keyOrder struct {
+	mu         sync.Mutex
+	received   map[string]time.Time // message id → first arrival
+	lastSeq    map[string]int64     // key → highest seq
+	dups       int
+	outOfOrder []string
+	done       chan struct{} // closed when enough events arrived, or deliveries closed
+}
+
+// consumeInKeyOrder consumes deliveries until enough distinct events
+// arrived (0: until deliveries is closed).
+func consumeInKeyOrder(deliveries <-chan amqp.Delivery, enough int) *keyOrder {
+	c := &keyOrder{received: map[string]time.Time{}, lastSeq: map[string]int64{}, done: make(chan struct{})}
+	go func() {
+		defer close(c.done)
+		for d := range deliveries {
+			c.mu.Lock()
+			if _, dup := c.received[d.MessageId]; dup {
+				c.dups++
+				c.mu.Unlock()
+				continue
+			}
+			c.received[d.MessageId] = time.Now()
+			key, _ := d.Headers[relay.HeaderPartitionKey].(string)
+			seq, _ := d.Headers[relay.HeaderSeq].(int64)
+			if seq <= c.lastSeq[key] {
+				c.outOfOrder = append(c.outOfOrder, fmt.Sprintf("key %s: seq %d after %d", key, seq, c.lastSeq[key]))
+			}
+			c.lastSeq[key] = max(c.lastSeq[key], seq)
+			stop := enough > 0 && len(c.received) >= enough
+			c.mu.Unlock()
+			if stop {
+				return
+			}
+		}
+	}()
+	return c
+}
+
+// delivered reports when the event with message id id first arrived.
+func (c *keyOrder) delivered(id string) (time.Time, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	at, ok := c.received[id]
+	return at, ok
 }
 
 // ownerPID is the OS process id in a lease owner's name (host/pid/random).

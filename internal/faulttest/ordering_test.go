@@ -16,7 +16,6 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/outbox"
-	"github.com/outbox-relay/outbox-relay/relay"
 )
 
 // TestOrderingWithReplicas: 3 ordered relays share one table while one of
@@ -24,7 +23,7 @@ import (
 // 1,000 keys, including pairs of transactions on one key that commit out of
 // identity order. After dropping duplicates by message_id, every key's events
 // arrive in strictly increasing sequence and nothing is lost.
-// ORDERING_EVENTS sets the size (default 20,000; the full run is 100,000).
+// ORDERING_EVENTS sets the size (default 20,000; 100,000 for a full run).
 func TestOrderingWithReplicas(t *testing.T) {
 	t.Parallel()
 	total := envInt(t, "ORDERING_EVENTS", 20000)
@@ -38,60 +37,70 @@ func TestOrderingWithReplicas(t *testing.T) {
 		"OUTBOX_RELAY_RELAY_SHUTDOWN_TIMEOUT=5s")
 	relays := []*relayProc{startRelay(t, env), startRelay(t, env), startRelay(t, env)}
 
-	// Consumer: per key, the last sequence seen, duplicates dropped by id.
-	var (
-		mu         sync.Mutex
-		seen       = map[string]bool{}
-		lastSeq    = map[string]int64{}
-		outOfOrder int
-		dups       int
-		firstBad   string
-	)
-	consumerDone := make(chan struct{})
-	go func() {
-		defer close(consumerDone)
-		for d := range deliveries {
-			mu.Lock()
-			if seen[d.MessageId] {
-				dups++
-				mu.Unlock()
-				continue
-			}
-			seen[d.MessageId] = true
-			key, _ := d.Headers[relay.HeaderPartitionKey].(string)
-			seq, _ := d.Headers[relay.HeaderSeq].(int64)
-			if seq <= lastSeq[key] {
-				outOfOrder++
-				if firstBad == "" {
-					firstBad = fmt.Sprintf("key %s: seq %d after %d", key, seq, lastSeq[key])
-				}
-			}
-			lastSeq[key] = max(lastSeq[key], seq)
-			done := len(seen) >= total
-			mu.Unlock()
-			if done {
-				return
-			}
-		}
-	}()
-
-	// Producers: 4 connections; one transaction in ten is a pair on one key
-	// whose second insert commits first.
-	w, _ := outbox.NewWriter(o.Schema, o.Table.Name)
-	var written atomic.Int64
-	var wg sync.WaitGroup
+	cons := consumeInKeyOrder(deliveries, total)
 	// Producers stop with the chaos loop's deadline, so a stuck write fails
 	// the test instead of hanging it; a transaction left open would hold
 	// back every ordered relay on the server.
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
+	// Paced over ORDERING_SECONDS (default 15) so the kills hit live traffic.
+	pace := time.Duration(envInt(t, "ORDERING_SECONDS", 15)) * time.Second
+	var written atomic.Int64
+	var wg sync.WaitGroup
+	produceKeyed(ctx, t, &wg, o, total, keys, pace, &written)
+
+	// Chaos: kill and restart one relay every 1.5 s until everything arrived.
+	kills := 0
+	tick := time.NewTicker(1500 * time.Millisecond)
+	defer tick.Stop()
+wait:
+	for {
+		select {
+		case <-cons.done:
+			break wait
+		case <-ctx.Done():
+			break wait
+		case <-tick.C:
+			i := kills % len(relays)
+			relays[i].kill(t)
+			relays[i] = startRelay(t, env)
+			kills++
+		}
+	}
+	wg.Wait()
+	cons.mu.Lock()
+	defer cons.mu.Unlock()
+	lost := int(written.Load()) - len(cons.received)
+	line := fmt.Sprintf("ordering: keys %d, events %d, out-of-order %d, lost %d, dups %d",
+		keys, written.Load(), len(cons.outOfOrder), lost, cons.dups)
+	t.Log(line)
+	fmt.Println(line)
+	t.Logf("ordering: relay kills %d", kills)
+	if len(cons.outOfOrder) > 0 {
+		t.Errorf("out of order: %s", cons.outOfOrder[0])
+	}
+	if lost != 0 || int(written.Load()) != total {
+		t.Errorf("lost %d of %d written (%d intended)", lost, written.Load(), total)
+	}
+	if kills == 0 {
+		t.Error("no relay was killed: the run proves nothing about faults")
+	}
+	// Two batches await their confirms and one is being claimed.
+	if cons.dups > kills*3*200 {
+		t.Errorf("%d duplicates exceed what was in flight at %d kills (3 batches of 200 each)", cons.dups, kills)
+	}
+}
+
+// produceKeyed starts 4 producers in wg that write total events over keys,
+// paced over pace, counting them in written; one transaction in ten is a
+// pair on one key whose second insert commits first.
+func produceKeyed(ctx context.Context, t *testing.T, wg *sync.WaitGroup, o *testenv.Outbox, total, keys int, pace time.Duration, written *atomic.Int64) {
+	w, _ := outbox.NewWriter(o.Schema, o.Table.Name)
 	// A pair holds two connections at once: with fewer than two per
 	// producer, four producers each holding their first could wait for a
 	// second forever.
 	pool := producerPool(t, o.DSN, 8)
 	perProducer := total / 4
-	// Paced over ORDERING_SECONDS (default 15) so the kills hit live traffic.
-	pace := time.Duration(envInt(t, "ORDERING_SECONDS", 15)) * time.Second
 	began := time.Now()
 	for p := 0; p < 4; p++ {
 		wg.Go(func() {
@@ -127,47 +136,6 @@ func TestOrderingWithReplicas(t *testing.T) {
 				written.Add(int64(len(batch)))
 			}
 		})
-	}
-
-	// Chaos: kill and restart one relay every 1.5 s until everything arrived.
-	kills := 0
-	tick := time.NewTicker(1500 * time.Millisecond)
-	defer tick.Stop()
-wait:
-	for {
-		select {
-		case <-consumerDone:
-			break wait
-		case <-ctx.Done():
-			break wait
-		case <-tick.C:
-			i := kills % len(relays)
-			relays[i].kill(t)
-			relays[i] = startRelay(t, env)
-			kills++
-		}
-	}
-	wg.Wait()
-	mu.Lock()
-	defer mu.Unlock()
-	lost := int(written.Load()) - len(seen)
-	line := fmt.Sprintf("ordering: keys %d, events %d, out-of-order %d, lost %d, dups %d",
-		keys, written.Load(), outOfOrder, lost, dups)
-	t.Log(line)
-	fmt.Println(line)
-	t.Logf("ordering: relay kills %d", kills)
-	if outOfOrder > 0 {
-		t.Errorf("out of order: %s", firstBad)
-	}
-	if lost != 0 || int(written.Load()) != total {
-		t.Errorf("lost %d of %d written (%d intended)", lost, written.Load(), total)
-	}
-	if kills == 0 {
-		t.Error("no relay was killed: the run proves nothing about faults")
-	}
-	// Two batches await their confirms and one is being claimed.
-	if dups > kills*3*200 {
-		t.Errorf("%d duplicates exceed what was in flight at %d kills (3 batches of 200 each)", dups, kills)
 	}
 }
 

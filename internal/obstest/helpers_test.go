@@ -78,14 +78,9 @@ func startRelay(t *testing.T, cfg relay.Config) *runningRelay {
 	t.Helper()
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	m, err := metrics.New(reg, metrics.Config{Version: "v0.0.0-obstest", Commit: "0bs7e57"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r, err := relay.New(cfg, relay.Deps{Logger: zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel)), Metrics: m})
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := testenv.NewRelay(t, cfg, testenv.WithRegistry(reg),
+		testenv.WithMetricsConfig(metrics.Config{Version: "v0.0.0-obstest", Commit: "0bs7e57"}),
+		testenv.WithLogger(zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel))))
 	srv, err := metrics.NewServer("127.0.0.1:0", reg, r.Ready)
 	if err != nil {
 		t.Fatal(err)
@@ -93,9 +88,9 @@ func startRelay(t *testing.T, cfg relay.Config) *runningRelay {
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve() }()
 
-	stopRelay := testenv.RunRelay(t, r)
+	r.Start(t)
 	t.Cleanup(func() {
-		if err := stopRelay(); err != nil {
+		if err := r.Stop(); err != nil {
 			t.Errorf("relay Run: %v", err)
 		}
 		sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -107,7 +102,7 @@ func startRelay(t *testing.T, cfg relay.Config) *runningRelay {
 			t.Errorf("metrics server: %v", err)
 		}
 	})
-	return &runningRelay{Relay: r, Addr: srv.Addr()}
+	return &runningRelay{Relay: r.Relay, Addr: srv.Addr()}
 }
 
 // get fetches a URL and returns the status code and body.

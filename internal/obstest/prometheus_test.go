@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	amqp "github.com/rabbitmq/amqp091-go"
 	"gopkg.in/yaml.v3"
 
 	"github.com/outbox-relay/outbox-relay/internal/obstest"
@@ -50,38 +49,7 @@ func TestDashboard(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	type ds struct {
-		Type string `json:"type"`
-		UID  string `json:"uid"`
-	}
-	type panel struct {
-		ID         int    `json:"id"`
-		Type       string `json:"type"`
-		Title      string `json:"title"`
-		Datasource *ds    `json:"datasource"`
-		GridPos    struct {
-			H, W, X, Y int
-		} `json:"gridPos"`
-		Targets []struct {
-			Datasource *ds    `json:"datasource"`
-			Expr       string `json:"expr"`
-		} `json:"targets"`
-	}
-	var d struct {
-		UID           string  `json:"uid"`
-		Title         string  `json:"title"`
-		SchemaVersion int     `json:"schemaVersion"`
-		Panels        []panel `json:"panels"`
-		Inputs        []struct {
-			Name, Type, PluginID string
-		} `json:"__inputs"`
-		Templating struct {
-			List []struct {
-				Name, Type string
-				Query      any
-			} `json:"list"`
-		} `json:"templating"`
-	}
+	var d dashboard
 	if err := json.Unmarshal(b, &d); err != nil {
 		t.Fatalf("%s: %v", dashboardPath, err)
 	}
@@ -100,10 +68,67 @@ func TestDashboard(t *testing.T) {
 	if !hasDSVar {
 		t.Error("templating has no DS_PROMETHEUS data source variable (for provisioning from a file)")
 	}
+	checkPanels(t, d.Panels)
 
+	// Prometheus is the only complete PromQL parser at hand: it answers
+	// bad_data for a query that does not parse.
+	queries, err := obstest.DashboardQueries(dashboardPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := startPrometheus(t, "global:\n  scrape_interval: 15s\n", map[string]string{})
+	for _, q := range queries {
+		expr := expandGrafanaVars(t, q.Expr)
+		if r := p.api(t, "/api/v1/query", url.Values{"query": {expr}}); r.Status != "success" {
+			t.Errorf("%s: Prometheus rejects %q: %s: %s", q.Where, expr, r.ErrorType, r.Error)
+		}
+	}
+}
+
+// dashboard is the part of the Grafana dashboard's JSON that TestDashboard
+// checks.
+type dashboard struct {
+	UID           string  `json:"uid"`
+	Title         string  `json:"title"`
+	SchemaVersion int     `json:"schemaVersion"`
+	Panels        []panel `json:"panels"`
+	Inputs        []struct {
+		Name, Type, PluginID string
+	} `json:"__inputs"`
+	Templating struct {
+		List []struct {
+			Name, Type string
+			Query      any
+		} `json:"list"`
+	} `json:"templating"`
+}
+
+type panel struct {
+	ID         int         `json:"id"`
+	Type       string      `json:"type"`
+	Title      string      `json:"title"`
+	Datasource *datasource `json:"datasource"`
+	GridPos    struct {
+		H, W, X, Y int
+	} `json:"gridPos"`
+	Targets []struct {
+		Datasource *datasource `json:"datasource"`
+		Expr       string      `json:"expr"`
+	} `json:"targets"`
+}
+
+type datasource struct {
+	Type string `json:"type"`
+	UID  string `json:"uid"`
+}
+
+// checkPanels checks that panels have distinct ids, lie on the 24-column
+// grid without overlapping, and query the DS_PROMETHEUS data source.
+func checkPanels(t *testing.T, panels []panel) {
+	t.Helper()
 	ids := map[int]string{}
 	var placed []panel
-	for _, p := range d.Panels {
+	for _, p := range panels {
 		if prev, dup := ids[p.ID]; dup {
 			t.Errorf("panels %q and %q share id %d", prev, p.Title, p.ID)
 		}
@@ -132,20 +157,6 @@ func TestDashboard(t *testing.T) {
 			if tg.Datasource == nil || tg.Datasource.UID != "${DS_PROMETHEUS}" {
 				t.Errorf("panel %q: a target's datasource is %+v, want uid ${DS_PROMETHEUS}", p.Title, tg.Datasource)
 			}
-		}
-	}
-
-	// Prometheus is the only complete PromQL parser at hand: it answers
-	// bad_data for a query that does not parse.
-	queries, err := obstest.DashboardQueries(dashboardPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := startPrometheus(t, "global:\n  scrape_interval: 15s\n", map[string]string{})
-	for _, q := range queries {
-		expr := expandGrafanaVars(t, q.Expr)
-		if r := p.api(t, "/api/v1/query", url.Values{"query": {expr}}); r.Status != "success" {
-			t.Errorf("%s: Prometheus rejects %q: %s: %s", q.Where, expr, r.ErrorType, r.Error)
 		}
 	}
 }
@@ -188,28 +199,6 @@ func testRules(t *testing.T) string {
 	return string(out)
 }
 
-// declareDurableQueue binds a durable queue to the exchange, so events
-// published after a broker restart still have somewhere to go.
-func declareDurableQueue(t *testing.T, amqpURL, exchange string) {
-	t.Helper()
-	conn, err := amqp.Dial(amqpURL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	ch, err := conn.Channel()
-	if err != nil {
-		t.Fatal(err)
-	}
-	q, err := ch.QueueDeclare(testenv.Name("q"), true, false, false, false, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ch.QueueBind(q.Name, "#", exchange, false, nil); err != nil {
-		t.Fatal(err)
-	}
-}
-
 // TestPrometheusAlertsOnBrokerOutage has a real Prometheus scrape a relay
 // every second: the published counter and the end-to-end latency histogram
 // move as events flow; while a private RabbitMQ is stopped the backlog-age
@@ -220,7 +209,7 @@ func TestPrometheusAlertsOnBrokerOutage(t *testing.T) {
 	needTool(t, "prometheus")
 	rmq := testenv.StartRabbitMQ(t) // stopped below: never the shared broker
 	o, b := testenv.NewOutbox(t), testenv.NewBrokerAt(t, rmq.URL())
-	declareDurableQueue(t, rmq.URL(), b.Exchange)
+	b.DurableQueue(t, "#", nil)
 	declare := false
 	r := startRelay(t, relay.Config{
 		Postgres: relay.PostgresConfig{DSN: o.DSN, Schema: o.Schema, Table: o.Table.Name},
@@ -239,12 +228,39 @@ scrape_configs:
 `, r.Addr), map[string]string{"alerts.yml": testRules(t)})
 	t.Logf("RabbitMQ, relay and Prometheus up after %v", time.Since(begin).Round(time.Millisecond))
 
-	const job = `{job="outbox-relay"}`
+	awaitFirstScrape(t, p)
+	// Events flow: the counter and the histogram move.
+	const first, second = 25, 5
+	writeEvents(t, o, repeat("lesson.published", first)...)
+	awaitFlow(t, p, first)
+
+	// Broker outage: events wait, their age passes the threshold.
+	outage := time.Now()
+	rmq.Stop(t)
+	t.Logf("RabbitMQ stopped in %v", time.Since(outage).Round(time.Millisecond))
+	writeEvents(t, o, repeat("lesson.published", second)...)
+	awaitOutageAlerts(t, p, r.Addr, outage)
+
+	// The broker is back: the backlog drains and the alerts resolve.
+	restart := time.Now()
+	rmq.Start(t)
+	back := time.Now()
+	t.Logf("RabbitMQ started again in %v", back.Sub(restart).Round(time.Millisecond))
+	awaitRecovery(t, p, r.Addr, back, first+second)
+}
+
+// relayJob selects the relay's series in the test's Prometheus.
+const relayJob = `{job="outbox-relay"}`
+
+// awaitFirstScrape waits for Prometheus to scrape the relay, and checks that
+// nothing was relayed before any event was written.
+func awaitFirstScrape(t *testing.T, p *prometheusServer) {
+	t.Helper()
 	eventually(t, 30*time.Second, "Prometheus scrapes the relay, no event relayed yet", func() string {
-		if v, ok := p.scalar(t, "up"+job); !ok || v != 1 {
+		if v, ok := p.scalar(t, "up"+relayJob); !ok || v != 1 {
 			return fmt.Sprintf("up = %v (present %v)", v, ok)
 		}
-		n, ok := p.scalar(t, "outbox_relay_end_to_end_latency_seconds_count"+job)
+		n, ok := p.scalar(t, "outbox_relay_end_to_end_latency_seconds_count"+relayJob)
 		if !ok {
 			return "no end-to-end latency histogram yet"
 		}
@@ -253,20 +269,22 @@ scrape_configs:
 		}
 		return ""
 	})
-	if v, ok := p.scalar(t, "sum(outbox_relay_events_published_total"+job+")"); ok && v != 0 {
+	if v, ok := p.scalar(t, "sum(outbox_relay_events_published_total"+relayJob+")"); ok && v != 0 {
 		t.Fatalf("published %v events before any was written", v)
 	}
+}
 
-	// Events flow: the counter and the histogram move.
-	const first, second = 25, 5
-	writeEvents(t, o, repeat("lesson.published", first)...)
+// awaitFlow waits for the published counter and the latency histogram to
+// count n events, with no backlog alert meanwhile.
+func awaitFlow(t *testing.T, p *prometheusServer, n int) {
+	t.Helper()
 	flow := time.Now()
 	eventually(t, 30*time.Second, "published counter and latency histogram move in Prometheus", func() string {
-		pub, _ := p.scalar(t, "sum(outbox_relay_events_published_total"+job+")")
-		n, _ := p.scalar(t, "outbox_relay_end_to_end_latency_seconds_count"+job)
-		p99, ok := p.scalar(t, "histogram_quantile(0.99, sum by (le) (rate(outbox_relay_end_to_end_latency_seconds_bucket"+job+"[1m])))")
-		if pub < first || n < first || !ok || math.IsNaN(p99) || p99 <= 0 {
-			return fmt.Sprintf("published %v, latency count %v, p99 %v; want %d, %d and a positive p99", pub, n, p99, first, first)
+		pub, _ := p.scalar(t, "sum(outbox_relay_events_published_total"+relayJob+")")
+		count, _ := p.scalar(t, "outbox_relay_end_to_end_latency_seconds_count"+relayJob)
+		p99, ok := p.scalar(t, "histogram_quantile(0.99, sum by (le) (rate(outbox_relay_end_to_end_latency_seconds_bucket"+relayJob+"[1m])))")
+		if pub < float64(n) || count < float64(n) || !ok || math.IsNaN(p99) || p99 <= 0 {
+			return fmt.Sprintf("published %v, latency count %v, p99 %v; want %d, %d and a positive p99", pub, count, p99, n, n)
 		}
 		return ""
 	})
@@ -274,12 +292,13 @@ scrape_configs:
 	if a := p.alerts(t, "OutboxRelayBacklogStale"); len(a) != 0 {
 		t.Fatalf("backlog alert active while events flow: %+v", a)
 	}
+}
 
-	// Broker outage: events wait, their age passes the threshold.
-	outage := time.Now()
-	rmq.Stop(t)
-	t.Logf("RabbitMQ stopped in %v", time.Since(outage).Round(time.Millisecond))
-	writeEvents(t, o, repeat("lesson.published", second)...)
+// awaitOutageAlerts waits, with the broker stopped since outage, for the
+// backlog-age and broker-link alerts to fire; the relay at addr is then not
+// ready but live.
+func awaitOutageAlerts(t *testing.T, p *prometheusServer, addr string, outage time.Time) {
+	t.Helper()
 	eventually(t, 60*time.Second, "backlog-age and broker-link alerts fire while RabbitMQ is stopped", func() string {
 		var missing []string
 		for _, name := range []string{"OutboxRelayBacklogStale", "OutboxRelayBrokerLinkDown"} {
@@ -290,18 +309,19 @@ scrape_configs:
 		return strings.Join(missing, ", ")
 	})
 	t.Logf("alerts firing %v after the broker stopped", time.Since(outage).Round(time.Millisecond))
-	if code, body := get(t, "http://"+r.Addr+"/readyz"); code != http.StatusServiceUnavailable || !strings.Contains(body, "amqp") {
+	if code, body := get(t, "http://"+addr+"/readyz"); code != http.StatusServiceUnavailable || !strings.Contains(body, "amqp") {
 		t.Errorf("/readyz during the outage: %d %q, want 503 naming amqp", code, body)
 	}
-	if code, _ := get(t, "http://"+r.Addr+"/healthz"); code != http.StatusOK {
+	if code, _ := get(t, "http://"+addr+"/healthz"); code != http.StatusOK {
 		t.Errorf("/healthz during the outage: %d, want 200", code)
 	}
+}
 
-	// The broker is back: the backlog drains and the alerts resolve.
-	restart := time.Now()
-	rmq.Start(t)
-	back := time.Now()
-	t.Logf("RabbitMQ started again in %v", back.Sub(restart).Round(time.Millisecond))
+// awaitRecovery waits, with the broker back since back, for the alerts to
+// resolve and total events to be published; the relay at addr reconnected
+// and is ready again, and was never reported down.
+func awaitRecovery(t *testing.T, p *prometheusServer, addr string, back time.Time, total int) {
+	t.Helper()
 	eventually(t, 60*time.Second, "backlog drained and the alerts resolved after RabbitMQ is back", func() string {
 		var why []string
 		for _, name := range []string{"OutboxRelayBacklogStale", "OutboxRelayBrokerLinkDown"} {
@@ -309,8 +329,8 @@ scrape_configs:
 				why = append(why, name+" still firing")
 			}
 		}
-		if pub, _ := p.scalar(t, "sum(outbox_relay_events_published_total"+job+")"); pub < first+second {
-			why = append(why, fmt.Sprintf("published %v of %d", pub, first+second))
+		if pub, _ := p.scalar(t, "sum(outbox_relay_events_published_total"+relayJob+")"); pub < float64(total) {
+			why = append(why, fmt.Sprintf("published %v of %d", pub, total))
 		}
 		return strings.Join(why, ", ")
 	})
@@ -319,7 +339,7 @@ scrape_configs:
 		t.Errorf("outbox_relay_reconnects_total{link=\"amqp\"} = %v after the broker came back, want ≥ 1", v)
 	}
 	eventually(t, 10*time.Second, "/readyz ready again", func() string {
-		if code, body := get(t, "http://"+r.Addr+"/readyz"); code != http.StatusOK {
+		if code, body := get(t, "http://"+addr+"/readyz"); code != http.StatusOK {
 			return strings.TrimSpace(body)
 		}
 		return ""

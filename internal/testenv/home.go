@@ -44,3 +44,53 @@ func newServerHome(t testing.TB, user, prefix, pidFile string) *serverHome {
 	}
 	return h
 }
+
+// serverProcess is what a private server does to its own process; each
+// returns once the server is up, or gone.
+type serverProcess interface {
+	start() error
+	stop() error
+	kill() error
+}
+
+// serverControl gives a private server its lifecycle methods, for the test
+// goroutine, one call at a time. The server's type documents what each step
+// means for it.
+type serverControl struct {
+	kind string // "postgres", "rabbitmq": in failure messages
+	proc serverProcess
+}
+
+// Start starts the stopped or killed server on the same port and data and
+// returns once it accepts connections.
+func (s serverControl) Start(t testing.TB) {
+	t.Helper()
+	s.must(t, s.proc.start())
+}
+
+// Stop shuts the server down and returns once it is gone.
+func (s serverControl) Stop(t testing.TB) {
+	t.Helper()
+	s.must(t, s.proc.stop())
+}
+
+// Restart stops and starts the server.
+func (s serverControl) Restart(t testing.TB) {
+	t.Helper()
+	s.Stop(t)
+	s.Start(t)
+}
+
+// Kill sends SIGKILL to the server, as a crash would, and returns once it
+// is gone.
+func (s serverControl) Kill(t testing.TB) {
+	t.Helper()
+	s.must(t, s.proc.kill())
+}
+
+func (s serverControl) must(t testing.TB, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatalf("testenv: %s: %v", s.kind, err)
+	}
+}

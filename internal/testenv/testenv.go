@@ -178,9 +178,22 @@ func (b *Broker) channel(t testing.TB) *amqp.Channel {
 // ("#" for everything) and extra arguments; it is deleted at cleanup.
 func (b *Broker) Queue(t testing.TB, bindingKey string, args amqp.Table) string {
 	t.Helper()
+	return b.queue(t, bindingKey, args, false)
+}
+
+// DurableQueue is Queue for a durable queue: it and its persistent messages
+// survive a broker restart. It is deleted at cleanup if the broker runs
+// then.
+func (b *Broker) DurableQueue(t testing.TB, bindingKey string, args amqp.Table) string {
+	t.Helper()
+	return b.queue(t, bindingKey, args, true)
+}
+
+func (b *Broker) queue(t testing.TB, bindingKey string, args amqp.Table, durable bool) string {
+	t.Helper()
 	ch := b.channel(t)
 	defer ch.Close()
-	q, err := ch.QueueDeclare(Name("q"), false, false, false, false, args)
+	q, err := ch.QueueDeclare(Name("q"), durable, false, false, false, args)
 	if err != nil {
 		t.Fatalf("declare queue: %v", err)
 	}

@@ -1,10 +1,9 @@
-package relay
+package rabbitmq
 
 import (
 	"bytes"
 	"encoding/base64"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"maps"
 	"math"
@@ -16,6 +15,8 @@ import (
 	"unicode/utf8"
 
 	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/outbox-relay/outbox-relay/relay"
 )
 
 // CloudEvents 1.0 (https://github.com/cloudevents/spec): the AMQP binding's
@@ -29,29 +30,30 @@ const (
 // publishing is the AMQP message for m in the configured amqp.format. A row
 // that cannot be a valid CloudEvent fails with reason invalid, named, rather
 // than reach consumers that would reject it.
-func (p *AMQPPublisher) publishing(m *Message) (amqp.Publishing, error) {
+func (p *Publisher) publishing(m *relay.Message) (amqp.Publishing, error) {
 	pub := toPublishing(m)
-	if p.cfg.Format == FormatPlain {
+	if p.cfg.Format == relay.FormatPlain {
 		return pub, nil
 	}
 	if err := cloudEventsValid(m); err != nil {
-		return pub, &PublishError{Reason: ReasonInvalid, Err: fmt.Errorf("%w (amqp.format is %s)", err, p.cfg.Format)}
+		return pub, &relay.PublishError{Reason: relay.ReasonInvalid, Err: fmt.Errorf("%w (amqp.format is %s)", err, p.cfg.Format)}
 	}
 	switch p.cfg.Format {
-	case FormatCloudEventsBinary:
+	case relay.FormatCloudEventsBinary:
 		pub.Headers = cloudEventsHeaders(m, p.cfg.CloudEventsSource)
-	case FormatCloudEventsStructured:
+	case relay.FormatCloudEventsStructured:
 		pub.Body = cloudEventsJSON(m, p.cfg.CloudEventsSource)
 		pub.ContentType = ContentTypeCloudEvents
 		pub.Headers = withoutExtensions(m.Headers)
 	}
+	pub.Headers = table(pub.Headers)
 	return pub, nil
 }
 
 // cloudEventsValid checks what CloudEvents requires of the row's own
 // values: a type that is not blank, and a content type that is an RFC 2046
 // media type (or empty: datacontenttype is optional).
-func cloudEventsValid(m *Message) error {
+func cloudEventsValid(m *relay.Message) error {
 	if strings.TrimSpace(m.Type) == "" {
 		return fmt.Errorf("event_type %q is blank: CloudEvents requires a non-empty type", m.Type)
 	}
@@ -165,7 +167,7 @@ func withoutExtensions(h map[string]any) amqp.Table {
 
 // subject is the CloudEvents subject of m: its partition key, unless blank
 // (subject must not be).
-func subject(m *Message) string {
+func subject(m *relay.Message) string {
 	if strings.TrimSpace(m.Key) == "" {
 		return ""
 	}
@@ -177,7 +179,7 @@ func subject(m *Message) string {
 // property already. The time is a string: AMQP 0-9-1 timestamps hold whole
 // seconds, and the binding allows the canonical string form. The row's
 // cloudEvents:* headers, checked by cloudEventsValid, are extensions.
-func cloudEventsHeaders(m *Message, source string) amqp.Table {
+func cloudEventsHeaders(m *relay.Message, source string) amqp.Table {
 	h := make(amqp.Table, len(m.Headers)+6)
 	maps.Copy(h, m.Headers)
 	h[CloudEventsHeaderPrefix+"specversion"] = CloudEventsSpecVersion
@@ -195,7 +197,7 @@ func cloudEventsHeaders(m *Message, source string) amqp.Table {
 // payload of a JSON content type is embedded as it is, byte for byte, as
 // data; any other payload is data_base64 (the relay holds bytes, which the
 // format encodes so); an empty one has no data.
-func cloudEventsJSON(m *Message, source string) []byte {
+func cloudEventsJSON(m *relay.Message, source string) []byte {
 	var b bytes.Buffer
 	b.Grow(len(m.Body)*4/3 + 256)
 	attr := func(name string, value any) {
@@ -246,19 +248,4 @@ func jsonMediaType(contentType string) bool {
 	}
 	written, _, _ := strings.Cut(contentType, ";")
 	return (mt == "application/json" || mt == "text/json") && strings.TrimSpace(written) == mt
-}
-
-// validSource checks amqp.cloudevents_source: CloudEvents requires a
-// non-empty URI-reference.
-func validSource(s string) error {
-	if s == "" {
-		return errors.New("must be set: a URI-reference naming the producer, such as //edupulse/lessons or urn:edupulse:lessons")
-	}
-	if strings.ContainsAny(s, " \t\r\n") {
-		return fmt.Errorf("must be a URI-reference without spaces, got %q", s)
-	}
-	if _, err := url.Parse(s); err != nil {
-		return fmt.Errorf("must be a URI-reference: %v", err)
-	}
-	return nil
 }

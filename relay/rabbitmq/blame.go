@@ -1,4 +1,4 @@
-package relay
+package rabbitmq
 
 import (
 	"context"
@@ -7,6 +7,8 @@ import (
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/outbox-relay/outbox-relay/relay"
 	"go.uber.org/zap"
 )
 
@@ -28,12 +30,12 @@ func blamesMessage(e *amqp.Error) bool {
 
 // culpritError is the failure of a message shown to close the channel or
 // the connection when sent alone: retrying cannot help.
-func culpritError(e *amqp.Error) *PublishError {
-	reason := ReasonInvalid
+func culpritError(e *amqp.Error) *relay.PublishError {
+	reason := relay.ReasonInvalid
 	if strings.Contains(e.Reason, "frame_too_large") || tooLargeClose.MatchString(e.Reason) {
-		reason = ReasonTooLarge
+		reason = relay.ReasonTooLarge
 	}
-	return &PublishError{Reason: reason, Err: fmt.Errorf("the broker closed the link over this message, sent alone: %d %s", e.Code, e.Reason)}
+	return &relay.PublishError{Reason: reason, Err: fmt.Errorf("the broker closed the link over this message, sent alone: %d %s", e.Code, e.Reason)}
 }
 
 // blame handles a close that a message of the channel caused: among the
@@ -41,10 +43,10 @@ func culpritError(e *amqp.Error) *PublishError {
 // again one at a time, and fails for good; the others are retried without
 // charge and without taking the link down. Once a channel's culprit is
 // known, later batches of that channel need no search.
-func (p *AMQPPublisher) blame(ctx context.Context, b *amqpBatch, cut []int, closeErr *amqp.Error) {
+func (p *Publisher) blame(ctx context.Context, b *amqpBatch, cut []int, closeErr *amqp.Error) {
 	var suspects []int
 	for _, i := range cut {
-		if pe, ok := b.errs[i].(*PublishError); ok && pe.Reason == ReasonConnection {
+		if pe, ok := b.errs[i].(*relay.PublishError); ok && pe.Reason == relay.ReasonConnection {
 			suspects = append(suspects, i)
 		} else {
 			b.c.blamed = true // learnMaxSize named it
@@ -56,7 +58,7 @@ func (p *AMQPPublisher) blame(ctx context.Context, b *amqpBatch, cut []int, clos
 		suspects = p.isolate(ctx, b, suspects)
 	}
 	for _, i := range suspects {
-		if pe, ok := b.errs[i].(*PublishError); ok && pe.Reason == ReasonConnection {
+		if pe, ok := b.errs[i].(*relay.PublishError); ok && pe.Reason == relay.ReasonConnection {
 			pe.Deferred = true
 		}
 	}
@@ -67,7 +69,7 @@ func (p *AMQPPublisher) blame(ctx context.Context, b *amqpBatch, cut []int, clos
 // broker close the channel again, which fails with culpritError, and
 // returns the suspects it did not settle. Confirmed suspects succeed (a
 // duplicate at most, if the first copy was routed too).
-func (p *AMQPPublisher) isolate(ctx context.Context, b *amqpBatch, suspects []int) (rest []int) {
+func (p *Publisher) isolate(ctx context.Context, b *amqpBatch, suspects []int) (rest []int) {
 	var c *amqpChannel
 	defer func() {
 		if c != nil && !c.ch.IsClosed() {
@@ -116,7 +118,7 @@ func (p *AMQPPublisher) isolate(ctx context.Context, b *amqpBatch, suspects []in
 			c.collectReturns()
 			b.errs[i] = c.takeReturn(m.ID.String(), p.cfg.Unroutable)
 		case !c.ch.IsClosed():
-			b.errs[i] = &PublishError{Reason: ReasonNack, Err: fmt.Errorf("broker nacked the message")}
+			b.errs[i] = &relay.PublishError{Reason: relay.ReasonNack, Err: fmt.Errorf("broker nacked the message")}
 		default:
 			why := c.closeReason()
 			if !blamesMessage(why) {

@@ -1,4 +1,4 @@
-package relay_test
+package rabbitmq_test
 
 import (
 	"bytes"
@@ -18,6 +18,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/relay/rabbitmq"
 )
 
 const ceSource = "//edupulse/lessons"
@@ -122,9 +123,9 @@ func TestCloudEventsBinary(t *testing.T) {
 	t.Parallel()
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
 	deliveries := b.Consume(t, b.Queue(t, "#", nil))
-	cfg := config(o, b)
+	cfg := testenv.RelayConfig(o, b)
 	cfg.AMQP.Format, cfg.AMQP.CloudEventsSource = relay.FormatCloudEventsBinary, ceSource
-	start(t, cfg)
+	testenv.StartRelay(t, cfg)
 	w, _ := outbox.NewWriter(o.Schema, o.Table.Name)
 	ctx := context.Background()
 	keyed := outbox.NewEvent("lesson.published", []byte(` {"lesson": "l1"} `))
@@ -196,9 +197,9 @@ func TestCloudEventsStructured(t *testing.T) {
 	t.Parallel()
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
 	deliveries := b.Consume(t, b.Queue(t, "#", nil))
-	cfg := config(o, b)
+	cfg := testenv.RelayConfig(o, b)
 	cfg.AMQP.Format, cfg.AMQP.CloudEventsSource = relay.FormatCloudEventsStructured, ceSource
-	start(t, cfg)
+	testenv.StartRelay(t, cfg)
 	w, _ := outbox.NewWriter(o.Schema, o.Table.Name)
 	ctx := context.Background()
 	jsonEv := outbox.NewEvent("lesson.published", []byte("{\"title\": \"<b>Fractions & ratios</b>\",\n \"n\": 1.50}"))
@@ -223,8 +224,8 @@ func TestCloudEventsStructured(t *testing.T) {
 	}
 	for _, d := range testenv.Receive(t, deliveries, len(events), 20*time.Second) {
 		ev := byID[d.MessageId]
-		if d.ContentType != relay.ContentTypeCloudEvents {
-			t.Errorf("%s: content-type %q, want %s", ev.Type, d.ContentType, relay.ContentTypeCloudEvents)
+		if d.ContentType != rabbitmq.ContentTypeCloudEvents {
+			t.Errorf("%s: content-type %q, want %s", ev.Type, d.ContentType, rabbitmq.ContentTypeCloudEvents)
 		}
 		var attrs map[string]any
 		if err := json.Unmarshal(d.Body, &attrs); err != nil {

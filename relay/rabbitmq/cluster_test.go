@@ -1,4 +1,4 @@
-package relay_test
+package rabbitmq_test
 
 import (
 	"context"
@@ -29,24 +29,16 @@ func TestClusterNodeStops(t *testing.T) {
 	// The exchange, the queue and the consumer live on the last node; the
 	// relay starts on the first node that answers, the first one.
 	b := testenv.NewBrokerAt(t, nodes[2].URL())
-	ch := b.Channel(t)
-	q := testenv.Name("q")
-	if _, err := ch.QueueDeclare(q, true, false, false, false, amqp.Table{"x-queue-type": "quorum"}); err != nil {
-		t.Fatalf("declare quorum queue: %v", err)
-	}
-	t.Cleanup(func() { _, _ = ch.QueueDelete(q, false, false, false) })
-	if err := ch.QueueBind(q, "#", b.Exchange, false, nil); err != nil {
-		t.Fatal(err)
-	}
+	q := b.DurableQueue(t, "#", amqp.Table{"x-queue-type": "quorum"})
 	deliveries := b.Consume(t, q)
 
-	cfg := config(o, b)
+	cfg := testenv.RelayConfig(o, b)
 	cfg.AMQP.URL = strings.Join(urls, ",")
-	r := start(t, cfg)
+	r := testenv.StartRelay(t, cfg)
 	onNode := func() int {
 		on := -1
 		for i, u := range urls {
-			if value(t, r.Metrics.AMQPNode.WithLabelValues(nodeOf(u))) == 1 {
+			if testenv.Value(t, r.Metrics.AMQPNode.WithLabelValues(nodeOf(u))) == 1 {
 				on = i
 			}
 		}
@@ -103,7 +95,7 @@ func TestClusterNodeStops(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatalf("writer: %v", err)
 	}
-	dups := receiveAll(t, deliveries, want, time.Minute)
+	dups := testenv.ReceiveAll(t, deliveries, want, time.Minute)
 	t.Logf("all %d events delivered, %d duplicates (allowed)", len(want), dups)
 	testenv.Eventually(t, 10*time.Second, "every row dispatched", func() bool {
 		return o.Count(t, "dispatched_at IS NOT NULL") == len(want)

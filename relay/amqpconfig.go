@@ -3,14 +3,11 @@ package relay
 import (
 	"errors"
 	"fmt"
-	"net"
 	"net/url"
 	"regexp"
 	"strings"
 
 	"gopkg.in/yaml.v3"
-
-	"github.com/outbox-relay/outbox-relay/metrics"
 )
 
 // urlStart is where a URL of a list begins: a comma followed by a scheme,
@@ -37,39 +34,6 @@ func SplitURLs(s string) []string {
 
 // URLs returns the broker URLs of amqp.url, in the order they are tried.
 func (c AMQPConfig) URLs() []string { return SplitURLs(c.URL) }
-
-// nodeName names a broker by its URL's host:port (never its credentials),
-// for logs and the outbox_relay_amqp_node metric.
-func nodeName(rawURL string) string {
-	u, err := url.Parse(rawURL)
-	if err != nil || u.Host == "" {
-		return "unparsable-url"
-	}
-	if u.Port() != "" {
-		return u.Host
-	}
-	port := "5672"
-	if u.Scheme == "amqps" {
-		port = "5671"
-	}
-	return net.JoinHostPort(u.Hostname(), port)
-}
-
-// nodeGauge creates outbox_relay_amqp_node at 0 for every node of urls and
-// returns the function that marks the one connected to.
-func nodeGauge(m *metrics.Metrics, urls []string) func(i int) {
-	nodes := make([]string, len(urls))
-	for i, u := range urls {
-		nodes[i] = nodeName(u)
-		m.AMQPNode.WithLabelValues(nodes[i]).Set(0)
-	}
-	return func(i int) {
-		for _, n := range nodes {
-			m.AMQPNode.WithLabelValues(n).Set(0)
-		}
-		m.AMQPNode.WithLabelValues(nodes[i]).Set(1)
-	}
-}
 
 // validateURLs checks every URL of amqp.url.
 func validateURLs(bad func(string, string, ...any), raw string) {
@@ -112,4 +76,19 @@ func (c *AMQPConfig) UnmarshalYAML(n *yaml.Node) error {
 		}
 	}
 	return n.Decode((*plain)(c))
+}
+
+// validSource checks amqp.cloudevents_source: CloudEvents requires a
+// non-empty URI-reference.
+func validSource(s string) error {
+	if s == "" {
+		return errors.New("must be set: a URI-reference naming the producer, such as //edupulse/lessons or urn:edupulse:lessons")
+	}
+	if strings.ContainsAny(s, " \t\r\n") {
+		return fmt.Errorf("must be a URI-reference without spaces, got %q", s)
+	}
+	if _, err := url.Parse(s); err != nil {
+		return fmt.Errorf("must be a URI-reference: %v", err)
+	}
+	return nil
 }

@@ -1,4 +1,4 @@
-package relay_test
+package rabbitmq_test
 
 import (
 	"bytes"
@@ -11,11 +11,13 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/relay/rabbitmq"
 )
 
 // FuzzDecodeHeaders: the headers column is written by anyone who can
 // INSERT, so DecodeHeaders must never panic; whatever it accepts must be a
-// field table the broker link can send (amqp.Table.Validate checks the
+// field table the broker link can send once the publisher has made it one
+// (rabbitmq's table; amqp.Table.Validate checks the
 // value types; the wire format also needs every field name, at any depth,
 // to fit a short string of 255 bytes, which Validate does not check, and
 // a name that does not fit fails the publish as a lost connection); it must
@@ -59,7 +61,7 @@ func FuzzDecodeHeaders(f *testing.F) {
 			}
 			return
 		}
-		if err := amqp.Table(h).Validate(); err != nil {
+		if err := rabbitmq.Table(h).Validate(); err != nil {
 			t.Fatalf("DecodeHeaders(%q) = %#v, not a valid amqp.Table: %v", raw, h, err)
 		}
 		checkField(t, raw, "headers", map[string]any(h))

@@ -1,4 +1,4 @@
-package relay
+package ops
 
 import (
 	"context"
@@ -9,7 +9,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/outbox-relay/outbox-relay/internal/ident"
+	"github.com/outbox-relay/outbox-relay/relay"
 )
 
 // HeaderReplay marks a re-published copy of an already dispatched event.
@@ -61,22 +61,22 @@ type ReplayProgress struct {
 
 // Replayer re-publishes dispatched events of one table.
 type Replayer struct {
-	table ident.Table
 	count string
 	page  string
 }
 
 // NewReplayer returns a replayer for schema.table.
 func NewReplayer(schema, table string) (*Replayer, error) {
-	t := ident.Table{Schema: schema, Name: table}
-	if err := t.Validate(); err != nil {
+	o, err := New(schema, table)
+	if err != nil {
 		return nil, err
 	}
-	return &Replayer{
-		table: t,
-		count: countReplay(t.Quoted()),
-		page:  pageReplay(t.Quoted()),
-	}, nil
+	return o.Replayer(), nil
+}
+
+// Replayer returns a replayer for the table.
+func (o *Outbox) Replayer() *Replayer {
+	return &Replayer{count: o.q.replayCount, page: o.q.replayPage}
 }
 
 func (r *Replayer) args(sel ReplaySelection, from int64) []any {
@@ -95,7 +95,7 @@ func (r *Replayer) args(sel ReplaySelection, from int64) []any {
 }
 
 // Count returns how many events the selection matches (a dry run).
-func (r *Replayer) Count(ctx context.Context, db Querier, sel ReplaySelection) (int64, error) {
+func (r *Replayer) Count(ctx context.Context, db DB, sel ReplaySelection) (int64, error) {
 	rows, err := db.Query(ctx, r.count, r.args(sel, sel.FromSeq)...)
 	if err != nil {
 		return 0, fmt.Errorf("count replay selection: %w", err)
@@ -118,7 +118,7 @@ const slicesPerSecond = 20
 // at the first send the broker did not fully confirm, or when ctx is done
 // (a send in flight is settled first, within amqp.confirm_timeout); the
 // returned progress says where to resume.
-func (r *Replayer) Replay(ctx context.Context, db Querier, pub Publisher, sel ReplaySelection, opts ReplayOptions) (ReplayProgress, error) {
+func (r *Replayer) Replay(ctx context.Context, db DB, pub relay.Publisher, sel ReplaySelection, opts ReplayOptions) (ReplayProgress, error) {
 	if opts.BatchSize <= 0 {
 		opts.BatchSize = 500
 	}
@@ -158,7 +158,10 @@ func (r *Replayer) Replay(ctx context.Context, db Querier, pub Publisher, sel Re
 			if opts.Rate > 0 {
 				// A slice of n events uses n/Rate of time. A replay that
 				// fell behind (slow confirms) does not catch up in a burst.
-				sleep(ctx, time.Until(next))
+				select {
+				case <-ctx.Done():
+				case <-time.After(time.Until(next)):
+				}
 				if now := time.Now(); now.After(next) {
 					next = now
 				}
@@ -185,12 +188,12 @@ func (r *Replayer) Replay(ctx context.Context, db Querier, pub Publisher, sel Re
 // replay knows exactly what was confirmed. It advances p over the confirmed
 // prefix; at the first failure it returns an error and leaves p.Resume at
 // the failed event.
-func (r *Replayer) send(ctx context.Context, pub Publisher, msgs []Message, p *ReplayProgress) error {
+func (r *Replayer) send(ctx context.Context, pub relay.Publisher, msgs []relay.Message, p *ReplayProgress) error {
 	errs := pub.Send(ctx, msgs).Wait(context.WithoutCancel(ctx))
 	for i, m := range msgs {
-		if err := errs[i]; err != nil && !accepted(err) {
+		if err := errs[i]; !delivered(err) {
 			for _, later := range errs[i+1:] {
-				if later == nil || accepted(later) {
+				if delivered(later) {
 					p.Resent++
 				}
 			}
@@ -207,21 +210,22 @@ func (r *Replayer) send(ctx context.Context, pub Publisher, msgs []Message, p *R
 	return nil
 }
 
-// accepted reports a return that amqp.unroutable: accept counts as delivered.
-func accepted(err error) bool {
-	var pe *PublishError
-	return errors.As(err, &pe) && pe.Accepted
+// delivered reports a send's result that counts as delivered: confirmed, or
+// a return that amqp.unroutable: accept accepts, as the engine counts it.
+func delivered(err error) bool {
+	var pe *relay.PublishError
+	return err == nil || errors.As(err, &pe) && pe.Accepted
 }
 
-func (r *Replayer) readPage(ctx context.Context, db Querier, sel ReplaySelection, from int64, limit int) ([]Message, error) {
+func (r *Replayer) readPage(ctx context.Context, db DB, sel ReplaySelection, from int64, limit int) ([]relay.Message, error) {
 	rows, err := db.Query(ctx, r.page, append(r.args(sel, from), limit)...)
 	if err != nil {
 		return nil, fmt.Errorf("read replay page: %w", err)
 	}
 	defer rows.Close()
-	var msgs []Message
+	var msgs []relay.Message
 	for rows.Next() {
-		m, err := scanMessage(rows)
+		m, err := relay.ScanMessage(rows)
 		if err != nil {
 			return nil, fmt.Errorf("read replay page: seq %d: %w", m.Seq, err)
 		}

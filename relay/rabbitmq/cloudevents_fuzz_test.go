@@ -1,4 +1,4 @@
-package relay_test
+package rabbitmq_test
 
 import (
 	"bytes"
@@ -13,6 +13,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/relay/rabbitmq"
 )
 
 // FuzzCloudEventsJSON: whatever a row holds, the structured document is
@@ -36,9 +37,9 @@ func FuzzCloudEventsJSON(f *testing.F) {
 		m := relay.Message{ID: uuid.New(), Type: eventType, Key: key, Body: payload, ContentType: contentType,
 			CreatedAt: time.Date(2026, 12, 7, 10, 2, 14, 459939000, time.UTC)}
 		if ext != "" {
-			m.Headers = map[string]any{relay.CloudEventsHeaderPrefix + ext: extValue}
+			m.Headers = map[string]any{rabbitmq.CloudEventsHeaderPrefix + ext: extValue}
 		}
-		doc, err := relay.CloudEventsJSON(&m, "//edupulse/lessons")
+		doc, err := rabbitmq.CloudEventsJSON(&m, "//edupulse/lessons")
 		if err != nil {
 			t.Skip("parked dead as invalid, not published:", err)
 		}

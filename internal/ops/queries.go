@@ -1,16 +1,18 @@
-package main
+package ops
 
 import (
 	"fmt"
 
 	"github.com/outbox-relay/outbox-relay/internal/ident"
+	"github.com/outbox-relay/outbox-relay/internal/outboxsql"
+	"github.com/outbox-relay/outbox-relay/relay"
 	"github.com/outbox-relay/outbox-relay/schema"
 )
 
-// opsQueries holds every SQL statement of the operations commands (dead,
-// status, notify, and the table check of replay), rendered once for the configured table. The table name is
-// validated and quoted (internal/ident); everything else is a parameter.
-type opsQueries struct {
+// queries holds every SQL statement of the operator's commands, rendered
+// once for the table. The table name is validated and quoted
+// (internal/ident); everything else is a parameter.
+type queries struct {
 	tableExists string
 
 	// dead list / retry / purge.
@@ -19,7 +21,7 @@ type opsQueries struct {
 	deadSelect string
 	deadRetry  string
 	deadPurge  string
-	idStates   string
+	idStates   string // EventStates
 	wakeRelay  string
 
 	// status.
@@ -33,19 +35,32 @@ type opsQueries struct {
 	// notify enable / disable.
 	notifyEnable  string
 	notifyDisable string
+
+	// ordered mode: lease owners and backlogs.
+	partitionOwners  string
+	partitionBacklog string
+
+	// replay.
+	replayCount string
+	replayPage  string
 }
 
-// Predicates of the partial indexes outbox_pending and outbox_dead
-// (schema/migrations/00001_create_outbox.sql). Queries repeat them verbatim
+// Predicates of the partial indexes pending and dead: queries repeat them
 // so that the planner can use the indexes.
 const (
-	pendingRows = `dispatched_at IS NULL AND dead_at IS NULL`
-	deadRows    = `dead_at IS NOT NULL`
+	pendingRows = outboxsql.Pending
+	deadRows    = outboxsql.Dead
 )
+
+// replaySelection restricts a replay to dispatched rows: $1 from seq, $2 to
+// seq (0: none), $3 since, $4 until (NULL: none), $5 types (empty: all).
+const replaySelection = `dispatched_at IS NOT NULL AND seq >= $1 AND ($2 = 0 OR seq <= $2)
+  AND ($3::timestamptz IS NULL OR created_at >= $3) AND ($4::timestamptz IS NULL OR created_at < $4)
+  AND (cardinality($5::text[]) = 0 OR event_type = ANY($5))`
 
 // deadMatch selects dead rows for list, retry and purge. Each parameter is a
 // filter; NULL switches it off, so one fixed statement serves every
-// combination of flags (see deadFilter.args):
+// combination of flags (see DeadFilter.args):
 //
 //	$1 uuid[]    ids (--id)
 //	$2 text[]    event types (--type)
@@ -61,10 +76,10 @@ const deadMatch = deadRows + `
   AND ($4::interval IS NULL OR dead_at >= now() - $4::interval)
   AND ($5::bigint[] IS NULL OR seq = ANY($5::bigint[]))`
 
-func newOpsQueries(t ident.Table) opsQueries {
+func newQueries(t ident.Table) queries {
 	tbl := t.Quoted()
 	versionTable := t.Derived(schema.VersionTableSuffix)
-	return opsQueries{
+	return queries{
 		tableExists: `SELECT to_regclass($1) IS NOT NULL`,
 
 		// Newest first, which is the dead index read backwards. $6 asks
@@ -107,10 +122,11 @@ WHERE id = ANY($1::uuid[])`, tbl),
 		// commit; nobody listens in poll mode, which polls anyway).
 		wakeRelay: `SELECT pg_notify($1, '')`,
 
-		// Both counts come from one pass over the pending index; the oldest
-		// pending row is its first entry.
+		// Both counts come from one pass over the pending index. The oldest
+		// age is of due rows only, like the oldest-pending gauge: a row
+		// waiting out its retry backoff is not late.
 		statusBacklog: fmt.Sprintf(`SELECT p.pending, p.due,
-       (SELECT extract(epoch FROM now() - created_at)::float8 FROM %[1]s WHERE `+pendingRows+` ORDER BY seq LIMIT 1),
+       (SELECT extract(epoch FROM now() - created_at)::float8 FROM %[1]s WHERE `+pendingRows+` AND available_at <= now() ORDER BY seq LIMIT 1),
        (SELECT count(*) FROM %[1]s WHERE `+deadRows+`),
        now()
 FROM (SELECT count(*) AS pending, count(*) FILTER (WHERE available_at <= now()) AS due
@@ -152,13 +168,24 @@ LIMIT $1`, tbl),
 		versionTable:  versionTable,
 		schemaVersion: fmt.Sprintf(`SELECT coalesce(max(version_id), 0) FROM %s`, versionTable),
 
-		// NULL when the trigger is missing; 'O' (origin) and 'A' (always)
-		// fire, 'D' is disabled.
-		notifyTrigger: `SELECT tgenabled IN ('O', 'A') FROM pg_trigger WHERE tgrelid = $1::regclass AND tgname = $2`,
+		notifyTrigger: outboxsql.NotifyEnabled,
+		notifyEnable:  outboxsql.SetNotify(t, true),
+		notifyDisable: outboxsql.SetNotify(t, false),
 
-		// The trigger the migration creates, disabled there (see
-		// schema/migrations/00001_create_outbox.sql).
-		notifyEnable:  fmt.Sprintf(`ALTER TABLE %s ENABLE TRIGGER %s`, tbl, t.Local("notify")),
-		notifyDisable: fmt.Sprintf(`ALTER TABLE %s DISABLE TRIGGER %s`, tbl, t.Local("notify")),
+		// The live leases grouped by replica.
+		partitionOwners: fmt.Sprintf(`SELECT r.owner, r.pid, r.application_name, r.client_addr, r.since,
+       array_agg(l.partition ORDER BY l.partition)
+FROM %s l JOIN %s r ON r.owner = l.owner
+WHERE l.expires_at > now()
+GROUP BY r.owner, r.pid, r.application_name, r.client_addr, r.since
+ORDER BY r.pid, r.owner`, t.Derived("leases"), t.Derived("relays")),
+
+		// Pending keyed rows per partition, of $1 partitions.
+		partitionBacklog: fmt.Sprintf(`SELECT %s AS p, count(*) FROM %s
+WHERE `+pendingRows+` AND partition_key IS NOT NULL GROUP BY p`, outboxsql.PartitionOf("partition_key", 1), tbl),
+
+		// A replay's selection, counted and read in pages of $6 rows.
+		replayCount: fmt.Sprintf(`SELECT count(*) FROM %s WHERE `+replaySelection, tbl),
+		replayPage:  fmt.Sprintf(`SELECT `+relay.MessageColumns+` FROM %s WHERE `+replaySelection+` ORDER BY seq LIMIT $6`, tbl),
 	}
 }

@@ -1,4 +1,4 @@
-package relay_test
+package ops_test
 
 import (
 	"context"
@@ -11,6 +11,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"go.uber.org/zap/zaptest"
 
+	"github.com/outbox-relay/outbox-relay/internal/ops"
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
@@ -23,7 +24,7 @@ func TestReplay(t *testing.T) {
 	t.Parallel()
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
 	live := b.Consume(t, b.Queue(t, "#", nil))
-	start(t, config(o, b))
+	testenv.StartRelay(t, testenv.RelayConfig(o, b))
 	w, _ := outbox.NewWriter(o.Schema, o.Table.Name)
 	ctx := context.Background()
 	var events []outbox.Event
@@ -39,12 +40,12 @@ func TestReplay(t *testing.T) {
 	// A second exchange for the copies.
 	target := testenv.NewBroker(t)
 	copies := target.Consume(t, target.Queue(t, "#", nil))
-	cfg := config(o, b).WithDefaults()
+	cfg := testenv.RelayConfig(o, b).WithDefaults()
 	cfg.AMQP.Exchange = target.Exchange
-	pub := relay.NewAMQPPublisher(cfg.AMQP, 50, zaptest.NewLogger(t))
+	pub := testenv.NewAMQPPublisher(t, cfg.AMQP, 50, zaptest.NewLogger(t))
 	defer pub.Close()
 
-	rp, err := relay.NewReplayer(o.Schema, o.Table.Name)
+	rp, err := ops.NewReplayer(o.Schema, o.Table.Name)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -52,7 +53,7 @@ func TestReplay(t *testing.T) {
 	if err := o.Pool.QueryRow(ctx, `SELECT min(seq) FROM `+o.Table.Quoted()).Scan(&minSeq); err != nil {
 		t.Fatal(err)
 	}
-	sel := relay.ReplaySelection{Types: []string{"quiz.submitted"}, FromSeq: minSeq + 100, ToSeq: minSeq + 299}
+	sel := ops.ReplaySelection{Types: []string{"quiz.submitted"}, FromSeq: minSeq + 100, ToSeq: minSeq + 299}
 	n, err := rp.Count(ctx, o.Pool, sel)
 	if err != nil || n != 100 {
 		t.Fatalf("dry run counted %d (%v), want 100", n, err)
@@ -60,7 +61,7 @@ func TestReplay(t *testing.T) {
 
 	// Interrupted after the first batch...
 	cctx, cancel := context.WithCancel(ctx)
-	p, err := rp.Replay(cctx, o.Pool, pub, sel, relay.ReplayOptions{BatchSize: 30, Progress: func(relay.ReplayProgress) { cancel() }})
+	p, err := rp.Replay(cctx, o.Pool, pub, sel, ops.ReplayOptions{BatchSize: 30, Progress: func(ops.ReplayProgress) { cancel() }})
 	if !errors.Is(err, context.Canceled) || p.Done != 30 {
 		t.Fatalf("interrupted replay: done %d, err %v; want 30, canceled", p.Done, err)
 	}
@@ -69,14 +70,14 @@ func TestReplay(t *testing.T) {
 		t.Fatalf("interrupted between sends: resume %d, last seq %d, resent %d", p.Resume, p.LastSeq, p.Resent)
 	}
 	sel.FromSeq = p.Resume
-	p2, err := rp.Replay(ctx, o.Pool, pub, sel, relay.ReplayOptions{BatchSize: 30, Rate: 2000})
+	p2, err := rp.Replay(ctx, o.Pool, pub, sel, ops.ReplayOptions{BatchSize: 30, Rate: 2000})
 	if err != nil || p2.Done != 70 {
 		t.Fatalf("resumed replay: done %d, err %v; want 70", p2.Done, err)
 	}
 	seen := map[string]bool{}
 	for _, d := range testenv.Receive(t, copies, 100, 20*time.Second) {
-		if d.Type != "quiz.submitted" || d.Headers[relay.HeaderReplay] == nil || seen[d.MessageId] {
-			t.Fatalf("copy %s: type %s, replay header %v, seen before %v", d.MessageId, d.Type, d.Headers[relay.HeaderReplay], seen[d.MessageId])
+		if d.Type != "quiz.submitted" || d.Headers[ops.HeaderReplay] == nil || seen[d.MessageId] {
+			t.Fatalf("copy %s: type %s, replay header %v, seen before %v", d.MessageId, d.Type, d.Headers[ops.HeaderReplay], seen[d.MessageId])
 		}
 		seen[d.MessageId] = true
 	}
@@ -103,13 +104,13 @@ RETURNING seq`, n, types)
 	return seqs
 }
 
-func newReplay(t *testing.T, o *testenv.Outbox, b *testenv.Broker) (*relay.Replayer, relay.Publisher) {
+func newReplay(t *testing.T, o *testenv.Outbox, b *testenv.Broker) (*ops.Replayer, relay.Publisher) {
 	t.Helper()
 	cfg := relay.Config{AMQP: relay.AMQPConfig{URL: b.URL, Exchange: b.Exchange}}.WithDefaults()
 	*cfg.AMQP.DeclareExchange = false
-	pub := relay.NewAMQPPublisher(cfg.AMQP, 500, zaptest.NewLogger(t))
+	pub := testenv.NewAMQPPublisher(t, cfg.AMQP, 500, zaptest.NewLogger(t))
 	t.Cleanup(func() { pub.Close() })
-	rp, err := relay.NewReplayer(o.Schema, o.Table.Name)
+	rp, err := ops.NewReplayer(o.Schema, o.Table.Name)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -132,9 +133,9 @@ func TestReplayRate(t *testing.T) {
 	}
 	var sends []confirmed
 	start := time.Now()
-	p, err := rp.Replay(context.Background(), o.Pool, pub, relay.ReplaySelection{}, relay.ReplayOptions{
+	p, err := rp.Replay(context.Background(), o.Pool, pub, ops.ReplaySelection{}, ops.ReplayOptions{
 		BatchSize: 500, Rate: 40,
-		Progress: func(p relay.ReplayProgress) { sends = append(sends, confirmed{time.Now(), p.Done}) },
+		Progress: func(p ops.ReplayProgress) { sends = append(sends, confirmed{time.Now(), p.Done}) },
 	})
 	elapsed := time.Since(start)
 	if err != nil || p.Done != 60 {
@@ -177,8 +178,8 @@ func TestReplayPartialFailure(t *testing.T) {
 	rp, pub := newReplay(t, o, b)
 	ctx := context.Background()
 
-	p, err := rp.Replay(ctx, o.Pool, pub, relay.ReplaySelection{}, relay.ReplayOptions{BatchSize: 10})
-	if !errors.Is(err, relay.ErrReplayFailed) {
+	p, err := rp.Replay(ctx, o.Pool, pub, ops.ReplaySelection{}, ops.ReplayOptions{BatchSize: 10})
+	if !errors.Is(err, ops.ErrReplayFailed) {
 		t.Fatalf("replay over an unroutable event: err %v, want ErrReplayFailed", err)
 	}
 	if p.Done != 2 || p.LastSeq != seqs[1] || p.Resume != seqs[2] || p.Resent != 2 {
@@ -188,7 +189,7 @@ func TestReplayPartialFailure(t *testing.T) {
 
 	// Resuming past the bad event (here: only type a) sends the events
 	// from the resume point on, and none below it.
-	p, err = rp.Replay(ctx, o.Pool, pub, relay.ReplaySelection{FromSeq: p.Resume, Types: []string{"a"}}, relay.ReplayOptions{})
+	p, err = rp.Replay(ctx, o.Pool, pub, ops.ReplaySelection{FromSeq: p.Resume, Types: []string{"a"}}, ops.ReplayOptions{})
 	if err != nil || p.Done != 2 {
 		t.Fatalf("resumed: done %d, err %v", p.Done, err)
 	}
@@ -196,5 +197,47 @@ func TestReplayPartialFailure(t *testing.T) {
 		if s := d.Headers[relay.HeaderSeq].(int64); s < seqs[2] {
 			t.Errorf("resume re-sent seq %d, below its start %d", s, seqs[2])
 		}
+	}
+}
+
+// TestReplayKeepsRoute: a replayed event goes to the exchange and routing
+// key its row names, like the first time; with OneExchange (replay
+// --exchange) to the publisher's exchange, keeping its routing key.
+func TestReplayKeepsRoute(t *testing.T) {
+	t.Parallel()
+	o, b, other := testenv.NewOutbox(t), testenv.NewBroker(t), testenv.NewBroker(t)
+	routed := other.Consume(t, other.Queue(t, "tenant-7", nil))
+	cfg := testenv.RelayConfig(o, b)
+	cfg.AMQP.Exchanges = []string{other.Exchange}
+	if _, err := o.Pool.Exec(context.Background(), `INSERT INTO `+o.Table.Quoted()+` (event_type, payload, routing_key, exchange, dispatched_at)
+		VALUES ('invoice.paid', '{}', 'tenant-7', $1, now())`, other.Exchange); err != nil {
+		t.Fatal(err)
+	}
+	pub := testenv.NewAMQPPublisher(t, cfg.WithDefaults().AMQP, 10, zaptest.NewLogger(t))
+	defer pub.Close()
+	rp, err := ops.NewReplayer(o.Schema, o.Table.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p, err := rp.Replay(context.Background(), o.Pool, pub, ops.ReplaySelection{}, ops.ReplayOptions{}); err != nil || p.Done != 1 {
+		t.Fatalf("replay: done %d, %v", p.Done, err)
+	}
+	d := testenv.Receive(t, routed, 1, 10*time.Second)[0]
+	if d.Exchange != other.Exchange || d.RoutingKey != "tenant-7" || d.Headers[ops.HeaderReplay] == nil {
+		t.Fatalf("replayed to %s with key %s (replay header %v)", d.Exchange, d.RoutingKey, d.Headers[ops.HeaderReplay])
+	}
+
+	// replay --exchange: every copy to that exchange, with its routing key.
+	target := testenv.NewBroker(t)
+	copies := target.Consume(t, target.Queue(t, "#", nil))
+	cfg.AMQP.Exchange = target.Exchange
+	one := testenv.NewAMQPPublisher(t, cfg.WithDefaults().AMQP, 10, zaptest.NewLogger(t))
+	defer one.Close()
+	if p, err := rp.Replay(context.Background(), o.Pool, one, ops.ReplaySelection{}, ops.ReplayOptions{OneExchange: true}); err != nil || p.Done != 1 {
+		t.Fatalf("replay to one exchange: done %d, %v", p.Done, err)
+	}
+	d = testenv.Receive(t, copies, 1, 10*time.Second)[0]
+	if d.Exchange != target.Exchange || d.RoutingKey != "tenant-7" {
+		t.Fatalf("replayed with OneExchange to %s with key %s, want %s and tenant-7", d.Exchange, d.RoutingKey, target.Exchange)
 	}
 }

@@ -1,4 +1,4 @@
-package relay_test
+package rabbitmq_test
 
 import (
 	"context"
@@ -14,12 +14,11 @@ import (
 	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
 
-	"github.com/prometheus/client_golang/prometheus"
-
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/metrics"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/relay/rabbitmq"
 )
 
 // refusedRow is a class of row that any application can write through
@@ -46,28 +45,22 @@ var refusedRows = []refusedRow{
 
 // startRefusal runs a relay for o and b with its own AMQP publisher (so the
 // test can count its dials) and its logs recorded.
-func startRefusal(t *testing.T, o *testenv.Outbox, b *testenv.Broker, unforeseen bool) (*running, *relay.AMQPPublisher, *observer.ObservedLogs) {
+func startRefusal(t *testing.T, o *testenv.Outbox, b *testenv.Broker, unforeseen bool) (*testenv.Relay, *rabbitmq.Publisher, *observer.ObservedLogs) {
 	t.Helper()
-	cfg := config(o, b)
+	cfg := testenv.RelayConfig(o, b)
 	cfg.Relay.MaxAttempts = 3
 	cfg.Relay.RetryMinBackoff = 10 * time.Millisecond
 	cfg.Relay.RetryMaxBackoff = 20 * time.Millisecond
 	cfg = cfg.WithDefaults()
 	core, logs := observer.New(zapcore.InfoLevel)
 	log := zap.New(zapcore.NewTee(zaptest.NewLogger(t).Core(), core))
-	pub := relay.NewAMQPPublisher(cfg.AMQP, cfg.Relay.BatchSize, log.Named("amqp"))
+	// Without the app names relay.New adds: the edge tests size frames for
+	// the default app id.
+	pub := testenv.NewAMQPPublisher(t, cfg.AMQP, cfg.Relay.BatchSize, log.Named("amqp"))
 	if unforeseen {
-		relay.SkipChecks(pub)
+		rabbitmq.SkipChecks(pub)
 	}
-	m, err := metrics.New(prometheus.NewRegistry(), metrics.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r, err := relay.New(cfg, relay.Deps{Logger: log, Metrics: m, Publisher: pub})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &running{Relay: r, Metrics: m, stop: testenv.RunRelay(t, r)}, pub, logs
+	return testenv.StartRelay(t, cfg, testenv.WithLogger(log), testenv.WithPublisher(pub)), pub, logs
 }
 
 // checkRefused runs one class of refused row at the head of a backlog of
@@ -80,10 +73,10 @@ func checkRefused(t *testing.T, c refusedRow, unforeseen bool, maxDials int64) {
 	if _, err := o.Pool.Exec(ctx, fmt.Sprintf(c.insert, o.Table.Quoted())); err != nil {
 		t.Fatal(err)
 	}
-	good := writeEvents(t, o, "good.event", 1000)
+	good := o.WriteEvents(t, "good.event", 1000)
 	r, pub, logs := startRefusal(t, o, b, unforeseen)
 
-	if dups := receiveAll(t, deliveries, good, time.Minute); dups > 0 {
+	if dups := testenv.ReceiveAll(t, deliveries, good, time.Minute); dups > 0 {
 		t.Logf("%d duplicates", dups)
 	}
 	testenv.Eventually(t, 20*time.Second, "bad row dead, ordinary rows dispatched", func() bool {
@@ -108,13 +101,13 @@ func checkRefused(t *testing.T, c refusedRow, unforeseen bool, maxDials int64) {
 	} else {
 		t.Logf("%d connections opened", n)
 	}
-	if n := linkLogs(logs, "link down", metrics.LinkAMQP); n != 0 {
+	if n := testenv.LinkLogs(logs, "link down", metrics.LinkAMQP); n != 0 {
 		t.Errorf("%d link down lines: a bad row must not take the link down", n)
 	}
 	if n := logs.FilterMessage("event parked dead").Len(); n != 1 {
 		t.Errorf("%d warnings of a parked event, want 1", n)
 	}
-	if n := value(t, r.Metrics.Failed.WithLabelValues("bad.event", c.reason)); n != 1 {
+	if n := testenv.Value(t, r.Metrics.Failed.WithLabelValues("bad.event", c.reason)); n != 1 {
 		t.Errorf("publish_failures_total{reason=%q} for the bad row is %v, want 1", c.reason, n)
 	}
 	if err := r.Ready(); err != nil {
@@ -202,7 +195,7 @@ func TestHeaderFrameAtFrameMax(t *testing.T) {
 	if n := pub.Dials(); n != 1 {
 		t.Errorf("%d connections opened, want 1: the broker closed one", n)
 	}
-	if n := linkLogs(logs, "link down", metrics.LinkAMQP); n != 0 {
+	if n := testenv.LinkLogs(logs, "link down", metrics.LinkAMQP); n != 0 {
 		t.Errorf("%d link down lines", n)
 	}
 }
@@ -276,16 +269,16 @@ func TestUnforeseenRefusalsInOneBatch(t *testing.T) {
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
 	deliveries := b.Consume(t, b.Queue(t, "#", nil))
 	ctx := context.Background()
-	before := writeEvents(t, o, "good.event", 100)
+	before := o.WriteEvents(t, "good.event", 100)
 	bad := `INSERT INTO ` + o.Table.Quoted() + ` (event_type, payload, headers) VALUES ('bad.event', '{}', '{"BCC": 7}')`
 	if _, err := o.Pool.Exec(ctx, bad); err != nil {
 		t.Fatal(err)
 	}
-	between := writeEvents(t, o, "good.event", 100)
+	between := o.WriteEvents(t, "good.event", 100)
 	if _, err := o.Pool.Exec(ctx, bad); err != nil {
 		t.Fatal(err)
 	}
-	after := writeEvents(t, o, "good.event", 100)
+	after := o.WriteEvents(t, "good.event", 100)
 	r, pub, logs := startRefusal(t, o, b, true)
 
 	good := map[string]outbox.Event{}
@@ -294,7 +287,7 @@ func TestUnforeseenRefusalsInOneBatch(t *testing.T) {
 			good[id] = ev
 		}
 	}
-	receiveAll(t, deliveries, good, time.Minute)
+	testenv.ReceiveAll(t, deliveries, good, time.Minute)
 	testenv.Eventually(t, 20*time.Second, "both bad rows dead, ordinary rows dispatched", func() bool {
 		return o.Count(t, "event_type = 'bad.event' AND dead_at IS NOT NULL AND attempts = 1 AND last_error LIKE 'invalid: the broker closed%BCC%'") == 2 &&
 			o.Count(t, "dispatched_at IS NOT NULL") == len(good)
@@ -308,10 +301,10 @@ func TestUnforeseenRefusalsInOneBatch(t *testing.T) {
 	if n := logs.FilterMessage("event parked dead").Len(); n != 2 {
 		t.Errorf("%d warnings of a parked event, want 2", n)
 	}
-	if n := linkLogs(logs, "link down", metrics.LinkAMQP); n != 0 {
+	if n := testenv.LinkLogs(logs, "link down", metrics.LinkAMQP); n != 0 {
 		t.Errorf("%d link down lines", n)
 	}
-	if n := value(t, r.Metrics.Failed.WithLabelValues("bad.event", "invalid")); n != 2 {
+	if n := testenv.Value(t, r.Metrics.Failed.WithLabelValues("bad.event", "invalid")); n != 2 {
 		t.Errorf("publish_failures_total{reason=invalid} for the bad rows is %v, want 2", n)
 	}
 }

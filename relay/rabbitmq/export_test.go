@@ -1,0 +1,19 @@
+package rabbitmq
+
+import "github.com/outbox-relay/outbox-relay/relay"
+
+// SkipChecks turns off p's checks before publishing, so a test can show
+// what happens when the broker refuses a message the checks did not foresee.
+func SkipChecks(p *Publisher) { p.skipChecks = true }
+
+// CloudEventsJSON renders m as a structured CloudEvent, or says why m
+// cannot be one.
+func CloudEventsJSON(m *relay.Message, source string) ([]byte, error) {
+	if err := cloudEventsValid(m); err != nil {
+		return nil, err
+	}
+	return cloudEventsJSON(m, source), nil
+}
+
+// Table is table: decoded headers as the field table that is published.
+var Table = table

@@ -1,0 +1,64 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"go.uber.org/zap"
+
+	"github.com/outbox-relay/outbox-relay/internal/outboxsql"
+	"github.com/outbox-relay/outbox-relay/metrics"
+)
+
+// ErrTableMissing is returned by Run when the outbox table does not exist.
+var ErrTableMissing = errors.New("outbox table does not exist")
+
+// ErrSchemaOutdated is returned by Run when the outbox table lacks columns
+// of a migration this relay needs.
+var ErrSchemaOutdated = errors.New("outbox table is missing migrations")
+
+// checkSchema fails with ErrTableMissing when the table is absent, with
+// ErrSchemaOutdated when it lacks the routing columns, and warns
+// when the NOTIFY trigger disagrees with wake.mode.
+func (r *Relay) checkSchema(ctx context.Context, pool *pgxpool.Pool) error {
+	var exists bool
+	if err := pool.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, r.table.Quoted()).Scan(&exists); err != nil {
+		return fmt.Errorf("check outbox table: %w", err)
+	}
+	if !exists {
+		return fmt.Errorf("%w: %s (run `outbox-relay migrate up`, or check postgres.schema and postgres.table)", ErrTableMissing, r.table)
+	}
+	var routing int
+	if err := pool.QueryRow(ctx, routingColumns, r.table.Quoted()).Scan(&routing); err != nil {
+		return fmt.Errorf("check outbox columns: %w", err)
+	}
+	if routing != 2 {
+		return fmt.Errorf("%w: %s has no routing_key and exchange columns (run `outbox-relay migrate up`)", ErrSchemaOutdated, r.table)
+	}
+	if r.cfg.Relay.Ordering == OrderingPartitionKey {
+		if err := pool.QueryRow(ctx, `SELECT pg_get_serial_sequence($1, 'seq')`, r.table.Quoted()).Scan(&r.ord.seqName); err != nil {
+			return fmt.Errorf("find the seq sequence of %s: %w", r.table, err)
+		}
+	}
+	var enabled bool
+	if err := pool.QueryRow(ctx, r.q.notifyTrigger, r.table.Quoted(), outboxsql.NotifyTrigger(r.table)).Scan(&enabled); err != nil {
+		return fmt.Errorf("check notify trigger: %w", err)
+	}
+	switch {
+	case r.cfg.Wake.Mode == WakeNotify && !enabled:
+		r.log.Warn("wake.mode is notify but the table's NOTIFY trigger is disabled: events wait for the fallback poll; run `outbox-relay notify enable`",
+			zap.Duration("poll_interval", r.cfg.Wake.PollInterval))
+	case r.cfg.Wake.Mode == WakePoll && enabled:
+		r.log.Warn("the table's NOTIFY trigger is enabled but wake.mode is poll: producers pay for NOTIFY for nothing; run `outbox-relay notify disable`")
+	}
+	r.setLink(metrics.LinkPostgres, nil)
+	return nil
+}
+
+func isUndefinedTable(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "42P01"
+}
