@@ -292,3 +292,17 @@ func (c Config) WithAppNames() Config {
 func (c Config) table() ident.Table {
 	return ident.Table{Schema: c.Postgres.Schema, Name: c.Postgres.Table}
 }
+
+// inflightLimit is how many sent batches may await their confirms at once.
+// Each holds a pool connection; two are kept for claiming and the stats and
+// cleaner loops.
+func (c Config) inflightLimit() int {
+	return max(1, min(4, int(c.WithDefaults().Postgres.MaxConns)-2))
+}
+
+// PendingBatches is the most batches a relay with this configuration has
+// sent to its Publisher and not yet waited for: those awaiting their
+// confirms, plus the one the claim loop holds while they are that many. A
+// Publisher that keeps per-batch state (rabbitmq.Options.Batches) sizes it
+// by this.
+func (c Config) PendingBatches() int { return c.inflightLimit() + 1 }

@@ -45,4 +45,11 @@ func TestNewRequiresDeps(t *testing.T) {
 	if _, err := relay.New(cfg, full); err != nil {
 		t.Fatalf("New with every dependency: %v", err)
 	}
+	// A pool smaller than postgres.max_conns would starve the batches in
+	// flight: New names the key and the fix.
+	wide := cfg
+	wide.Postgres.MaxConns = full.Pool.Config().MaxConns + 2
+	if _, err := relay.New(wide, full); err == nil || !strings.Contains(err.Error(), "postgres.max_conns") || !strings.Contains(err.Error(), "relay.PoolConfig") {
+		t.Errorf("New with a pool smaller than postgres.max_conns: error %v, want one naming postgres.max_conns and relay.PoolConfig", err)
+	}
 }

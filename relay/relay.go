@@ -8,6 +8,7 @@ package relay
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -91,6 +92,11 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	// Batches in flight each hold a connection (inflightLimit): a smaller
+	// pool than postgres.max_conns would leave the loop waiting for one.
+	if n := deps.Pool.Config().MaxConns; n < cfg.Postgres.MaxConns {
+		return nil, fmt.Errorf("relay: the pool has %d connections, fewer than postgres.max_conns (%d): build it with relay.PoolConfig", n, cfg.Postgres.MaxConns)
+	}
 	log := deps.Logger.Named("relay")
 	r := &Relay{
 		cfg:   cfg,
@@ -142,7 +148,7 @@ func New(cfg Config, deps Deps) (*Relay, error) {
 func (r *Relay) Config() Config { return r.cfg }
 
 // Run relays until ctx is cancelled, then drains: it stops claiming, waits
-// up to relay.shutdown_timeout for the confirms of the batch in flight,
+// up to relay.shutdown_timeout for the confirms of the batches in flight,
 // commits what was confirmed and returns nil. It returns an error only for
 // conditions that retrying cannot fix, such as a missing outbox table.
 func (r *Relay) Run(ctx context.Context) error {

@@ -65,6 +65,7 @@ func (b *bench) startRelay(ctx context.Context, cfg relay.Config) (*inproc, erro
 	}
 	r, err := relay.New(cfg, relay.Deps{Logger: zap.NewNop(), Metrics: m, Pool: pool, Publisher: pub})
 	if err != nil {
+		_ = pub.Close()
 		pool.Close()
 		return nil, err
 	}

@@ -66,6 +66,7 @@ func (c *cliEnv) cmdRun(ctx context.Context) error {
 	if cfg.Metrics.Addr != "off" {
 		srv, err = metrics.NewServer(cfg.Metrics.Addr, reg, r.Ready)
 		if err != nil {
+			_ = pub.Close() // Run would have closed it
 			return fmt.Errorf("metrics.addr: cannot listen on %s: %w (choose a free port or \"off\")", cfg.Metrics.Addr, err)
 		}
 		srv.SetLiveness(r.Live)
