@@ -2,6 +2,7 @@ package rabbitmq
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -106,6 +107,15 @@ func (p *Publisher) isolate(ctx context.Context, b *amqpBatch, suspects []int) (
 		}
 		dc, err := c.ch.PublishWithDeferredConfirmWithContext(ctx, exchange, key, true, false, pub)
 		if err != nil {
+			// Alone on the link, a message that makes the broker close it
+			// can be cut off while it is being written.
+			if errors.Is(err, amqp.ErrClosed) {
+				if why := c.closeReason(); blamesMessage(why) {
+					b.errs[i] = culpritError(why)
+					b.c.blamed = true
+					return suspects[k+1:]
+				}
+			}
 			return suspects[k:]
 		}
 		waitCtx, cancel := context.WithTimeout(ctx, p.cfg.ConfirmTimeout)

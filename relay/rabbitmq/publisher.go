@@ -13,6 +13,7 @@ import (
 	"regexp"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
@@ -287,12 +288,22 @@ type writeDeadlineConn struct {
 	timeout time.Duration
 }
 
-// Write writes b, failing once timeout passes.
+// Write writes b, failing once timeout passes. A write the broker cut
+// short by closing the socket counts as written: the broker closed it over
+// the frame being written (one over frame_max, say), and its reason waits
+// in the read buffer. Reported here, the failure would make amqp091-go
+// close the link with a write error of its own first, the broker's reason
+// would be lost, and the message never blamed. The reader reports the
+// close, and the unconfirmed messages fail with it.
 func (c writeDeadlineConn) Write(b []byte) (int, error) {
 	if err := c.Conn.SetWriteDeadline(time.Now().Add(c.timeout)); err != nil {
 		return 0, err
 	}
-	return c.Conn.Write(b)
+	n, err := c.Conn.Write(b)
+	if errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET) {
+		return len(b), nil
+	}
+	return n, err
 }
 
 // closeTimeout bounds a graceful connection.close.

@@ -47,22 +47,26 @@ func (p *Publisher) Send(ctx context.Context, msgs []relay.Message) relay.Pendin
 		}
 		dc, err := b.c.ch.PublishWithDeferredConfirmWithContext(ctx, exchange, key, true, false, pub)
 		if err != nil {
-			// The channel is unusable: fail this message and every later one,
-			// with the broker's reason if it closed the channel (a batch
-			// sent just before may have closed it: 404 NOT_FOUND, say).
+			// The channel is unusable. This message may have been cut off
+			// part-written by a close it caused (a frame over frame_max), so
+			// it is a suspect like those sent before it (Wait settles them);
+			// the later ones were not sent. They fail with the broker's
+			// reason if it closed the channel (a batch sent just before may
+			// have closed it: 404 NOT_FOUND, say).
+			b.errs[i] = &relay.PublishError{Reason: relay.ReasonConnection, Err: errChannelClosed}
 			why := &relay.PublishError{Reason: relay.ReasonConnection, Err: err}
-			if errors.Is(err, amqp.ErrClosed) && b.c.ch.IsClosed() {
+			if errors.Is(err, amqp.ErrClosed) {
 				if closeErr := b.c.closeReason(); closeErr != nil {
 					why.Err = fmt.Errorf("%w (the broker closed the channel: %d %s)", err, closeErr.Code, closeErr.Reason)
-					// Closed over a message sent before: these were not
-					// sent at all, and the link is fine.
+					// Closed over a message: these were not sent at all,
+					// and the link is fine.
 					why.Deferred = blamesMessage(closeErr)
 				}
 			}
 			if !why.Deferred {
 				p.lastErr = fmt.Errorf("publish: %w", why.Err)
 			}
-			for j := i; j < len(msgs); j++ {
+			for j := i + 1; j < len(msgs); j++ {
 				if b.errs[j] == nil {
 					b.errs[j] = why
 				}
