@@ -48,19 +48,7 @@ func throughPgBouncer(t *testing.T, pgb *testenv.PgBouncer, pooler string) {
 	cfg.Postgres.DSN, cfg.Postgres.Pooler = dsn, pooler
 	_, logs := startObserved(t, cfg)
 
-	// The application's own pool goes through the pooler too; pgx's default
-	// named prepared statements do not survive transaction pooling before
-	// PgBouncer 1.21, so it uses the same mode as the relay.
-	ctx := context.Background()
-	appPool, err := pgxpool.New(ctx, dsn+"&default_query_exec_mode=cache_describe")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer appPool.Close()
-	w, err := outbox.NewWriter(o.Schema, o.Table.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
+	commit := appWriter(t, dsn, o)
 	const writers, txns, perTx = 4, 50, 10
 	want := make(map[string]outbox.Event, writers*txns*perTx)
 	var mu sync.Mutex
@@ -73,7 +61,7 @@ func throughPgBouncer(t *testing.T, pgb *testenv.PgBouncer, pooler string) {
 				for i := range events {
 					events[i] = outbox.NewEvent("lesson.published", fmt.Appendf(nil, `{"writer":%d,"tx":%d,"i":%d}`, g, n, i))
 				}
-				if err := pgx.BeginFunc(ctx, appPool, func(tx pgx.Tx) error { return w.Write(ctx, tx, events...) }); err != nil {
+				if err := commit(events...); err != nil {
 					errs <- fmt.Errorf("writer %d, transaction %d: %w", g, n, err)
 					return
 				}
@@ -199,15 +187,7 @@ func TestOrderedThroughPgBouncer(t *testing.T) {
 		return len(list) == 2 && len(list[0].Partitions) == 4 && len(list[1].Partitions) == 4
 	})
 
-	appPool, err := pgxpool.New(ctx, dsn+"&default_query_exec_mode=cache_describe")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer appPool.Close()
-	w, err := outbox.NewWriter(o.Schema, o.Table.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
+	commit := appWriter(t, dsn, o)
 	const total = 600
 	for n := 0; n < total; n += 3 {
 		events := make([]outbox.Event, 3)
@@ -215,7 +195,7 @@ func TestOrderedThroughPgBouncer(t *testing.T) {
 			events[i] = outbox.NewEvent("lesson.progressed", fmt.Appendf(nil, `{"n":%d}`, n+i))
 			events[i].Key = fmt.Sprint("lesson-", (n+i)%20)
 		}
-		if err := pgx.BeginFunc(ctx, appPool, func(tx pgx.Tx) error { return w.Write(ctx, tx, events...) }); err != nil {
+		if err := commit(events...); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -243,5 +223,26 @@ func TestOrderedThroughPgBouncer(t *testing.T) {
 		for _, e := range logs.FilterMessage("link down").All() {
 			t.Errorf("link down through PgBouncer: %v", e.ContextMap())
 		}
+	}
+}
+
+// appWriter returns a function that commits events in one transaction of
+// the application's own pool, which goes through the pooler at dsn too:
+// pgx's default named prepared statements do not survive transaction
+// pooling before PgBouncer 1.21, so it uses the same mode as the relay.
+func appWriter(t *testing.T, dsn string, o *testenv.Outbox) func(events ...outbox.Event) error {
+	t.Helper()
+	ctx := context.Background()
+	pool, err := pgxpool.New(ctx, dsn+"&default_query_exec_mode=cache_describe")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	w, err := outbox.NewWriter(o.Schema, o.Table.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return func(events ...outbox.Event) error {
+		return pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error { return w.Write(ctx, tx, events...) })
 	}
 }
