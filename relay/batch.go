@@ -244,7 +244,7 @@ func (r *Relay) claim(ctx context.Context, tx pgx.Tx, budget int64, alone bool) 
 			r.ord.leases.owner, strconv.FormatInt(r.cfg.Relay.LeaseTimeout.Milliseconds(), 10),
 			r.ord.leases.claimMargin().Milliseconds(), heads, budget, alone, maxSize)
 	} else {
-		rows, err = tx.Query(ctx, r.q.claimBatch, r.cfg.Relay.BatchSize, budget, alone, maxSize)
+		rows, err = tx.Query(ctx, r.q.claimBatch, r.cfg.Relay.BatchSize, r.floor.next(time.Now()), budget, alone, maxSize)
 	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("claim batch: %w", err)
@@ -280,10 +280,10 @@ func (r *Relay) claim(ctx context.Context, tx pgx.Tx, budget int64, alone bool) 
 			return nil, nil, err
 		}
 	}
-	bySeq := func(a, b Message) int { return cmp.Compare(a.Seq, b.Seq) }
-	if !slices.IsSortedFunc(msgs, bySeq) {
+	if bySeq := func(a, b Message) int { return cmp.Compare(a.Seq, b.Seq) }; !slices.IsSortedFunc(msgs, bySeq) {
 		slices.SortFunc(msgs, bySeq)
 	}
+	r.floor.took(msgs, invalid, r.cfg.Relay.BatchSize)
 	return msgs, invalid, nil
 }
 

@@ -263,14 +263,15 @@ RETURNING partition`, leasesTbl, relaysTbl),
 		releasePartitions: fmt.Sprintf(`DELETE FROM %s WHERE owner = $1 AND partition = ANY($2::int4[])`, leasesTbl),
 		releaseAll:        fmt.Sprintf(`WITH l AS (DELETE FROM %s WHERE owner = $1) DELETE FROM %s WHERE owner = $1`, leasesTbl, relaysTbl),
 
-		// Due pending rows in sequence order; rows locked by another relay
-		// are skipped, so replicas share the table without coordination.
+		// Due pending rows in sequence order, above the claim floor $2
+		// (floor.go); rows locked by another relay are skipped, so
+		// replicas share the table without coordination.
 		claimBatch: budgeted(tbl, fmt.Sprintf(`SELECT `+claimedColumns+`
 FROM %s
-WHERE `+pending+` AND available_at <= now()
+WHERE `+pending+` AND available_at <= now() AND seq > $2
 ORDER BY seq
 LIMIT $1
-FOR UPDATE SKIP LOCKED`, tbl), 2),
+FOR UPDATE SKIP LOCKED`, tbl), 3),
 
 		readPayloadPiece: fmt.Sprintf(`SELECT substring(payload FROM $2::int FOR $3::int) FROM %s WHERE seq = $1`, tbl),
 

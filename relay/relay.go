@@ -47,6 +47,8 @@ type Relay struct {
 
 	// ord is ordered mode's state; nil unless relay.ordering is partition_key.
 	ord *ordered
+	// floor is where unordered claims start (floor.go).
+	floor claimFloor
 
 	inflight atomic.Int32 // batches sent and not yet settled
 
