@@ -1,12 +1,8 @@
 package relay
 
 import (
-	"cmp"
 	"context"
-	"errors"
 	"fmt"
-	"slices"
-	"strconv"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -226,90 +222,6 @@ func (r *Relay) settle(ctx, drain context.Context, b *batch) error {
 type failure struct {
 	msg Message
 	err *PublishError
-}
-
-// claim locks the next due rows, up to budget payload bytes (the first row
-// whatever its size when alone), and turns them into messages; rows whose
-// headers cannot be decoded, or whose payload is over amqp.max_message_size
-// (not loaded), come back as invalid failures.
-func (r *Relay) claim(ctx context.Context, tx pgx.Tx, budget int64, alone bool) (msgs []Message, invalid []failure, err error) {
-	var rows pgx.Rows
-	maxSize := int64(r.cfg.AMQP.MaxMessageSize)
-	if r.cfg.Relay.Ordering == OrderingPartitionKey {
-		var heads []int64
-		if heads, err = r.ord.findHeads(ctx, tx); err != nil {
-			return nil, nil, err
-		}
-		rows, err = tx.Query(ctx, r.q.claimOrdered, r.cfg.Relay.BatchSize, r.cfg.Relay.Partitions,
-			r.ord.leases.owner, strconv.FormatInt(r.cfg.Relay.LeaseTimeout.Milliseconds(), 10),
-			r.ord.leases.claimMargin().Milliseconds(), heads, budget, alone, maxSize)
-	} else {
-		rows, err = tx.Query(ctx, r.q.claimBatch, r.cfg.Relay.BatchSize, r.floor.next(time.Now()), budget, alone, maxSize)
-	}
-	if err != nil {
-		return nil, nil, fmt.Errorf("claim batch: %w", err)
-	}
-	defer rows.Close()
-	var large []int // msgs whose payload is read in pieces
-	for rows.Next() {
-		var size int64
-		m, err := scanMessage(rows, &size)
-		var bad *PublishError
-		switch {
-		case err != nil && !errors.As(err, &bad):
-			return nil, nil, fmt.Errorf("claim batch: %w", err)
-		case size > int64(r.cfg.AMQP.MaxMessageSize):
-			// Parked at settle, without ever loading the payload.
-			invalid = append(invalid, failure{msg: m, err: &PublishError{Reason: ReasonTooLarge, Err: fmt.Errorf(
-				"payload is %d bytes, over amqp.max_message_size (%d); parked without loading it", size, r.cfg.AMQP.MaxMessageSize)}})
-		case bad == nil && m.Body == nil:
-			m.Body = make([]byte, 0, size)
-			large = append(large, len(msgs))
-			msgs = append(msgs, m)
-		case bad != nil:
-			invalid = append(invalid, failure{msg: m, err: bad})
-		default:
-			msgs = append(msgs, m)
-		}
-	}
-	if err := rows.Err(); err != nil {
-		return nil, nil, fmt.Errorf("claim batch: %w", err)
-	}
-	for _, i := range large {
-		if err := r.readLargePayload(ctx, tx, &msgs[i]); err != nil {
-			return nil, nil, err
-		}
-	}
-	if bySeq := func(a, b Message) int { return cmp.Compare(a.Seq, b.Seq) }; !slices.IsSortedFunc(msgs, bySeq) {
-		slices.SortFunc(msgs, bySeq)
-	}
-	r.floor.took(msgs, invalid, r.cfg.Relay.BatchSize)
-	return msgs, invalid, nil
-}
-
-// readLargePayload reads a payload the claim left out for its size into
-// m.Body, payloadPiece bytes at a time: read whole, pgx would hold it twice
-// (in its read buffer, kept until the connection's next read, and the copy).
-func (r *Relay) readLargePayload(ctx context.Context, tx pgx.Tx, m *Message) error {
-	for len(m.Body) < cap(m.Body) {
-		rows, err := tx.Query(ctx, r.q.readPayloadPiece, pgx.QueryResultFormats{pgx.BinaryFormatCode},
-			m.Seq, len(m.Body)+1, payloadPiece)
-		if err != nil {
-			return fmt.Errorf("read payload of seq %d: %w", m.Seq, err)
-		}
-		n := len(m.Body)
-		if rows.Next() {
-			m.Body = append(m.Body, rows.RawValues()[0]...)
-		}
-		rows.Close()
-		if err := rows.Err(); err != nil {
-			return fmt.Errorf("read payload of seq %d: %w", m.Seq, err)
-		}
-		if len(m.Body) == n {
-			return fmt.Errorf("read payload of seq %d: %d of %d bytes, then nothing", m.Seq, n, cap(m.Body))
-		}
-	}
-	return nil
 }
 
 // Headers the relay adds to every message besides the row's own headers.

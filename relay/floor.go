@@ -48,15 +48,14 @@ func (f *claimFloor) claimed(top int64, full bool) {
 	f.seq = max(f.seq, top)
 }
 
-// took records an unordered claim: the rows it returned, out of at most
-// limit.
-func (f *claimFloor) took(msgs []Message, invalid []failure, limit int) {
-	top := int64(0)
+// top is the highest seq of a claim's rows.
+func top(msgs []Message, invalid []failure) int64 {
+	t := int64(0)
 	for _, m := range msgs {
-		top = max(top, m.Seq)
+		t = max(t, m.Seq)
 	}
 	for _, bad := range invalid {
-		top = max(top, bad.msg.Seq)
+		t = max(t, bad.msg.Seq)
 	}
-	f.claimed(top, len(msgs)+len(invalid) >= limit)
+	return t
 }

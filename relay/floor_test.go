@@ -38,14 +38,14 @@ func TestClaimFloor(t *testing.T) {
 	}
 }
 
-func TestClaimFloorTook(t *testing.T) {
-	var f claimFloor
-	f.took([]Message{{Seq: 3}, {Seq: 9}}, []failure{{msg: Message{Seq: 12}}}, 3)
-	if f.seq != 12 {
-		t.Fatalf("full claim topped by a parked row: floor %d, want 12", f.seq)
+func TestClaimTop(t *testing.T) {
+	if got := top([]Message{{Seq: 3}, {Seq: 9}}, []failure{{msg: Message{Seq: 12}}}); got != 12 {
+		t.Fatalf("top of a claim ending in a parked row: %d, want 12", got)
 	}
-	f.took([]Message{{Seq: 20}}, nil, 3)
-	if f.seq != 0 {
-		t.Fatalf("short claim: floor %d, want 0", f.seq)
+	if got := top([]Message{{Seq: 20}, {Seq: 4}}, nil); got != 20 {
+		t.Fatalf("top: %d, want 20", got)
+	}
+	if got := top(nil, nil); got != 0 {
+		t.Fatalf("top of nothing: %d, want 0", got)
 	}
 }

@@ -14,6 +14,8 @@ import (
 // any size is one statement.
 type queries struct {
 	claimBatch string
+	// readPayloads reads whole payloads the claim left out.
+	readPayloads string
 	// readPayloadPiece reads $3 bytes of row $1's payload from offset $2 (1-based).
 	readPayloadPiece string
 	probePending     string
@@ -78,44 +80,17 @@ WHERE attrelid = $1::regclass AND attname IN ('routing_key', 'exchange') AND NOT
 // are read in pieces (Relay.readLargePayload).
 const payloadPiece = 1 << 20
 
-// claimedColumns is the select list of the claim queries that budgeted wraps:
-// the whole row (messageColumns is applied to it afterwards) and the size of
-// its payload. octet_length reads a TOASTed payload's size from its pointer,
-// without detoasting it, and materializing the row keeps the pointer.
-const claimedColumns = `*, octet_length(payload)::bigint AS claim_bytes`
-
-// budgeted wraps a claim query, which locks the rows to claim and returns
-// claimedColumns, with the byte budget. Of the locked rows, in seq order,
-// it returns those whose payloads add up to at most $p bytes, or the first
-// alone however large when $p+1 is true (nothing else is in flight), with
-// the payload's size after messageColumns. A row over
-// amqp.max_message_size ($p+2) is returned too, to be parked dead, and its
-// payload, like any over payloadPiece, is left out (NULL). No row is
-// modified here: a claim must not need more than a row lock.
-//
-// When all the locked rows fit, as they do but for large payloads, the
-// running sum is never computed. Rows come in the order they were locked,
-// seq order in practice; the relay sorts them if not (sorting whole rows
-// here cost more than the rest of the wrapper). Locked rows past the
-// budget stay locked until the batch settles; the next claim skips them.
-func budgeted(tbl, claim string, p int) string {
-	columns := strings.Replace(messageColumns, "payload,", fmt.Sprintf("CASE WHEN claim_bytes <= %d THEN payload END,", payloadPiece), 1)
+// claimColumns is the select list of the claim queries: messageColumns
+// with the payload only when it is at most $p bytes (NULL otherwise; the
+// relay reads it afterwards if it fits the byte budget), then the
+// payload's size. octet_length reads a TOASTed payload's size from its
+// pointer, without detoasting it.
+func claimColumns(p int) string {
+	columns := strings.Replace(messageColumns, "payload,", fmt.Sprintf("CASE WHEN octet_length(payload) <= $%d THEN payload END,", p), 1)
 	if columns == messageColumns {
 		panic("relay: messageColumns has no payload column")
 	}
-	return fmt.Sprintf(`WITH locked AS MATERIALIZED (
-%[1]s
-), totals AS (
-  SELECT coalesce(sum(claim_bytes), 0) <= $%[3]d::bigint AND coalesce(max(claim_bytes), 0) <= $%[5]d::bigint AS fit FROM locked
-), fits AS (
-  SELECT seq FROM (
-    SELECT seq, claim_bytes, sum(claim_bytes) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS upto
-    FROM locked WHERE claim_bytes <= $%[5]d::bigint
-  ) w WHERE upto <= $%[3]d::bigint OR (upto = claim_bytes AND $%[4]d::bool)
-)
-SELECT %[6]s, claim_bytes
-FROM locked
-WHERE (SELECT fit FROM totals) OR seq IN (SELECT seq FROM fits) OR claim_bytes > $%[5]d::bigint`, claim, tbl, p, p+1, p+2, columns)
+	return columns + ", octet_length(payload)::bigint"
 }
 
 // pending is the predicate of the partial indexes pending and pending_key;
@@ -170,14 +145,15 @@ FROM unnest($5::text[], $6::bigint[]) t(k, after), LATERAL (
 		// head settled since findHeads no longer matches pending. The
 		// commit horizon is checked afterwards (gate). The transaction may
 		// stay idle for at most $4 (ms): if this replica freezes, the
-		// server ends it and frees its rows. $7 to $9: the byte budget.
-		claimOrdered: budgeted(tbl, fmt.Sprintf(`WITH fence AS MATERIALIZED (
+		// server ends it and frees its rows. $7: the most payload bytes
+		// returned in a row (claimColumns).
+		claimOrdered: fmt.Sprintf(`WITH fence AS MATERIALIZED (
   SELECT set_config('idle_in_transaction_session_timeout', $4::text, true) IS NOT NULL AS ok
 ), owned AS (
   SELECT coalesce(array_agg(l.partition), '{}') AS p FROM %[4]s l
   WHERE l.owner = $3 AND l.expires_at > now() + $5::bigint * interval '1 millisecond'
 )
-SELECT `+claimedColumns+`
+SELECT `+claimColumns(7)+`
 FROM %[1]s o
 WHERE (SELECT ok FROM fence)
   AND o.seq = ANY(ARRAY(SELECT e.seq FROM %[1]s e WHERE `+pendingAlias+` AND e.partition_key IS NULL
@@ -186,7 +162,7 @@ WHERE (SELECT ok FROM fence)
   AND (partition_key IS NULL OR (%[3]s = ANY((SELECT p FROM owned)::int4[])%[2]s))
 ORDER BY seq
 LIMIT $1
-FOR UPDATE SKIP LOCKED`, tbl, deadBlocks, partitionOf(2), leasesTbl), 7),
+FOR UPDATE SKIP LOCKED`, tbl, deadBlocks, partitionOf(2), leasesTbl),
 
 		// Of the claimed rows $1, those still their key's lowest pending
 		// row, seen by a statement that starts after the horizon was read.
@@ -264,15 +240,16 @@ RETURNING partition`, leasesTbl, relaysTbl),
 		releaseAll:        fmt.Sprintf(`WITH l AS (DELETE FROM %s WHERE owner = $1) DELETE FROM %s WHERE owner = $1`, leasesTbl, relaysTbl),
 
 		// Due pending rows in sequence order, above the claim floor $2
-		// (floor.go); rows locked by another relay are skipped, so
+		// (floor.go), payloads up to $3 bytes (claimColumns); rows locked by another relay are skipped, so
 		// replicas share the table without coordination.
-		claimBatch: budgeted(tbl, fmt.Sprintf(`SELECT `+claimedColumns+`
+		claimBatch: fmt.Sprintf(`SELECT `+claimColumns(3)+`
 FROM %s
 WHERE `+pending+` AND available_at <= now() AND seq > $2
 ORDER BY seq
 LIMIT $1
-FOR UPDATE SKIP LOCKED`, tbl), 3),
+FOR UPDATE SKIP LOCKED`, tbl),
 
+		readPayloads:     fmt.Sprintf(`SELECT seq, payload FROM %s WHERE seq = ANY($1::bigint[])`, tbl),
 		readPayloadPiece: fmt.Sprintf(`SELECT substring(payload FROM $2::int FOR $3::int) FROM %s WHERE seq = $1`, tbl),
 
 		// One round trip, no locks, no transaction: is anything due?
