@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"regexp"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/schema"
 )
 
 // statusFixture inserts:
@@ -189,6 +191,29 @@ func TestStatusEmptyAndMissing(t *testing.T) {
 		if code, _, stderr := runCLI(t, nil, args...); code != exitUsage {
 			t.Errorf("%q: exit %d, want 2: %s", args, code, stderr)
 		}
+	}
+}
+
+// TestStatusBeforeArchive: on a table not yet migrated to the archive of
+// dispatched rows (migration 6), status still reports the rest and says
+// that the dispatched counts need `migrate up`.
+func TestStatusBeforeArchive(t *testing.T) {
+	t.Parallel()
+	o := testenv.NewOutbox(t)
+	m, err := schema.NewMigrator(o.DB(t), o.Schema, o.Table.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.DownTo(context.Background(), 5); err != nil {
+		t.Fatal(err)
+	}
+	insertRows(t, o, opsRow{typ: "a"})
+	rep := statusJSON(t, opsEnv(o))
+	if d := rep.Dispatched; rep.Pending != 1 || d.Exact || !strings.Contains(d.Note, "migrate up") {
+		t.Errorf("pending %d, dispatched %+v; want 1 pending and a note to run migrate up", rep.Pending, d)
+	}
+	if rep.SchemaVersion == nil || *rep.SchemaVersion != 5 {
+		t.Errorf("schema version %v, want 5", rep.SchemaVersion)
 	}
 }
 

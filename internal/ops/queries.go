@@ -28,6 +28,7 @@ type queries struct {
 	statusBacklog    string
 	statusDispatched string
 	statusTypes      string
+	archive          string // quoted name of the archive of dispatched rows
 	versionTable     string // quoted name of goose's version table
 	schemaVersion    string
 	notifyTrigger    string
@@ -161,6 +162,7 @@ LIMIT $1`, tbl),
 		// Read goose's version table directly: asking goose (Migrator.Version)
 		// would create the table when it is missing, and status must not
 		// write. goose deletes a version's row when it is rolled back.
+		archive:       archive,
 		versionTable:  versionTable,
 		schemaVersion: fmt.Sprintf(`SELECT coalesce(max(version_id), 0) FROM %s`, versionTable),
 

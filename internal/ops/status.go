@@ -84,13 +84,20 @@ func (o *Outbox) Status(ctx context.Context, conn *pgx.Conn, opt StatusOptions) 
 			return fmt.Errorf("backlog: %w", err)
 		}
 
-		if opt.KeepDispatched {
+		var archived bool
+		if err := tx.QueryRow(ctx, q.tableExists, q.archive).Scan(&archived); err != nil {
+			return fmt.Errorf("dispatched: %w", err)
+		}
+		switch {
+		case opt.KeepDispatched && archived:
 			d := &rep.Dispatched
 			if err := tx.QueryRow(ctx, q.statusDispatched).Scan(&d.LastMinute, &d.Last5Minutes); err != nil {
 				return fmt.Errorf("dispatched: %w", err)
 			}
 			d.Exact = true
-		} else {
+		case opt.KeepDispatched:
+			rep.Dispatched.Note = "unknown: no archive of dispatched rows yet (run `outbox-relay migrate up`)"
+		default:
 			rep.Dispatched.Note = "unknown: relay.on_dispatch is delete, so dispatched rows are not kept"
 		}
 
