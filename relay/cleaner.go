@@ -48,6 +48,7 @@ func (c *cleaner) run(ctx context.Context) {
 		case <-t.C:
 		}
 		if c.onDispatch == OnDispatchMark {
+			c.cleanArchived(ctx)
 			c.cleanDispatched(ctx)
 		}
 		if c.cfg.Dead > 0 {
@@ -56,7 +57,38 @@ func (c *cleaner) run(ctx context.Context) {
 	}
 }
 
-// cleanDispatched deletes dispatched rows past retention.dispatched, one
+// cleanArchived deletes archived rows (the dispatched ones, moved there by
+// the mark) past retention.dispatched, retention.batch_size rows per
+// statement (queries.cleanArchived), and returns how many.
+func (c *cleaner) cleanArchived(ctx context.Context) (total int64) {
+	keep := c.cfg.Dispatched
+	var from *time.Time
+	for ctx.Err() == nil {
+		var deleted int64
+		var newest *time.Time
+		err := pgx.BeginTxFunc(ctx, c.pool, writeTx, func(tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, c.q.cleanArchivedPlan); err != nil {
+				return err
+			}
+			return tx.QueryRow(ctx, c.q.cleanArchived, keep.Milliseconds(), c.cfg.BatchSize, c.lock, from).Scan(&deleted, &newest)
+		})
+		if err != nil {
+			c.cleanFailed(err, metrics.CleanDispatched)
+			return total
+		}
+		total += deleted
+		c.m.Cleaned.WithLabelValues(metrics.CleanDispatched).Add(float64(deleted))
+		if deleted < int64(c.cfg.BatchSize) {
+			break
+		}
+		from = newest
+	}
+	c.cleaned(metrics.CleanDispatched, total, keep)
+	return total
+}
+
+// cleanDispatched deletes the dispatched rows an older relay left in the
+// outbox table (marked in place) past retention.dispatched, one
 // page of retention.batch_size rows (by seq) per statement, from the oldest
 // until the rows are too recent (queries.cleanDispatched). It returns the
 // rows deleted and the pages read.

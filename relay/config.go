@@ -23,19 +23,20 @@ type Config struct {
 // dispatched and dead rows in small batches, apart from the claim loop.
 type RetentionConfig struct {
 	// Enabled runs the cleaner. Default true; set false when something else
-	// deletes old rows or the relay's role may not DELETE.
+	// deletes old rows or the relay's role may not DELETE from the archive.
 	Enabled *bool `yaml:"enabled"`
-	// Dispatched is how long dispatched rows are kept (for replay and
-	// audit) before the cleaner deletes them. Default 168h (7 days). Not
-	// used with relay.on_dispatch: delete.
+	// Dispatched is how long dispatched rows are kept in the archive (for
+	// replay and audit) before the cleaner deletes them. Default 168h (7
+	// days). Not used with relay.on_dispatch: delete.
 	Dispatched time.Duration `yaml:"dispatched"`
 	// Dead is how long dead rows are kept. Default 0: until an operator
 	// retries or purges them.
 	Dead time.Duration `yaml:"dead"`
 	// Interval between cleaner runs. Default 1m.
 	Interval time.Duration `yaml:"interval"`
-	// BatchSize is the most rows one cleaner statement reads (a page of the
-	// table in seq order) and so deletes. Default 1000.
+	// BatchSize is the most rows one cleaner statement deletes (and, for
+	// rows an older relay marked in place in the outbox table, reads: a page
+	// of the table in seq order). Default 1000.
 	BatchSize int `yaml:"batch_size"`
 }
 
@@ -133,8 +134,9 @@ type EngineConfig struct {
 	// of BatchBytes and amqp.max_message_size plus about 15 MiB (see
 	// docs/failure-model.md, "Memory"). Default 16777216 (16 MiB).
 	BatchBytes int64 `yaml:"batch_bytes"`
-	// OnDispatch is "mark" (default: set dispatched_at, keeping the row) or
-	// "delete" (remove the row once the broker confirmed it).
+	// OnDispatch is "mark" (default: set dispatched_at and move the row to
+	// the archive <table>_dispatched, in one statement) or "delete" (remove
+	// the row once the broker confirmed it).
 	OnDispatch string `yaml:"on_dispatch"`
 	// MaxAttempts is how many failed publishes park an event as dead. Default 10.
 	MaxAttempts int `yaml:"max_attempts"`

@@ -13,6 +13,12 @@ func CleanDispatchedOnce(ctx context.Context, r *Relay, pool *pgxpool.Pool) (del
 	return r.cleaner(pool).cleanDispatched(ctx)
 }
 
+// CleanArchivedOnce runs one pass of the archive's retention over pool and
+// returns the rows it deleted.
+func CleanArchivedOnce(ctx context.Context, r *Relay, pool *pgxpool.Pool) int64 {
+	return r.cleaner(pool).cleanArchived(ctx)
+}
+
 // StatsWait is statsWait, for its unit test.
 var StatsWait = statsWait
 

@@ -67,16 +67,20 @@ func TestTraceparentForwarded(t *testing.T) {
 }
 
 // TestRetentionCleaner: dispatched and dead rows past their retention are
-// deleted in small batches; recent ones and pending rows stay.
+// deleted in small batches, in the archive and the dispatched rows an older
+// relay left in the outbox table alike; recent ones and pending rows stay.
 func TestRetentionCleaner(t *testing.T) {
 	t.Parallel()
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
 	ctx := context.Background()
 	tbl := o.Table.Quoted()
-	// 250 old dispatched, 20 recent dispatched, 30 old dead, 5 recent dead, 7 pending in the future.
+	// 250 old dispatched, 20 recent dispatched (both archived), 15 old
+	// dispatched marked in place, 30 old dead, 5 recent dead, 7 pending
+	// in the future.
 	for _, q := range []string{
 		`INSERT INTO ` + tbl + ` (event_type, payload, dispatched_at) SELECT 'old', '\x00', now() - interval '8 days' FROM generate_series(1, 250)`,
 		`INSERT INTO ` + tbl + ` (event_type, payload, dispatched_at) SELECT 'recent', '\x00', now() - interval '1 minute' FROM generate_series(1, 20)`,
+		`INSERT INTO ` + tbl + ` (event_type, payload, dispatched_at) SELECT 'old-in-place', '\x00', now() - interval '8 days' FROM generate_series(1, 15)`,
 		`INSERT INTO ` + tbl + ` (event_type, payload, dead_at, attempts) SELECT 'dead-old', '\x00', now() - interval '2 days', 10 FROM generate_series(1, 30)`,
 		`INSERT INTO ` + tbl + ` (event_type, payload, dead_at, attempts) SELECT 'dead-recent', '\x00', now(), 10 FROM generate_series(1, 5)`,
 		`INSERT INTO ` + tbl + ` (event_type, payload, available_at) SELECT 'later', '\x00', now() + interval '1 day' FROM generate_series(1, 7)`,
@@ -85,6 +89,9 @@ func TestRetentionCleaner(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	if n := o.ArchiveRows(t, "event_type IN ('old', 'recent')"); n != 270 {
+		t.Fatalf("archived %d rows, want 270", n)
+	}
 	cfg := config(o, b)
 	cfg.Retention.Dispatched = 24 * time.Hour
 	cfg.Retention.Dead = 24 * time.Hour
@@ -92,21 +99,23 @@ func TestRetentionCleaner(t *testing.T) {
 	cfg.Retention.BatchSize = 40
 	r := start(t, cfg)
 	testenv.Eventually(t, 20*time.Second, "old rows deleted", func() bool {
-		return o.Count(t, "event_type IN ('old', 'dead-old')") == 0
+		return o.Count(t, "event_type IN ('old', 'old-in-place', 'dead-old')") == 0
 	})
 	for typ, want := range map[string]int{"recent": 20, "dead-recent": 5, "later": 7} {
 		if n := o.Count(t, "event_type = $1", typ); n != want {
 			t.Errorf("%s: %d rows left, want %d", typ, n, want)
 		}
 	}
-	if got := counterSum(t, r.Metrics.Cleaned); got != 280 {
-		t.Errorf("cleaned counter %d, want 280", got)
+	if got := counterSum(t, r.Metrics.Cleaned); got != 295 {
+		t.Errorf("cleaned counter %d, want 295", got)
 	}
 }
 
-// TestRetentionCleanerStopsAtRecentRows: with nothing (or little) expired,
-// one cleaner pass reads a page or two of the primary key, not the whole
-// retained history (there is no index on dispatched_at to find expired rows).
+// TestRetentionCleanerStopsAtRecentRows: of the dispatched rows an older
+// relay marked in place in the outbox table, with nothing (or little)
+// expired, one cleaner pass reads a page or two of the primary key, not the
+// whole retained history (there is no index on dispatched_at to find
+// expired rows there).
 func TestRetentionCleanerStopsAtRecentRows(t *testing.T) {
 	t.Parallel()
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)

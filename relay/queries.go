@@ -26,8 +26,10 @@ type queries struct {
 	releaseStats     string
 	notifyTrigger    string
 
-	cleanDispatched string
-	cleanDead       string
+	cleanDispatched   string
+	cleanArchived     string
+	cleanArchivedPlan string
+	cleanDead         string
 
 	// Ordered mode (see ordering.go).
 	findHeads         string
@@ -76,6 +78,23 @@ func ScanMessage(rows pgx.Rows) (Message, error) { return scanMessage(rows) }
 const routingColumns = `SELECT count(*) FROM pg_attribute
 WHERE attrelid = $1::regclass AND attname IN ('routing_key', 'exchange') AND NOT attisdropped`
 
+// archivedColumns are the columns a mark carries from the outbox table to
+// the archive: all but dispatched_at, which the move sets.
+func archivedColumns() string {
+	cols := strings.Replace(outboxsql.Columns, " dispatched_at,", "", 1)
+	if cols == outboxsql.Columns {
+		panic("relay: outboxsql.Columns has no dispatched_at column")
+	}
+	return cols
+}
+
+// archiveExists is whether the archive of migration 00006 exists ($1).
+const archiveExists = `SELECT to_regclass($1) IS NOT NULL`
+
+// settlePrivileges is whether this role may delete from table $1 and
+// insert into the archive $2, as settling a batch does.
+const settlePrivileges = `SELECT has_table_privilege($1, 'DELETE'), has_table_privilege($2, 'INSERT')`
+
 // payloadPiece is the most payload bytes read in one row: larger payloads
 // are read in pieces (Relay.readLargePayload).
 const payloadPiece = 1 << 20
@@ -101,7 +120,7 @@ const pending = outboxsql.Pending
 var pendingAlias = outboxsql.Qualified("e", pending)
 
 func newQueries(t ident.Table, onDead string) queries {
-	tbl := t.Quoted()
+	tbl, archive := t.Quoted(), outboxsql.Archive(t)
 	leasesTbl, relaysTbl := t.Derived("leases"), t.Derived("relays")
 	// With on_dead: block, a dead row of a key stops the rows after it.
 	deadBlocks := ""
@@ -255,7 +274,15 @@ FOR UPDATE SKIP LOCKED`, tbl),
 		// One round trip, no locks, no transaction: is anything due?
 		probePending: fmt.Sprintf(`SELECT EXISTS (SELECT 1 FROM %s WHERE `+pending+` AND available_at <= now())`, tbl),
 
-		markDispatched:   fmt.Sprintf(`UPDATE %s SET dispatched_at = now() WHERE seq = ANY($1::bigint[])`, tbl),
+		// Marking moves the rows to the archive (migration 00006): an
+		// update of dispatched_at in place is never HOT and writes entries
+		// in every index, where the archive has no unique index to check.
+		markDispatched: fmt.Sprintf(`WITH d AS (
+  DELETE FROM %[1]s WHERE seq = ANY($1::bigint[])
+  RETURNING %[3]s
+)
+INSERT INTO %[2]s (%[3]s, dispatched_at)
+SELECT %[3]s, now() FROM d`, tbl, archive, archivedColumns()),
 		deleteDispatched: fmt.Sprintf(`DELETE FROM %s WHERE seq = ANY($1::bigint[])`, tbl),
 
 		// Failed rows: charge the attempt, record the error, and either make
@@ -268,7 +295,9 @@ SET attempts     = o.attempts + u.charge,
 FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bool[], $5::int[]) AS u(seq, err, delay_ms, dead, charge)
 WHERE o.seq = u.seq`, tbl),
 
-		// Retention: one page of $2 rows along the primary key after seq $3,
+		// Retention of the dispatched rows an older relay marked in place,
+		// before migration 00006 or during a rolling upgrade to it: one
+		// page of $2 rows along the primary key after seq $3,
 		// deleting those dispatched before the cutoff. No index covers
 		// dispatched_at (every mark would pay for it), so the cleaner walks
 		// seq in bounded pages and stops at the first page that deleted
@@ -290,6 +319,30 @@ WHERE o.seq = u.seq`, tbl),
 )
 SELECT (SELECT count(*) FROM gone), coalesce((SELECT max(seq) FROM page), 0), (SELECT count(*) FROM page),
        coalesce((SELECT bool_or(created_at >= now() - $1::bigint * interval '1 millisecond') FROM page), false)`, tbl),
+		// Retention of the archive: one page of up to $2 rows dispatched
+		// before the cutoff and at or after $4 (NULL: any time), found
+		// through the BRIN index on dispatched_at and deleted by ctid (a
+		// TID scan). Returns the rows deleted and the newest dispatched_at
+		// among them, the next page's $4: the ranges the pass emptied
+		// still match the cutoff until they are summarized again, and $4
+		// keeps the bitmap off them. A row older than $4 that a page left
+		// (rows arrive in about dispatched_at order) is deleted by the next
+		// pass. The same advisory lock ($3) as cleanDispatched: one
+		// replica at a time.
+		cleanArchived: fmt.Sprintf(`WITH gone AS (
+  DELETE FROM %[1]s WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM %[1]s
+    WHERE dispatched_at >= coalesce($4::timestamptz, '-infinity')
+      AND dispatched_at < now() - $1::bigint * interval '1 millisecond'
+      AND (SELECT pg_try_advisory_xact_lock($3::int4, 0))
+    LIMIT $2))
+  RETURNING dispatched_at
+)
+SELECT count(*), max(dispatched_at) FROM gone`, archive),
+		// Set before cleanArchived: with many expired rows the planner
+		// prefers a sequential scan, which reads the pages earlier pages
+		// emptied again and again.
+		cleanArchivedPlan: `SET LOCAL enable_seqscan = off`,
 		cleanDead: fmt.Sprintf(`DELETE FROM %[1]s WHERE seq IN (
   SELECT seq FROM %[1]s WHERE `+outboxsql.Dead+` AND dead_at < now() - $1::bigint * interval '1 millisecond'
   LIMIT $2 FOR UPDATE SKIP LOCKED)`, tbl),

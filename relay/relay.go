@@ -246,7 +246,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 				err = r.checkSession(ctx, pool, connCfg)
 			}
 			if err != nil {
-				if errors.Is(err, ErrTableMissing) || errors.Is(err, ErrSchemaOutdated) || errors.Is(err, ErrTransactionPooler) {
+				if errors.Is(err, ErrTableMissing) || errors.Is(err, ErrSchemaOutdated) || errors.Is(err, ErrPrivilegeMissing) || errors.Is(err, ErrTransactionPooler) {
 					return err
 				}
 				r.setLink(metrics.LinkPostgres, err)

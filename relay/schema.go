@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -20,9 +21,16 @@ var ErrTableMissing = errors.New("outbox table does not exist")
 // of a migration this relay needs.
 var ErrSchemaOutdated = errors.New("outbox table is missing migrations")
 
+// ErrPrivilegeMissing is returned by Run when the relay's database role may
+// not settle a batch as relay.on_dispatch says: every batch would be
+// published and then fail to commit, again and again.
+var ErrPrivilegeMissing = errors.New("the relay's database role lacks a privilege")
+
 // checkSchema fails with ErrTableMissing when the table is absent, with
-// ErrSchemaOutdated when it lacks the routing columns, and warns
-// when the NOTIFY trigger disagrees with wake.mode.
+// ErrSchemaOutdated when it lacks the routing columns or the archive of
+// dispatched rows, with ErrPrivilegeMissing when the role may not remove
+// settled rows (and archive them), and warns when the NOTIFY trigger
+// disagrees with wake.mode.
 func (r *Relay) checkSchema(ctx context.Context, pool *pgxpool.Pool) error {
 	var exists bool
 	if err := pool.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, r.table.Quoted()).Scan(&exists); err != nil {
@@ -37,6 +45,16 @@ func (r *Relay) checkSchema(ctx context.Context, pool *pgxpool.Pool) error {
 	}
 	if routing != 2 {
 		return fmt.Errorf("%w: %s has no routing_key and exchange columns (run `outbox-relay migrate up`)", ErrSchemaOutdated, r.table)
+	}
+	archive := outboxsql.Archive(r.table)
+	if err := pool.QueryRow(ctx, archiveExists, archive).Scan(&exists); err != nil {
+		return fmt.Errorf("check the archive table: %w", err)
+	}
+	if !exists {
+		return fmt.Errorf("%w: %s has no archive of dispatched rows, %s (run `outbox-relay migrate up`)", ErrSchemaOutdated, r.table, archive)
+	}
+	if err := r.checkPrivileges(ctx, pool, archive); err != nil {
+		return err
 	}
 	if r.cfg.Relay.Ordering == OrderingPartitionKey {
 		if err := pool.QueryRow(ctx, `SELECT pg_get_serial_sequence($1, 'seq')`, r.table.Quoted()).Scan(&r.ord.seqName); err != nil {
@@ -55,6 +73,28 @@ func (r *Relay) checkSchema(ctx context.Context, pool *pgxpool.Pool) error {
 		r.log.Warn("the table's NOTIFY trigger is enabled but wake.mode is poll: producers pay for NOTIFY for nothing; run `outbox-relay notify disable`")
 	}
 	r.setLink(metrics.LinkPostgres, nil)
+	return nil
+}
+
+// checkPrivileges fails with ErrPrivilegeMissing when the role cannot
+// settle a batch: both on_dispatch modes delete the rows from the outbox
+// table, and mark inserts them into the archive.
+func (r *Relay) checkPrivileges(ctx context.Context, pool *pgxpool.Pool, archive string) error {
+	var canDelete, canArchive bool
+	if err := pool.QueryRow(ctx, settlePrivileges, r.table.Quoted(), archive).Scan(&canDelete, &canArchive); err != nil {
+		return fmt.Errorf("check privileges: %w", err)
+	}
+	var missing []string
+	if !canDelete {
+		missing = append(missing, "DELETE on "+r.table.Quoted())
+	}
+	if !canArchive && r.cfg.Relay.OnDispatch == OnDispatchMark {
+		missing = append(missing, "INSERT on "+archive)
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("%w: relay.on_dispatch %s needs %s (see the grants in docs/operations.md)",
+			ErrPrivilegeMissing, r.cfg.Relay.OnDispatch, strings.Join(missing, " and "))
+	}
 	return nil
 }
 

@@ -214,7 +214,7 @@ func TestFailedPublishStaysPending(t *testing.T) {
 			availableNow bool
 		)
 		err := o.Pool.QueryRow(ctx, `SELECT attempts, last_error, dispatched_at IS NOT NULL, available_at <= now()
-			FROM `+o.Table.Quoted()+` WHERE id = $1`, ev.ID).Scan(&attempts, &lastErr, &dispatched, &availableNow)
+			FROM `+o.Rows()+` o WHERE id = $1`, ev.ID).Scan(&attempts, &lastErr, &dispatched, &availableNow)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -9,6 +9,7 @@ import (
 	"github.com/jackc/pgx/v5/stdlib"
 
 	"github.com/outbox-relay/outbox-relay/internal/ident"
+	"github.com/outbox-relay/outbox-relay/internal/outboxsql"
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/schema"
 )
@@ -48,9 +49,10 @@ func TestUpDownUp(t *testing.T) {
 		}
 		// table, pkey, id index, pending index, dead index, 2 functions;
 		// pending_key index, leases and relays tables with their pkeys, the
-		// stats lease table and its pkey
-		if n := objects(); n != 14 {
-			t.Fatalf("round %d: %d objects after up, want 14", round, n)
+		// stats lease table and its pkey; the dispatched archive and its two
+		// indexes
+		if n := objects(); n != 17 {
+			t.Fatalf("round %d: %d objects after up, want 17", round, n)
 		}
 		var id, ctype, headers string
 		err = pool.QueryRow(ctx, `INSERT INTO `+ident.Quote(s)+`.events_out (event_type, payload) VALUES ('lesson.published', '{"a":1}')
@@ -182,5 +184,113 @@ func TestRoutingColumns(t *testing.T) {
 	if err := pool.QueryRow(ctx, `SELECT count(*) FROM information_schema.columns WHERE table_schema = $1
 		AND table_name = 'outbox' AND column_name IN ('routing_key', 'exchange')`, s).Scan(&cols); err != nil || cols != 0 {
 		t.Fatalf("after down: %d routing columns left (%v)", cols, err)
+	}
+}
+
+// TestArchiveColumns: the archive of dispatched rows has the outbox table's
+// columns, in its order, and both have exactly outboxsql.Columns: the
+// relay's move lists them, so a column added to one table and not to the
+// other (or to the list) would fail every mark.
+func TestArchiveColumns(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool, s := schemaPool(t)
+	db := stdlib.OpenDBFromPool(pool)
+	defer db.Close()
+	m, err := schema.NewMigrator(db, s, "outbox")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Up(ctx); err != nil {
+		t.Fatal(err)
+	}
+	want := strings.Join(strings.Fields(outboxsql.Columns), " ")
+	for _, table := range []string{"outbox", "outbox_" + outboxsql.ArchiveSuffix} {
+		var got string
+		if err := pool.QueryRow(ctx, `SELECT string_agg(attname, ', ' ORDER BY attnum) FROM pg_attribute
+			WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped`, ident.Quote(s)+"."+table).Scan(&got); err != nil {
+			t.Fatal(err)
+		}
+		if got != want {
+			t.Errorf("%s has columns\n  %s\noutboxsql.Columns lists\n  %s", table, got, want)
+		}
+	}
+}
+
+// TestArchiveMigration: migration 6 moves the rows already dispatched into
+// the archive, with every column as it was, and leaves pending and dead rows
+// in the outbox table; on the way down they come back with their own seq.
+func TestArchiveMigration(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool, s := schemaPool(t)
+	db := stdlib.OpenDBFromPool(pool)
+	defer db.Close()
+	m, err := schema.NewMigrator(db, s, "outbox")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Up(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.DownTo(ctx, 5); err != nil {
+		t.Fatal(err)
+	}
+	tbl, archive := ident.Quote(s)+".outbox", ident.Quote(s)+".outbox_"+outboxsql.ArchiveSuffix
+	for _, q := range []string{
+		`INSERT INTO ` + tbl + ` (event_type, partition_key, payload, headers, correlation_id, attempts, last_error, dispatched_at, routing_key)
+		 SELECT 'sent', 'k' || i, '\x01', '{"h":"v"}', 'c', 1, 'nack', now() - i * interval '1 minute', 'rk' FROM generate_series(1, 30) i`,
+		`INSERT INTO ` + tbl + ` (event_type, payload) SELECT 'pending', '\x00' FROM generate_series(1, 4)`,
+		`INSERT INTO ` + tbl + ` (event_type, payload, dead_at) SELECT 'dead', '\x00', now() FROM generate_series(1, 3)`,
+	} {
+		if _, err := pool.Exec(ctx, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Every column of every row, as text, by table.
+	snapshot := func(from string) string {
+		var out string
+		if err := pool.QueryRow(ctx, `SELECT coalesce(string_agg(r::text, E'\n' ORDER BY seq), '') FROM (SELECT `+
+			outboxsql.Columns+` FROM `+from+`) r`).Scan(&out); err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+	count := func(from, cond string) int {
+		var n int
+		if err := pool.QueryRow(ctx, `SELECT count(*) FROM `+from+` WHERE `+cond).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	before := snapshot(tbl)
+	beforeSent := snapshot(`(SELECT * FROM ` + tbl + ` WHERE event_type = 'sent') o`)
+
+	if _, err := m.Up(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := count(tbl, "dispatched_at IS NOT NULL"); n != 0 {
+		t.Errorf("up: %d dispatched rows left in the outbox table", n)
+	}
+	if n, p, d := count(archive, "true"), count(tbl, "event_type = 'pending'"), count(tbl, "event_type = 'dead'"); n != 30 || p != 4 || d != 3 {
+		t.Errorf("up: %d rows archived (want 30), %d pending and %d dead left (want 4 and 3)", n, p, d)
+	}
+	if got := snapshot(archive); got != beforeSent {
+		t.Errorf("up: the archived rows changed:\n%s\nwant\n%s", got, beforeSent)
+	}
+
+	if _, err := m.DownTo(ctx, 5); err != nil {
+		t.Fatal(err)
+	}
+	if got := snapshot(tbl); got != before {
+		t.Errorf("down: the outbox table is\n%s\nwant\n%s", got, before)
+	}
+	// The identity goes on from where it was: no seq is drawn twice.
+	var seq, max int64
+	if err := pool.QueryRow(ctx, `INSERT INTO `+tbl+` (event_type, payload) VALUES ('after', '\x00') RETURNING seq`).Scan(&seq); err != nil {
+		t.Fatal(err)
+	}
+	if err := pool.QueryRow(ctx, `SELECT max(seq) FROM `+tbl+` WHERE event_type <> 'after'`).Scan(&max); err != nil || seq <= max {
+		t.Errorf("down: a new row drew seq %d, at or below the moved rows' %d (%v)", seq, max, err)
 	}
 }

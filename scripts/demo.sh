@@ -171,12 +171,14 @@ if [[ -n $start_time ]]; then
 		SELECT count(*) FILTER (WHERE dispatched_at IS NOT NULL),
 		       count(*) FILTER (WHERE dispatched_at IS NULL AND dead_at IS NULL),
 		       count(*) FILTER (WHERE dead_at IS NOT NULL)
-		FROM $outbox_schema.$outbox_table
+		FROM (SELECT created_at, event_type, dispatched_at, dead_at FROM $outbox_schema.$outbox_table
+		      UNION ALL
+		      SELECT created_at, event_type, dispatched_at, dead_at FROM $outbox_schema.${outbox_table}_dispatched) o
 		WHERE created_at >= '$start_time'
 		  AND event_type IN ('lesson.published', 'quiz.submitted', 'badge.awarded')" |
 		{
 			read -r dispatched pending dead
-			echo "outbox:   this run's rows in $outbox_schema.$outbox_table: $dispatched dispatched, $pending pending, $dead dead"
+			echo "outbox:   this run's rows in $outbox_schema.$outbox_table and its archive: $dispatched dispatched, $pending pending, $dead dead"
 		}
 else
 	echo "outbox:   psql not found; skipped counting the table's dispatched rows"

@@ -182,14 +182,18 @@ database-wide lock that slows producers committing at the same time.`,
 func (c *cliEnv) statusCommand() *cobra.Command {
 	var o statusFlags
 	cmd := &cobra.Command{
-		Use:   "status [--json] [--recent-rows N]",
+		Use:   "status [--json]",
 		Short: "backlog, oldest age, dead, recent dispatches, per-type counts, partition owners",
 		Long:  statusLong,
 		Args:  cobra.NoArgs,
 		RunE:  c.action(func(ctx context.Context, _ *cobra.Command) error { return c.cmdStatus(ctx, o) }),
 	}
 	cmd.Flags().BoolVar(&o.json, "json", false, "print one JSON object")
-	cmd.Flags().Int64Var(&o.window, "recent-rows", 100000, "count dispatched rows among the newest N rows only (0: scan the whole table)")
+	// Accepted, hidden and ignored, so that existing scripts keep working:
+	// the archive's BRIN index made the window it set unnecessary. (A
+	// deprecation notice would land in the --json output.)
+	cmd.Flags().Int64Var(&o.window, "recent-rows", 0, "ignored: dispatched counts are exact")
+	_ = cmd.Flags().MarkHidden("recent-rows")
 	return cmd
 }
 

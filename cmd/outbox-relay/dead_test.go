@@ -16,7 +16,8 @@ import (
 )
 
 // opsRow is a row the operations tests insert directly. Zero durations
-// leave the column at its default (or NULL for dispatched_at and dead_at).
+// leave the column at its default (or NULL for dispatched_at and dead_at);
+// a dispatched row goes to the archive.
 type opsRow struct {
 	typ           string
 	key           string // "" for NULL
@@ -49,7 +50,9 @@ func insertRows(t *testing.T, o *testenv.Outbox, rows ...opsRow) []inserted {
 		return s
 	}
 	var out []inserted
+	archive := false
 	for _, r := range rows {
+		archive = archive || r.dispatchedAgo != 0
 		payload := r.payload
 		if payload == "" {
 			payload = "{}"
@@ -65,6 +68,10 @@ RETURNING seq, id`,
 			t.Fatalf("insert %+v: %v", r, err)
 		}
 		out = append(out, in)
+	}
+	// Dispatched rows are where the relay puts them: in the archive.
+	if archive {
+		o.ArchiveRows(t, "dispatched_at IS NOT NULL")
 	}
 	return out
 }
@@ -98,7 +105,7 @@ func snapshot(t *testing.T, o *testenv.Outbox) string {
 	var s string
 	err := o.Pool.QueryRow(context.Background(), `SELECT coalesce(string_agg(
   row(seq, attempts, available_at, dispatched_at, dead_at, last_error)::text, E'\n' ORDER BY seq), '')
-FROM `+o.Table.Quoted()).Scan(&s)
+FROM `+o.Rows()+` o`).Scan(&s)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -265,14 +272,15 @@ func TestDeadRetryByID(t *testing.T) {
 	unknown := uuid.New()
 
 	code, out, errOut := runCLI(t, f.env, "dead", "retry", "--id", f.old.id.String(),
-		"--id", f.pending.id.String(), "--id", unknown.String())
+		"--id", f.pending.id.String(), "--id", f.sent.id.String(), "--id", unknown.String())
 	if code != exitFailed {
-		t.Errorf("exit %d, want 1 since two ids were not retried; stderr: %s", code, errOut)
+		t.Errorf("exit %d, want 1 since three ids were not retried; stderr: %s", code, errOut)
 	}
 	if out != "retried 1 dead events\n" {
 		t.Errorf("stdout %q", out)
 	}
-	for _, want := range []string{f.pending.id.String() + ": not dead (pending)", unknown.String() + ": not found"} {
+	for _, want := range []string{f.pending.id.String() + ": not dead (pending)", f.sent.id.String() + ": not dead (dispatched)",
+		unknown.String() + ": not found"} {
 		if !strings.Contains(errOut, want) {
 			t.Errorf("stderr lacks %q: %s", want, errOut)
 		}

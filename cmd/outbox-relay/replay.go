@@ -20,8 +20,10 @@ import (
 )
 
 const replayLong = `Publishes already dispatched events again, in seq order, with confirms, each
-copy marked with the header x-outbox-replay (the time of the replay). The
-outbox table is only read. Select with any of:
+copy marked with the header x-outbox-replay (the time of the replay). They
+are read, and only read, from the archive of dispatched rows
+(<table>_dispatched); rows an older relay marked dispatched in place in the
+outbox table are not replayed. Select with any of:
   --from-seq N --to-seq N        seq range (inclusive)
   --since T --until T            created_at range; T is RFC 3339 or an age
                                  such as 90m or 7d (that long ago)

@@ -83,7 +83,7 @@ func (c *cliEnv) cmdRun(ctx context.Context) error {
 		defer cancel()
 		runErr = errors.Join(runErr, srv.Shutdown(sctx), <-srvDone)
 	}
-	if errors.Is(runErr, relay.ErrTableMissing) || errors.Is(runErr, relay.ErrSchemaOutdated) || errors.Is(runErr, relay.ErrTransactionPooler) {
+	if errors.Is(runErr, relay.ErrTableMissing) || errors.Is(runErr, relay.ErrSchemaOutdated) || errors.Is(runErr, relay.ErrPrivilegeMissing) || errors.Is(runErr, relay.ErrTransactionPooler) {
 		log.Error("cannot start", zap.Error(runErr))
 	}
 	return runErr

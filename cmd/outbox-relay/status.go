@@ -60,17 +60,14 @@ type partitionOwner struct {
 	Pending         int64     `json:"pending"`
 }
 
-// dispatchCounts are rows marked dispatched recently (see statusDispatched
-// in internal/ops/queries.go for why they are counted over a window of
-// recent rows).
+// dispatchCounts are rows marked dispatched recently, counted in the
+// archive of dispatched rows.
 type dispatchCounts struct {
 	LastMinute   int64 `json:"last_minute"`
 	Last5Minutes int64 `json:"last_5_minutes"`
-	// Exact is false when only the newest WindowRows sequence numbers were
-	// read, or when dispatched rows are not kept at all.
-	Exact      bool   `json:"exact"`
-	WindowRows int64  `json:"window_rows"` // 0: the whole table
-	Note       string `json:"note,omitempty"`
+	// Exact is false when dispatched rows are not kept at all.
+	Exact bool   `json:"exact"`
+	Note  string `json:"note,omitempty"`
 }
 
 type typeCounts struct {
@@ -85,8 +82,8 @@ counts of the top 20 event types, the schema version and the NOTIFY trigger.
 All numbers come from one consistent snapshot; status never writes.
 
 Pending and dead counts read the partial indexes: cheap while dead rows are
-few, proportional to the backlog otherwise. Dispatched counts need a scan,
-so only the newest --recent-rows rows are read (0: all of them). With
+few, proportional to the backlog otherwise. Dispatched counts read the
+archive of dispatched rows through its BRIN index on dispatched_at. With
 relay.on_dispatch: delete, dispatched rows are not kept: status says so
 (pass the relay's --config). The relay's metrics give exact rates
 (outbox_relay_events_published_total).
@@ -95,13 +92,10 @@ relay.on_dispatch: delete, dispatched rows are not kept: status says so
 // statusFlags are status's flags.
 type statusFlags struct {
 	json   bool
-	window int64 // --recent-rows
+	window int64 // --recent-rows, deprecated and ignored: the counts are exact
 }
 
 func (c *cliEnv) cmdStatus(ctx context.Context, o statusFlags) error {
-	if o.window < 0 {
-		return usagef("status --recent-rows: must be 0 (everything) or more, got %d", o.window)
-	}
 	cfg, err := c.loadConfig("postgres.")
 	if err != nil {
 		return err
@@ -113,7 +107,6 @@ func (c *cliEnv) cmdStatus(ctx context.Context, o statusFlags) error {
 	defer conn.Close(context.WithoutCancel(ctx))
 
 	st, err := out.Status(ctx, conn, ops.StatusOptions{
-		Window:         o.window,
 		KeepDispatched: cfg.Relay.OnDispatch != relay.OnDispatchDelete,
 		Partitions:     partitionsIfOrdered(cfg.Relay),
 		TopTypes:       statusTopTypes,

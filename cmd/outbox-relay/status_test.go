@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"regexp"
@@ -10,10 +11,10 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/schema"
 )
 
-// statusFixture inserts, in this order (so that the newest sequence numbers
-// are the most recently dispatched rows):
+// statusFixture inserts:
 //
 //	type a: 5 pending (3 due, 2 in an hour; the first created an hour ago), 1 dead
 //	type b: 2 pending (due)
@@ -97,11 +98,11 @@ func TestStatus(t *testing.T) {
 		}
 	}
 
-	// A window of the newest 5 rows sees 4 + 1 recent dispatches and
-	// says the counts are partial.
+	// --recent-rows, which limited the counts to the newest rows, is still
+	// accepted and changes nothing: the counts are exact.
 	rep = statusJSON(t, env, "--recent-rows", "5")
-	if d := rep.Dispatched; d.LastMinute != 4 || d.Last5Minutes != 5 || d.Exact || d.WindowRows != 5 || !strings.Contains(d.Note, "newest 5 rows") {
-		t.Errorf("windowed dispatched counts %+v", d)
+	if d := rep.Dispatched; d.LastMinute != 4 || d.Last5Minutes != 7 || !d.Exact || d.Note != "" {
+		t.Errorf("dispatched counts with --recent-rows %+v, want 4, 7, exact", d)
 	}
 
 	// With on_dispatch: delete nothing is counted, and status says why.
@@ -186,10 +187,33 @@ func TestStatusEmptyAndMissing(t *testing.T) {
 		t.Errorf("missing table: exit %d, stderr %q", code, stderr)
 	}
 
-	for _, args := range [][]string{{"status", "extra"}, {"status", "--recent-rows", "-1"}, {"status", "--bogus"}} {
+	for _, args := range [][]string{{"status", "extra"}, {"status", "--bogus"}} {
 		if code, _, stderr := runCLI(t, nil, args...); code != exitUsage {
 			t.Errorf("%q: exit %d, want 2: %s", args, code, stderr)
 		}
+	}
+}
+
+// TestStatusBeforeArchive: on a table not yet migrated to the archive of
+// dispatched rows (migration 6), status still reports the rest and says
+// that the dispatched counts need `migrate up`.
+func TestStatusBeforeArchive(t *testing.T) {
+	t.Parallel()
+	o := testenv.NewOutbox(t)
+	m, err := schema.NewMigrator(o.DB(t), o.Schema, o.Table.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.DownTo(context.Background(), 5); err != nil {
+		t.Fatal(err)
+	}
+	insertRows(t, o, opsRow{typ: "a"})
+	rep := statusJSON(t, opsEnv(o))
+	if d := rep.Dispatched; rep.Pending != 1 || d.Exact || !strings.Contains(d.Note, "migrate up") {
+		t.Errorf("pending %d, dispatched %+v; want 1 pending and a note to run migrate up", rep.Pending, d)
+	}
+	if rep.SchemaVersion == nil || *rep.SchemaVersion != 5 {
+		t.Errorf("schema version %v, want 5", rep.SchemaVersion)
 	}
 }
 

@@ -163,18 +163,18 @@ func TestLeastPrivilege(t *testing.T) {
 	t.Parallel()
 	blocks := sqlBlocks(t)
 	for _, c := range []privilegeCase{
-		// The acceptance case: a relay that may only read and update.
-		{name: "read_update_only", ordering: relay.OrderingNone, onDispatch: relay.OnDispatchMark},
+		// The acceptance case: a relay that may read, update and remove
+		// outbox rows and archive them, and nothing else (no retention).
+		{name: "no_retention", ordering: relay.OrderingNone, onDispatch: relay.OnDispatchMark},
 		// Ordered mode also reads the sequence (commit horizon) and takes
 		// advisory locks (partition leases).
 		{name: "ordered", ordering: relay.OrderingPartitionKey, onDispatch: relay.OnDispatchMark},
-		// With the DELETE grant the retention cleaner removes dispatched
-		// rows, and the optional status grant reads the version table.
+		// With the retention grant the cleaner removes archived rows, and
+		// the optional status grant reads the version table.
 		{name: "retention_cleaner", ordering: relay.OrderingNone, onDispatch: relay.OnDispatchMark,
 			keep: time.Millisecond, extra: []string{"retention", "status"}},
-		// With the DELETE grant, delete-on-dispatch works.
-		{name: "delete_on_dispatch", ordering: relay.OrderingNone, onDispatch: relay.OnDispatchDelete,
-			extra: []string{"retention"}},
+		// The grants suffice for delete-on-dispatch too.
+		{name: "delete_on_dispatch", ordering: relay.OrderingNone, onDispatch: relay.OnDispatchDelete},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
@@ -233,7 +233,7 @@ func leastPrivilege(t *testing.T, blocks map[string]string, c privilegeCase) {
 			}
 		}
 	}
-	table := o.Table.Quoted()
+	table, archive := o.Table.Quoted(), o.Archive()
 	seq := schemaID + ".outbox_seq_seq"
 
 	// The application role writes events with the outbox helper, and one
@@ -272,6 +272,7 @@ func leastPrivilege(t *testing.T, blocks map[string]string, c privilegeCase) {
 
 	const (
 		onTable    = "permission denied for table outbox"
+		onArchive  = "permission denied for table outbox_dispatched"
 		onSequence = "permission denied for sequence outbox_seq_seq"
 		notOwner   = "must be owner of table outbox"
 	)
@@ -281,9 +282,12 @@ func leastPrivilege(t *testing.T, blocks map[string]string, c privilegeCase) {
 	denied(t, appPool, app, "DELETE FROM "+table, onTable)
 	denied(t, appPool, app, "TRUNCATE "+table, onTable)
 	denied(t, appPool, app, "SELECT nextval('"+seq+"')", onSequence)
+	denied(t, appPool, app, "SELECT count(*) FROM "+archive, onArchive)
+	denied(t, appPool, app, "INSERT INTO "+archive+" SELECT * FROM "+archive+" WHERE false", onArchive)
 
-	// The relay role: no inserts, no deletes (unless granted), no DDL. The
-	// forged insert names its id, so only the table privilege is at stake.
+	// The relay role: no inserts into the outbox, no reads or deletes in
+	// the archive (unless granted), no DDL. The forged insert names its
+	// id, so only the table privilege is at stake.
 	relayPool, err := pgxpool.New(ctx, roleDSN(t, relayRole, relayPW))
 	if err != nil {
 		t.Fatal(err)
@@ -294,10 +298,12 @@ func leastPrivilege(t *testing.T, blocks map[string]string, c privilegeCase) {
 	denied(t, relayPool, rel, "TRUNCATE "+table, onTable)
 	denied(t, relayPool, rel, "ALTER TABLE "+table+" DISABLE TRIGGER outbox_notify", notOwner)
 	denied(t, relayPool, rel, "SELECT nextval('"+seq+"')", onSequence)
+	denied(t, relayPool, rel, "TRUNCATE "+archive, onArchive)
 	if contains(c.extra, "retention") {
-		allowed(t, relayPool, rel, "DELETE FROM "+table+" WHERE false")
+		allowed(t, relayPool, rel, "DELETE FROM "+archive+" WHERE dispatched_at < now()")
 	} else {
-		denied(t, relayPool, rel, "DELETE FROM "+table+" WHERE false", onTable)
+		denied(t, relayPool, rel, "SELECT count(*) FROM "+archive, onArchive)
+		denied(t, relayPool, rel, "DELETE FROM "+archive+" WHERE dispatched_at < now()", onArchive)
 	}
 	if contains(c.extra, "status") {
 		allowed(t, relayPool, rel, "SELECT max(version_id) FROM "+schemaID+".outbox_schema_version")
@@ -358,7 +364,7 @@ func leastPrivilege(t *testing.T, blocks map[string]string, c privilegeCase) {
 		}
 	}
 
-	// The rows are marked dispatched, deleted at dispatch or removed by the
+	// The rows are archived, deleted at dispatch or removed by the
 	// cleaner: only the relay role can have done that.
 	cond, what := "dispatched_at IS NULL", "every row marked dispatched"
 	if c.onDispatch == relay.OnDispatchDelete || c.keep > 0 {

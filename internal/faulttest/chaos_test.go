@@ -367,7 +367,7 @@ func checkTable(t *testing.T, o *testenv.Outbox, ids []string) {
 		count(*) FILTER (WHERE id = ANY($1::uuid[])),
 		coalesce(max(attempts), 0),
 		count(*) FILTER (WHERE attempts > 0)
-		FROM `+o.Table.Quoted(), ids).Scan(&rows, &pending, &dead, &dispatched, &mine, &maxAttempts, &retried)
+		FROM `+o.Rows()+` o`, ids).Scan(&rows, &pending, &dead, &dispatched, &mine, &maxAttempts, &retried)
 	if err != nil {
 		t.Errorf("read the table: %v", err)
 		return
@@ -380,15 +380,15 @@ func checkTable(t *testing.T, o *testenv.Outbox, ids []string) {
 	if pending != 0 || dead != 0 || dispatched != rows {
 		t.Errorf("at the end: %d rows dispatched of %d, %d pending, %d dead; want all dispatched", dispatched, rows, pending, dead)
 		var lastErr *string
-		if err := o.Pool.QueryRow(ctx, `SELECT last_error FROM `+o.Table.Quoted()+
-			` WHERE dispatched_at IS NULL ORDER BY seq LIMIT 1`).Scan(&lastErr); err == nil && lastErr != nil {
+		if err := o.Pool.QueryRow(ctx, `SELECT last_error FROM `+o.Rows()+
+			` o WHERE dispatched_at IS NULL ORDER BY seq LIMIT 1`).Scan(&lastErr); err == nil && lastErr != nil {
 			t.Errorf("first undispatched row's last_error: %s", *lastErr)
 		}
 	}
 	if retried > 0 {
 		var sample *string
-		_ = o.Pool.QueryRow(ctx, `SELECT last_error FROM `+o.Table.Quoted()+
-			` WHERE attempts > 0 ORDER BY seq LIMIT 1`).Scan(&sample)
+		_ = o.Pool.QueryRow(ctx, `SELECT last_error FROM `+o.Rows()+
+			` o WHERE attempts > 0 ORDER BY seq LIMIT 1`).Scan(&sample)
 		if sample != nil {
 			t.Logf("chaos table: a retried row's last_error: %s", *sample)
 		}

@@ -14,8 +14,8 @@ import (
 )
 
 // blockMarking holds a SHARE lock on the outbox table: the relay can still
-// claim (FOR UPDATE takes ROW SHARE) and publish, but its UPDATE marking the
-// rows dispatched waits. That pins the relay between the broker's confirm
+// claim (FOR UPDATE takes ROW SHARE) and publish, but its mark, which moves
+// the rows to the archive (a DELETE), waits. That pins the relay between the broker's confirm
 // and its commit, the worst moment to die. The returned func releases it.
 func blockMarking(t *testing.T, o *testenv.Outbox) func() {
 	t.Helper()
@@ -44,7 +44,7 @@ func waitMarkBlocked(t *testing.T, o *testenv.Outbox) {
 	testenv.Eventually(t, 30*time.Second, "relay blocked marking rows", func() bool {
 		var n int
 		err := o.Pool.QueryRow(context.Background(), `SELECT count(*) FROM pg_stat_activity
-			WHERE application_name = $1 AND wait_event_type = 'Lock' AND query LIKE 'UPDATE%'`, o.Schema).Scan(&n)
+			WHERE application_name = $1 AND wait_event_type = 'Lock' AND query LIKE 'WITH d AS (%DELETE FROM%'`, o.Schema).Scan(&n)
 		return err == nil && n > 0
 	})
 }

@@ -12,7 +12,8 @@ import (
 
 // MaxLen bounds a configured schema or table name. PostgreSQL truncates
 // identifiers at 63 bytes; derived names (the pending index, the notify
-// function, the goose version table) append up to 14 bytes to the table name.
+// function, the goose version table, the archive's index on seq) append up
+// to 15 bytes to the table name.
 const MaxLen = 48
 
 var pattern = regexp.MustCompile(`^[a-z_][a-z0-9_]*$`)

@@ -28,6 +28,7 @@ type queries struct {
 	statusBacklog    string
 	statusDispatched string
 	statusTypes      string
+	archive          string // quoted name of the archive of dispatched rows
 	versionTable     string // quoted name of goose's version table
 	schemaVersion    string
 	notifyTrigger    string
@@ -52,9 +53,10 @@ const (
 	deadRows    = outboxsql.Dead
 )
 
-// replaySelection restricts a replay to dispatched rows: $1 from seq, $2 to
-// seq (0: none), $3 since, $4 until (NULL: none), $5 types (empty: all).
-const replaySelection = `dispatched_at IS NOT NULL AND seq >= $1 AND ($2 = 0 OR seq <= $2)
+// replaySelection selects archived (dispatched) rows to replay: $1 from
+// seq, $2 to seq (0: none), $3 since, $4 until (NULL: none), $5 types
+// (empty: all).
+const replaySelection = `seq >= $1 AND ($2 = 0 OR seq <= $2)
   AND ($3::timestamptz IS NULL OR created_at >= $3) AND ($4::timestamptz IS NULL OR created_at < $4)
   AND (cardinality($5::text[]) = 0 OR event_type = ANY($5))`
 
@@ -77,7 +79,7 @@ const deadMatch = deadRows + `
   AND ($5::bigint[] IS NULL OR seq = ANY($5::bigint[]))`
 
 func newQueries(t ident.Table) queries {
-	tbl := t.Quoted()
+	tbl, archive := t.Quoted(), outboxsql.Archive(t)
 	versionTable := t.Derived(schema.VersionTableSuffix)
 	return queries{
 		tableExists: `SELECT to_regclass($1) IS NOT NULL`,
@@ -110,12 +112,15 @@ RETURNING id`, tbl),
 
 		deadPurge: fmt.Sprintf(`DELETE FROM %s WHERE `+deadMatch, tbl),
 
-		// Why an --id was not retried.
+		// Why an --id was not retried: found in the archive, or in the
+		// outbox table (where an older relay marked rows in place).
 		idStates: fmt.Sprintf(`SELECT id, CASE WHEN dead_at IS NOT NULL THEN 'dead'
                  WHEN dispatched_at IS NOT NULL THEN 'dispatched'
                  ELSE 'pending' END
 FROM %s
-WHERE id = ANY($1::uuid[])`, tbl),
+WHERE id = ANY($1::uuid[])
+UNION ALL
+SELECT id, 'dispatched' FROM %s WHERE id = ANY($1::uuid[])`, tbl, archive),
 
 		// Retried rows are updates, which the insert trigger does not
 		// announce: wake a relay in wake.mode notify ourselves (sent at
@@ -132,21 +137,13 @@ WHERE id = ANY($1::uuid[])`, tbl),
 FROM (SELECT count(*) AS pending, count(*) FILTER (WHERE available_at <= now()) AS due
       FROM %[1]s WHERE `+pendingRows+`) p`, tbl),
 
-		// No index covers dispatched_at (an index on it would tax every
-		// dispatch), so counting "dispatched in the last 5 minutes" over
-		// the whole history would scan the table. Instead only the newest
-		// $1 sequence numbers are read, by a primary-key range scan: recent
-		// dispatches are nearly always recent inserts; an old row that
-		// succeeded late (after retries) outside the window is missed. The
-		// last column says whether the window covered the whole table,
-		// i.e. the counts are exact. $1 = 0 scans everything.
-		statusDispatched: fmt.Sprintf(`WITH bounds AS (SELECT min(seq) AS lo, max(seq) AS hi FROM %[1]s)
-SELECT count(*) FILTER (WHERE dispatched_at >= now() - interval '1 minute'),
-       count(*),
-       (SELECT $1::bigint = 0 OR lo IS NULL OR lo > hi - $1::bigint FROM bounds)
-FROM %[1]s
-WHERE ($1::bigint = 0 OR seq > (SELECT coalesce(hi, 0) FROM bounds) - $1::bigint)
-  AND dispatched_at >= now() - interval '5 minutes'`, tbl),
+		// Dispatched rows are archived in about dispatched_at order: the
+		// BRIN index on it finds the last 5 minutes' without reading the
+		// rest. Rows an older relay marked in place in the outbox table
+		// (during a rolling upgrade) are not counted.
+		statusDispatched: fmt.Sprintf(`SELECT count(*) FILTER (WHERE dispatched_at >= now() - interval '1 minute'), count(*)
+FROM %s
+WHERE dispatched_at >= now() - interval '5 minutes'`, archive),
 
 		// Pending and dead counts per event type, from the two partial
 		// indexes (the pending side reads every pending row: on a large
@@ -165,6 +162,7 @@ LIMIT $1`, tbl),
 		// Read goose's version table directly: asking goose (Migrator.Version)
 		// would create the table when it is missing, and status must not
 		// write. goose deletes a version's row when it is rolled back.
+		archive:       archive,
 		versionTable:  versionTable,
 		schemaVersion: fmt.Sprintf(`SELECT coalesce(max(version_id), 0) FROM %s`, versionTable),
 
@@ -184,8 +182,10 @@ ORDER BY r.pid, r.owner`, t.Derived("leases"), t.Derived("relays")),
 		partitionBacklog: fmt.Sprintf(`SELECT %s AS p, count(*) FROM %s
 WHERE `+pendingRows+` AND partition_key IS NOT NULL GROUP BY p`, outboxsql.PartitionOf("partition_key", 1), tbl),
 
-		// A replay's selection, counted and read in pages of $6 rows.
-		replayCount: fmt.Sprintf(`SELECT count(*) FROM %s WHERE `+replaySelection, tbl),
-		replayPage:  fmt.Sprintf(`SELECT `+relay.MessageColumns+` FROM %s WHERE `+replaySelection+` ORDER BY seq LIMIT $6`, tbl),
+		// A replay's selection, counted and read in pages of $6 rows, from
+		// the archive (paged by its index on seq). Rows an older relay
+		// marked in place in the outbox table are not replayed.
+		replayCount: fmt.Sprintf(`SELECT count(*) FROM %s WHERE `+replaySelection, archive),
+		replayPage:  fmt.Sprintf(`SELECT `+relay.MessageColumns+` FROM %s WHERE `+replaySelection+` ORDER BY seq LIMIT $6`, archive),
 	}
 }

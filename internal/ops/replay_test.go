@@ -50,7 +50,7 @@ func TestReplay(t *testing.T) {
 		t.Fatal(err)
 	}
 	var minSeq int64
-	if err := o.Pool.QueryRow(ctx, `SELECT min(seq) FROM `+o.Table.Quoted()).Scan(&minSeq); err != nil {
+	if err := o.Pool.QueryRow(ctx, `SELECT min(seq) FROM `+o.Archive()).Scan(&minSeq); err != nil {
 		t.Fatal(err)
 	}
 	sel := ops.ReplaySelection{Types: []string{"quiz.submitted"}, FromSeq: minSeq + 100, ToSeq: minSeq + 299}
@@ -87,7 +87,8 @@ func TestReplay(t *testing.T) {
 }
 
 // dispatched inserts n rows of each given type (cycling through types),
-// already dispatched, and returns their seqs in order.
+// already dispatched (in the archive, as the relay leaves them), and returns
+// their seqs in order.
 func dispatched(t *testing.T, o *testenv.Outbox, n int, types ...string) []int64 {
 	t.Helper()
 	rows, err := o.Pool.Query(context.Background(), `INSERT INTO `+o.Table.Quoted()+` (event_type, payload, dispatched_at)
@@ -101,6 +102,7 @@ RETURNING seq`, n, types)
 		t.Fatal(err)
 	}
 	slices.Sort(seqs)
+	o.ArchiveRows(t, "seq = ANY($1)", seqs)
 	return seqs
 }
 
@@ -213,6 +215,7 @@ func TestReplayKeepsRoute(t *testing.T) {
 		VALUES ('invoice.paid', '{}', 'tenant-7', $1, now())`, other.Exchange); err != nil {
 		t.Fatal(err)
 	}
+	o.ArchiveRows(t, "true")
 	pub := testenv.NewAMQPPublisher(t, cfg.WithDefaults().AMQP, 10, zaptest.NewLogger(t))
 	defer pub.Close()
 	rp, err := ops.NewReplayer(o.Schema, o.Table.Name)

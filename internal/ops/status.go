@@ -43,16 +43,14 @@ type PartitionStatus struct {
 	Unowned []int32         // partitions no replica holds (none while relays run)
 }
 
-// DispatchCounts are rows marked dispatched recently (see statusDispatched
-// in queries.go for why they are counted over a window of recent rows).
+// DispatchCounts are rows marked dispatched recently, counted in the
+// archive of dispatched rows.
 type DispatchCounts struct {
 	LastMinute   int64
 	Last5Minutes int64
-	// Exact is false when only the newest WindowRows sequence numbers were
-	// read, or when dispatched rows are not kept at all.
-	Exact      bool
-	WindowRows int64 // 0: the whole table
-	Note       string
+	// Exact is false when dispatched rows are not kept at all.
+	Exact bool
+	Note  string
 }
 
 // TypeCount is the pending and dead rows of one event type.
@@ -64,10 +62,9 @@ type TypeCount struct {
 
 // StatusOptions says what Status reads.
 type StatusOptions struct {
-	Window         int64 // newest rows searched for dispatches (status --recent-rows); 0: all
-	KeepDispatched bool  // relay.on_dispatch is mark, so dispatched rows are there to count
-	Partitions     int   // relay.partitions in ordered mode; 0: not ordered
-	TopTypes       int   // event types listed, by pending count
+	KeepDispatched bool // relay.on_dispatch is mark, so dispatched rows are there to count
+	Partitions     int  // relay.partitions in ordered mode; 0: not ordered
+	TopTypes       int  // event types listed, by pending count
 }
 
 // Status reads every number in one read-only REPEATABLE READ transaction,
@@ -87,16 +84,20 @@ func (o *Outbox) Status(ctx context.Context, conn *pgx.Conn, opt StatusOptions) 
 			return fmt.Errorf("backlog: %w", err)
 		}
 
-		if opt.KeepDispatched {
+		var archived bool
+		if err := tx.QueryRow(ctx, q.tableExists, q.archive).Scan(&archived); err != nil {
+			return fmt.Errorf("dispatched: %w", err)
+		}
+		switch {
+		case opt.KeepDispatched && archived:
 			d := &rep.Dispatched
-			if err := tx.QueryRow(ctx, q.statusDispatched, opt.Window).Scan(&d.LastMinute, &d.Last5Minutes, &d.Exact); err != nil {
+			if err := tx.QueryRow(ctx, q.statusDispatched).Scan(&d.LastMinute, &d.Last5Minutes); err != nil {
 				return fmt.Errorf("dispatched: %w", err)
 			}
-			if !d.Exact {
-				d.WindowRows = opt.Window
-				d.Note = fmt.Sprintf("counted among the newest %d rows only, see --recent-rows", opt.Window)
-			}
-		} else {
+			d.Exact = true
+		case opt.KeepDispatched:
+			rep.Dispatched.Note = "unknown: no archive of dispatched rows yet (run `outbox-relay migrate up`)"
+		default:
 			rep.Dispatched.Note = "unknown: relay.on_dispatch is delete, so dispatched rows are not kept"
 		}
 

@@ -22,6 +22,22 @@ const (
 	Dead = `dead_at IS NOT NULL`
 )
 
+// Columns are the columns of the outbox table, in the order of its
+// definition, and of its archive (Archive), which has the same ones. The
+// relay's move to the archive, the archive's migration and the tests that
+// look at both tables list them from here; a migration that adds a column to
+// one table adds it to the other (a test compares them with the tables).
+const Columns = `tx_id, seq, id, event_type, partition_key, payload, content_type, headers, correlation_id,
+created_at, available_at, attempts, last_error, dispatched_at, dead_at, routing_key, exchange`
+
+// Archive is the table that dispatched rows move to with relay.on_dispatch:
+// mark (migration 00006): "schema"."table_dispatched", quoted.
+func Archive(t ident.Table) string { return t.Derived(ArchiveSuffix) }
+
+// ArchiveSuffix derives the archive's name from the table's: outbox →
+// outbox_dispatched.
+const ArchiveSuffix = "dispatched"
+
 // Qualified returns predicate pred (Pending or Dead) with each column
 // qualified by alias, for queries that join or nest the table.
 func Qualified(alias, pred string) string {

@@ -18,6 +18,7 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/outbox-relay/outbox-relay/internal/ident"
+	"github.com/outbox-relay/outbox-relay/internal/outboxsql"
 	"github.com/outbox-relay/outbox-relay/schema"
 )
 
@@ -97,12 +98,40 @@ func (o *Outbox) DB(t testing.TB) *sql.DB {
 	return db
 }
 
-// Count returns the number of rows matching the SQL condition cond
-// ("true" for all); cond is test code, never user input.
+// Archive is the quoted name of the table's archive, where the relay moves
+// the rows it marks dispatched.
+func (o *Outbox) Archive() string { return outboxsql.Archive(o.Table) }
+
+// Rows is a subquery over the outbox table and its archive together, to
+// select from (FROM " + o.Rows() + " o) where a row's table does not matter.
+func (o *Outbox) Rows() string {
+	return "(SELECT " + outboxsql.Columns + " FROM " + o.Table.Quoted() +
+		" UNION ALL SELECT " + outboxsql.Columns + " FROM " + o.Archive() + ")"
+}
+
+// ArchiveRows moves the outbox rows matching cond to the archive, as the
+// relay's mark does but keeping their dispatched_at (which must be set), so
+// a test can model history dispatched at any time. It returns how many.
+func (o *Outbox) ArchiveRows(t testing.TB, cond string, args ...any) int {
+	t.Helper()
+	q := "WITH m AS (DELETE FROM " + o.Table.Quoted() + " WHERE " + cond + " RETURNING " + outboxsql.Columns + ")" +
+		" INSERT INTO " + o.Archive() + " (" + outboxsql.Columns + ") SELECT " + outboxsql.Columns + " FROM m ORDER BY dispatched_at"
+	tag, err := o.Pool.Exec(context.Background(), q, args...)
+	if err != nil {
+		t.Fatalf("archive %s: %v", cond, err)
+	}
+	return int(tag.RowsAffected())
+}
+
+// Count returns the number of events matching the SQL condition cond
+// ("true" for all), over the outbox table and its archive together: a row
+// marked dispatched counts where it is now. cond is test code, never user
+// input.
 func (o *Outbox) Count(t testing.TB, cond string, args ...any) int {
 	t.Helper()
 	var n int
-	if err := o.Pool.QueryRow(context.Background(), "SELECT count(*) FROM "+o.Table.Quoted()+" WHERE "+cond, args...).Scan(&n); err != nil {
+	q := "SELECT count(*) FROM " + o.Rows() + " o WHERE " + cond
+	if err := o.Pool.QueryRow(context.Background(), q, args...).Scan(&n); err != nil {
 		t.Fatalf("count %s: %v", cond, err)
 	}
 	return n

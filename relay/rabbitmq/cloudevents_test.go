@@ -106,7 +106,7 @@ func awaitBadHeaderRowsDead(t *testing.T, o *testenv.Outbox) {
 func createdAt(t *testing.T, o *testenv.Outbox, id string) time.Time {
 	t.Helper()
 	var at time.Time
-	if err := o.Pool.QueryRow(context.Background(), `SELECT created_at FROM `+o.Table.Quoted()+` WHERE id = $1`, id).Scan(&at); err != nil {
+	if err := o.Pool.QueryRow(context.Background(), `SELECT created_at FROM `+o.Rows()+` o WHERE id = $1`, id).Scan(&at); err != nil {
 		t.Fatal(err)
 	}
 	return at

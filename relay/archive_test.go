@@ -1,0 +1,185 @@
+package relay_test
+
+import (
+	"context"
+	"errors"
+	"net/url"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/stdlib"
+
+	"github.com/outbox-relay/outbox-relay/internal/ident"
+	"github.com/outbox-relay/outbox-relay/internal/outboxsql"
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/outbox"
+	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/schema"
+)
+
+// TestMarkMovesToArchive: with relay.on_dispatch: mark, a published row
+// leaves the outbox table for the archive, every column as it was but
+// dispatched_at, set to the time of the mark.
+func TestMarkMovesToArchive(t *testing.T) {
+	t.Parallel()
+	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+	ctx := context.Background()
+	deliveries := b.Consume(t, b.Queue(t, "#", nil))
+	w, _ := outbox.NewWriter(o.Schema, o.Table.Name)
+	var events []outbox.Event
+	for i := range 20 {
+		ev := outbox.NewEvent("lesson.published", []byte(`{"i":`+strings.Repeat("1", i+1)+`}`))
+		ev.Key, ev.CorrelationID = "course-7", "corr"
+		ev.Headers = map[string]string{"tenant": "t1"}
+		events = append(events, ev)
+	}
+	if err := pgx.BeginFunc(ctx, o.Pool, func(tx pgx.Tx) error { return w.Write(ctx, tx, events...) }); err != nil {
+		t.Fatal(err)
+	}
+	// Every column but dispatched_at, row by row.
+	kept := strings.Replace(outboxsql.Columns, " dispatched_at,", "", 1)
+	snapshot := func(from string) string {
+		t.Helper()
+		var s string
+		if err := o.Pool.QueryRow(ctx, `SELECT coalesce(string_agg(r::text, E'\n' ORDER BY seq), '') FROM (SELECT `+kept+` FROM `+from+`) r`).Scan(&s); err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	before := snapshot(o.Table.Quoted())
+	var begun time.Time
+	if err := o.Pool.QueryRow(ctx, `SELECT now()`).Scan(&begun); err != nil {
+		t.Fatal(err)
+	}
+
+	start(t, config(o, b))
+	testenv.Receive(t, deliveries, len(events), 10*time.Second)
+	testenv.Eventually(t, 10*time.Second, "every row archived", func() bool {
+		return o.Count(t, "dispatched_at IS NOT NULL") == len(events)
+	})
+	var inOutbox, undated int
+	if err := o.Pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM `+o.Table.Quoted()+`),
+		(SELECT count(*) FROM `+o.Archive()+` WHERE NOT dispatched_at BETWEEN $1 AND now())`, begun).Scan(&inOutbox, &undated); err != nil {
+		t.Fatal(err)
+	}
+	if inOutbox != 0 || undated != 0 {
+		t.Errorf("%d rows left in the outbox table, %d archived rows not dispatched since the relay started; want 0 and 0", inOutbox, undated)
+	}
+	if got := snapshot(o.Archive()); got != before {
+		t.Errorf("archived rows\n%s\nwant the rows as written\n%s", got, before)
+	}
+}
+
+// TestArchiveRetention: the archive's retention deletes the rows
+// dispatched before the cutoff, page by page, and no other; an expired row
+// that a pass stepped over (it arrived after newer ones) goes in the next.
+func TestArchiveRetention(t *testing.T) {
+	t.Parallel()
+	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+	ctx := context.Background()
+	tbl := o.Table.Quoted()
+	insert := func(typ, dispatched string, n int) {
+		t.Helper()
+		if _, err := o.Pool.Exec(ctx, `INSERT INTO `+tbl+` (event_type, payload, dispatched_at)
+			SELECT $1, '\x00', now() - $2::interval FROM generate_series(1, $3)`, typ, dispatched, n); err != nil {
+			t.Fatal(err)
+		}
+		o.ArchiveRows(t, "event_type = $1", typ)
+	}
+	insert("old", "8 days", 300)
+	insert("edge", "167 hours", 10) // within the 7 days kept
+	insert("recent", "1 minute", 100)
+	insert("late", "9 days", 5) // archived after newer rows
+	if _, err := o.Pool.Exec(ctx, `INSERT INTO `+tbl+` (event_type, payload) SELECT 'pending', '\x00' FROM generate_series(1, 3)`); err != nil {
+		t.Fatal(err)
+	}
+	cfg := config(o, b)
+	cfg.Retention.Dispatched = 7 * 24 * time.Hour
+	cfg.Retention.BatchSize = 40
+	r := testenv.NewRelay(t, cfg).Relay
+	if n := relay.CleanArchivedOnce(ctx, r, o.Pool); n != 300 {
+		t.Errorf("first pass deleted %d rows, want the 300 old ones", n)
+	}
+	if n := relay.CleanArchivedOnce(ctx, r, o.Pool); n != 5 {
+		t.Errorf("second pass deleted %d rows, want the 5 late ones", n)
+	}
+	if n := relay.CleanArchivedOnce(ctx, r, o.Pool); n != 0 {
+		t.Errorf("third pass deleted %d rows, want none", n)
+	}
+	for typ, want := range map[string]int{"old": 0, "late": 0, "edge": 10, "recent": 100, "pending": 3} {
+		if n := o.Count(t, "event_type = $1", typ); n != want {
+			t.Errorf("%s: %d rows left, want %d", typ, n, want)
+		}
+	}
+}
+
+// TestArchiveMissing: a relay against a table without the archive
+// (migration 6 not applied) stops at start with ErrSchemaOutdated, saying
+// to run the migrations, instead of failing every mark.
+func TestArchiveMissing(t *testing.T) {
+	t.Parallel()
+	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+	db := stdlib.OpenDBFromPool(o.Pool)
+	defer db.Close()
+	m, err := schema.NewMigrator(db, o.Schema, o.Table.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.DownTo(context.Background(), 5); err != nil {
+		t.Fatal(err)
+	}
+	r := testenv.NewRelay(t, config(o, b))
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	err = r.Run(ctx)
+	if !errors.Is(err, relay.ErrSchemaOutdated) || !containsAll(err.Error(), "outbox-relay migrate up", "outbox_dispatched") {
+		t.Fatalf("Run = %v, want ErrSchemaOutdated naming the archive and `outbox-relay migrate up`", err)
+	}
+}
+
+// TestPrivilegeMissing: a relay whose role may read and update the outbox
+// table but neither delete from it nor insert into the archive stops at
+// start with ErrPrivilegeMissing naming both, instead of publishing every
+// batch and failing to commit it, again and again.
+func TestPrivilegeMissing(t *testing.T) {
+	t.Parallel()
+	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+	ctx := context.Background()
+	role := testenv.Name("lp_mark")
+	r, s := ident.Quote(role), ident.Quote(o.Schema)
+	for _, q := range []string{
+		"CREATE ROLE " + r + " NOLOGIN",
+		"GRANT USAGE ON SCHEMA " + s + " TO " + r,
+		"GRANT SELECT, UPDATE ON TABLE " + o.Table.Quoted() + " TO " + r,
+	} {
+		if _, err := o.Pool.Exec(ctx, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() {
+		for _, q := range []string{"DROP OWNED BY " + r, "DROP ROLE " + r} {
+			if _, err := o.Pool.Exec(context.Background(), q); err != nil {
+				t.Errorf("cleanup: %s: %v", q, err)
+			}
+		}
+	})
+	cfg := config(o, b)
+	// The test's own login, acting as the role from the session's start.
+	u, err := url.Parse(o.DSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := u.Query()
+	q.Set("options", "-c role="+role)
+	u.RawQuery = strings.ReplaceAll(q.Encode(), "+", "%20") // pgx reads + as itself
+	cfg.Postgres.DSN = u.String()
+	rel := testenv.NewRelay(t, cfg)
+	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	err = rel.Run(ctx)
+	if !errors.Is(err, relay.ErrPrivilegeMissing) || !containsAll(err.Error(), "DELETE on", "INSERT on", "outbox_dispatched") {
+		t.Fatalf("Run = %v, want ErrPrivilegeMissing naming DELETE on the table and INSERT on the archive", err)
+	}
+}
