@@ -319,10 +319,10 @@ func joinInts(v []int) string {
 
 // --- the outbox table ---------------------------------------------------
 
-// reset empties the outbox table and sets its NOTIFY trigger. No relay may
-// be running.
+// reset empties the outbox table and its archive of dispatched rows, and
+// sets its NOTIFY trigger. No relay may be running.
 func (b *bench) reset(ctx context.Context, notify bool) error {
-	if _, err := b.pool.Exec(ctx, "TRUNCATE "+b.table.Quoted()); err != nil {
+	if _, err := b.pool.Exec(ctx, "TRUNCATE "+b.table.Quoted()+", "+b.table.Derived(outboxsql.ArchiveSuffix)); err != nil {
 		return fmt.Errorf("truncate: %w", err)
 	}
 	return b.setTrigger(ctx, notify)
