@@ -55,7 +55,7 @@ func TestLateCommitBelowFloor(t *testing.T) {
 		return o.Count(t, "dispatched_at IS NOT NULL") == len(all)
 	})
 	var lateSeq, lowest int64
-	if err := o.Pool.QueryRow(ctx, `SELECT (SELECT seq FROM `+o.Table.Quoted()+` WHERE id = $1), (SELECT min(seq) FROM `+o.Table.Quoted()+`)`,
+	if err := o.Pool.QueryRow(ctx, `SELECT (SELECT seq FROM `+o.Rows()+` r WHERE id = $1), (SELECT min(seq) FROM `+o.Rows()+` r)`,
 		late.ID).Scan(&lateSeq, &lowest); err != nil {
 		t.Fatal(err)
 	}
