@@ -64,6 +64,7 @@ type sizes struct {
 	rows, deadTuples    int64
 	table, indexes      int64 // bytes
 	pendingIndex        int64
+	archive             int64 // bytes of the archive of dispatched rows, with its indexes
 	plan                string
 }
 
@@ -179,9 +180,9 @@ func soak(ctx context.Context, dsn, amqpURL string, events, perTx, rate int, kee
 	if manualVacuum {
 		// Without vacuum no table that sees updates or deletes stays
 		// bounded; stand in for autovacuum rather than measure its absence.
-		fmt.Println("soak: autovacuum is off on this server: the soak runs a plain VACUUM of the table at every sample instead")
+		fmt.Println("soak: autovacuum is off on this server: the soak runs a plain VACUUM of the table and its archive at every sample instead")
 	}
-	fmt.Println("at       written   dispatched  rows      dead_tup  table_MB  indexes_MB  pending_idx_kB  claim_plan")
+	fmt.Println("at       written   dispatched  rows      dead_tup  table_MB  indexes_MB  pending_idx_kB  archive_MB  claim_plan")
 	var samples []sizes
 	tick := time.NewTicker(every)
 	defer tick.Stop()
@@ -199,7 +200,7 @@ func soak(ctx context.Context, dsn, amqpURL string, events, perTx, rate int, kee
 		case <-tick.C:
 		}
 		if manualVacuum {
-			if _, err := pool.Exec(ctx, "VACUUM "+t.Quoted()); err != nil {
+			if _, err := pool.Exec(ctx, "VACUUM "+t.Quoted()+", "+outboxsql.Archive(t)); err != nil {
 				return fmt.Errorf("vacuum: %w", err)
 			}
 		}
@@ -209,21 +210,24 @@ func soak(ctx context.Context, dsn, amqpURL string, events, perTx, rate int, kee
 		}
 		s.written = written
 		samples = append(samples, s)
-		fmt.Printf("%-8s %-9d %-11d %-9d %-9d %-9.1f %-11.1f %-15.1f %s\n", s.at.Round(time.Second), s.written, s.dispatched,
-			s.rows, s.deadTuples, mb(s.table), mb(s.indexes), float64(s.pendingIndex)/1024, s.plan)
+		fmt.Printf("%-8s %-9d %-11d %-9d %-9d %-9.1f %-11.1f %-15.1f %-11.1f %s\n", s.at.Round(time.Second), s.written, s.dispatched,
+			s.rows, s.deadTuples, mb(s.table), mb(s.indexes), float64(s.pendingIndex)/1024, mb(s.archive), s.plan)
 		if producerDone && s.dispatched >= int64(events) && time.Since(start) > 3*keep {
 			break
 		}
 	}
-	var maxTable, maxIdx, maxDead int64
+	var maxTable, maxIdx, maxDead, maxArchive int64
 	for _, s := range samples {
 		maxTable, maxIdx, maxDead = max(maxTable, s.table), max(maxIdx, s.indexes), max(maxDead, s.deadTuples)
+		maxArchive = max(maxArchive, s.archive)
 	}
 	last := samples[len(samples)-1]
-	fmt.Printf("soak result: %d events in %s; max table %.1f MB, max indexes %.1f MB, max dead tuples %d; at the end %d rows, table %.1f MB, indexes %.1f MB, dead tuples %d; claim plan: %s\n",
-		events, last.at.Round(time.Second), mb(maxTable), mb(maxIdx), maxDead, last.rows, mb(last.table), mb(last.indexes), last.deadTuples, last.plan)
+	fmt.Printf("soak result: %d events in %s; max table %.1f MB, max indexes %.1f MB, max dead tuples %d, max archive %.1f MB; at the end %d rows, table %.1f MB, indexes %.1f MB, dead tuples %d, archive %.1f MB; claim plan: %s\n",
+		events, last.at.Round(time.Second), mb(maxTable), mb(maxIdx), maxDead, mb(maxArchive), last.rows, mb(last.table), mb(last.indexes), last.deadTuples, mb(last.archive), last.plan)
 	for _, smp := range samples {
-		if smp.plan != "" && !strings.Contains(smp.plan, "_pending") {
+		// Dispatched rows leave the table, so it can end up a page or two,
+		// which a sequential scan reads cheaper than any index.
+		if smp.plan != "" && !strings.Contains(smp.plan, "_pending") && smp.table >= 1<<20 {
 			return fmt.Errorf("at %s the claim query did not use the pending index: %s", smp.at, smp.plan)
 		}
 	}
@@ -243,6 +247,11 @@ func sample(ctx context.Context, pool *pgxpool.Pool, t ident.Table, m *metrics.M
 	}
 	if err != nil {
 		return s, fmt.Errorf("sizes: %w", err)
+	}
+	// Dispatched rows live in the archive (migration 00006): retention
+	// bounds it as it bounds the table.
+	if err := pool.QueryRow(ctx, `SELECT pg_total_relation_size($1::regclass)`, outboxsql.Archive(t)).Scan(&s.archive); err != nil {
+		return s, fmt.Errorf("archive size: %w", err)
 	}
 	rows, err := pool.Query(ctx, `EXPLAIN SELECT seq FROM `+t.Quoted()+` WHERE `+outboxsql.Pending+`
 		AND available_at <= now() ORDER BY seq LIMIT 500 FOR UPDATE SKIP LOCKED`)
