@@ -29,66 +29,114 @@ import (
 func (r *Relay) claim(ctx context.Context, tx pgx.Tx, budget int64, alone bool) (msgs []Message, invalid []failure, err error) {
 	limit := r.cfg.Relay.BatchSize
 	inline := min(payloadPiece, max(budget/int64(limit), 1))
-	var rows pgx.Rows
-	if r.cfg.Relay.Ordering == OrderingPartitionKey {
-		var heads []int64
+	ordered := r.cfg.Relay.Ordering == OrderingPartitionKey
+	var heads []int64
+	if ordered {
 		if heads, err = r.ord.findHeads(ctx, tx); err != nil {
 			return nil, nil, err
 		}
-		rows, err = tx.Query(ctx, r.q.claimOrdered, limit, r.cfg.Relay.Partitions,
-			r.ord.leases.owner, strconv.FormatInt(r.cfg.Relay.LeaseTimeout.Milliseconds(), 10),
-			r.ord.leases.claimMargin().Milliseconds(), heads, inline)
-	} else {
-		rows, err = tx.Query(ctx, r.q.claimBatch, limit, r.floor.next(time.Now()), inline)
 	}
-	if err != nil {
-		return nil, nil, fmt.Errorf("claim batch: %w", err)
+	floor := int64(0)
+	if !ordered {
+		floor = r.floor.next(time.Now())
 	}
+	var c claimed
+	for {
+		var rows pgx.Rows
+		if ordered {
+			rows, err = tx.Query(ctx, r.q.claimOrdered, limit, r.cfg.Relay.Partitions,
+				r.ord.leases.owner, strconv.FormatInt(r.cfg.Relay.LeaseTimeout.Milliseconds(), 10),
+				r.ord.leases.claimMargin().Milliseconds(), heads, inline)
+		} else {
+			rows, err = tx.Query(ctx, r.q.claimBatch, limit, floor, inline)
+		}
+		if err != nil {
+			return nil, nil, fmt.Errorf("claim batch: %w", err)
+		}
+		if c, err = r.take(rows, budget, alone); err != nil {
+			return nil, nil, err
+		}
+		if c.locked > 0 || floor == 0 {
+			break
+		}
+		// Nothing above the floor, but rows may be due below it: claim
+		// from the start now, as the loop would not look again before
+		// wake.poll_interval with nothing in flight.
+		r.floor.claimed(0, false)
+		floor = r.floor.next(time.Now())
+	}
+	if err := r.readPayloads(ctx, tx, c.msgs, c.left); err != nil {
+		return nil, nil, err
+	}
+	if bySeq := func(a, b Message) int { return cmp.Compare(a.Seq, b.Seq) }; !slices.IsSortedFunc(c.msgs, bySeq) {
+		slices.SortFunc(c.msgs, bySeq)
+	}
+	if !ordered {
+		r.floor.claimed(top(c.msgs, c.invalid), c.locked >= limit)
+	}
+	return c.msgs, c.invalid, nil
+}
+
+// claimed is what take made of a claim's rows.
+type claimed struct {
+	msgs    []Message
+	invalid []failure
+	locked  int   // rows the claim locked
+	left    []int // msgs whose payload the claim left out
+}
+
+// take reads a claim's rows (and closes them): the messages within budget
+// (see claim), the rows to park, and how many rows were locked.
+func (r *Relay) take(rows pgx.Rows, budget int64, alone bool) (claimed, error) {
 	defer rows.Close()
 	var (
-		locked int   // rows the claim locked
-		taken  int64 // payload bytes of the rows counted against budget
-		over   bool  // budget reached: the rows after stay unsent
-		left   []int // msgs whose payload the claim left out
+		c     claimed
+		taken int64 // payload bytes of the rows counted against budget
+		over  bool  // budget reached: the rows after stay unsent
 	)
 	maxSize := int64(r.cfg.AMQP.MaxMessageSize)
 	for rows.Next() {
-		locked++
+		c.locked++
 		var size int64
+		if over {
+			// Past the budget only a row to park is wanted: read the size
+			// alone (the last column), not the payload.
+			dst := make([]any, len(rows.FieldDescriptions()))
+			dst[len(dst)-1] = &size
+			if err := rows.Scan(dst...); err != nil {
+				return c, fmt.Errorf("claim batch: %w", err)
+			}
+			if size <= maxSize {
+				continue
+			}
+		}
 		m, err := scanMessage(rows, &size)
 		var bad *PublishError
 		switch {
 		case err != nil && !errors.As(err, &bad):
-			return nil, nil, fmt.Errorf("claim batch: %w", err)
+			return c, fmt.Errorf("claim batch: %w", err)
 		case size > maxSize:
 			// Parked at settle, without ever loading the payload.
-			invalid = append(invalid, failure{msg: m, err: &PublishError{Reason: ReasonTooLarge, Err: fmt.Errorf(
+			c.invalid = append(c.invalid, failure{msg: m, err: &PublishError{Reason: ReasonTooLarge, Err: fmt.Errorf(
 				"payload is %d bytes, over amqp.max_message_size (%d); parked without loading it", size, maxSize)}})
-		case over || (taken+size > budget && !(alone && taken == 0)):
+		case taken+size > budget && !(alone && taken == 0):
 			over = true
 		case bad != nil:
 			taken += size
-			invalid = append(invalid, failure{msg: m, err: bad})
+			c.invalid = append(c.invalid, failure{msg: m, err: bad})
 		default:
 			taken += size
 			if m.Body == nil {
 				m.Body = make([]byte, 0, size)
-				left = append(left, len(msgs))
+				c.left = append(c.left, len(c.msgs))
 			}
-			msgs = append(msgs, m)
+			c.msgs = append(c.msgs, m)
 		}
 	}
 	if err := rows.Err(); err != nil {
-		return nil, nil, fmt.Errorf("claim batch: %w", err)
+		return c, fmt.Errorf("claim batch: %w", err)
 	}
-	if err := r.readPayloads(ctx, tx, msgs, left); err != nil {
-		return nil, nil, err
-	}
-	if bySeq := func(a, b Message) int { return cmp.Compare(a.Seq, b.Seq) }; !slices.IsSortedFunc(msgs, bySeq) {
-		slices.SortFunc(msgs, bySeq)
-	}
-	r.floor.claimed(top(msgs, invalid), locked >= limit)
-	return msgs, invalid, nil
+	return c, nil
 }
 
 // readPayloads reads the payloads the claim left out, of msgs[left]: those
@@ -125,8 +173,8 @@ func (r *Relay) readPayloads(ctx context.Context, tx pgx.Tx, msgs []Message, lef
 	if err := rows.Err(); err != nil {
 		return fmt.Errorf("read payloads: %w", err)
 	}
-	for seq, m := range bySeq {
-		return fmt.Errorf("read payloads: seq %d (%d bytes) not found", seq, cap(m.Body))
+	if len(bySeq) > 0 {
+		return fmt.Errorf("read payloads: %d of %d rows not found", len(bySeq), len(seqs))
 	}
 	return nil
 }

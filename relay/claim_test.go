@@ -35,17 +35,20 @@ func (b *batchRecorder) Send(ctx context.Context, msgs []relay.Message) relay.Pe
 // TestClaimByteBudget: payloads of every size class the claim handles
 // (returned with the row, read after the claim because they exceed the
 // per-row share of the budget, read in pieces because they exceed a
-// megabyte, and larger than the whole budget) arrive whole, and no batch
-// of more than one message carries more than relay.batch_bytes.
+// megabyte, and larger than the whole budget) arrive
+// whole, rows over amqp.max_message_size are parked unsent wherever they
+// fall (also past a batch's budget), and no batch of more than one message
+// carries more than relay.batch_bytes.
 func TestClaimByteBudget(t *testing.T) {
 	t.Parallel()
 	o := testenv.NewOutbox(t)
 	const budget = 256 << 10
-	sizes := []int{0, 100, 100, 5000, 100, 40 << 10, 5000, 200 << 10, 100, 3 << 20, 5000, 100, 300 << 10, 0, 100}
+	const maxSize = 2 << 20 // the 3 MiB rows are parked, wherever they fall
+	sizes := []int{0, 100, 100, 5000, 100, 40 << 10, 5000, 200 << 10, 100, 3 << 20, 5000, 100, 300 << 10, 0, 100, 200 << 10, 3 << 20, 3 << 19}
 	for range 40 {
 		sizes = append(sizes, 100, 5000)
 	}
-	want := map[int64][]byte{}
+	want, parked := map[int64][]byte{}, map[int64]bool{}
 	ctx := context.Background()
 	for i, n := range sizes {
 		p := make([]byte, n)
@@ -55,6 +58,10 @@ func TestClaimByteBudget(t *testing.T) {
 			VALUES ('sized.event', $1, 'application/octet-stream') RETURNING seq`, p).Scan(&seq); err != nil {
 			t.Fatalf("row %d: %v", i, err)
 		}
+		if n > maxSize {
+			parked[seq] = true
+			continue
+		}
 		want[seq] = p
 	}
 
@@ -62,17 +69,21 @@ func TestClaimByteBudget(t *testing.T) {
 	declare := false
 	cfg := relay.Config{
 		Postgres: relay.PostgresConfig{DSN: o.DSN, Schema: o.Schema, Table: o.Table.Name},
-		AMQP:     relay.AMQPConfig{URL: "amqp://relaytest.invalid/", Exchange: "relaytest", DeclareExchange: &declare},
-		Relay:    relay.EngineConfig{ShutdownTimeout: 5 * time.Second, BatchSize: 20, BatchBytes: budget},
+		AMQP: relay.AMQPConfig{URL: "amqp://relaytest.invalid/", Exchange: "relaytest", DeclareExchange: &declare,
+			MaxMessageSize: maxSize},
+		Relay: relay.EngineConfig{ShutdownTimeout: 5 * time.Second, BatchSize: 20, BatchBytes: budget},
 	}
 	testenv.StartRelay(t, cfg, testenv.WithPublisher(rec))
-	testenv.Eventually(t, 30*time.Second, "every event dispatched", func() bool {
-		return o.Count(t, "dispatched_at IS NOT NULL") == len(want)
+	testenv.Eventually(t, 30*time.Second, "every event dispatched and the oversized ones parked", func() bool {
+		return o.Count(t, "dispatched_at IS NOT NULL") == len(want) && o.Count(t, "dead_at IS NOT NULL") == len(parked)
 	})
 
 	got := map[int64]bool{}
 	for _, m := range rec.Sent() {
 		p, ok := want[m.Seq]
+		if parked[m.Seq] {
+			t.Fatalf("seq %d, over amqp.max_message_size, was sent", m.Seq)
+		}
 		if !ok {
 			t.Fatalf("seq %d was sent but not written", m.Seq)
 		}
