@@ -87,8 +87,9 @@ func archivedColumns() string {
 	return cols
 }
 
-// archiveExists is whether the archive of migration 00006 exists ($1).
-const archiveExists = `SELECT to_regclass($1) IS NOT NULL`
+// tableExists is whether table $1 exists: the outbox table, or the
+// archive of migration 00006.
+const tableExists = `SELECT to_regclass($1) IS NOT NULL`
 
 // settlePrivileges is whether this role may delete from table $1 and
 // insert into the archive $2, as settling a batch does.
@@ -258,8 +259,9 @@ RETURNING partition`, leasesTbl, relaysTbl),
 		releaseAll:        fmt.Sprintf(`WITH l AS (DELETE FROM %s WHERE owner = $1) DELETE FROM %s WHERE owner = $1`, leasesTbl, relaysTbl),
 
 		// Due pending rows in sequence order, above the claim floor $2
-		// (floor.go), payloads up to $3 bytes (claimColumns); rows locked by another relay are skipped, so
-		// replicas share the table without coordination.
+		// (floor.go), payloads up to $3 bytes (claimColumns); rows locked
+		// by another relay are skipped, so replicas share the table
+		// without coordination.
 		claimBatch: fmt.Sprintf(`SELECT `+claimColumns(3)+`
 FROM %s
 WHERE `+pending+` AND available_at <= now() AND seq > $2
