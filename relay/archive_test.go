@@ -250,20 +250,123 @@ func TestPrivilegeMissing(t *testing.T) {
 		}
 	})
 	cfg := config(o, b)
-	// The test's own login, acting as the role from the session's start.
-	u, err := url.Parse(o.DSN)
+	cfg.Postgres.DSN = asRole(t, o.DSN, role)
+	rel := testenv.NewRelay(t, cfg)
+	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	err := rel.Run(ctx)
+	if !errors.Is(err, relay.ErrPrivilegeMissing) || !containsAll(err.Error(), "DELETE on", "INSERT on", "outbox_dispatched") {
+		t.Fatalf("Run = %v, want ErrPrivilegeMissing naming DELETE on the table and INSERT on the archive", err)
+	}
+}
+
+// TestPrivilegeRevokedWhileRunning: when the relay's role loses INSERT on
+// the archive while it runs, the first batch whose mark is refused makes
+// the relay check its privileges again, and Run stops with
+// ErrPrivilegeMissing instead of publishing the batch again and again.
+func TestPrivilegeRevokedWhileRunning(t *testing.T) {
+	t.Parallel()
+	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+	ctx := context.Background()
+	deliveries := b.Consume(t, b.Queue(t, "#", nil))
+	role := testenv.Name("lp_revoked")
+	r, s := ident.Quote(role), ident.Quote(o.Schema)
+	for _, q := range []string{
+		"CREATE ROLE " + r + " NOLOGIN",
+		"GRANT USAGE ON SCHEMA " + s + " TO " + r,
+		"GRANT SELECT, UPDATE, DELETE ON TABLE " + o.Table.Quoted() + " TO " + r,
+		"GRANT SELECT, INSERT, DELETE ON TABLE " + o.Archive() + " TO " + r,
+		"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE " + o.Table.Derived("stats_lease") + " TO " + r,
+	} {
+		if _, err := o.Pool.Exec(ctx, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() {
+		for _, q := range []string{"DROP OWNED BY " + r, "DROP ROLE " + r} {
+			if _, err := o.Pool.Exec(context.Background(), q); err != nil {
+				t.Errorf("cleanup: %s: %v", q, err)
+			}
+		}
+	})
+	cfg := config(o, b)
+	cfg.Postgres.DSN = asRole(t, o.DSN, role)
+	rel := testenv.NewRelay(t, cfg)
+	runCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- rel.Run(runCtx) }()
+
+	o.WriteEvents(t, "before.revoke", 5)
+	testenv.Receive(t, deliveries, 5, 10*time.Second)
+	testenv.Eventually(t, 10*time.Second, "the first events archived", func() bool {
+		return o.Count(t, "dispatched_at IS NOT NULL") == 5
+	})
+	if _, err := o.Pool.Exec(ctx, "REVOKE INSERT ON TABLE "+o.Archive()+" FROM "+r); err != nil {
+		t.Fatal(err)
+	}
+	o.WriteEvents(t, "after.revoke", 5)
+	select {
+	case err := <-done:
+		if !errors.Is(err, relay.ErrPrivilegeMissing) || !containsAll(err.Error(), "INSERT on", "outbox_dispatched") {
+			t.Fatalf("Run = %v, want ErrPrivilegeMissing naming INSERT on the archive", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatalf("Run still running 20s after INSERT on the archive was revoked; %d pending rows",
+			o.Count(t, "dispatched_at IS NULL"))
+	}
+	if n := o.Count(t, "event_type = 'after.revoke' AND dispatched_at IS NULL"); n != 5 {
+		t.Errorf("%d of the 5 events written after the revoke are pending, want all", n)
+	}
+}
+
+// TestArchiveDroppedWhileRunning: when the archive is dropped (migrate
+// down to 5) under a running relay, the first batch whose mark fails makes
+// the relay check the schema again, and Run stops with ErrSchemaOutdated
+// instead of publishing the batch again and again.
+func TestArchiveDroppedWhileRunning(t *testing.T) {
+	t.Parallel()
+	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+	ctx := context.Background()
+	deliveries := b.Consume(t, b.Queue(t, "#", nil))
+	rel := testenv.NewRelay(t, config(o, b))
+	runCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- rel.Run(runCtx) }()
+
+	o.WriteEvents(t, "before.down", 5)
+	testenv.Receive(t, deliveries, 5, 10*time.Second)
+	db := stdlib.OpenDBFromPool(o.Pool)
+	defer db.Close()
+	m, err := schema.NewMigrator(db, o.Schema, o.Table.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.DownTo(ctx, 5); err != nil {
+		t.Fatal(err)
+	}
+	o.WriteEvents(t, "after.down", 5)
+	select {
+	case err := <-done:
+		if !errors.Is(err, relay.ErrSchemaOutdated) {
+			t.Fatalf("Run = %v, want ErrSchemaOutdated", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Run still running 20s after the archive was dropped")
+	}
+}
+
+// asRole is dsn with the session acting as role from its start (the
+// test's own login, SET ROLE by a startup option).
+func asRole(t *testing.T, dsn, role string) string {
+	t.Helper()
+	u, err := url.Parse(dsn)
 	if err != nil {
 		t.Fatal(err)
 	}
 	q := u.Query()
 	q.Set("options", "-c role="+role)
 	u.RawQuery = strings.ReplaceAll(q.Encode(), "+", "%20") // pgx reads + as itself
-	cfg.Postgres.DSN = u.String()
-	rel := testenv.NewRelay(t, cfg)
-	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
-	defer cancel()
-	err = rel.Run(ctx)
-	if !errors.Is(err, relay.ErrPrivilegeMissing) || !containsAll(err.Error(), "DELETE on", "INSERT on", "outbox_dispatched") {
-		t.Fatalf("Run = %v, want ErrPrivilegeMissing naming DELETE on the table and INSERT on the archive", err)
-	}
+	return u.String()
 }

@@ -102,3 +102,11 @@ func isUndefinedTable(err error) bool {
 	var pgErr *pgconn.PgError
 	return errors.As(err, &pgErr) && pgErr.Code == "42P01"
 }
+
+// schemaFailure is whether err is one that the start-up checks explain: a
+// table gone (42P01: the archive dropped by a migrate down) or a privilege
+// revoked (42501), which no retry of the batch can get past.
+func schemaFailure(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && (pgErr.Code == "42P01" || pgErr.Code == "42501")
+}
