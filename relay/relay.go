@@ -245,6 +245,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		default:
 		}
 		if !checked || r.recheck.Swap(false) {
+			checked = false // until the checks pass again
 			err := r.checkSchema(ctx, pool)
 			if err == nil {
 				err = r.checkSession(ctx, pool, connCfg)
