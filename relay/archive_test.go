@@ -72,26 +72,32 @@ func TestMarkMovesToArchive(t *testing.T) {
 	}
 }
 
-// TestArchiveRetention: the archive's retention deletes the rows
-// dispatched before the cutoff, page by page, and no other; an expired row
-// that a pass stepped over (it arrived after newer ones) goes in the next.
+// TestArchiveRetention: the archive's retention walks the archive by seq
+// and deletes the rows dispatched before the cutoff and no other. A run of
+// old rows dispatched late (retried after being dead: low seq, recent
+// dispatched_at) stays until its own dispatched_at expires, and does not
+// stop the walk before the expired rows after it; the walk stops at the
+// rows created after the cutoff.
 func TestArchiveRetention(t *testing.T) {
 	t.Parallel()
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
 	ctx := context.Background()
 	tbl := o.Table.Quoted()
-	insert := func(typ, dispatched string, n int) {
+	// n rows of type typ, created at created ago and dispatched at
+	// dispatched ago, archived.
+	insert := func(typ, created, dispatched string, n int) {
 		t.Helper()
-		if _, err := o.Pool.Exec(ctx, `INSERT INTO `+tbl+` (event_type, payload, dispatched_at)
-			SELECT $1, '\x00', now() - $2::interval FROM generate_series(1, $3)`, typ, dispatched, n); err != nil {
+		if _, err := o.Pool.Exec(ctx, `INSERT INTO `+tbl+` (event_type, payload, created_at, dispatched_at)
+			SELECT $1, '\x00', now() - $2::interval, now() - $3::interval FROM generate_series(1, $4)`, typ, created, dispatched, n); err != nil {
 			t.Fatal(err)
 		}
 		o.ArchiveRows(t, "event_type = $1", typ)
 	}
-	insert("old", "8 days", 300)
-	insert("edge", "167 hours", 10) // within the 7 days kept
-	insert("recent", "1 minute", 100)
-	insert("late", "9 days", 5) // archived after newer rows
+	insert("old", "8 days", "8 days", 300)
+	insert("retried", "8 days", "1 hour", 45) // more than a page
+	insert("old2", "8 days", "8 days", 50)
+	insert("edge", "167 hours", "167 hours", 10) // within the 7 days kept
+	insert("recent", "1 minute", "1 minute", 100)
 	if _, err := o.Pool.Exec(ctx, `INSERT INTO `+tbl+` (event_type, payload) SELECT 'pending', '\x00' FROM generate_series(1, 3)`); err != nil {
 		t.Fatal(err)
 	}
@@ -99,20 +105,98 @@ func TestArchiveRetention(t *testing.T) {
 	cfg.Retention.Dispatched = 7 * 24 * time.Hour
 	cfg.Retention.BatchSize = 40
 	r := testenv.NewRelay(t, cfg).Relay
-	if n := relay.CleanArchivedOnce(ctx, r, o.Pool); n != 300 {
-		t.Errorf("first pass deleted %d rows, want the 300 old ones", n)
+	if n, _ := relay.CleanArchivedOnce(ctx, r, o.Pool); n != 350 {
+		t.Errorf("first pass deleted %d rows, want the 350 old ones", n)
 	}
-	if n := relay.CleanArchivedOnce(ctx, r, o.Pool); n != 5 {
-		t.Errorf("second pass deleted %d rows, want the 5 late ones", n)
+	// A page of retried rows, then one with the rest of them and the
+	// edge rows, created within the retention: the walk stops there.
+	if n, pages := relay.CleanArchivedOnce(ctx, r, o.Pool); n != 0 || pages != 2 {
+		t.Errorf("second pass deleted %d rows reading %d pages, want none in 2", n, pages)
 	}
-	if n := relay.CleanArchivedOnce(ctx, r, o.Pool); n != 0 {
-		t.Errorf("third pass deleted %d rows, want none", n)
-	}
-	for typ, want := range map[string]int{"old": 0, "late": 0, "edge": 10, "recent": 100, "pending": 3} {
+	for typ, want := range map[string]int{"old": 0, "old2": 0, "retried": 45, "edge": 10, "recent": 100, "pending": 3} {
 		if n := o.Count(t, "event_type = $1", typ); n != want {
 			t.Errorf("%s: %d rows left, want %d", typ, n, want)
 		}
 	}
+	// Time passes for the retried rows: their own retention ends.
+	if _, err := o.Pool.Exec(ctx, `UPDATE `+o.Archive()+` SET dispatched_at = now() - interval '8 days' WHERE event_type = 'retried'`); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := relay.CleanArchivedOnce(ctx, r, o.Pool); n != 45 {
+		t.Errorf("third pass deleted %d rows, want the 45 retried ones", n)
+	}
+	for typ, want := range map[string]int{"retried": 0, "edge": 10, "recent": 100, "pending": 3} {
+		if n := o.Count(t, "event_type = $1", typ); n != want {
+			t.Errorf("%s: %d rows left, want %d", typ, n, want)
+		}
+	}
+}
+
+// TestArchiveRetentionReusedPages: once vacuum has freed the archive's
+// pages and recent rows filled them, a pass with nothing to delete reads a
+// page or two of the archive, not all of it. (A BRIN index on
+// dispatched_at cannot tell: the reused ranges keep the old rows' minimum,
+// so every range matches the cutoff and a bitmap scan reads every page.)
+func TestArchiveRetentionReusedPages(t *testing.T) {
+	t.Parallel()
+	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+	ctx := context.Background()
+	tbl, archive := o.Table.Quoted(), o.Archive()
+	insert := func(typ, ago string, n int) {
+		t.Helper()
+		if _, err := o.Pool.Exec(ctx, `INSERT INTO `+tbl+` (event_type, payload, created_at, dispatched_at)
+			SELECT $1, convert_to(repeat('x', 200), 'UTF8'), now() - $2::interval, now() - $2::interval
+			FROM generate_series(1, $3)`, typ, ago, n); err != nil {
+			t.Fatal(err)
+		}
+		o.ArchiveRows(t, "event_type = $1", typ)
+	}
+	insert("old", "8 days", 3000)
+	cfg := config(o, b)
+	cfg.Retention.Dispatched = 7 * 24 * time.Hour
+	cfg.Retention.BatchSize = 40
+	r := testenv.NewRelay(t, cfg).Relay
+	if n, _ := relay.CleanArchivedOnce(ctx, r, o.Pool); n != 3000 {
+		t.Fatalf("first pass deleted %d rows, want the 3000 old ones", n)
+	}
+	// Vacuum frees the pages (and keeps the table's length: the recent
+	// rows land in them), then recent rows fill them.
+	if _, err := o.Pool.Exec(ctx, `VACUUM (TRUNCATE false) `+archive); err != nil {
+		t.Fatal(err)
+	}
+	insert("recent", "1 minute", 2500)
+	var pages int64
+	if err := o.Pool.QueryRow(ctx, `SELECT pg_relation_size($1::regclass) / current_setting('block_size')::bigint`, archive).Scan(&pages); err != nil {
+		t.Fatal(err)
+	}
+
+	// The heap blocks one pass reads, from the statistics of a pool of
+	// one connection: the pass's, flushed on demand.
+	oneCfg := cfg
+	oneCfg.Postgres.MaxConns = 1
+	one := testenv.NewPool(t, oneCfg)
+	readBlocks := func() int64 {
+		t.Helper()
+		var n int64
+		if _, err := one.Exec(ctx, `SELECT pg_stat_force_next_flush()`); err != nil {
+			t.Fatal(err)
+		}
+		if err := one.QueryRow(ctx, `SELECT coalesce(heap_blks_read, 0) + coalesce(heap_blks_hit, 0)
+			FROM pg_statio_all_tables WHERE relid = $1::regclass`, archive).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	before := readBlocks()
+	n, walked := relay.CleanArchivedOnce(ctx, r, one)
+	read := readBlocks() - before
+	if n != 0 {
+		t.Errorf("second pass deleted %d rows, want none", n)
+	}
+	if read > pages/4 {
+		t.Errorf("a pass with nothing to delete read %d heap blocks of the archive's %d (%d pages of rows)", read, pages, walked)
+	}
+	t.Logf("nothing to delete: %d heap blocks read of %d, %d pages of rows", read, pages, walked)
 }
 
 // TestArchiveMissing: a relay against a table without the archive
@@ -166,20 +250,123 @@ func TestPrivilegeMissing(t *testing.T) {
 		}
 	})
 	cfg := config(o, b)
-	// The test's own login, acting as the role from the session's start.
-	u, err := url.Parse(o.DSN)
+	cfg.Postgres.DSN = asRole(t, o.DSN, role)
+	rel := testenv.NewRelay(t, cfg)
+	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	err := rel.Run(ctx)
+	if !errors.Is(err, relay.ErrPrivilegeMissing) || !containsAll(err.Error(), "DELETE on", "INSERT on", "outbox_dispatched") {
+		t.Fatalf("Run = %v, want ErrPrivilegeMissing naming DELETE on the table and INSERT on the archive", err)
+	}
+}
+
+// TestPrivilegeRevokedWhileRunning: when the relay's role loses INSERT on
+// the archive while it runs, the first batch whose mark is refused makes
+// the relay check its privileges again, and Run stops with
+// ErrPrivilegeMissing instead of publishing the batch again and again.
+func TestPrivilegeRevokedWhileRunning(t *testing.T) {
+	t.Parallel()
+	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+	ctx := context.Background()
+	deliveries := b.Consume(t, b.Queue(t, "#", nil))
+	role := testenv.Name("lp_revoked")
+	r, s := ident.Quote(role), ident.Quote(o.Schema)
+	for _, q := range []string{
+		"CREATE ROLE " + r + " NOLOGIN",
+		"GRANT USAGE ON SCHEMA " + s + " TO " + r,
+		"GRANT SELECT, UPDATE, DELETE ON TABLE " + o.Table.Quoted() + " TO " + r,
+		"GRANT SELECT, INSERT, DELETE ON TABLE " + o.Archive() + " TO " + r,
+		"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE " + o.Table.Derived("stats_lease") + " TO " + r,
+	} {
+		if _, err := o.Pool.Exec(ctx, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() {
+		for _, q := range []string{"DROP OWNED BY " + r, "DROP ROLE " + r} {
+			if _, err := o.Pool.Exec(context.Background(), q); err != nil {
+				t.Errorf("cleanup: %s: %v", q, err)
+			}
+		}
+	})
+	cfg := config(o, b)
+	cfg.Postgres.DSN = asRole(t, o.DSN, role)
+	rel := testenv.NewRelay(t, cfg)
+	runCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- rel.Run(runCtx) }()
+
+	o.WriteEvents(t, "before.revoke", 5)
+	testenv.Receive(t, deliveries, 5, 10*time.Second)
+	testenv.Eventually(t, 10*time.Second, "the first events archived", func() bool {
+		return o.Count(t, "dispatched_at IS NOT NULL") == 5
+	})
+	if _, err := o.Pool.Exec(ctx, "REVOKE INSERT ON TABLE "+o.Archive()+" FROM "+r); err != nil {
+		t.Fatal(err)
+	}
+	o.WriteEvents(t, "after.revoke", 5)
+	select {
+	case err := <-done:
+		if !errors.Is(err, relay.ErrPrivilegeMissing) || !containsAll(err.Error(), "INSERT on", "outbox_dispatched") {
+			t.Fatalf("Run = %v, want ErrPrivilegeMissing naming INSERT on the archive", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatalf("Run still running 20s after INSERT on the archive was revoked; %d pending rows",
+			o.Count(t, "dispatched_at IS NULL"))
+	}
+	if n := o.Count(t, "event_type = 'after.revoke' AND dispatched_at IS NULL"); n != 5 {
+		t.Errorf("%d of the 5 events written after the revoke are pending, want all", n)
+	}
+}
+
+// TestArchiveDroppedWhileRunning: when the archive is dropped (migrate
+// down to 5) under a running relay, the first batch whose mark fails makes
+// the relay check the schema again, and Run stops with ErrSchemaOutdated
+// instead of publishing the batch again and again.
+func TestArchiveDroppedWhileRunning(t *testing.T) {
+	t.Parallel()
+	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+	ctx := context.Background()
+	deliveries := b.Consume(t, b.Queue(t, "#", nil))
+	rel := testenv.NewRelay(t, config(o, b))
+	runCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- rel.Run(runCtx) }()
+
+	o.WriteEvents(t, "before.down", 5)
+	testenv.Receive(t, deliveries, 5, 10*time.Second)
+	db := stdlib.OpenDBFromPool(o.Pool)
+	defer db.Close()
+	m, err := schema.NewMigrator(db, o.Schema, o.Table.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.DownTo(ctx, 5); err != nil {
+		t.Fatal(err)
+	}
+	o.WriteEvents(t, "after.down", 5)
+	select {
+	case err := <-done:
+		if !errors.Is(err, relay.ErrSchemaOutdated) {
+			t.Fatalf("Run = %v, want ErrSchemaOutdated", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Run still running 20s after the archive was dropped")
+	}
+}
+
+// asRole is dsn with the session acting as role from its start (the
+// test's own login, SET ROLE by a startup option).
+func asRole(t *testing.T, dsn, role string) string {
+	t.Helper()
+	u, err := url.Parse(dsn)
 	if err != nil {
 		t.Fatal(err)
 	}
 	q := u.Query()
 	q.Set("options", "-c role="+role)
 	u.RawQuery = strings.ReplaceAll(q.Encode(), "+", "%20") // pgx reads + as itself
-	cfg.Postgres.DSN = u.String()
-	rel := testenv.NewRelay(t, cfg)
-	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
-	defer cancel()
-	err = rel.Run(ctx)
-	if !errors.Is(err, relay.ErrPrivilegeMissing) || !containsAll(err.Error(), "DELETE on", "INSERT on", "outbox_dispatched") {
-		t.Fatalf("Run = %v, want ErrPrivilegeMissing naming DELETE on the table and INSERT on the archive", err)
-	}
+	return u.String()
 }

@@ -122,6 +122,9 @@ func (r *Relay) settler(ctx, drain context.Context, sent <-chan *batch, errs cha
 		default:
 		}
 		if err != nil {
+			if schemaFailure(err) {
+				r.recheck.Store(true) // before the loop hears of the failure
+			}
 			select {
 			case errs <- err:
 			default:

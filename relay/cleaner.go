@@ -48,8 +48,10 @@ func (c *cleaner) run(ctx context.Context) {
 		case <-t.C:
 		}
 		if c.onDispatch == OnDispatchMark {
-			c.cleanArchived(ctx)
-			c.cleanDispatched(ctx)
+			// One log line for both tables' dispatched rows.
+			archived, _ := c.cleanArchived(ctx)
+			inPlace, _ := c.cleanDispatched(ctx)
+			c.cleaned(metrics.CleanDispatched, archived+inPlace, c.cfg.Dispatched)
 		}
 		if c.cfg.Dead > 0 {
 			c.cleanDead(ctx)
@@ -58,33 +60,12 @@ func (c *cleaner) run(ctx context.Context) {
 }
 
 // cleanArchived deletes archived rows (the dispatched ones, moved there by
-// the mark) past retention.dispatched, retention.batch_size rows per
-// statement (queries.cleanArchived), and returns how many.
-func (c *cleaner) cleanArchived(ctx context.Context) (total int64) {
-	keep := c.cfg.Dispatched
-	var from *time.Time
-	for ctx.Err() == nil {
-		var deleted int64
-		var newest *time.Time
-		err := pgx.BeginTxFunc(ctx, c.pool, writeTx, func(tx pgx.Tx) error {
-			if _, err := tx.Exec(ctx, c.q.cleanArchivedPlan); err != nil {
-				return err
-			}
-			return tx.QueryRow(ctx, c.q.cleanArchived, keep.Milliseconds(), c.cfg.BatchSize, c.lock, from).Scan(&deleted, &newest)
-		})
-		if err != nil {
-			c.cleanFailed(err, metrics.CleanDispatched)
-			return total
-		}
-		total += deleted
-		c.m.Cleaned.WithLabelValues(metrics.CleanDispatched).Add(float64(deleted))
-		if deleted < int64(c.cfg.BatchSize) {
-			break
-		}
-		from = newest
-	}
-	c.cleaned(metrics.CleanDispatched, total, keep)
-	return total
+// the mark) past retention.dispatched, one page of retention.batch_size
+// rows (by seq) per statement, from the oldest until the rows are too
+// recent (queries.cleanArchived). It returns the rows deleted and the
+// pages read.
+func (c *cleaner) cleanArchived(ctx context.Context) (total, pages int64) {
+	return c.walk(ctx, c.q.cleanArchived)
 }
 
 // cleanDispatched deletes the dispatched rows an older relay left in the
@@ -93,6 +74,12 @@ func (c *cleaner) cleanArchived(ctx context.Context) (total int64) {
 // until the rows are too recent (queries.cleanDispatched). It returns the
 // rows deleted and the pages read.
 func (c *cleaner) cleanDispatched(ctx context.Context) (total, pages int64) {
+	return c.walk(ctx, c.q.cleanDispatched)
+}
+
+// walk runs the paged retention query q (cleanDispatched, cleanArchived)
+// from the lowest seq until a page says the rest is too recent.
+func (c *cleaner) walk(ctx context.Context, q string) (total, pages int64) {
 	keep := c.cfg.Dispatched
 	var after int64
 	for ctx.Err() == nil {
@@ -100,7 +87,7 @@ func (c *cleaner) cleanDispatched(ctx context.Context) (total, pages int64) {
 		var deleted, last, rows int64
 		var recent bool
 		err := pgx.BeginTxFunc(ctx, c.pool, writeTx, func(tx pgx.Tx) error {
-			return tx.QueryRow(ctx, c.q.cleanDispatched, keep.Milliseconds(), c.cfg.BatchSize,
+			return tx.QueryRow(ctx, q, keep.Milliseconds(), c.cfg.BatchSize,
 				after, c.lock).Scan(&deleted, &last, &rows, &recent)
 		})
 		if err != nil {
@@ -114,7 +101,6 @@ func (c *cleaner) cleanDispatched(ctx context.Context) (total, pages int64) {
 		}
 		after = last
 	}
-	c.cleaned(metrics.CleanDispatched, total, keep)
 	return total, pages
 }
 

@@ -14,8 +14,8 @@ func CleanDispatchedOnce(ctx context.Context, r *Relay, pool *pgxpool.Pool) (del
 }
 
 // CleanArchivedOnce runs one pass of the archive's retention over pool and
-// returns the rows it deleted.
-func CleanArchivedOnce(ctx context.Context, r *Relay, pool *pgxpool.Pool) int64 {
+// returns the rows it deleted and the pages it read.
+func CleanArchivedOnce(ctx context.Context, r *Relay, pool *pgxpool.Pool) (deleted, pages int64) {
 	return r.cleaner(pool).cleanArchived(ctx)
 }
 

@@ -52,3 +52,11 @@ func (l *listener) run(ctx context.Context) {
 		l.setLink(metrics.LinkListen, err)
 	}
 }
+
+// signal wakes the claim loop without blocking; wake-ups coalesce.
+func (r *Relay) signal(src string) {
+	select {
+	case r.wake <- src:
+	default:
+	}
+}

@@ -26,10 +26,9 @@ type queries struct {
 	releaseStats     string
 	notifyTrigger    string
 
-	cleanDispatched   string
-	cleanArchived     string
-	cleanArchivedPlan string
-	cleanDead         string
+	cleanDispatched string
+	cleanArchived   string
+	cleanDead       string
 
 	// Ordered mode (see ordering.go).
 	findHeads         string
@@ -88,8 +87,9 @@ func archivedColumns() string {
 	return cols
 }
 
-// archiveExists is whether the archive of migration 00006 exists ($1).
-const archiveExists = `SELECT to_regclass($1) IS NOT NULL`
+// tableExists is whether table $1 exists: the outbox table, or the
+// archive of migration 00006.
+const tableExists = `SELECT to_regclass($1) IS NOT NULL`
 
 // settlePrivileges is whether this role may delete from table $1 and
 // insert into the archive $2, as settling a batch does.
@@ -259,8 +259,9 @@ RETURNING partition`, leasesTbl, relaysTbl),
 		releaseAll:        fmt.Sprintf(`WITH l AS (DELETE FROM %s WHERE owner = $1) DELETE FROM %s WHERE owner = $1`, leasesTbl, relaysTbl),
 
 		// Due pending rows in sequence order, above the claim floor $2
-		// (floor.go), payloads up to $3 bytes (claimColumns); rows locked by another relay are skipped, so
-		// replicas share the table without coordination.
+		// (floor.go), payloads up to $3 bytes (claimColumns); rows locked
+		// by another relay are skipped, so replicas share the table
+		// without coordination.
 		claimBatch: fmt.Sprintf(`SELECT `+claimColumns(3)+`
 FROM %s
 WHERE `+pending+` AND available_at <= now() AND seq > $2
@@ -319,30 +320,30 @@ WHERE o.seq = u.seq`, tbl),
 )
 SELECT (SELECT count(*) FROM gone), coalesce((SELECT max(seq) FROM page), 0), (SELECT count(*) FROM page),
        coalesce((SELECT bool_or(created_at >= now() - $1::bigint * interval '1 millisecond') FROM page), false)`, tbl),
-		// Retention of the archive: one page of up to $2 rows dispatched
-		// before the cutoff and at or after $4 (NULL: any time), found
-		// through the BRIN index on dispatched_at and deleted by ctid (a
-		// TID scan). Returns the rows deleted and the newest dispatched_at
-		// among them, the next page's $4: the ranges the pass emptied
-		// still match the cutoff until they are summarized again, and $4
-		// keeps the bitmap off them. A row older than $4 that a page left
-		// (rows arrive in about dispatched_at order) is deleted by the next
-		// pass. The same advisory lock ($3) as cleanDispatched: one
-		// replica at a time.
-		cleanArchived: fmt.Sprintf(`WITH gone AS (
+		// Retention of the archive, paged like cleanDispatched: one page
+		// of $2 rows along the index on seq after seq $3, deleting those
+		// dispatched before the cutoff (by ctid: a TID scan). The walk
+		// stops at the first page that deleted nothing and holds a row
+		// created after the cutoff: rows are created in about seq order
+		// and none is dispatched before it is created. The stop looks at
+		// created_at, not dispatched_at, so a run of old rows dispatched
+		// late (retried dead rows) does not stop it before the expired
+		// rows after them. Not the BRIN index on dispatched_at: once
+		// vacuum frees pages and new rows fill them, a range's minimum
+		// never rises again, and every range matches the cutoff. The same
+		// advisory lock ($4) as cleanDispatched: one replica at a time.
+		// Returns what cleanDispatched does.
+		cleanArchived: fmt.Sprintf(`WITH page AS (
+  SELECT ctid, seq, created_at, dispatched_at FROM %[1]s
+  WHERE seq > $3 AND (SELECT pg_try_advisory_xact_lock($4::int4, 0))
+  ORDER BY seq LIMIT $2
+), gone AS (
   DELETE FROM %[1]s WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM %[1]s
-    WHERE dispatched_at >= coalesce($4::timestamptz, '-infinity')
-      AND dispatched_at < now() - $1::bigint * interval '1 millisecond'
-      AND (SELECT pg_try_advisory_xact_lock($3::int4, 0))
-    LIMIT $2))
-  RETURNING dispatched_at
+    SELECT ctid FROM page WHERE dispatched_at < now() - $1::bigint * interval '1 millisecond'))
+  RETURNING seq
 )
-SELECT count(*), max(dispatched_at) FROM gone`, archive),
-		// Set before cleanArchived: with many expired rows the planner
-		// prefers a sequential scan, which reads the pages earlier pages
-		// emptied again and again.
-		cleanArchivedPlan: `SET LOCAL enable_seqscan = off`,
+SELECT (SELECT count(*) FROM gone), coalesce((SELECT max(seq) FROM page), 0), (SELECT count(*) FROM page),
+       coalesce((SELECT bool_or(created_at >= now() - $1::bigint * interval '1 millisecond') FROM page), false)`, archive),
 		cleanDead: fmt.Sprintf(`DELETE FROM %[1]s WHERE seq IN (
   SELECT seq FROM %[1]s WHERE `+outboxsql.Dead+` AND dead_at < now() - $1::bigint * interval '1 millisecond'
   LIMIT $2 FOR UPDATE SKIP LOCKED)`, tbl),

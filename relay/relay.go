@@ -66,6 +66,10 @@ type Relay struct {
 	started  atomic.Bool
 	// sendFailing is set while the last settled batch lost its broker link.
 	sendFailing atomic.Bool
+	// recheck is set by the settler when a batch failed on a missing table
+	// or privilege (schemaFailure): the claim loop runs its start-up
+	// checks again, which stop Run if the schema or the grants changed.
+	recheck atomic.Bool
 	// inflightBytes is the payload held by batches claimed and not yet
 	// settled; claims stop at relay.batch_bytes minus it. settled wakes a
 	// claim waiting for room (capacity 1, coalescing).
@@ -240,7 +244,8 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			continue
 		default:
 		}
-		if !checked {
+		if !checked || r.recheck.Swap(false) {
+			checked = false // until the checks pass again
 			err := r.checkSchema(ctx, pool)
 			if err == nil {
 				err = r.checkSession(ctx, pool, connCfg)
@@ -387,13 +392,5 @@ func (r *Relay) waitWake(ctx context.Context, d time.Duration, settled <-chan st
 		r.m.Wakeups.WithLabelValues(src).Inc()
 	case <-t.C:
 		r.m.Wakeups.WithLabelValues(metrics.WakePoll).Inc()
-	}
-}
-
-// signal wakes the claim loop without blocking; wake-ups coalesce.
-func (r *Relay) signal(src string) {
-	select {
-	case r.wake <- src:
-	default:
 	}
 }

@@ -33,7 +33,7 @@ var ErrPrivilegeMissing = errors.New("the relay's database role lacks a privileg
 // disagrees with wake.mode.
 func (r *Relay) checkSchema(ctx context.Context, pool *pgxpool.Pool) error {
 	var exists bool
-	if err := pool.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, r.table.Quoted()).Scan(&exists); err != nil {
+	if err := pool.QueryRow(ctx, tableExists, r.table.Quoted()).Scan(&exists); err != nil {
 		return fmt.Errorf("check outbox table: %w", err)
 	}
 	if !exists {
@@ -47,7 +47,7 @@ func (r *Relay) checkSchema(ctx context.Context, pool *pgxpool.Pool) error {
 		return fmt.Errorf("%w: %s has no routing_key and exchange columns (run `outbox-relay migrate up`)", ErrSchemaOutdated, r.table)
 	}
 	archive := outboxsql.Archive(r.table)
-	if err := pool.QueryRow(ctx, archiveExists, archive).Scan(&exists); err != nil {
+	if err := pool.QueryRow(ctx, tableExists, archive).Scan(&exists); err != nil {
 		return fmt.Errorf("check the archive table: %w", err)
 	}
 	if !exists {
@@ -101,4 +101,12 @@ func (r *Relay) checkPrivileges(ctx context.Context, pool *pgxpool.Pool, archive
 func isUndefinedTable(err error) bool {
 	var pgErr *pgconn.PgError
 	return errors.As(err, &pgErr) && pgErr.Code == "42P01"
+}
+
+// schemaFailure is whether err is one that the start-up checks explain: a
+// table gone (42P01: the archive dropped by a migrate down) or a privilege
+// revoked (42501), which no retry of the batch can get past.
+func schemaFailure(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && (pgErr.Code == "42P01" || pgErr.Code == "42501")
 }

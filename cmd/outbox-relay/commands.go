@@ -192,7 +192,7 @@ func (c *cliEnv) statusCommand() *cobra.Command {
 	// Accepted, hidden and ignored, so that existing scripts keep working:
 	// the archive's BRIN index made the window it set unnecessary. (A
 	// deprecation notice would land in the --json output.)
-	cmd.Flags().Int64Var(&o.window, "recent-rows", 0, "ignored: dispatched counts are exact")
+	cmd.Flags().Int64("recent-rows", 0, "ignored: dispatched counts are exact")
 	_ = cmd.Flags().MarkHidden("recent-rows")
 	return cmd
 }

@@ -83,16 +83,16 @@ All numbers come from one consistent snapshot; status never writes.
 
 Pending and dead counts read the partial indexes: cheap while dead rows are
 few, proportional to the backlog otherwise. Dispatched counts read the
-archive of dispatched rows through its BRIN index on dispatched_at. With
-relay.on_dispatch: delete, dispatched rows are not kept: status says so
-(pass the relay's --config). The relay's metrics give exact rates
+archive of dispatched rows through its BRIN index on dispatched_at; rows
+marked dispatched in place in the outbox table (before migration 6, or by an
+older relay) are not counted. With relay.on_dispatch: delete, dispatched rows
+are not kept: status says so (pass the relay's --config). The relay's metrics give exact rates
 (outbox_relay_events_published_total).
 `
 
 // statusFlags are status's flags.
 type statusFlags struct {
-	json   bool
-	window int64 // --recent-rows, deprecated and ignored: the counts are exact
+	json bool
 }
 
 func (c *cliEnv) cmdStatus(ctx context.Context, o statusFlags) error {

@@ -53,12 +53,16 @@ const (
 	deadRows    = outboxsql.Dead
 )
 
-// replaySelection selects archived (dispatched) rows to replay: $1 from
+// replaySelection selects dispatched rows to replay: $1 from
 // seq, $2 to seq (0: none), $3 since, $4 until (NULL: none), $5 types
 // (empty: all).
 const replaySelection = `seq >= $1 AND ($2 = 0 OR seq <= $2)
   AND ($3::timestamptz IS NULL OR created_at >= $3) AND ($4::timestamptz IS NULL OR created_at < $4)
   AND (cardinality($5::text[]) = 0 OR event_type = ANY($5))`
+
+// replayRows are the rows a replay selects from, the archive (%[1]s) and
+// the outbox table (%[2]s), with a dispatched_at IS NOT NULL condition.
+const replayRows = `(SELECT ` + outboxsql.Columns + ` FROM %[1]s UNION ALL SELECT ` + outboxsql.Columns + ` FROM %[2]s)`
 
 // deadMatch selects dead rows for list, retry and purge. Each parameter is a
 // filter; NULL switches it off, so one fixed statement serves every
@@ -139,8 +143,9 @@ FROM (SELECT count(*) AS pending, count(*) FILTER (WHERE available_at <= now()) 
 
 		// Dispatched rows are archived in about dispatched_at order: the
 		// BRIN index on it finds the last 5 minutes' without reading the
-		// rest. Rows an older relay marked in place in the outbox table
-		// (during a rolling upgrade) are not counted.
+		// rest. Rows marked in place in the outbox table (before migration
+		// 6, or by an older relay during a rolling upgrade) are not
+		// counted: the outbox has no index on dispatched_at to find them.
 		statusDispatched: fmt.Sprintf(`SELECT count(*) FILTER (WHERE dispatched_at >= now() - interval '1 minute'), count(*)
 FROM %s
 WHERE dispatched_at >= now() - interval '5 minutes'`, archive),
@@ -182,10 +187,17 @@ ORDER BY r.pid, r.owner`, t.Derived("leases"), t.Derived("relays")),
 		partitionBacklog: fmt.Sprintf(`SELECT %s AS p, count(*) FROM %s
 WHERE `+pendingRows+` AND partition_key IS NOT NULL GROUP BY p`, outboxsql.PartitionOf("partition_key", 1), tbl),
 
-		// A replay's selection, counted and read in pages of $6 rows, from
-		// the archive (paged by its index on seq). Rows an older relay
-		// marked in place in the outbox table are not replayed.
-		replayCount: fmt.Sprintf(`SELECT count(*) FROM %s WHERE `+replaySelection, archive),
-		replayPage:  fmt.Sprintf(`SELECT `+relay.MessageColumns+` FROM %s WHERE `+replaySelection+` ORDER BY seq LIMIT $6`, archive),
+		// A replay's selection, counted and read in pages of $6 rows in seq
+		// order: from the archive, and from the outbox table's rows marked
+		// dispatched in place (before migration 6, or by an older relay).
+		// The branches carry no WHERE of their own, so the planner flattens
+		// the UNION ALL and pushes the conditions into both: the page is a
+		// Merge Append of two index scans on seq (the archive's index and
+		// the outbox's primary key), not a sort of the whole history.
+		replayCount: fmt.Sprintf(`SELECT count(*) FROM `+replayRows+` r
+WHERE dispatched_at IS NOT NULL AND `+replaySelection, archive, tbl),
+		replayPage: fmt.Sprintf(`SELECT `+relay.MessageColumns+` FROM `+replayRows+` r
+WHERE dispatched_at IS NOT NULL AND `+replaySelection+`
+ORDER BY seq LIMIT $6`, archive, tbl),
 	}
 }

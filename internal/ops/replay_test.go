@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -12,6 +13,7 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/outbox-relay/outbox-relay/internal/ops"
+	"github.com/outbox-relay/outbox-relay/internal/outboxsql"
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
@@ -242,5 +244,85 @@ func TestReplayKeepsRoute(t *testing.T) {
 	d = testenv.Receive(t, copies, 1, 10*time.Second)[0]
 	if d.Exchange != target.Exchange || d.RoutingKey != "tenant-7" {
 		t.Fatalf("replayed with OneExchange to %s with key %s, want %s and tenant-7", d.Exchange, d.RoutingKey, target.Exchange)
+	}
+}
+
+// TestReplayBothTables: a replay sends the archived rows and the rows
+// marked dispatched in place in the outbox table (before migration 6, or
+// by an older relay), merged in seq order across pages, and skips the
+// outbox's pending and dead rows; each page is a merge of the two tables'
+// seq indexes, not a sort of the whole history.
+func TestReplayBothTables(t *testing.T) {
+	t.Parallel()
+	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+	ctx := context.Background()
+	copies := b.Consume(t, b.Queue(t, "#", nil))
+	// Alternately archived and marked in place, with pending and dead rows
+	// between them.
+	var want []int64
+	for i := range 7 {
+		if i%2 == 0 {
+			want = append(want, dispatched(t, o, 1, "archived")...)
+		} else {
+			var seq int64
+			if err := o.Pool.QueryRow(ctx, `INSERT INTO `+o.Table.Quoted()+` (event_type, payload, dispatched_at)
+				VALUES ('in_place', '{}', now()) RETURNING seq`).Scan(&seq); err != nil {
+				t.Fatal(err)
+			}
+			want = append(want, seq)
+		}
+		if _, err := o.Pool.Exec(ctx, `INSERT INTO `+o.Table.Quoted()+` (event_type, payload, dead_at)
+			VALUES ('pending', '{}', NULL), ('dead', '{}', now())`); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rp, pub := newReplay(t, o, b)
+	if n, err := rp.Count(ctx, o.Pool, ops.ReplaySelection{}); err != nil || n != 7 {
+		t.Fatalf("dry run counted %d (%v), want 7", n, err)
+	}
+	p, err := rp.Replay(ctx, o.Pool, pub, ops.ReplaySelection{}, ops.ReplayOptions{BatchSize: 2})
+	if err != nil || p.Done != 7 {
+		t.Fatalf("replay: done %d, %v; want 7", p.Done, err)
+	}
+	var got []int64
+	for _, d := range testenv.Receive(t, copies, 7, 10*time.Second) {
+		got = append(got, d.Headers[relay.HeaderSeq].(int64))
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("replayed seqs %v, want %v", got, want)
+	}
+
+	// The plan, over a history of some size in both tables.
+	for _, q := range []string{
+		`INSERT INTO ` + o.Table.Quoted() + ` (event_type, payload, dispatched_at) SELECT 'bulk', '{}', now() FROM generate_series(1, 20000)`,
+		`WITH m AS (DELETE FROM ` + o.Table.Quoted() + ` WHERE event_type = 'bulk' AND seq % 2 = 0 RETURNING ` + outboxsql.Columns + `)
+		 INSERT INTO ` + o.Archive() + ` (` + outboxsql.Columns + `) SELECT ` + outboxsql.Columns + ` FROM m`,
+		`ANALYZE ` + o.Table.Quoted(), `ANALYZE ` + o.Archive(),
+	} {
+		if _, err := o.Pool.Exec(ctx, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// As planned for the first pages, and once the prepared statement
+	// goes generic.
+	for _, mode := range []string{"force_custom_plan", "force_generic_plan"} {
+		var lines []string
+		if err := pgx.BeginFunc(ctx, o.Pool, func(tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, `SELECT set_config('plan_cache_mode', $1, true)`, mode); err != nil {
+				return err
+			}
+			rows, err := tx.Query(ctx, `EXPLAIN (COSTS off) `+rp.ReplayPageSQL(), int64(1), int64(0), nil, nil, []string{}, 500)
+			if err != nil {
+				return err
+			}
+			lines, err = pgx.CollectRows(rows, pgx.RowTo[string])
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		plan := strings.Join(lines, "\n")
+		if !strings.Contains(plan, "Merge Append") || strings.Count(plan, "Index Scan") != 2 || strings.Contains(plan, "->  Sort") {
+			t.Errorf("%s: the replay page's plan is not a merge of two index scans:\n%s", mode, plan)
+		}
 	}
 }

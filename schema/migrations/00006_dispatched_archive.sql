@@ -5,7 +5,9 @@
 -- version and new entries in the unique indexes on seq and id: about 8.6 µs
 -- of database CPU per event. Moving the row in one statement (DELETE ...
 -- RETURNING, INSERT) into a table without unique indexes costs about
--- 4.6 µs, and the outbox table keeps only pending and dead rows.
+-- 4.6 µs, and the outbox table keeps only pending and dead rows (and
+-- the rows marked in place before this migration, until retention deletes
+-- them).
 --
 -- The archive has the outbox's columns, in the same order, and no
 -- constraint but NOT NULL: every row comes from the outbox, already checked.
@@ -36,27 +38,31 @@ CREATE TABLE {{.Func "dispatched"}} (
 
 -- Not unique, and no primary key: a unique check per moved row is the cost
 -- this table removes. seq and id stay unique all the same, since a row
--- leaves the outbox in the statement that archives it. Replay pages by seq.
+-- leaves the outbox in the statement that archives it. Replay pages by seq,
+-- and so does retention (rows are dispatched in about seq order).
 CREATE INDEX {{.Local "dispatched_seq"}} ON {{.Func "dispatched"}} (seq);
 
 -- Rows arrive in about dispatched_at order, so a BRIN index (a few pages for
--- millions of rows) finds the expired ones for retention and the recent
--- ones for `outbox-relay status`, at next to no cost per insert.
+-- millions of rows) finds the recent ones for `outbox-relay status`, at
+-- next to no cost per insert. Not the expired ones for retention: once
+-- vacuum frees pages and new rows fill them, a range's minimum never rises
+-- again, and every range would match an old cutoff.
 CREATE INDEX {{.Local "dispatched_at"}} ON {{.Func "dispatched"}} USING brin (dispatched_at);
 
--- The rows dispatched so far move in this migration's transaction: its time
--- grows with the retained history (retention.dispatched), and the outbox
--- table is left with the dead row versions for vacuum to reclaim.
-WITH m AS (
-    DELETE FROM {{.Table}} WHERE dispatched_at IS NOT NULL
-    RETURNING tx_id, seq, id, event_type, partition_key, payload, content_type, headers, correlation_id,
-              created_at, available_at, attempts, last_error, dispatched_at, dead_at, routing_key, exchange
-)
-INSERT INTO {{.Func "dispatched"}} (tx_id, seq, id, event_type, partition_key, payload, content_type, headers, correlation_id,
-                                    created_at, available_at, attempts, last_error, dispatched_at, dead_at, routing_key, exchange)
-SELECT tx_id, seq, id, event_type, partition_key, payload, content_type, headers, correlation_id,
-       created_at, available_at, attempts, last_error, dispatched_at, dead_at, routing_key, exchange
-FROM m ORDER BY dispatched_at;
+-- A logical-replication publication FOR ALL TABLES (wal_level = logical)
+-- refuses UPDATE and DELETE on a table without a replica identity, and the
+-- archive has no primary key: without this, every retention DELETE would
+-- fail there. FULL logs the whole old row of each deleted row; it changes
+-- nothing without logical decoding.
+ALTER TABLE {{.Func "dispatched"}} REPLICA IDENTITY FULL;
+
+-- The rows dispatched before this migration stay where they are: moving
+-- the whole retained history in this transaction would take time in
+-- proportion to it (past the migrate Job's deadline on a large table), and
+-- ordered-mode relays, whose commit horizon waits for transactions writing
+-- the outbox table, would stall meanwhile. They age out of the outbox
+-- table through the retention cleaner (cleanDispatched), and replay reads
+-- them there too.
 
 -- +goose Down
 -- The archived rows go back into the outbox table, dispatched, with their
