@@ -142,39 +142,47 @@ func TestArchiveRetentionReusedPages(t *testing.T) {
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
 	ctx := context.Background()
 	tbl, archive := o.Table.Quoted(), o.Archive()
-	insert := func(typ, ago string, n int) {
-		t.Helper()
-		if _, err := o.Pool.Exec(ctx, `INSERT INTO `+tbl+` (event_type, payload, created_at, dispatched_at)
-			SELECT $1, convert_to(repeat('x', 200), 'UTF8'), now() - $2::interval, now() - $2::interval
-			FROM generate_series(1, $3)`, typ, ago, n); err != nil {
-			t.Fatal(err)
-		}
-		o.ArchiveRows(t, "event_type = $1", typ)
-	}
-	insert("old", "8 days", 3000)
 	cfg := config(o, b)
 	cfg.Retention.Dispatched = 7 * 24 * time.Hour
 	cfg.Retention.BatchSize = 40
 	r := testenv.NewRelay(t, cfg).Relay
-	if n, _ := relay.CleanArchivedOnce(ctx, r, o.Pool); n != 3000 {
+
+	// Everything runs on one connection, whose statistics are flushed on
+	// demand: the blocks a pass reads are then the difference of two
+	// readings, with no other backend's late flush in between (autovacuum
+	// is off for the archive, and no relay runs).
+	oneCfg := cfg
+	oneCfg.Postgres.MaxConns = 1
+	one := testenv.NewPool(t, oneCfg)
+	if _, err := one.Exec(ctx, `ALTER TABLE `+archive+` SET (autovacuum_enabled = false)`); err != nil {
+		t.Fatal(err)
+	}
+	insert := func(typ, ago string, n int) {
+		t.Helper()
+		if _, err := one.Exec(ctx, `INSERT INTO `+tbl+` (event_type, payload, created_at, dispatched_at)
+			SELECT $1, convert_to(repeat('x', 200), 'UTF8'), now() - $2::interval, now() - $2::interval
+			FROM generate_series(1, $3)`, typ, ago, n); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := one.Exec(ctx, `WITH m AS (DELETE FROM `+tbl+` WHERE event_type = $1 RETURNING `+outboxsql.Columns+`)
+			INSERT INTO `+archive+` (`+outboxsql.Columns+`) SELECT `+outboxsql.Columns+` FROM m ORDER BY dispatched_at`, typ); err != nil {
+			t.Fatal(err)
+		}
+	}
+	insert("old", "8 days", 3000)
+	if n, _ := relay.CleanArchivedOnce(ctx, r, one); n != 3000 {
 		t.Fatalf("first pass deleted %d rows, want the 3000 old ones", n)
 	}
 	// Vacuum frees the pages (and keeps the table's length: the recent
 	// rows land in them), then recent rows fill them.
-	if _, err := o.Pool.Exec(ctx, `VACUUM (TRUNCATE false) `+archive); err != nil {
+	if _, err := one.Exec(ctx, `VACUUM (TRUNCATE false) `+archive); err != nil {
 		t.Fatal(err)
 	}
 	insert("recent", "1 minute", 2500)
 	var pages int64
-	if err := o.Pool.QueryRow(ctx, `SELECT pg_relation_size($1::regclass) / current_setting('block_size')::bigint`, archive).Scan(&pages); err != nil {
+	if err := one.QueryRow(ctx, `SELECT pg_relation_size($1::regclass) / current_setting('block_size')::bigint`, archive).Scan(&pages); err != nil {
 		t.Fatal(err)
 	}
-
-	// The heap blocks one pass reads, from the statistics of a pool of
-	// one connection: the pass's, flushed on demand.
-	oneCfg := cfg
-	oneCfg.Postgres.MaxConns = 1
-	one := testenv.NewPool(t, oneCfg)
 	readBlocks := func() int64 {
 		t.Helper()
 		var n int64

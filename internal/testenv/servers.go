@@ -38,6 +38,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	mrand "math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -45,6 +46,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -165,15 +167,53 @@ func (r *reaper) dismiss() {
 	_ = r.cmd.Wait()
 }
 
-// freeLocalPort returns a TCP port on 127.0.0.1 that was free a moment ago.
+// freeLocalPort returns a TCP port on 127.0.0.1 that was free a moment ago,
+// below the kernel's ephemeral range: a private server binds it seconds
+// later (RabbitMQ boots in about 5 s), and a port from that range (what
+// listening on port 0 hands out) can meanwhile become the local port of
+// any outgoing connection on the machine. That happened: a cluster node
+// failed to boot with eaddrinuse. Ports handed out in this process are
+// not handed out again.
 func freeLocalPort(t testing.TB) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("testenv: free port: %v", err)
+	lo, hi := 10000, ephemeralLow()
+	for range 200 {
+		port := lo + mrand.IntN(hi-lo)
+		portsMu.Lock()
+		taken := portsGiven[port]
+		portsGiven[port] = true
+		portsMu.Unlock()
+		if taken {
+			continue
+		}
+		l, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
+		if err != nil {
+			continue
+		}
+		_ = l.Close()
+		return port
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	t.Fatalf("testenv: no free port between %d and %d after 200 tries", lo, hi)
+	return 0
+}
+
+var (
+	portsMu    sync.Mutex
+	portsGiven = map[int]bool{}
+)
+
+// ephemeralLow is the first port of the kernel's ephemeral range (32768 if
+// it cannot be read, Linux's default).
+func ephemeralLow() int {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			if n, err := strconv.Atoi(f[0]); err == nil && n > 11000 {
+				return n
+			}
+		}
+	}
+	return 32768
 }
 
 func portOpen(port int) bool {
