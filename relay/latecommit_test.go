@@ -81,3 +81,33 @@ func TestLateCommitFoundDuringDrain(t *testing.T) {
 	}
 	t.Logf("the late row was message %d of %d", at+1, len(sent))
 }
+
+// TestFlooredClaimFindsRowsBelow: a claim above the floor that finds
+// nothing claims again from the start in the same call, so rows due below
+// the floor go now rather than at the next poll (wake.poll_interval, 10 s
+// in notify mode, when nothing is in flight to wake the loop).
+func TestFlooredClaimFindsRowsBelow(t *testing.T) {
+	t.Parallel()
+	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+	o.WriteEvents(t, "quiz.submitted", 5)
+	var top int64
+	ctx := context.Background()
+	if err := o.Pool.QueryRow(ctx, `SELECT max(seq) FROM `+o.Table.Quoted()).Scan(&top); err != nil {
+		t.Fatal(err)
+	}
+	r := testenv.NewRelay(t, config(o, b)).Relay
+	got, err := relay.ClaimAbove(ctx, r, o.Pool, top)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 5 {
+		t.Fatalf("a claim above seq %d with the 5 due rows below it took %v, want all 5", top, got)
+	}
+	got, err = relay.ClaimAbove(ctx, r, o.Pool, top-2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || got[0] != top-1 || got[1] != top {
+		t.Fatalf("a claim above seq %d took %v, want the 2 rows above it only", top-2, got)
+	}
+}
