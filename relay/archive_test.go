@@ -216,20 +216,7 @@ func TestArchiveRetentionReusedPages(t *testing.T) {
 // to run the migrations, instead of failing every mark.
 func TestArchiveMissing(t *testing.T) {
 	t.Parallel()
-	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
-	db := stdlib.OpenDBFromPool(o.Pool)
-	defer db.Close()
-	m, err := schema.NewMigrator(db, o.Schema, o.Table.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := m.DownTo(context.Background(), 5); err != nil {
-		t.Fatal(err)
-	}
-	r := testenv.NewRelay(t, config(o, b))
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	err = r.Run(ctx)
+	err := runAtVersion(t, 5)
 	if !errors.Is(err, relay.ErrSchemaOutdated) || !containsAll(err.Error(), "outbox-relay migrate up", "outbox_dispatched") {
 		t.Fatalf("Run = %v, want ErrSchemaOutdated naming the archive and `outbox-relay migrate up`", err)
 	}
@@ -243,24 +230,7 @@ func TestPrivilegeMissing(t *testing.T) {
 	t.Parallel()
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
 	ctx := context.Background()
-	role := testenv.Name("lp_mark")
-	r, s := ident.Quote(role), ident.Quote(o.Schema)
-	for _, q := range []string{
-		"CREATE ROLE " + r + " NOLOGIN",
-		"GRANT USAGE ON SCHEMA " + s + " TO " + r,
-		"GRANT SELECT, UPDATE ON TABLE " + o.Table.Quoted() + " TO " + r,
-	} {
-		if _, err := o.Pool.Exec(ctx, q); err != nil {
-			t.Fatal(err)
-		}
-	}
-	t.Cleanup(func() {
-		for _, q := range []string{"DROP OWNED BY " + r, "DROP ROLE " + r} {
-			if _, err := o.Pool.Exec(context.Background(), q); err != nil {
-				t.Errorf("cleanup: %s: %v", q, err)
-			}
-		}
-	})
+	role := restrictedRole(t, o, "lp_mark", "GRANT SELECT, UPDATE ON TABLE "+o.Table.Quoted())
 	cfg := config(o, b)
 	cfg.Postgres.DSN = asRole(t, o.DSN, role)
 	rel := testenv.NewRelay(t, cfg)
@@ -281,26 +251,10 @@ func TestPrivilegeRevokedWhileRunning(t *testing.T) {
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
 	ctx := context.Background()
 	deliveries := b.Consume(t, b.Queue(t, "#", nil))
-	role := testenv.Name("lp_revoked")
-	r, s := ident.Quote(role), ident.Quote(o.Schema)
-	for _, q := range []string{
-		"CREATE ROLE " + r + " NOLOGIN",
-		"GRANT USAGE ON SCHEMA " + s + " TO " + r,
-		"GRANT SELECT, UPDATE, DELETE ON TABLE " + o.Table.Quoted() + " TO " + r,
-		"GRANT SELECT, INSERT, DELETE ON TABLE " + o.Archive() + " TO " + r,
-		"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE " + o.Table.Derived("stats_lease") + " TO " + r,
-	} {
-		if _, err := o.Pool.Exec(ctx, q); err != nil {
-			t.Fatal(err)
-		}
-	}
-	t.Cleanup(func() {
-		for _, q := range []string{"DROP OWNED BY " + r, "DROP ROLE " + r} {
-			if _, err := o.Pool.Exec(context.Background(), q); err != nil {
-				t.Errorf("cleanup: %s: %v", q, err)
-			}
-		}
-	})
+	role := restrictedRole(t, o, "lp_revoked",
+		"GRANT SELECT, UPDATE, DELETE ON TABLE "+o.Table.Quoted(),
+		"GRANT SELECT, INSERT, DELETE ON TABLE "+o.Archive(),
+		"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE "+o.Table.Derived("stats_lease"))
 	cfg := config(o, b)
 	cfg.Postgres.DSN = asRole(t, o.DSN, role)
 	rel := testenv.NewRelay(t, cfg)
@@ -314,7 +268,7 @@ func TestPrivilegeRevokedWhileRunning(t *testing.T) {
 	testenv.Eventually(t, 10*time.Second, "the first events archived", func() bool {
 		return o.Count(t, "dispatched_at IS NOT NULL") == 5
 	})
-	if _, err := o.Pool.Exec(ctx, "REVOKE INSERT ON TABLE "+o.Archive()+" FROM "+r); err != nil {
+	if _, err := o.Pool.Exec(ctx, "REVOKE INSERT ON TABLE "+o.Archive()+" FROM "+ident.Quote(role)); err != nil {
 		t.Fatal(err)
 	}
 	o.WriteEvents(t, "after.revoke", 5)
@@ -367,6 +321,31 @@ func TestArchiveDroppedWhileRunning(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("Run still running 20s after the archive was dropped")
 	}
+}
+
+// restrictedRole creates a role named after prefix (dropped at cleanup)
+// with USAGE on o's schema and the given grants ("GRANT … ON TABLE t",
+// completed with "TO role"), and returns its name.
+func restrictedRole(t *testing.T, o *testenv.Outbox, prefix string, grants ...string) string {
+	t.Helper()
+	role := testenv.Name(prefix)
+	r := ident.Quote(role)
+	for _, q := range append([]string{"CREATE ROLE " + r + " NOLOGIN", "GRANT USAGE ON SCHEMA " + ident.Quote(o.Schema)}, grants...) {
+		if !strings.HasPrefix(q, "CREATE") {
+			q += " TO " + r
+		}
+		if _, err := o.Pool.Exec(context.Background(), q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() {
+		for _, q := range []string{"DROP OWNED BY " + r, "DROP ROLE " + r} {
+			if _, err := o.Pool.Exec(context.Background(), q); err != nil {
+				t.Errorf("cleanup: %s: %v", q, err)
+			}
+		}
+	})
+	return role
 }
 
 // asRole is dsn with the session acting as role from its start (the

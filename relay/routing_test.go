@@ -115,6 +115,16 @@ func TestRoutedExchangeMissing(t *testing.T) {
 // to run the migrations, instead of failing every claim.
 func TestSchemaOutdated(t *testing.T) {
 	t.Parallel()
+	err := runAtVersion(t, 2)
+	if !errors.Is(err, relay.ErrSchemaOutdated) || !containsAll(err.Error(), "migrate up") {
+		t.Fatalf("Run = %v, want ErrSchemaOutdated saying to run the migrations", err)
+	}
+}
+
+// runAtVersion runs a relay against a new outbox table migrated down to
+// version and returns what Run returned (within 20 s).
+func runAtVersion(t *testing.T, version int64) error {
+	t.Helper()
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
 	db := stdlib.OpenDBFromPool(o.Pool)
 	defer db.Close()
@@ -122,16 +132,13 @@ func TestSchemaOutdated(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := m.DownTo(context.Background(), 2); err != nil {
+	if _, err := m.DownTo(context.Background(), version); err != nil {
 		t.Fatal(err)
 	}
 	r := testenv.NewRelay(t, config(o, b))
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	err = r.Run(ctx)
-	if !errors.Is(err, relay.ErrSchemaOutdated) || !containsAll(err.Error(), "migrate up") {
-		t.Fatalf("Run = %v, want ErrSchemaOutdated saying to run the migrations", err)
-	}
+	return r.Run(ctx)
 }
 
 func containsAll(s string, parts ...string) bool {

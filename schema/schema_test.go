@@ -117,6 +117,23 @@ func schemaPool(t *testing.T) (*pgxpool.Pool, string) {
 	return pool, s
 }
 
+// migrated is schemaPool with an outbox table named outbox migrated up in
+// the schema, and its migrator.
+func migrated(t *testing.T) (*pgxpool.Pool, string, *schema.Migrator) {
+	t.Helper()
+	pool, s := schemaPool(t)
+	db := stdlib.OpenDBFromPool(pool)
+	t.Cleanup(func() { _ = db.Close() })
+	m, err := schema.NewMigrator(db, s, "outbox")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Up(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return pool, s, m
+}
+
 // TestConcurrentUp: relays starting together with migrate.auto migrate one
 // at a time; none fails and the table is created once.
 func TestConcurrentUp(t *testing.T) {
@@ -148,19 +165,10 @@ func TestConcurrentUp(t *testing.T) {
 func TestRoutingColumns(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	pool, s := schemaPool(t)
-	db := stdlib.OpenDBFromPool(pool)
-	defer db.Close()
-	m, err := schema.NewMigrator(db, s, "outbox")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := m.Up(ctx); err != nil {
-		t.Fatal(err)
-	}
+	pool, s, m := migrated(t)
 	tbl := ident.Quote(s) + ".outbox"
 	var key, exchange string
-	err = pool.QueryRow(ctx, `INSERT INTO `+tbl+` (event_type, payload, routing_key, exchange)
+	err := pool.QueryRow(ctx, `INSERT INTO `+tbl+` (event_type, payload, routing_key, exchange)
 		VALUES ('invoice.paid', '{}', 'tenant-7', 'billing.events') RETURNING routing_key, exchange`).Scan(&key, &exchange)
 	if err != nil || key != "tenant-7" || exchange != "billing.events" {
 		t.Fatalf("insert with overrides: %q %q %v", key, exchange, err)
@@ -194,16 +202,7 @@ func TestRoutingColumns(t *testing.T) {
 func TestArchiveColumns(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	pool, s := schemaPool(t)
-	db := stdlib.OpenDBFromPool(pool)
-	defer db.Close()
-	m, err := schema.NewMigrator(db, s, "outbox")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := m.Up(ctx); err != nil {
-		t.Fatal(err)
-	}
+	pool, s, _ := migrated(t)
 	want := strings.Join(strings.Fields(outboxsql.Columns), " ")
 	for _, table := range []string{"outbox", "outbox_" + outboxsql.ArchiveSuffix} {
 		var got string
@@ -225,16 +224,7 @@ func TestArchiveColumns(t *testing.T) {
 func TestArchiveMigration(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	pool, s := schemaPool(t)
-	db := stdlib.OpenDBFromPool(pool)
-	defer db.Close()
-	m, err := schema.NewMigrator(db, s, "outbox")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := m.Up(ctx); err != nil {
-		t.Fatal(err)
-	}
+	pool, s, m := migrated(t)
 	if _, err := m.DownTo(ctx, 5); err != nil {
 		t.Fatal(err)
 	}
