@@ -9,6 +9,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/relay/rabbitmq"
 	"github.com/outbox-relay/outbox-relay/relay/relaytest"
 )
 
@@ -18,18 +19,35 @@ import (
 func TestConformance(t *testing.T) {
 	t.Parallel()
 	relaytest.TestPublisher(t, func(t *testing.T) relaytest.Harness {
-		b := testenv.NewBroker(t)
-		b.Queue(t, relaytest.RoutedKey, nil)
-		u, err := url.Parse(b.URL)
-		if err != nil {
-			t.Fatal(err)
-		}
-		proxy := relaytest.NewProxy(t, u.Host)
-		u.Host = proxy.Addr()
-		declare := false
-		cfg := relay.Config{AMQP: relay.AMQPConfig{URL: u.String(), Exchange: b.Exchange, DeclareExchange: &declare,
-			ConfirmTimeout: 1500 * time.Millisecond}}.WithDefaults()
-		pub := testenv.NewAMQPPublisher(t, cfg.AMQP, 50, zaptest.NewLogger(t))
-		return relaytest.Harness{Publisher: pub, ConfirmTimeout: cfg.AMQP.ConfirmTimeout, Stall: proxy.Stall, Resume: proxy.Resume, Cut: proxy.Cut}
+		l := newProxiedLink(t, 50)
+		return relaytest.Harness{Publisher: l.pub, ConfirmTimeout: l.confirmTimeout, Stall: l.proxy.Stall, Resume: l.proxy.Resume, Cut: l.proxy.Cut}
 	})
+}
+
+// proxiedLink is a publisher with the given window on an exchange of its
+// own, bound to queue by relaytest.RoutedKey, through a proxy that can stall
+// or cut the link.
+type proxiedLink struct {
+	broker         *testenv.Broker
+	queue          string
+	proxy          *relaytest.Proxy
+	pub            *rabbitmq.Publisher
+	confirmTimeout time.Duration
+}
+
+func newProxiedLink(t *testing.T, window int) proxiedLink {
+	t.Helper()
+	b := testenv.NewBroker(t)
+	queue := b.Queue(t, relaytest.RoutedKey, nil)
+	u, err := url.Parse(b.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := relaytest.NewProxy(t, u.Host)
+	u.Host = proxy.Addr()
+	declare := false
+	cfg := relay.Config{AMQP: relay.AMQPConfig{URL: u.String(), Exchange: b.Exchange, DeclareExchange: &declare,
+		ConfirmTimeout: 1500 * time.Millisecond}}.WithDefaults()
+	pub := testenv.NewAMQPPublisher(t, cfg.AMQP, window, zaptest.NewLogger(t))
+	return proxiedLink{broker: b, queue: queue, proxy: proxy, pub: pub, confirmTimeout: cfg.AMQP.ConfirmTimeout}
 }

@@ -27,8 +27,10 @@ import (
 type Options struct {
 	// Logger is required.
 	Logger *zap.Logger
-	// Window is the most messages one Send call carries (relay.batch_size).
-	// Required.
+	// Window is the most messages one Send call carries (relay.batch_size),
+	// and the most messages the publisher keeps awaiting their confirm:
+	// Send waits for the confirms of earlier batches before it goes past
+	// it. Required.
 	Window int
 	// Batches is the most sent batches not yet waited for, as the caller
 	// pipelines them (relay.Config.PendingBatches for a relay). Returns are
@@ -61,7 +63,11 @@ type Publisher struct {
 	next    int // index in urls of the node to dial next
 	node    int // index in urls of the node last connected to; -1 before
 	window  int
-	dials   atomic.Int64
+	// unconfirmed are the messages sent on cur whose confirm has not
+	// been seen, oldest first: Send keeps at most window of them.
+	unconfirmed []sent
+	sentOn      *amqpChannel // the channel unconfirmed were sent on
+	dials       atomic.Int64
 	// skipChecks turns the checks before publishing off, so that tests can
 	// prove that a close the checks did not foresee still blames the message.
 	skipChecks bool

@@ -14,8 +14,52 @@ import (
 	"github.com/outbox-relay/outbox-relay/relay"
 )
 
-// Send implements relay.Publisher: it publishes every message without waiting;
-// Wait on the result collects the confirms and returns.
+// sent is a message's confirm, awaited until its batch's deadline.
+type sent struct {
+	dc       *amqp.DeferredConfirmation
+	deadline time.Time
+}
+
+// slide waits until fewer than window messages sent on the channel await
+// their confirm, so that a batch sent while the one before is still being
+// confirmed goes out as those confirms come in, not all at once on top of
+// them: the more messages await their confirm, the more each costs the
+// broker (docs/benchmarks.md, "a sliding window of one batch"). It stops
+// waiting for a message at its batch's deadline (that batch's Wait then
+// resets the channel) or when ctx ends.
+func (p *Publisher) slide(ctx context.Context) {
+	u := p.unconfirmed
+	for len(u) > 0 && isDone(u[0].dc) {
+		u = u[1:]
+	}
+	for len(u) >= p.window {
+		t := time.NewTimer(time.Until(u[0].deadline))
+		select {
+		case <-u[0].dc.Done():
+			u = u[1:]
+		case <-ctx.Done():
+			u = u[:0]
+		case <-t.C:
+			u = u[:0]
+		}
+		t.Stop()
+	}
+	p.unconfirmed = u
+}
+
+// isDone reports whether dc's confirm (or the channel's close) arrived.
+func isDone(dc *amqp.DeferredConfirmation) bool {
+	select {
+	case <-dc.Done():
+		return true
+	default:
+		return false
+	}
+}
+
+// Send implements relay.Publisher: it publishes every message, waiting only
+// while a window's worth (relay.batch_size) of messages sent before await
+// their confirm (slide); Wait on the result collects the confirms and returns.
 func (p *Publisher) Send(ctx context.Context, msgs []relay.Message) relay.Pending {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -25,6 +69,9 @@ func (p *Publisher) Send(ctx context.Context, msgs []relay.Message) relay.Pendin
 		return b
 	}
 	b.c = p.cur
+	if p.sentOn != b.c {
+		p.unconfirmed, p.sentOn = p.unconfirmed[:0], b.c
+	}
 	b.confirms = make([]*amqp.DeferredConfirmation, len(msgs))
 	b.byID = make(map[string]int, len(msgs))
 	b.deadline = time.Now().Add(p.cfg.ConfirmTimeout)
@@ -45,6 +92,7 @@ func (p *Publisher) Send(ctx context.Context, msgs []relay.Message) relay.Pendin
 			b.errs[i] = err
 			continue
 		}
+		p.slide(ctx)
 		dc, err := b.c.ch.PublishWithDeferredConfirmWithContext(ctx, exchange, key, true, false, pub)
 		if err != nil {
 			// The channel is unusable. This message may have been cut off
@@ -74,6 +122,7 @@ func (p *Publisher) Send(ctx context.Context, msgs []relay.Message) relay.Pendin
 			break
 		}
 		b.confirms[i] = dc
+		p.unconfirmed = append(p.unconfirmed, sent{dc, b.deadline})
 		b.byID[m.ID.String()] = i
 	}
 	return b
