@@ -66,6 +66,9 @@ func (c Config) Validate() error {
 	if c.AMQP.ConfirmTimeout < 0 {
 		bad("amqp.confirm_timeout", "must be positive, got %s", c.AMQP.ConfirmTimeout)
 	}
+	if c.AMQP.MaxUnconfirmed < 1 {
+		bad("amqp.max_unconfirmed", "must be at least 1 (the most messages awaiting the broker's confirm; default %d), got %d", DefaultMaxUnconfirmed, c.AMQP.MaxUnconfirmed)
+	}
 	if c.AMQP.MaxMessageSize < 1 {
 		bad("amqp.max_message_size", "must be a positive number of bytes, got %d", c.AMQP.MaxMessageSize)
 	}

@@ -114,13 +114,13 @@ func eventNumber(body []byte) (int64, bool) {
 
 // broker measures the ceiling: publish-with-confirms of persistent messages
 // shaped like the relay's into the bench's durable classic queue, no
-// database, for each window of outstanding confirms; plus the relay's own
-// pattern (publish a batch, wait for all its confirms, repeat) for comparison.
+// database, for each window of outstanding confirms. The relay publishes the
+// same way, with a window of amqp.max_unconfirmed.
 func (b *bench) broker(ctx context.Context) error {
 	best := 0.0
 	bestWindow := 0
 	for _, w := range b.opts.windows {
-		res, err := b.publishRun(ctx, w, false, b.opts.ceilTime)
+		res, err := b.publishRun(ctx, w, b.opts.ceilTime)
 		if err != nil {
 			return fmt.Errorf("window %d: %w", w, err)
 		}
@@ -133,14 +133,6 @@ func (b *bench) broker(ctx context.Context) error {
 	}
 	b.ceiling, b.ceilingWindow = best, bestWindow
 	b.out.rate("broker.ceiling", best, "msg/s", fmt.Sprintf("best window: %d", bestWindow))
-	batch := relayBatchSize()
-	res, err := b.publishRun(ctx, batch, true, b.opts.ceilTime)
-	if err != nil {
-		return fmt.Errorf("stop-and-wait batches: %w", err)
-	}
-	b.out.rate(fmt.Sprintf("broker.batch_%d_stop_and_wait", batch), res.rate, "msg/s",
-		fmt.Sprintf("the relay's pattern without a database: publish %d, wait for all their confirms, repeat", batch))
-	b.out.ratio("broker.stop_and_wait_over_ceiling", res.rate, best)
 	return nil
 }
 
@@ -152,11 +144,10 @@ type publishResult struct {
 	idle       []brokerTickSample // the broker per brokerTick, nil if unknown
 }
 
-// publishRun publishes for d on a fresh connection. With
-// stopAndWait, it publishes window messages and waits for all their
-// confirms before the next; otherwise it keeps up to window outstanding.
+// publishRun publishes for d on a fresh connection, keeping up to window
+// messages outstanding.
 // A consumer drains the queue meanwhile, as in every other measurement.
-func (b *bench) publishRun(ctx context.Context, window int, stopAndWait bool, d time.Duration) (publishResult, error) {
+func (b *bench) publishRun(ctx context.Context, window int, d time.Duration) (publishResult, error) {
 	var res publishResult
 	cons, err := b.startConsumer(nil)
 	if err != nil {
@@ -226,17 +217,6 @@ func (b *bench) publishRun(ctx context.Context, window int, stopAndWait bool, d 
 	start := time.Now()
 	end := start.Add(d)
 	for time.Now().Before(end) {
-		if stopAndWait {
-			for range window {
-				if err := publish(); err != nil {
-					return res, err
-				}
-			}
-			if err := settle(0); err != nil {
-				return res, err
-			}
-			continue
-		}
 		if err := settle(int64(window) - 1); err != nil {
 			return res, err
 		}

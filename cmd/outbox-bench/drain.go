@@ -42,9 +42,9 @@ func (b *bench) drainSection(ctx context.Context) error {
 		// The machine's load drifts: measure the ceiling again just before
 		// and just after each drain, with the best window (or the relay's
 		// batch size), and compare with the higher of the two.
-		window := cmp.Or(b.ceilingWindow, relayBatchSize())
+		window := cmp.Or(b.ceilingWindow, relayMaxUnconfirmed())
 		adjacent := min(b.opts.ceilTime, 2*time.Second)
-		before, err := b.publishRun(ctx, window, false, adjacent)
+		before, err := b.publishRun(ctx, window, adjacent)
 		if err != nil {
 			return fmt.Errorf("ceiling before on_dispatch %s: %w", mode, err)
 		}
@@ -52,7 +52,7 @@ func (b *bench) drainSection(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("on_dispatch %s: %w", mode, err)
 		}
-		after, err := b.publishRun(ctx, window, false, adjacent)
+		after, err := b.publishRun(ctx, window, adjacent)
 		if err != nil {
 			return fmt.Errorf("ceiling after on_dispatch %s: %w", mode, err)
 		}

@@ -50,7 +50,7 @@ func (a drainAlt) apply(c *relay.Config) {
 // drain and the medians: on a shared machine only a paired comparison made
 // within minutes says anything.
 func (b *bench) drainAB(ctx context.Context, mode string) error {
-	window := cmp.Or(b.ceilingWindow, relayBatchSize())
+	window := cmp.Or(b.ceilingWindow, relayMaxUnconfirmed())
 	adjacent := min(b.opts.ceilTime, 2*time.Second)
 	ratios := map[string][]float64{}
 	for i := range b.opts.drainRounds {
@@ -59,7 +59,7 @@ func (b *bench) drainAB(ctx context.Context, mode string) error {
 			order = []string{"b", "a"}
 		}
 		for _, v := range order {
-			before, err := b.publishRun(ctx, window, false, adjacent)
+			before, err := b.publishRun(ctx, window, adjacent)
 			if err != nil {
 				return err
 			}
@@ -71,7 +71,7 @@ func (b *bench) drainAB(ctx context.Context, mode string) error {
 			if err != nil {
 				return fmt.Errorf("%s round %d: %w", v, i+1, err)
 			}
-			after, err := b.publishRun(ctx, window, false, adjacent)
+			after, err := b.publishRun(ctx, window, adjacent)
 			if err != nil {
 				return err
 			}

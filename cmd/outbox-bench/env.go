@@ -244,6 +244,7 @@ func (b *bench) header(ctx context.Context) {
 	out.line("config.rss_backlogs", fmt.Sprintf("%d,%d", o.rssSmall, o.rssLarge), "events")
 	out.line("relay.batch_size", strconv.Itoa(def.Relay.BatchSize), "", "relay defaults, used unless a line says otherwise")
 	out.line("postgres.max_conns", strconv.Itoa(int(def.Postgres.MaxConns)), "")
+	out.line("amqp.max_unconfirmed", strconv.Itoa(def.AMQP.MaxUnconfirmed), "")
 	out.line("relay.wake.min_interval", def.Wake.MinInterval.String(), "")
 	out.line("relay.wake.poll_interval", def.Wake.PollInterval.String(), "")
 	out.line("relay.wake.linger", def.Wake.Linger.String(), "", fmt.Sprintf("after a short batch while rows are claimed faster than %d/s", def.Wake.LingerAbove))

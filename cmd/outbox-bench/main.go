@@ -88,7 +88,7 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 		fs.PrintDefaults()
 	}
 	only := fs.String("only", "", "comma-separated sections to run (default all): "+strings.Join(allSections, ","))
-	windows := fs.String("windows", "", "broker ceiling: outstanding-confirm windows to try (default 500,1000,2000,5000, quick 500,2000)")
+	windows := fs.String("windows", "", "broker ceiling: outstanding-confirm windows to try (default 50,100,250,500,1000,2000, quick 100,500)")
 	rates := fs.String("rates", "1000,2500,5000", "latency: fixed offered rates, events/s")
 	fractions := fs.String("fractions", "", "latency: offered rates as percent of the measured drain capacity (default 25,50,90, quick 50)")
 	fs.BoolVar(&o.quick, "quick", false, "small sizes and short windows: the whole run takes under a minute")
@@ -127,9 +127,9 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	}
 	var err error
 	if *windows == "" {
-		*windows = "500,1000,2000,5000"
+		*windows = "50,100,250,500,1000,2000"
 		if o.quick {
-			*windows = "500,2000"
+			*windows = "100,500"
 		}
 	}
 	if o.windows, err = intList(*windows); err != nil {

@@ -30,7 +30,9 @@ import (
 	"github.com/outbox-relay/outbox-relay/relay/rabbitmq"
 )
 
-func relayBatchSize() int { return relay.Config{}.WithDefaults().Relay.BatchSize }
+// relayMaxUnconfirmed is the relay's default amqp.max_unconfirmed: the
+// window of the ceilings beside a drain when no broker section chose one.
+func relayMaxUnconfirmed() int { return relay.Config{}.WithDefaults().AMQP.MaxUnconfirmed }
 
 // inproc is the relay engine running inside the bench process, with its
 // own metrics registry.

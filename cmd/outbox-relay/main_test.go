@@ -60,6 +60,7 @@ func TestBadConfigExits2(t *testing.T) {
 		{"unknown key", validYAML + "relay:\n  batchsize: 10\n", nil, "batchsize"},
 		{"unknown top-level key", validYAML + "nonsense: 1\n", nil, "nonsense"},
 		{"negative batch size", validYAML + "relay:\n  batch_size: -5\n", nil, "relay.batch_size"},
+		{"negative confirm window", validYAML, []string{"OUTBOX_RELAY_AMQP_MAX_UNCONFIRMED=-1"}, "amqp.max_unconfirmed: must be at least 1"},
 		{"invalid table identifier", validYAML, []string{"OUTBOX_RELAY_POSTGRES_TABLE=outbox; DROP TABLE x"}, "postgres.table"},
 		{"invalid schema identifier", validYAML, []string{"OUTBOX_RELAY_POSTGRES_SCHEMA=Public"}, "postgres.schema"},
 		{"bad duration from env", validYAML, []string{"OUTBOX_RELAY_WAKE_POLL_INTERVAL=soon"}, "wake.poll_interval"},

@@ -19,12 +19,12 @@ import (
 func TestConformance(t *testing.T) {
 	t.Parallel()
 	relaytest.TestPublisher(t, func(t *testing.T) relaytest.Harness {
-		l := newProxiedLink(t, 50)
+		l := newProxiedLink(t, 50, 0)
 		return relaytest.Harness{Publisher: l.pub, ConfirmTimeout: l.confirmTimeout, Stall: l.proxy.Stall, Resume: l.proxy.Resume, Cut: l.proxy.Cut}
 	})
 }
 
-// proxiedLink is a publisher with the given window on an exchange of its
+// proxiedLink is a publisher with the given batch window on an exchange of its
 // own, bound to queue by relaytest.RoutedKey, through a proxy that can stall
 // or cut the link.
 type proxiedLink struct {
@@ -35,7 +35,8 @@ type proxiedLink struct {
 	confirmTimeout time.Duration
 }
 
-func newProxiedLink(t *testing.T, window int) proxiedLink {
+// maxUnconfirmed is amqp.max_unconfirmed, 0 for its default.
+func newProxiedLink(t *testing.T, window, maxUnconfirmed int) proxiedLink {
 	t.Helper()
 	b := testenv.NewBroker(t)
 	queue := b.Queue(t, relaytest.RoutedKey, nil)
@@ -47,7 +48,7 @@ func newProxiedLink(t *testing.T, window int) proxiedLink {
 	u.Host = proxy.Addr()
 	declare := false
 	cfg := relay.Config{AMQP: relay.AMQPConfig{URL: u.String(), Exchange: b.Exchange, DeclareExchange: &declare,
-		ConfirmTimeout: 1500 * time.Millisecond}}.WithDefaults()
+		ConfirmTimeout: 1500 * time.Millisecond, MaxUnconfirmed: maxUnconfirmed}}.WithDefaults()
 	pub := testenv.NewAMQPPublisher(t, cfg.AMQP, window, zaptest.NewLogger(t))
 	return proxiedLink{broker: b, queue: queue, proxy: proxy, pub: pub, confirmTimeout: cfg.AMQP.ConfirmTimeout}
 }

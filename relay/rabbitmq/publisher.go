@@ -27,10 +27,8 @@ import (
 type Options struct {
 	// Logger is required.
 	Logger *zap.Logger
-	// Window is the most messages one Send call carries (relay.batch_size),
-	// and the most messages the publisher keeps awaiting their confirm:
-	// Send waits for the confirms of earlier batches before it goes past
-	// it. Required.
+	// Window is the most messages one Send call carries (relay.batch_size).
+	// Required.
 	Window int
 	// Batches is the most sent batches not yet waited for, as the caller
 	// pipelines them (relay.Config.PendingBatches for a relay). Returns are
@@ -64,10 +62,11 @@ type Publisher struct {
 	node    int // index in urls of the node last connected to; -1 before
 	window  int
 	// unconfirmed are the messages sent on cur whose confirm has not
-	// been seen, oldest first: Send keeps at most window of them.
-	unconfirmed []sent
-	sentOn      *amqpChannel // the channel unconfirmed were sent on
-	dials       atomic.Int64
+	// been seen, oldest first: Send keeps at most maxUnconfirmed of them.
+	unconfirmed    []sent
+	maxUnconfirmed int
+	sentOn         *amqpChannel // the channel unconfirmed were sent on
+	dials          atomic.Int64
 	// skipChecks turns the checks before publishing off, so that tests can
 	// prove that a close the checks did not foresee still blames the message.
 	skipChecks bool
@@ -94,7 +93,8 @@ func New(cfg relay.AMQPConfig, opts Options) (*Publisher, error) {
 	}
 	return &Publisher{cfg: cfg, log: opts.Logger, urls: cfg.URLs(), onNode: opts.OnNode, node: -1,
 		window: opts.Window, batches: opts.Batches, maxSize: cfg.MaxMessageSize,
-		lastErr: errors.New("not connected yet")}, nil
+		maxUnconfirmed: cmp.Or(max(cfg.MaxUnconfirmed, 0), relay.DefaultMaxUnconfirmed),
+		lastErr:        errors.New("not connected yet")}, nil
 }
 
 // Ready reports whether the channel is open.

@@ -20,19 +20,19 @@ type sent struct {
 	deadline time.Time
 }
 
-// slide waits until fewer than window messages sent on the channel await
-// their confirm, so that a batch sent while the one before is still being
-// confirmed goes out as those confirms come in, not all at once on top of
-// them: the more messages await their confirm, the more each costs the
-// broker (docs/benchmarks.md, "a sliding window of one batch"). It stops
-// waiting for a message at its batch's deadline (that batch's Wait then
-// resets the channel) or when ctx ends.
+// slide waits until fewer than amqp.max_unconfirmed messages sent on the
+// channel await their confirm: a batch goes out as the confirms of the
+// messages before it come in, not all at once on top of them. The more
+// messages await their confirm, the more each costs the broker
+// (docs/benchmarks.md, "the broker's confirm window"). It stops waiting for
+// a message at its batch's deadline (that batch's Wait then resets the
+// channel) or when ctx ends.
 func (p *Publisher) slide(ctx context.Context) {
 	u := p.unconfirmed
 	for len(u) > 0 && isDone(u[0].dc) {
 		u = u[1:]
 	}
-	for len(u) >= p.window {
+	for len(u) >= p.maxUnconfirmed {
 		t := time.NewTimer(time.Until(u[0].deadline))
 		select {
 		case <-u[0].dc.Done():
@@ -58,8 +58,8 @@ func isDone(dc *amqp.DeferredConfirmation) bool {
 }
 
 // Send implements relay.Publisher: it publishes every message, waiting only
-// while a window's worth (relay.batch_size) of messages sent before await
-// their confirm (slide); Wait on the result collects the confirms and returns.
+// while amqp.max_unconfirmed messages sent before await their confirm
+// (slide); Wait on the result collects the confirms and returns.
 func (p *Publisher) Send(ctx context.Context, msgs []relay.Message) relay.Pending {
 	p.mu.Lock()
 	defer p.mu.Unlock()

@@ -5,27 +5,26 @@ import (
 	"testing"
 	"time"
 
+	"github.com/outbox-relay/outbox-relay/relay"
 	"github.com/outbox-relay/outbox-relay/relay/relaytest"
 )
 
-// TestSendKeepsOneWindowUnconfirmed: a batch sent while the one before
-// awaits its confirms goes out as they arrive. With the broker's confirms
-// held, the second batch's Send does not return and the queue holds only
-// the first batch; once they resume, the second batch is sent and both are
+// TestSendKeepsMaxUnconfirmed: the publisher keeps at most
+// amqp.max_unconfirmed messages awaiting their confirm, across batches and
+// within one. With the broker's confirms held, a batch of 6 and one of 10
+// (window 10) put only 10 messages in the queue, and the second Send does
+// not return; once the confirms resume, the rest is sent and all 16 are
 // confirmed.
-func TestSendKeepsOneWindowUnconfirmed(t *testing.T) {
+func TestSendKeepsMaxUnconfirmed(t *testing.T) {
 	t.Parallel()
 	const window = 10
-	l := newProxiedLink(t, window)
+	l := newProxiedLink(t, 50, window)
 	ch := l.broker.Channel(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := l.pub.Connect(ctx); err != nil {
 		t.Fatal(err)
 	}
-
-	l.proxy.Stall()
-	first := l.pub.Send(ctx, relaytest.Messages(relaytest.RoutedKey, window))
 	queued := func() int {
 		q, err := ch.QueueDeclarePassive(l.queue, false, false, false, false, nil)
 		if err != nil {
@@ -33,47 +32,43 @@ func TestSendKeepsOneWindowUnconfirmed(t *testing.T) {
 		}
 		return q.Messages
 	}
+
+	l.proxy.Stall()
+	first := l.pub.Send(ctx, relaytest.Messages(relaytest.RoutedKey, 6))
+	sent := make(chan relay.Pending, 1)
+	go func() { sent <- l.pub.Send(ctx, relaytest.Messages(relaytest.RoutedKey, 10)) }()
 	for queued() < window {
 		if ctx.Err() != nil {
-			t.Fatalf("the first batch never reached the queue: %d of %d", queued(), window)
+			t.Fatalf("only %d messages reached the queue, want the window of %d", queued(), window)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	sent := make(chan struct{})
-	var second interface{ Wait(context.Context) []error }
-	go func() {
-		defer close(sent)
-		second = l.pub.Send(ctx, relaytest.Messages(relaytest.RoutedKey, window))
-	}()
-	// While the confirms are held, for a third of the confirm timeout (the
-	// batches are not failed yet): the second batch must stay unsent.
+	// For a third of the confirm timeout (no batch fails before it ends),
+	// the second batch stays part-sent.
 	watch := time.After(l.confirmTimeout / 3)
 	for done := false; !done; {
 		select {
 		case <-sent:
-			t.Fatalf("Send returned a second batch while %d messages awaited their confirms (window %d); queue holds %d", window, window, queued())
+			t.Fatalf("Send returned the second batch while %d messages awaited their confirms (max %d); queue holds %d", window, window, queued())
 		case <-watch:
 			done = true
 		case <-time.After(20 * time.Millisecond):
 			if n := queued(); n > window {
-				t.Fatalf("queue holds %d messages with %d unconfirmed before them, want at most the window of %d", n, window, window)
+				t.Fatalf("queue holds %d messages with their confirms held, want at most amqp.max_unconfirmed = %d", n, window)
 			}
 		}
 	}
 
 	l.proxy.Resume()
-	<-sent
-	for i, err := range first.Wait(ctx) {
-		if err != nil {
-			t.Fatalf("first batch, message %d: %v", i, err)
+	second := <-sent
+	for what, p := range map[string]relay.Pending{"first": first, "second": second} {
+		for i, err := range p.Wait(ctx) {
+			if err != nil {
+				t.Fatalf("%s batch, message %d: %v", what, i, err)
+			}
 		}
 	}
-	for i, err := range second.Wait(ctx) {
-		if err != nil {
-			t.Fatalf("second batch, message %d: %v", i, err)
-		}
-	}
-	if n := queued(); n != 2*window {
-		t.Fatalf("queue holds %d messages after both batches, want %d", n, 2*window)
+	if n := queued(); n != 16 {
+		t.Fatalf("queue holds %d messages after both batches, want 16", n)
 	}
 }
