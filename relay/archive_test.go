@@ -257,11 +257,7 @@ func TestPrivilegeRevokedWhileRunning(t *testing.T) {
 		"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE "+o.Table.Derived("stats_lease"))
 	cfg := config(o, b)
 	cfg.Postgres.DSN = asRole(t, o.DSN, role)
-	rel := testenv.NewRelay(t, cfg)
-	runCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	done := make(chan error, 1)
-	go func() { done <- rel.Run(runCtx) }()
+	done := runInBackground(t, testenv.NewRelay(t, cfg))
 
 	o.WriteEvents(t, "before.revoke", 5)
 	testenv.Receive(t, deliveries, 5, 10*time.Second)
@@ -295,11 +291,7 @@ func TestArchiveDroppedWhileRunning(t *testing.T) {
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
 	ctx := context.Background()
 	deliveries := b.Consume(t, b.Queue(t, "#", nil))
-	rel := testenv.NewRelay(t, config(o, b))
-	runCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	done := make(chan error, 1)
-	go func() { done <- rel.Run(runCtx) }()
+	done := runInBackground(t, testenv.NewRelay(t, config(o, b)))
 
 	o.WriteEvents(t, "before.down", 5)
 	testenv.Receive(t, deliveries, 5, 10*time.Second)
@@ -321,6 +313,17 @@ func TestArchiveDroppedWhileRunning(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("Run still running 20s after the archive was dropped")
 	}
+}
+
+// runInBackground runs rel until it stops or 30 s pass; Run's error
+// arrives on the channel.
+func runInBackground(t *testing.T, rel *testenv.Relay) <-chan error {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	done := make(chan error, 1)
+	go func() { done <- rel.Run(ctx) }()
+	return done
 }
 
 // restrictedRole creates a role named after prefix (dropped at cleanup)
@@ -360,4 +363,61 @@ func asRole(t *testing.T, dsn, role string) string {
 	q.Set("options", "-c role="+role)
 	u.RawQuery = strings.ReplaceAll(q.Encode(), "+", "%20") // pgx reads + as itself
 	return u.String()
+}
+
+// TestClaimRefusedWhileRunning: when the outbox table is dropped, or the
+// relay's role loses UPDATE on it (a claim locks rows FOR UPDATE), under a
+// running relay, the first claim refused makes it run its checks again,
+// and Run stops naming the cause instead of retrying the claim forever.
+func TestClaimRefusedWhileRunning(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name    string
+		change  func(t *testing.T, o *testenv.Outbox, role string)
+		want    error
+		naming  string
+		pending bool // the events written after the change wait in the table
+	}{
+		{"table dropped", func(t *testing.T, o *testenv.Outbox, _ string) {
+			if _, err := o.Pool.Exec(context.Background(), "DROP TABLE "+o.Table.Quoted()+" CASCADE"); err != nil {
+				t.Fatal(err)
+			}
+		}, relay.ErrTableMissing, "", false},
+		{"update revoked", func(t *testing.T, o *testenv.Outbox, role string) {
+			if _, err := o.Pool.Exec(context.Background(), "REVOKE UPDATE ON TABLE "+o.Table.Quoted()+" FROM "+ident.Quote(role)); err != nil {
+				t.Fatal(err)
+			}
+			o.WriteEvents(t, "after.revoke", 5)
+		}, relay.ErrPrivilegeMissing, "UPDATE on", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
+			deliveries := b.Consume(t, b.Queue(t, "#", nil))
+			role := restrictedRole(t, o, "lp_claim",
+				"GRANT SELECT, UPDATE, DELETE ON TABLE "+o.Table.Quoted(),
+				"GRANT SELECT, INSERT, DELETE ON TABLE "+o.Archive(),
+				"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE "+o.Table.Derived("stats_lease"))
+			cfg := config(o, b)
+			cfg.Postgres.DSN = asRole(t, o.DSN, role)
+			done := runInBackground(t, testenv.NewRelay(t, cfg))
+
+			o.WriteEvents(t, "before.change", 5)
+			testenv.Receive(t, deliveries, 5, 10*time.Second)
+			tc.change(t, o, role)
+			select {
+			case err := <-done:
+				if !errors.Is(err, tc.want) || !strings.Contains(err.Error(), tc.naming) {
+					t.Fatalf("Run = %v, want %v naming %q", err, tc.want, tc.naming)
+				}
+			case <-time.After(20 * time.Second):
+				t.Fatalf("Run still running 20s after the change (%s)", tc.name)
+			}
+			if tc.pending {
+				if n := o.Count(t, "event_type = 'after.revoke' AND dispatched_at IS NULL"); n != 5 {
+					t.Errorf("%d of the 5 events written after the change are pending, want all", n)
+				}
+			}
+		})
+	}
 }

@@ -91,9 +91,12 @@ func archivedColumns() string {
 // archive of migration 00006.
 const tableExists = `SELECT to_regclass($1) IS NOT NULL`
 
-// settlePrivileges is whether this role may delete from table $1 and
-// insert into the archive $2, as settling a batch does.
-const settlePrivileges = `SELECT has_table_privilege($1, 'DELETE'), has_table_privilege($2, 'INSERT')`
+// tablePrivileges is whether this role may select, update (claims lock
+// rows FOR UPDATE, failures are recorded) and delete from table $1, and
+// insert into the archive $2, as settling a batch with mark does. One call
+// per privilege: has_table_privilege with a list is true if any is held.
+const tablePrivileges = `SELECT has_table_privilege($1, 'SELECT'), has_table_privilege($1, 'UPDATE'),
+       has_table_privilege($1, 'DELETE'), has_table_privilege($2, 'INSERT')`
 
 // payloadPiece is the most payload bytes read in one row: larger payloads
 // are read in pieces (Relay.readLargePayload).

@@ -66,9 +66,9 @@ type Relay struct {
 	started  atomic.Bool
 	// sendFailing is set while the last settled batch lost its broker link.
 	sendFailing atomic.Bool
-	// recheck is set by the settler when a batch failed on a missing table
-	// or privilege (schemaFailure): the claim loop runs its start-up
-	// checks again, which stop Run if the schema or the grants changed.
+	// recheck is set when a claim or a settle failed on a missing table or
+	// privilege (schemaFailure): the claim loop runs its start-up checks
+	// again, which stop Run if the schema or the grants changed.
 	recheck atomic.Bool
 	// inflightBytes is the payload held by batches claimed and not yet
 	// settled; claims stop at relay.batch_bytes minus it. settled wakes a
@@ -288,6 +288,11 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		}
 		next, err := r.claimAndSend(ctx, drain, pool, probe)
 		if err != nil {
+			if schemaFailure(err) {
+				// The table dropped or a privilege revoked under the
+				// relay: the checks say which, and stop it.
+				r.recheck.Store(true)
+			}
 			if ordered {
 				// The error may be a restarted or failed-over server.
 				r.ord.horizon.reset()

@@ -77,23 +77,31 @@ func (r *Relay) checkSchema(ctx context.Context, pool *pgxpool.Pool) error {
 }
 
 // checkPrivileges fails with ErrPrivilegeMissing when the role cannot
-// settle a batch: both on_dispatch modes delete the rows from the outbox
-// table, and mark inserts them into the archive.
+// claim or settle a batch: claims select and lock rows (FOR UPDATE needs
+// UPDATE), failures update them, both on_dispatch modes delete them from
+// the outbox table, and mark inserts them into the archive.
 func (r *Relay) checkPrivileges(ctx context.Context, pool *pgxpool.Pool, archive string) error {
-	var canDelete, canArchive bool
-	if err := pool.QueryRow(ctx, settlePrivileges, r.table.Quoted(), archive).Scan(&canDelete, &canArchive); err != nil {
+	var canSelect, canUpdate, canDelete, canArchive bool
+	if err := pool.QueryRow(ctx, tablePrivileges, r.table.Quoted(), archive).Scan(&canSelect, &canUpdate, &canDelete, &canArchive); err != nil {
 		return fmt.Errorf("check privileges: %w", err)
 	}
 	var missing []string
-	if !canDelete {
-		missing = append(missing, "DELETE on "+r.table.Quoted())
-	}
-	if !canArchive && r.cfg.Relay.OnDispatch == OnDispatchMark {
-		missing = append(missing, "INSERT on "+archive)
+	for _, p := range []struct {
+		held bool
+		what string
+	}{
+		{canSelect, "SELECT on " + r.table.Quoted()},
+		{canUpdate, "UPDATE on " + r.table.Quoted()},
+		{canDelete, "DELETE on " + r.table.Quoted()},
+		{canArchive || r.cfg.Relay.OnDispatch != OnDispatchMark, "INSERT on " + archive},
+	} {
+		if !p.held {
+			missing = append(missing, p.what)
+		}
 	}
 	if len(missing) > 0 {
-		return fmt.Errorf("%w: relay.on_dispatch %s needs %s (see the grants in docs/operations.md)",
-			ErrPrivilegeMissing, r.cfg.Relay.OnDispatch, strings.Join(missing, " and "))
+		return fmt.Errorf("%w: the relay's role needs %s (relay.on_dispatch %s; see the grants in docs/operations.md)",
+			ErrPrivilegeMissing, strings.Join(missing, " and "), r.cfg.Relay.OnDispatch)
 	}
 	return nil
 }
@@ -104,8 +112,8 @@ func isUndefinedTable(err error) bool {
 }
 
 // schemaFailure is whether err is one that the start-up checks explain: a
-// table gone (42P01: the archive dropped by a migrate down) or a privilege
-// revoked (42501), which no retry of the batch can get past.
+// table gone (42P01: the outbox table dropped, the archive dropped by a
+// migrate down) or a privilege revoked (42501), which no retry can get past.
 func schemaFailure(err error) bool {
 	var pgErr *pgconn.PgError
 	return errors.As(err, &pgErr) && (pgErr.Code == "42P01" || pgErr.Code == "42501")
