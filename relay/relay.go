@@ -289,9 +289,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		next, err := r.claimAndSend(ctx, drain, pool, probe)
 		if err != nil {
 			if schemaFailure(err) {
-				// The table dropped or a privilege revoked under the
-				// relay: the checks say which, and stop it.
-				r.recheck.Store(true)
+				r.recheck.Store(true) // the checks name the table or grant, and stop Run
 			}
 			if ordered {
 				// The error may be a restarted or failed-over server.
