@@ -4,6 +4,9 @@ import (
 	"cmp"
 	"context"
 	"fmt"
+	"os"
+	"runtime/pprof"
+	"sync"
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/relay"
@@ -126,6 +129,11 @@ func (b *bench) drainWith(ctx context.Context, n int, onDispatch string, tweak f
 	if tweak != nil {
 		tweak(&cfg)
 	}
+	stopProfile, err := b.profileDrain(onDispatch)
+	if err != nil {
+		return res, err
+	}
+	defer stopProfile()
 	res.cpu0 = b.cpuSnapshot()
 	idle := b.sampleBroker()
 	defer idle.finish()
@@ -148,6 +156,7 @@ func (b *bench) drainWith(ctx context.Context, n int, onDispatch string, tweak f
 	}
 	res.elapsed = time.Since(start)
 	res.cpu1 = b.cpuSnapshot()
+	stopProfile()
 	res.idle = idle.finish()
 	// The engine's backends started with it: their whole CPU time is the drain's.
 	res.backends = -1
@@ -175,4 +184,29 @@ func (b *bench) drainWith(ctx context.Context, n int, onDispatch string, tweak f
 	res.claim, res.publish, res.mark = st.claim, st.publish, st.mark
 	res.claimT, res.publishT, res.markT = st.claimT, st.publishT, st.markT
 	return res, nil
+}
+
+// profileDrain starts a CPU profile of the bench process for one drain
+// (-cpuprofile), written to the path with the drain's number and mode
+// appended; the returned stop ends it and may be called more than once.
+func (b *bench) profileDrain(mode string) (stop func(), err error) {
+	b.drains++
+	if b.opts.cpuProf == "" {
+		return func() {}, nil
+	}
+	f, err := os.Create(fmt.Sprintf("%s.%d.%s", b.opts.cpuProf, b.drains, mode))
+	if err != nil {
+		return nil, fmt.Errorf("-cpuprofile: %w", err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("-cpuprofile: %w", err)
+	}
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			pprof.StopCPUProfile()
+			f.Close()
+		})
+	}, nil
 }

@@ -59,6 +59,7 @@ type bench struct {
 	brokerPID     int     // the local broker process, 0 if not found
 	ceiling       float64 // best broker ceiling (msg/s)
 	ceilingWindow int     // the window that reached it
+	drains        int     // drains run so far (numbers the -cpuprofile files)
 }
 
 // onCleanup registers f to run at the end, before what was registered earlier.

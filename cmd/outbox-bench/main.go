@@ -23,7 +23,6 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"runtime/pprof"
 	"slices"
 	"strings"
 	"syscall"
@@ -73,7 +72,7 @@ type options struct {
 	// large payloads: rows and their size
 	rssBigRows int
 	rssBigSize int
-	cpuProf    string // write the bench process's CPU profile here
+	cpuProf    string // write CPU profiles of the drains to this path, .N.MODE appended
 	// drain A/B: the default against drainAlt, drainRounds times
 	drainAlt    drainAlt
 	drainRounds int
@@ -112,7 +111,7 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.rssBigSize, "rss-big-size", 24<<20, "RSS: payload bytes per row of the large-payload drain")
 	alt := fs.String("drain-alt", "", "drain: alternate the default relay configuration with this one (max_conns=N,batch_size=N), ABBA, -drain-rounds times each")
 	fs.IntVar(&o.drainRounds, "drain-rounds", 4, "drain: rounds of the -drain-alt comparison")
-	fs.StringVar(&o.cpuProf, "cpuprofile", "", "write a CPU profile of the bench process (the drain section's relay engine runs in it) to this file")
+	fs.StringVar(&o.cpuProf, "cpuprofile", "", "drain: write a CPU profile of the bench process (the relay engine and the consumer) during each drain, not its fill, to this path with .N.MODE appended")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -238,19 +237,6 @@ func run(args []string, stdout, stderr io.Writer) int {
 	ctx, cancel := context.WithTimeout(ctx, opts.timeout)
 	defer cancel()
 
-	if opts.cpuProf != "" {
-		f, err := os.Create(opts.cpuProf)
-		if err != nil {
-			fmt.Fprintln(stderr, "outbox-bench: -cpuprofile:", err)
-			return 2
-		}
-		defer f.Close()
-		if err := pprof.StartCPUProfile(f); err != nil {
-			fmt.Fprintln(stderr, "outbox-bench: -cpuprofile:", err)
-			return 2
-		}
-		defer pprof.StopCPUProfile()
-	}
 	out := newReport(stdout)
 	b := &bench{opts: opts, out: out, log: stderr}
 	defer func() {
