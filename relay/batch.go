@@ -100,7 +100,17 @@ func (r *Relay) claimAndSend(ctx, drain context.Context, pool *pgxpool.Pool, pro
 	r.inflightBytes.Add(b.bytes)
 	r.m.BatchSize.Observe(float64(b.size()))
 	b.sent = time.Now()
-	b.pending = r.pub.Send(drain, b.msgs)
+	sendCtx := drain
+	if r.cfg.Relay.Ordering == OrderingPartitionKey {
+		// Every message, not only the batch, goes out while the claim
+		// vouches for its leases: Send may wait for confirms
+		// (amqp.max_unconfirmed), and what it has not sent by then is
+		// claimed again.
+		var cancel context.CancelFunc
+		sendCtx, cancel = context.WithDeadline(drain, b.claimed.Add(r.ord.leases.claimMargin()))
+		defer cancel()
+	}
+	b.pending = r.pub.Send(sendCtx, b.msgs)
 	return b, nil
 }
 

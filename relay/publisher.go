@@ -77,8 +77,9 @@ type PublishError struct {
 	// accept): the event counts as delivered, and is only counted.
 	Accepted bool
 	// Deferred marks a message that was not sent, or not confirmed, because
-	// the broker closed the channel over another message: the link is fine
-	// and the message is retried as it is (Reason is connection).
+	// the broker closed the channel over another message, or not sent
+	// because Send's ctx ended: the link is fine and the message is retried
+	// as it is (Reason is connection).
 	Deferred bool
 }
 

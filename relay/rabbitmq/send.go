@@ -26,8 +26,12 @@ type sent struct {
 // messages await their confirm, the more each costs the broker
 // (docs/benchmarks.md, "the broker's confirm window"). It stops waiting for
 // a message at its batch's deadline (that batch's Wait then resets the
-// channel) or when ctx ends.
-func (p *Publisher) slide(ctx context.Context) {
+// channel), and returns ctx's cause if ctx ends first: the rest of the
+// batch is then not sent.
+func (p *Publisher) slide(ctx context.Context) error {
+	if ctx.Err() != nil {
+		return context.Cause(ctx)
+	}
 	u := p.unconfirmed
 	for len(u) > 0 && isDone(u[0].dc) {
 		u = u[1:]
@@ -38,13 +42,16 @@ func (p *Publisher) slide(ctx context.Context) {
 		case <-u[0].dc.Done():
 			u = u[1:]
 		case <-ctx.Done():
-			u = u[:0]
+			t.Stop()
+			p.unconfirmed = u
+			return context.Cause(ctx)
 		case <-t.C:
 			u = u[:0]
 		}
 		t.Stop()
 	}
 	p.unconfirmed = u
+	return nil
 }
 
 // isDone reports whether dc's confirm (or the channel's close) arrived.
@@ -92,8 +99,19 @@ func (p *Publisher) Send(ctx context.Context, msgs []relay.Message) relay.Pendin
 			b.errs[i] = err
 			continue
 		}
-		p.slide(ctx)
-		dc, err := b.c.ch.PublishWithDeferredConfirmWithContext(ctx, exchange, key, true, false, pub)
+		if err := p.slide(ctx); err != nil {
+			// Not sent: ctx ended (an ordered batch's lease margin passed
+			// while the window was full, or shutdown). Retried as it is.
+			why := &relay.PublishError{Reason: relay.ReasonConnection, Err: fmt.Errorf("not sent before the batch's send deadline: %w", err), Deferred: true}
+			for j := i; j < len(msgs); j++ {
+				if b.errs[j] == nil {
+					b.errs[j] = why
+				}
+			}
+			break
+		}
+		// slide has checked ctx: the WithContext variant does only that.
+		dc, err := b.c.ch.PublishWithDeferredConfirm(exchange, key, true, false, pub)
 		if err != nil {
 			// The channel is unusable. This message may have been cut off
 			// part-written by a close it caused (a frame over frame_max), so

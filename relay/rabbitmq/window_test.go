@@ -2,6 +2,7 @@ package rabbitmq_test
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 
@@ -70,5 +71,53 @@ func TestSendKeepsMaxUnconfirmed(t *testing.T) {
 	}
 	if n := queued(); n != 16 {
 		t.Fatalf("queue holds %d messages after both batches, want 16", n)
+	}
+}
+
+// TestSendStopsWhenContextEnds: Send waiting for the window to free stops
+// when its ctx ends (an ordered batch's lease margin): the messages not yet
+// sent fail as deferred, unsent, with the link fine, and never reach the
+// queue.
+func TestSendStopsWhenContextEnds(t *testing.T) {
+	t.Parallel()
+	const window = 10
+	l := newProxiedLink(t, 50, window)
+	ch := l.broker.Channel(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := l.pub.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	l.proxy.Stall()
+	sendCtx, stop := context.WithTimeout(ctx, l.confirmTimeout/5)
+	defer stop()
+	errs := l.pub.Send(sendCtx, relaytest.Messages(relaytest.RoutedKey, 25))
+	if sendCtx.Err() == nil {
+		t.Fatal("Send returned before its ctx ended, with the window full and the confirms held")
+	}
+	l.proxy.Resume()
+	results := errs.Wait(ctx)
+	for i, err := range results {
+		if i < window {
+			if err != nil {
+				t.Errorf("message %d, sent before the window filled: %v", i, err)
+			}
+			continue
+		}
+		var pe *relay.PublishError
+		if !errors.As(err, &pe) || !pe.Deferred || pe.Reason != relay.ReasonConnection {
+			t.Errorf("message %d: %v, want a deferred connection failure (not sent)", i, err)
+		}
+	}
+	q, err := ch.QueueDeclarePassive(l.queue, false, false, false, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if q.Messages != window {
+		t.Errorf("queue holds %d messages, want the %d sent before ctx ended", q.Messages, window)
+	}
+	if err := l.pub.Ready(); err != nil {
+		t.Errorf("Ready after a Send cut short by its ctx: %v, want the link up", err)
 	}
 }
