@@ -251,13 +251,7 @@ func TestPrivilegeRevokedWhileRunning(t *testing.T) {
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
 	ctx := context.Background()
 	deliveries := b.Consume(t, b.Queue(t, "#", nil))
-	role := restrictedRole(t, o, "lp_revoked",
-		"GRANT SELECT, UPDATE, DELETE ON TABLE "+o.Table.Quoted(),
-		"GRANT SELECT, INSERT, DELETE ON TABLE "+o.Archive(),
-		"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE "+o.Table.Derived("stats_lease"))
-	cfg := config(o, b)
-	cfg.Postgres.DSN = asRole(t, o.DSN, role)
-	done := runInBackground(t, testenv.NewRelay(t, cfg))
+	role, done := runAsGrantedRole(t, o, b, "lp_revoked")
 
 	o.WriteEvents(t, "before.revoke", 5)
 	testenv.Receive(t, deliveries, 5, 10*time.Second)
@@ -324,6 +318,20 @@ func runInBackground(t *testing.T, rel *testenv.Relay) <-chan error {
 	done := make(chan error, 1)
 	go func() { done <- rel.Run(ctx) }()
 	return done
+}
+
+// runAsGrantedRole runs a relay on o and b (runInBackground) as a role of
+// its own (named after prefix) with the grants docs/operations.md lists for
+// it, and returns the role, for the test to revoke one.
+func runAsGrantedRole(t *testing.T, o *testenv.Outbox, b *testenv.Broker, prefix string) (string, <-chan error) {
+	t.Helper()
+	role := restrictedRole(t, o, prefix,
+		"GRANT SELECT, UPDATE, DELETE ON TABLE "+o.Table.Quoted(),
+		"GRANT SELECT, INSERT, DELETE ON TABLE "+o.Archive(),
+		"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE "+o.Table.Derived("stats_lease"))
+	cfg := config(o, b)
+	cfg.Postgres.DSN = asRole(t, o.DSN, role)
+	return role, runInBackground(t, testenv.NewRelay(t, cfg))
 }
 
 // restrictedRole creates a role named after prefix (dropped at cleanup)
@@ -394,13 +402,7 @@ func TestClaimRefusedWhileRunning(t *testing.T) {
 			t.Parallel()
 			o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
 			deliveries := b.Consume(t, b.Queue(t, "#", nil))
-			role := restrictedRole(t, o, "lp_claim",
-				"GRANT SELECT, UPDATE, DELETE ON TABLE "+o.Table.Quoted(),
-				"GRANT SELECT, INSERT, DELETE ON TABLE "+o.Archive(),
-				"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE "+o.Table.Derived("stats_lease"))
-			cfg := config(o, b)
-			cfg.Postgres.DSN = asRole(t, o.DSN, role)
-			done := runInBackground(t, testenv.NewRelay(t, cfg))
+			role, done := runAsGrantedRole(t, o, b, "lp_claim")
 
 			o.WriteEvents(t, "before.change", 5)
 			testenv.Receive(t, deliveries, 5, 10*time.Second)

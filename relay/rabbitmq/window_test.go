@@ -10,19 +10,15 @@ import (
 	"github.com/outbox-relay/outbox-relay/relay/relaytest"
 )
 
-// TestSendKeepsMaxUnconfirmed: the publisher keeps at most
-// amqp.max_unconfirmed messages awaiting their confirm, across batches and
-// within one. With the broker's confirms held, a batch of 6 and one of 10
-// (window 10) put only 10 messages in the queue, and the second Send does
-// not return; once the confirms resume, the rest is sent and all 16 are
-// confirmed.
-func TestSendKeepsMaxUnconfirmed(t *testing.T) {
-	t.Parallel()
-	const window = 10
+// connectedWindow is a connected publisher keeping at most window messages
+// unconfirmed (newProxiedLink), a context for the test, and the count of
+// messages in its queue.
+func connectedWindow(t *testing.T, window int) (proxiedLink, context.Context, func() int) {
+	t.Helper()
 	l := newProxiedLink(t, 50, window)
 	ch := l.broker.Channel(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
+	t.Cleanup(cancel)
 	if err := l.pub.Connect(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -33,6 +29,19 @@ func TestSendKeepsMaxUnconfirmed(t *testing.T) {
 		}
 		return q.Messages
 	}
+	return l, ctx, queued
+}
+
+// TestSendKeepsMaxUnconfirmed: the publisher keeps at most
+// amqp.max_unconfirmed messages awaiting their confirm, across batches and
+// within one. With the broker's confirms held, a batch of 6 and one of 10
+// (window 10) put only 10 messages in the queue, and the second Send does
+// not return; once the confirms resume, the rest is sent and all 16 are
+// confirmed.
+func TestSendKeepsMaxUnconfirmed(t *testing.T) {
+	t.Parallel()
+	const window = 10
+	l, ctx, queued := connectedWindow(t, window)
 
 	l.proxy.Stall()
 	first := l.pub.Send(ctx, relaytest.Messages(relaytest.RoutedKey, 6))
@@ -81,13 +90,7 @@ func TestSendKeepsMaxUnconfirmed(t *testing.T) {
 func TestSendStopsWhenContextEnds(t *testing.T) {
 	t.Parallel()
 	const window = 10
-	l := newProxiedLink(t, 50, window)
-	ch := l.broker.Channel(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if err := l.pub.Connect(ctx); err != nil {
-		t.Fatal(err)
-	}
+	l, ctx, queued := connectedWindow(t, window)
 
 	l.proxy.Stall()
 	sendCtx, stop := context.WithTimeout(ctx, l.confirmTimeout/5)
@@ -110,12 +113,8 @@ func TestSendStopsWhenContextEnds(t *testing.T) {
 			t.Errorf("message %d: %v, want a deferred connection failure (not sent)", i, err)
 		}
 	}
-	q, err := ch.QueueDeclarePassive(l.queue, false, false, false, false, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if q.Messages != window {
-		t.Errorf("queue holds %d messages, want the %d sent before ctx ended", q.Messages, window)
+	if n := queued(); n != window {
+		t.Errorf("queue holds %d messages, want the %d sent before ctx ended", n, window)
 	}
 	if err := l.pub.Ready(); err != nil {
 		t.Errorf("Ready after a Send cut short by its ctx: %v, want the link up", err)
