@@ -102,7 +102,7 @@ func (p *Publisher) Send(ctx context.Context, msgs []relay.Message) relay.Pendin
 		if err := p.slide(ctx); err != nil {
 			// Not sent: ctx ended (an ordered batch's lease margin passed
 			// while the window was full, or shutdown). Retried as it is.
-			why := &relay.PublishError{Reason: relay.ReasonConnection, Err: fmt.Errorf("not sent before the batch's send deadline: %w", err), Deferred: true}
+			why := &relay.PublishError{Reason: relay.ReasonConnection, Err: fmt.Errorf("not sent: %w", err), Deferred: true}
 			for j := i; j < len(msgs); j++ {
 				if b.errs[j] == nil {
 					b.errs[j] = why
