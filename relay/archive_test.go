@@ -262,15 +262,7 @@ func TestPrivilegeRevokedWhileRunning(t *testing.T) {
 		t.Fatal(err)
 	}
 	o.WriteEvents(t, "after.revoke", 5)
-	select {
-	case err := <-done:
-		if !errors.Is(err, relay.ErrPrivilegeMissing) || !containsAll(err.Error(), "INSERT on", "outbox_dispatched") {
-			t.Fatalf("Run = %v, want ErrPrivilegeMissing naming INSERT on the archive", err)
-		}
-	case <-time.After(20 * time.Second):
-		t.Fatalf("Run still running 20s after INSERT on the archive was revoked; %d pending rows",
-			o.Count(t, "dispatched_at IS NULL"))
-	}
+	awaitStop(t, done, "INSERT on the archive was revoked", relay.ErrPrivilegeMissing, "INSERT on", "outbox_dispatched")
 	if n := o.Count(t, "event_type = 'after.revoke' AND dispatched_at IS NULL"); n != 5 {
 		t.Errorf("%d of the 5 events written after the revoke are pending, want all", n)
 	}
@@ -299,14 +291,7 @@ func TestArchiveDroppedWhileRunning(t *testing.T) {
 		t.Fatal(err)
 	}
 	o.WriteEvents(t, "after.down", 5)
-	select {
-	case err := <-done:
-		if !errors.Is(err, relay.ErrSchemaOutdated) {
-			t.Fatalf("Run = %v, want ErrSchemaOutdated", err)
-		}
-	case <-time.After(20 * time.Second):
-		t.Fatal("Run still running 20s after the archive was dropped")
-	}
+	awaitStop(t, done, "the archive was dropped", relay.ErrSchemaOutdated)
 }
 
 // runInBackground runs rel until it stops or 30 s pass; Run's error
@@ -332,6 +317,21 @@ func runAsGrantedRole(t *testing.T, o *testenv.Outbox, b *testenv.Broker, prefix
 	cfg := config(o, b)
 	cfg.Postgres.DSN = asRole(t, o.DSN, role)
 	return role, runInBackground(t, testenv.NewRelay(t, cfg))
+}
+
+// awaitStop waits up to 20 s for Run, started by runInBackground, to stop
+// after what the test changed, and fails unless its error is want and names
+// every string of naming.
+func awaitStop(t *testing.T, done <-chan error, after string, want error, naming ...string) {
+	t.Helper()
+	select {
+	case err := <-done:
+		if !errors.Is(err, want) || !containsAll(err.Error(), naming...) {
+			t.Fatalf("Run = %v, want %v naming %q", err, want, naming)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatalf("Run still running 20s after %s", after)
+	}
 }
 
 // restrictedRole creates a role named after prefix (dropped at cleanup)
@@ -407,14 +407,7 @@ func TestClaimRefusedWhileRunning(t *testing.T) {
 			o.WriteEvents(t, "before.change", 5)
 			testenv.Receive(t, deliveries, 5, 10*time.Second)
 			tc.change(t, o, role)
-			select {
-			case err := <-done:
-				if !errors.Is(err, tc.want) || !strings.Contains(err.Error(), tc.naming) {
-					t.Fatalf("Run = %v, want %v naming %q", err, tc.want, tc.naming)
-				}
-			case <-time.After(20 * time.Second):
-				t.Fatalf("Run still running 20s after the change (%s)", tc.name)
-			}
+			awaitStop(t, done, "the change ("+tc.name+")", tc.want, tc.naming)
 			if tc.pending {
 				if n := o.Count(t, "event_type = 'after.revoke' AND dispatched_at IS NULL"); n != 5 {
 					t.Errorf("%d of the 5 events written after the change are pending, want all", n)
