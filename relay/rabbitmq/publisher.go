@@ -13,7 +13,6 @@ import (
 	"regexp"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
@@ -56,6 +55,7 @@ type Publisher struct {
 	mu      sync.Mutex // serialises Publish and guards the fields below
 	conn    *amqp.Connection
 	sock    net.Conn     // conn's socket: closing it ends any wait on conn
+	wire    *wire        // sock as conn writes to it
 	cur     *amqpChannel // the channel batches are sent on; nil before the first dial
 	lastErr error
 	next    int // index in urls of the node to dial next
@@ -140,6 +140,7 @@ func (p *Publisher) ensure(ctx context.Context) error {
 		dial = amqp.DefaultDial(time.Until(dl))
 	}
 	var sock net.Conn
+	var w *wire
 	dialCfg := amqp.Config{
 		Heartbeat:  10 * time.Second,
 		Properties: amqp.Table{"connection_name": cmp.Or(p.cfg.ConnectionName, "outbox-relay")},
@@ -148,8 +149,8 @@ func (p *Publisher) ensure(ctx context.Context) error {
 			if err != nil {
 				return nil, err
 			}
-			sock = c
-			return writeDeadlineConn{Conn: c, timeout: p.cfg.ConfirmTimeout}, nil
+			sock, w = c, &wire{Conn: c, timeout: p.cfg.ConfirmTimeout}
+			return w, nil
 		},
 	}
 	// One node per attempt: the caller's backoff between attempts applies
@@ -173,7 +174,7 @@ func (p *Publisher) ensure(ctx context.Context) error {
 		return p.lastErr
 	}
 	p.dials.Add(1)
-	p.conn, p.sock, p.cur, p.lastErr = conn, sock, cur, nil
+	p.conn, p.sock, p.wire, p.cur, p.lastErr = conn, sock, w, cur, nil
 	if i != p.node {
 		p.log.Info("connected to broker node", zap.String("node", nodeName(url)), zap.Int("node_index", i+1), zap.Int("nodes", len(p.urls)))
 		p.node = i
@@ -246,7 +247,7 @@ func (p *Publisher) closeLocked() {
 		_ = p.conn.Close()
 		drop.Stop()
 	}
-	p.conn, p.sock, p.cur = nil, nil, nil
+	p.conn, p.sock, p.wire, p.cur = nil, nil, nil, nil
 }
 
 // closeReasonWait bounds the wait for the reason of a channel already seen
@@ -281,35 +282,6 @@ func (p *Publisher) Close() error {
 	p.closeLocked()
 	p.lastErr = errors.New("closed")
 	return nil
-}
-
-// writeDeadlineConn fails a write to the broker that takes longer than
-// timeout. A broker blocked by a memory or disk alarm stops reading; once
-// the socket buffers are full, an unbounded write would hold the
-// publisher's lock for as long as the alarm lasts, hanging settling and
-// shutdown. A failed write closes the connection, so the batch fails with
-// reason connection and is retried.
-type writeDeadlineConn struct {
-	net.Conn
-	timeout time.Duration
-}
-
-// Write writes b, failing once timeout passes. A write the broker cut
-// short by closing the socket counts as written: the broker closed it over
-// the frame being written (one over frame_max, say), and its reason waits
-// in the read buffer. Reported here, the failure would make amqp091-go
-// close the link with a write error of its own first, the broker's reason
-// would be lost, and the message never blamed. The reader reports the
-// close, and the unconfirmed messages fail with it.
-func (c writeDeadlineConn) Write(b []byte) (int, error) {
-	if err := c.Conn.SetWriteDeadline(time.Now().Add(c.timeout)); err != nil {
-		return 0, err
-	}
-	n, err := c.Conn.Write(b)
-	if errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET) {
-		return len(b), nil
-	}
-	return n, err
 }
 
 // closeTimeout bounds a graceful connection.close.

@@ -36,6 +36,12 @@ func (p *Publisher) slide(ctx context.Context) error {
 	for len(u) > 0 && isDone(u[0].dc) {
 		u = u[1:]
 	}
+	if len(u) >= p.maxUnconfirmed {
+		// The messages gathered so far go out first: their confirms may be
+		// the ones awaited.
+		p.release()
+		defer p.wire.hold()
+	}
 	for len(u) >= p.maxUnconfirmed {
 		t := time.NewTimer(time.Until(u[0].deadline))
 		select {
@@ -52,6 +58,15 @@ func (p *Publisher) slide(ctx context.Context) error {
 	}
 	p.unconfirmed = u
 	return nil
+}
+
+// release writes the messages gathered on the wire (see wire). A failed
+// write has closed the socket: the messages await their confirms in vain
+// and fail with reason connection once amqp091-go's reader sees the close.
+func (p *Publisher) release() {
+	if err := p.wire.release(); err != nil {
+		p.lastErr = fmt.Errorf("write to the broker: %w", err)
+	}
 }
 
 // isDone reports whether dc's confirm (or the channel's close) arrived.
@@ -76,6 +91,8 @@ func (p *Publisher) Send(ctx context.Context, msgs []relay.Message) relay.Pendin
 		return b
 	}
 	b.c = p.cur
+	p.wire.hold()
+	defer p.release()
 	if p.sentOn != b.c {
 		p.unconfirmed, p.sentOn = p.unconfirmed[:0], b.c
 	}

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/relay/rabbitmq"
 	"github.com/outbox-relay/outbox-relay/relay/relaytest"
 )
 
@@ -80,6 +81,29 @@ func TestSendKeepsMaxUnconfirmed(t *testing.T) {
 	}
 	if n := queued(); n != 16 {
 		t.Fatalf("queue holds %d messages after both batches, want 16", n)
+	}
+}
+
+// TestSendGathersItsWrites: a batch that fits the window leaves in one
+// write to the socket, not one per message (amqp091-go flushes each), and
+// every message of it is confirmed and queued.
+func TestSendGathersItsWrites(t *testing.T) {
+	t.Parallel()
+	const batch = 50
+	l, ctx, queued := connectedWindow(t, 100)
+	before := rabbitmq.SocketWrites(l.pub)
+	p := l.pub.Send(ctx, relaytest.Messages(relaytest.RoutedKey, batch))
+	// A heartbeat may go out on its own meanwhile.
+	if n := rabbitmq.SocketWrites(l.pub) - before; n > 2 {
+		t.Errorf("a batch of %d took %d writes to the socket, want 1", batch, n)
+	}
+	for i, err := range p.Wait(ctx) {
+		if err != nil {
+			t.Fatalf("message %d: %v", i, err)
+		}
+	}
+	if n := queued(); n != batch {
+		t.Fatalf("queue holds %d messages, want %d", n, batch)
 	}
 }
 
