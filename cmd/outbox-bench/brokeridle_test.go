@@ -22,8 +22,8 @@ func TestIdleShare(t *testing.T) {
 
 // -drain-alt accepts the two settings it knows and names a bad one.
 func TestParseDrainAlt(t *testing.T) {
-	alt, err := parseDrainAlt("max_conns=6,batch_size=1000")
-	if err != nil || alt.maxConns != 6 || alt.batchSize != 1000 {
+	alt, err := parseDrainAlt("max_conns=6,batch_size=1000,max_unconfirmed=250")
+	if err != nil || alt.maxConns != 6 || alt.batchSize != 1000 || alt.maxUnconfirmed != 250 {
 		t.Fatalf("got %+v, %v", alt, err)
 	}
 	for _, bad := range []string{"max_conns=0", "batch_size", "linger=5"} {

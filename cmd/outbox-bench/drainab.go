@@ -13,12 +13,15 @@ import (
 )
 
 // drainAlt is a relay configuration the drain A/B compares with the
-// default: -drain-alt max_conns=6,batch_size=1000.
+// default: -drain-alt max_conns=6,batch_size=1000,max_unconfirmed=250.
 type drainAlt struct {
-	text      string
-	maxConns  int32
-	batchSize int
+	text           string
+	maxConns       int32
+	batchSize      int
+	maxUnconfirmed int
 }
+
+const drainAltKeys = "max_conns, batch_size, max_unconfirmed"
 
 func parseDrainAlt(s string) (drainAlt, error) {
 	alt := drainAlt{text: s}
@@ -26,15 +29,17 @@ func parseDrainAlt(s string) (drainAlt, error) {
 		k, v, ok := strings.Cut(strings.TrimSpace(kv), "=")
 		n, err := strconv.Atoi(v)
 		if !ok || err != nil || n < 1 {
-			return alt, fmt.Errorf("%q: want key=positive integer, keys max_conns and batch_size", kv)
+			return alt, fmt.Errorf("%q: want key=positive integer, keys %s", kv, drainAltKeys)
 		}
 		switch k {
 		case "max_conns":
 			alt.maxConns = int32(n)
 		case "batch_size":
 			alt.batchSize = n
+		case "max_unconfirmed":
+			alt.maxUnconfirmed = n
 		default:
-			return alt, fmt.Errorf("unknown key %q (keys: max_conns, batch_size)", k)
+			return alt, fmt.Errorf("unknown key %q (keys: %s)", k, drainAltKeys)
 		}
 	}
 	return alt, nil
@@ -43,6 +48,7 @@ func parseDrainAlt(s string) (drainAlt, error) {
 func (a drainAlt) apply(c *relay.Config) {
 	c.Postgres.MaxConns = cmp.Or(a.maxConns, c.Postgres.MaxConns)
 	c.Relay.BatchSize = cmp.Or(a.batchSize, c.Relay.BatchSize)
+	c.AMQP.MaxUnconfirmed = cmp.Or(a.maxUnconfirmed, c.AMQP.MaxUnconfirmed)
 }
 
 // drainAB alternates drains of the default configuration (A) and -drain-alt

@@ -109,7 +109,7 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	fs.DurationVar(&o.rssTime, "rss-time", 0, "RSS: sampling window per backlog (default 5s, quick 1.5s)")
 	fs.IntVar(&o.rssBigRows, "rss-big-rows", 0, "RSS: rows of the large-payload drain (default 16, quick 4)")
 	fs.IntVar(&o.rssBigSize, "rss-big-size", 24<<20, "RSS: payload bytes per row of the large-payload drain")
-	alt := fs.String("drain-alt", "", "drain: alternate the default relay configuration with this one (max_conns=N,batch_size=N), ABBA, -drain-rounds times each")
+	alt := fs.String("drain-alt", "", "drain: alternate the default relay configuration with this one (max_conns=N,batch_size=N,max_unconfirmed=N), ABBA, -drain-rounds times each")
 	fs.IntVar(&o.drainRounds, "drain-rounds", 4, "drain: rounds of the -drain-alt comparison")
 	fs.StringVar(&o.cpuProf, "cpuprofile", "", "drain: write a CPU profile of the bench process (the relay engine and the consumer) during each drain, not its fill, to this path with .N.MODE appended")
 	if err := fs.Parse(args); err != nil {
