@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
 
@@ -176,7 +177,8 @@ func (r *Relay) settle(ctx, drain context.Context, b *batch) error {
 	r.m.StageDuration.WithLabelValues(metrics.StagePublish).Observe(confirmedAt.Sub(b.sent).Seconds())
 
 	var (
-		done     []int64
+		done     []int64 // seqs
+		tids     []pgtype.TID
 		failed   []failure
 		linkDown error
 	)
@@ -186,7 +188,7 @@ func (r *Relay) settle(ctx, drain context.Context, b *batch) error {
 			errs[i] = nil
 		}
 		if errs[i] == nil {
-			done = append(done, m.Seq)
+			done, tids = append(done, m.Seq), append(tids, m.tid)
 			r.m.Published.WithLabelValues(r.m.EventType(m.Type)).Inc()
 			r.m.EndToEndLatency.Observe(confirmedAt.Sub(m.CreatedAt).Seconds())
 			continue
@@ -212,7 +214,7 @@ func (r *Relay) settle(ctx, drain context.Context, b *batch) error {
 
 	bookCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
-	if err := r.record(bookCtx, b.tx, done, failed); err != nil {
+	if err := r.record(bookCtx, b.tx, done, tids, failed); err != nil {
 		return r.pgFailed(err)
 	}
 	if err := b.tx.Commit(bookCtx); err != nil {
@@ -230,6 +232,31 @@ func (r *Relay) settle(ctx, drain context.Context, b *batch) error {
 	r.log.Debug("batch relayed", zap.Int("batch_size", b.size()), zap.Int("confirmed", len(done)), zap.Int("failed", len(failed)))
 	return nil
 }
+
+// sameSeqs checks that the rows a settle marked by ctid are the ones it
+// confirmed: the claim's locks keep every ctid on its row until the
+// transaction ends, so a difference is a defect, and the settle must not
+// commit.
+func sameSeqs(marked, done []int64) error {
+	if len(marked) == len(done) {
+		want := make(map[int64]bool, len(done))
+		for _, s := range done {
+			want[s] = true
+		}
+		ok := true
+		for _, s := range marked {
+			ok = ok && want[s]
+			delete(want, s)
+		}
+		if ok {
+			return nil
+		}
+	}
+	return fmt.Errorf("marking by ctid found %d rows for the %d confirmed (seqs %v, want %v): not committed, the batch is retried", len(marked), len(done), head(marked), head(done))
+}
+
+// head is at most the first 10 of s, for an error message.
+func head(s []int64) []int64 { return s[:min(len(s), 10)] }
 
 // failure is a row that failed to publish, or that cannot be published.
 type failure struct {
@@ -280,15 +307,25 @@ func scanMessage(rows pgx.Rows, extra ...any) (Message, error) {
 	return m, nil
 }
 
-// record marks the confirmed rows and schedules or parks the failed ones,
-// one statement each.
-func (r *Relay) record(ctx context.Context, tx pgx.Tx, done []int64, failed []failure) error {
+// record marks the confirmed rows (seqs done, found by their ctids tids)
+// and schedules or parks the failed ones, one statement each.
+func (r *Relay) record(ctx context.Context, tx pgx.Tx, done []int64, tids []pgtype.TID, failed []failure) error {
 	if len(done) > 0 {
 		q := r.q.markDispatched
 		if r.cfg.Relay.OnDispatch == OnDispatchDelete {
 			q = r.q.deleteDispatched
 		}
-		if _, err := tx.Exec(ctx, q, done); err != nil {
+		rows, err := tx.Query(ctx, q, tids)
+		if err != nil {
+			return fmt.Errorf("mark dispatched: %w", err)
+		}
+		marked, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+		if err != nil {
+			return fmt.Errorf("mark dispatched: %w", err)
+		}
+		if err := sameSeqs(marked, done); err != nil {
+			// Never committed: the batch's transaction rolls back and its
+			// rows are claimed again.
 			return fmt.Errorf("mark dispatched: %w", err)
 		}
 	}

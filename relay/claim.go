@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
 )
 
 // claim locks the next due rows and turns them into messages, up to budget
@@ -110,7 +111,9 @@ func (r *Relay) take(rows pgx.Rows, budget int64, alone bool) (claimed, error) {
 				continue
 			}
 		}
-		m, err := scanMessage(rows, &size)
+		var tid pgtype.TID
+		m, err := scanMessage(rows, &tid, &size)
+		m.tid = tid
 		var bad *PublishError
 		switch {
 		case err != nil && !errors.As(err, &bad):

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5/pgtype"
 )
 
 // Message is one outbox row on its way to the broker.
@@ -27,6 +28,9 @@ type Message struct {
 	// defaults, Type and amqp.exchange.
 	RoutingKey string
 	Exchange   string
+	// tid is the row's ctid as its claim locked it: settling marks the
+	// row by it (see claimColumns).
+	tid pgtype.TID
 }
 
 // Publisher is what the relay needs from a broker: send a batch with all
