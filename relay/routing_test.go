@@ -90,6 +90,7 @@ func TestRoutedExchangeMissing(t *testing.T) {
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
 	main := b.Consume(t, b.Queue(t, "#", nil))
 	missing := testenv.Name("x")
+	b.DeleteAtCleanup(t, missing)
 	cfg := config(o, b)
 	cfg.AMQP.Exchanges = []string{missing}
 	r := start(t, cfg)

@@ -164,15 +164,32 @@ func NewBrokerAt(t testing.TB, url string) *Broker {
 		t.Fatalf("declare exchange: %v", err)
 	}
 	t.Cleanup(func() {
-		if conn.IsClosed() {
-			return
-		}
-		if ch, err := conn.Channel(); err == nil {
-			_ = ch.ExchangeDelete(b.Exchange, false, false)
-		}
 		conn.Close()
+		deleteExchange(url, b.Exchange)
 	})
 	return b
+}
+
+// DeleteAtCleanup deletes the exchange name, which the test declares on
+// the broker itself, when the test ends.
+func (b *Broker) DeleteAtCleanup(t testing.TB, name string) {
+	t.Cleanup(func() { deleteExchange(b.URL, name) })
+}
+
+// deleteExchange deletes exchange name on a connection of its own, as
+// the queues are: a test may have had the broker close its connection (and
+// a relay may have declared the exchange again meanwhile), and the
+// exchange must go all the same. A broker that is gone (a private one)
+// took its exchanges with it.
+func deleteExchange(url, name string) {
+	c, err := amqp.Dial(url)
+	if err != nil {
+		return
+	}
+	defer c.Close()
+	if ch, err := c.Channel(); err == nil {
+		_ = ch.ExchangeDelete(name, false, false)
+	}
 }
 
 // ExchangeExists reports, by a passive declare, whether the broker has an
