@@ -44,7 +44,7 @@ func (b *bench) drainSection(ctx context.Context) error {
 		}
 		// The machine's load drifts: measure the ceiling again just before
 		// and just after each drain, with the best window (or the relay's
-		// batch size), and compare with the higher of the two.
+		// amqp.max_unconfirmed), and compare with the higher of the two.
 		window := cmp.Or(b.ceilingWindow, relayMaxUnconfirmed())
 		adjacent := min(b.opts.ceilTime, 2*time.Second)
 		before, err := b.publishRun(ctx, window, adjacent)
