@@ -366,16 +366,18 @@ SELECT (SELECT count(*) FROM gone), coalesce((SELECT max(seq) FROM page), 0), (S
 
 		// Takes or renews the stats lease ($1 owner, $2 lease in ms) and
 		// counts only when it holds it: no lease row, no row out, and the
-		// counts (uncorrelated subqueries) are never evaluated. The oldest
-		// age looks at due rows only: a row delayed on purpose is not late.
+		// counts (uncorrelated subqueries) are never evaluated. Pending
+		// and delayed rows are counted in one pass over the pending rows
+		// (an array of the two): counted apart, the delayed count read
+		// every pending row a second time. The oldest age looks at due
+		// rows only: a row delayed on purpose is not late.
 		readStats: fmt.Sprintf(`WITH lease AS (
   INSERT INTO %[2]s AS l (id, owner, expires_at) VALUES (true, $1, now() + $2::bigint * interval '1 millisecond')
   ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at
     WHERE l.owner = excluded.owner OR l.expires_at < now()
   RETURNING 1)
 SELECT
-  (SELECT count(*) FROM %[1]s WHERE `+pending+`),
-  (SELECT count(*) FROM %[1]s WHERE `+pending+` AND available_at > now()),
+  (SELECT ARRAY[count(*), count(*) FILTER (WHERE available_at > now())] FROM %[1]s WHERE `+pending+`),
   (SELECT count(*) FROM %[1]s WHERE `+outboxsql.Dead+`),
   coalesce(extract(epoch FROM now() - (SELECT created_at FROM %[1]s WHERE `+pending+` AND available_at <= now() ORDER BY seq LIMIT 1)), 0)::float8,
   extract(epoch FROM now())::float8

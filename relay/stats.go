@@ -34,19 +34,22 @@ func (s *statsReader) run(ctx context.Context) {
 	wait := s.interval
 	warned := false
 	for {
-		var pending, delayed, dead int64
-		var age, at float64
+		var (
+			counts  []int64 // pending, delayed
+			dead    int64
+			age, at float64
+		)
 		began := time.Now()
 		// The lease outlives three rounds plus a margin for a round slower
 		// than the last, so its holder keeps it, and one that is gone frees
 		// it soon.
 		lease := 3*wait + statsLeaseMargin
-		err := s.pool.QueryRow(ctx, s.q.readStats, s.owner, lease.Milliseconds()).Scan(&pending, &delayed, &dead, &age, &at)
+		err := s.pool.QueryRow(ctx, s.q.readStats, s.owner, lease.Milliseconds()).Scan(&counts, &dead, &age, &at)
 		took := time.Since(began)
 		switch {
 		case err == nil:
-			s.m.Pending.Set(float64(pending))
-			s.m.Delayed.Set(float64(delayed))
+			s.m.Pending.Set(float64(counts[0]))
+			s.m.Delayed.Set(float64(counts[1]))
 			s.m.DeadRows.Set(float64(dead))
 			s.m.OldestPendingAge.Set(age)
 			s.m.StatsTimestamp.Set(at)
