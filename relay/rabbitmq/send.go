@@ -24,10 +24,15 @@ type sent struct {
 // channel await their confirm: a batch goes out as the confirms of the
 // messages before it come in, not all at once on top of them. The more
 // messages await their confirm, the more each costs the broker
-// (docs/benchmarks.md, "the broker's confirm window"). It stops waiting for
-// a message at its batch's deadline (that batch's Wait then resets the
-// channel), and returns ctx's cause if ctx ends first: the rest of the
-// batch is then not sent.
+// (docs/benchmarks.md, "the broker's confirm window").
+//
+// A full window is refilled in steps of a quarter (refillShare): slide
+// waits until that many of its messages are confirmed, not just the
+// oldest, so the next messages leave in one gathered write and Send wakes
+// once per step instead of once per confirm ("Refilling the window by
+// quarters"). It stops waiting for a message at its batch's deadline (that
+// batch's Wait then resets the channel), and returns ctx's cause if ctx
+// ends first: the rest of the batch is then not sent.
 func (p *Publisher) slide(ctx context.Context) error {
 	if ctx.Err() != nil {
 		return context.Cause(ctx)
@@ -36,13 +41,19 @@ func (p *Publisher) slide(ctx context.Context) error {
 	for len(u) > 0 && isDone(u[0].dc) {
 		u = u[1:]
 	}
-	if len(u) >= p.maxUnconfirmed {
-		// The messages gathered so far go out first: their confirms may be
-		// the ones awaited.
-		p.release()
-		defer p.wire.hold()
+	p.unconfirmed = u
+	if len(u) < p.maxUnconfirmed {
+		return nil
 	}
-	for len(u) >= p.maxUnconfirmed {
+	// The messages gathered so far go out first: their confirms may be the
+	// ones awaited.
+	p.release()
+	defer p.wire.hold()
+	for low := p.maxUnconfirmed - max(p.maxUnconfirmed/refillShare, 1); len(u) > low; {
+		if isDone(u[0].dc) {
+			u = u[1:]
+			continue
+		}
 		t := time.NewTimer(time.Until(u[0].deadline))
 		select {
 		case <-u[0].dc.Done():
@@ -59,6 +70,10 @@ func (p *Publisher) slide(ctx context.Context) error {
 	p.unconfirmed = u
 	return nil
 }
+
+// refillShare is the share of amqp.max_unconfirmed (1/refillShare, at
+// least one message) whose confirms a full window waits for (slide).
+const refillShare = 4
 
 // release writes the messages gathered on the wire (see wire). A failed
 // write has closed the socket: the messages await their confirms in vain
