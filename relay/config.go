@@ -96,8 +96,8 @@ type AMQPConfig struct {
 	// Default 30s.
 	ConfirmTimeout time.Duration `yaml:"confirm_timeout"`
 	// MaxUnconfirmed is the most messages published and awaiting the
-	// broker's confirm; the relay publishes the next message only once
-	// there are fewer. With fewer messages outstanding RabbitMQ spends less
+	// broker's confirm; once that many await, the relay publishes the next
+	// messages when a quarter of them are confirmed. With fewer messages outstanding RabbitMQ spends less
 	// CPU on each (about half at 100 as at 500 or more, with a consumer
 	// keeping up; docs/benchmarks.md, "The broker's confirm window").
 	// Default 100.

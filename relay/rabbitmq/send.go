@@ -29,10 +29,11 @@ type sent struct {
 // A full window is refilled in steps of a quarter (refillShare): slide
 // waits until that many of its messages are confirmed, not just the
 // oldest, so the next messages leave in one gathered write and Send wakes
-// once per step instead of once per confirm ("Refilling the window by
-// quarters"). It stops waiting for a message at its batch's deadline (that
-// batch's Wait then resets the channel), and returns ctx's cause if ctx
-// ends first: the rest of the batch is then not sent.
+// once per step instead of once per confirm (docs/benchmarks.md,
+// "Refilling the window by quarters"). It stops waiting for a message at
+// its batch's deadline (that batch's Wait then resets the channel), and
+// returns ctx's cause if ctx ends first: the rest of the batch is then not
+// sent.
 func (p *Publisher) slide(ctx context.Context) error {
 	if ctx.Err() != nil {
 		return context.Cause(ctx)
