@@ -42,39 +42,23 @@ func (b *bench) drainSection(ctx context.Context) error {
 			}
 			continue
 		}
-		// The machine's load drifts: measure the ceiling again just before
-		// and just after each drain, with the best window (or the relay's
-		// amqp.max_unconfirmed), and compare with the higher of the two.
-		window := cmp.Or(b.ceilingWindow, relayMaxUnconfirmed())
-		adjacent := min(b.opts.ceilTime, 2*time.Second)
-		before, err := b.publishRun(ctx, window, adjacent)
-		if err != nil {
-			return fmt.Errorf("ceiling before on_dispatch %s: %w", mode, err)
-		}
-		res, err := b.drain(ctx, b.opts.backlog, mode)
+		d, err := b.drainBetweenCeilings(ctx, mode, nil)
 		if err != nil {
 			return fmt.Errorf("on_dispatch %s: %w", mode, err)
 		}
-		after, err := b.publishRun(ctx, window, adjacent)
-		if err != nil {
-			return fmt.Errorf("ceiling after on_dispatch %s: %w", mode, err)
-		}
+		res, ceil := d.res, d.ceiling()
 		p := "drain." + mode
 		b.out.rate(p+".rate", res.rate, "events/s",
 			fmt.Sprintf("%d events in %.2fs, until the consumer had all and 0 were pending", res.n, res.elapsed.Seconds()))
-		b.out.rate(p+".ceiling_adjacent", max(before.rate, after.rate), "msg/s",
-			fmt.Sprintf("window %d, %s just before (%.0f/s) and just after (%.0f/s) this drain: the higher", window, adjacent, before.rate, after.rate))
-		b.out.ratio(p+".ratio_to_ceiling_adjacent", res.rate, max(before.rate, after.rate), "target ≥ 0.90")
+		b.out.rate(p+".ceiling_adjacent", ceil.rate, "msg/s",
+			fmt.Sprintf("window %d, %s just before (%.0f/s) and just after (%.0f/s) this drain: the higher", d.window, d.span, d.before.rate, d.after.rate))
+		b.out.ratio(p+".ratio_to_ceiling_adjacent", res.rate, ceil.rate, "target ≥ 0.90")
 		if b.ceiling > 0 {
 			b.out.ratio(p+".ratio_to_ceiling", res.rate, b.ceiling, "to broker.ceiling; target ≥ 0.90")
 		}
 		b.out.line(p+".wal_per_event", fmt.Sprintf("%.0f", res.walBytes/float64(res.n)), "bytes",
 			"cluster-wide WAL during the drain (after a CHECKPOINT, so full-page images included) / events")
 		b.cpuLine(p+".cpu", res.cpu0, res.cpu1, res.backends)
-		ceil := before
-		if after.rate > before.rate {
-			ceil = after
-		}
 		b.perEventLines(p, res, ceil)
 		b.out.line(p+".batches", fmt.Sprint(res.batches), "", fmt.Sprintf("mean %.0f rows", res.meanBatch))
 		b.out.line(p+".stage_claim", ms(res.claim), "ms", fmt.Sprintf("mean per claim; summed: %.0f%% of the drain's wall time", pct(res.claimT, res.elapsed)))
@@ -85,6 +69,42 @@ func (b *bench) drainSection(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// adjacentDrain is a drain measured between two short ceiling runs.
+type adjacentDrain struct {
+	res           drainResult
+	before, after publishResult
+	window        int           // the ceiling runs' confirm window
+	span          time.Duration // each ceiling run's length
+}
+
+// ceiling is the higher of the two ceiling runs, the one the drain is
+// compared with.
+func (d adjacentDrain) ceiling() publishResult {
+	if d.after.rate > d.before.rate {
+		return d.after
+	}
+	return d.before
+}
+
+// drainBetweenCeilings drains a backlog (tweak, if set, changes the relay's
+// configuration) between two ceiling runs: the machine's load drifts, so
+// the ceiling is measured again just before and just after each drain,
+// with the best window (or the relay's amqp.max_unconfirmed).
+func (b *bench) drainBetweenCeilings(ctx context.Context, mode string, tweak func(*relay.Config)) (adjacentDrain, error) {
+	d := adjacentDrain{window: cmp.Or(b.ceilingWindow, relayMaxUnconfirmed()), span: min(b.opts.ceilTime, 2*time.Second)}
+	var err error
+	if d.before, err = b.publishRun(ctx, d.window, d.span); err != nil {
+		return d, fmt.Errorf("ceiling before: %w", err)
+	}
+	if d.res, err = b.drainWith(ctx, b.opts.backlog, mode, tweak); err != nil {
+		return d, err
+	}
+	if d.after, err = b.publishRun(ctx, d.window, d.span); err != nil {
+		return d, fmt.Errorf("ceiling after: %w", err)
+	}
+	return d, nil
 }
 
 func pct(part, whole time.Duration) float64 {

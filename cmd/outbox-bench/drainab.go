@@ -7,7 +7,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/outbox-relay/outbox-relay/relay"
 )
@@ -56,8 +55,6 @@ func (a drainAlt) apply(c *relay.Config) {
 // drain and the medians: on a shared machine only a paired comparison made
 // within minutes says anything.
 func (b *bench) drainAB(ctx context.Context, mode string) error {
-	window := cmp.Or(b.ceilingWindow, relayMaxUnconfirmed())
-	adjacent := min(b.opts.ceilTime, 2*time.Second)
 	ratios := map[string][]float64{}
 	for i := range b.opts.drainRounds {
 		order := []string{"a", "b"}
@@ -65,26 +62,15 @@ func (b *bench) drainAB(ctx context.Context, mode string) error {
 			order = []string{"b", "a"}
 		}
 		for _, v := range order {
-			before, err := b.publishRun(ctx, window, adjacent)
-			if err != nil {
-				return err
-			}
 			var tweak func(*relay.Config)
 			if v == "b" {
 				tweak = b.opts.drainAlt.apply
 			}
-			res, err := b.drainWith(ctx, b.opts.backlog, mode, tweak)
+			d, err := b.drainBetweenCeilings(ctx, mode, tweak)
 			if err != nil {
 				return fmt.Errorf("%s round %d: %w", v, i+1, err)
 			}
-			after, err := b.publishRun(ctx, window, adjacent)
-			if err != nil {
-				return err
-			}
-			ceil := before
-			if after.rate > before.rate {
-				ceil = after
-			}
+			res, ceil := d.res, d.ceiling()
 			r := res.rate / ceil.rate
 			ratios[v] = append(ratios[v], r)
 			p := fmt.Sprintf("drain.%s.ab.%s.round_%d", mode, v, i+1)
