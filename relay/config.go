@@ -97,9 +97,10 @@ type AMQPConfig struct {
 	ConfirmTimeout time.Duration `yaml:"confirm_timeout"`
 	// MaxUnconfirmed is the most messages published and awaiting the
 	// broker's confirm; once that many await, the relay publishes the next
-	// messages when a quarter of them are confirmed. With fewer messages outstanding RabbitMQ spends less
-	// CPU on each (about half at 100 as at 500 or more, with a consumer
-	// keeping up; docs/benchmarks.md, "The broker's confirm window").
+	// messages when half of them are confirmed. With fewer messages
+	// outstanding RabbitMQ spends less CPU on each (about half at 100 as at
+	// 500 or more, with a consumer keeping up; docs/benchmarks.md, "The
+	// broker's confirm window").
 	// Default 100.
 	MaxUnconfirmed int `yaml:"max_unconfirmed"`
 	// MaxMessageSize is the broker's max_message_size: larger payloads are

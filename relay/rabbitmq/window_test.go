@@ -107,19 +107,19 @@ func TestSendGathersItsWrites(t *testing.T) {
 	}
 }
 
-// TestSendRefillsTheWindowByQuarters: a batch far larger than the window
-// goes out a quarter of the window at a time as confirms come in, each
-// step in one write, not one message per confirm; every message is
-// confirmed and queued.
-func TestSendRefillsTheWindowByQuarters(t *testing.T) {
+// TestSendRefillsTheWindowByHalves: a batch far larger than the window
+// goes out half the window at a time as confirms come in, each step in one
+// write, not one message per confirm; every message is confirmed and
+// queued.
+func TestSendRefillsTheWindowByHalves(t *testing.T) {
 	t.Parallel()
 	const window, batch = 100, 2000
 	l, ctx, queued := connectedWindow(t, window)
 	before := rabbitmq.SocketWrites(l.pub)
 	p := l.pub.Send(ctx, relaytest.Messages(relaytest.RoutedKey, batch))
-	// The first window in one write, then a write per quarter at most,
-	// and the last; heartbeats may add a few.
-	if n, most := rabbitmq.SocketWrites(l.pub)-before, 1+(batch-window)/(window/4)+1+3; n > most {
+	// The first window in one write, then a write per half at most, and
+	// the last; heartbeats may add a few.
+	if n, most := rabbitmq.SocketWrites(l.pub)-before, 1+(batch-window)/(window/2)+1+3; n > most {
 		t.Errorf("a batch of %d through a window of %d took %d writes to the socket, want at most %d", batch, window, n, most)
 	}
 	for i, err := range p.Wait(ctx) {
