@@ -132,6 +132,30 @@ func TestSendRefillsTheWindowByHalves(t *testing.T) {
 	}
 }
 
+// TestWaitCountsConfirmsAlreadyIn: a batch whose confirms are all in is
+// confirmed by a Wait whose ctx has already ended (shutdown's last waits),
+// not failed as timed out by a select that picked the ctx.
+func TestWaitCountsConfirmsAlreadyIn(t *testing.T) {
+	t.Parallel()
+	const batch = 20
+	l, ctx, _ := connectedWindow(t, 100)
+	first := l.pub.Send(ctx, relaytest.Messages(relaytest.RoutedKey, batch))
+	// The broker confirms a channel's messages in order: once the second
+	// batch is confirmed, so is the first.
+	for i, err := range l.pub.Send(ctx, relaytest.Messages(relaytest.RoutedKey, 1)).Wait(ctx) {
+		if err != nil {
+			t.Fatalf("second batch, message %d: %v", i, err)
+		}
+	}
+	ended, cancel := context.WithCancel(ctx)
+	cancel()
+	for i, err := range first.Wait(ended) {
+		if err != nil {
+			t.Errorf("message %d, confirmed before the ctx ended: %v", i, err)
+		}
+	}
+}
+
 // TestSendStopsWhenContextEnds: Send waiting for the window to free stops
 // when its ctx ends (an ordered batch's lease margin): the messages not yet
 // sent fail as deferred, unsent, with the link fine, and never reach the
