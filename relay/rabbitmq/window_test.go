@@ -3,6 +3,7 @@ package rabbitmq_test
 import (
 	"context"
 	"errors"
+	"slices"
 	"testing"
 	"time"
 
@@ -153,6 +154,35 @@ func TestWaitCountsConfirmsAlreadyIn(t *testing.T) {
 		if err != nil {
 			t.Errorf("message %d, confirmed before the ctx ended: %v", i, err)
 		}
+	}
+}
+
+// TestLateReturnIsNotTheRetrys: a batch's returns that come after it
+// timed out (the broker returned its messages while its answers were held)
+// do not fail the same messages sent again, routed this time, as the relay
+// retries them: the publisher has started over on a fresh channel.
+func TestLateReturnIsNotTheRetrys(t *testing.T) {
+	t.Parallel()
+	l, ctx, queued := connectedWindow(t, 100)
+	msgs := relaytest.Messages(relaytest.UnroutedKey, 3)
+	l.proxy.Stall()
+	for i, err := range l.pub.Send(ctx, msgs).Wait(ctx) {
+		if pe, ok := err.(*relay.PublishError); !ok || pe.Reason != relay.ReasonTimeout {
+			t.Fatalf("message %d, its answers held past the confirm timeout: %v, want reason timeout", i, err)
+		}
+	}
+	l.proxy.Resume()
+	retry := slices.Clone(msgs)
+	for i := range retry {
+		retry[i].RoutingKey = relaytest.RoutedKey
+	}
+	for i, err := range l.pub.Send(ctx, retry).Wait(ctx) {
+		if err != nil {
+			t.Errorf("message %d sent again, routed: %v", i, err)
+		}
+	}
+	if n := queued(); n != len(retry) {
+		t.Fatalf("queue holds %d messages, want %d", n, len(retry))
 	}
 }
 
