@@ -157,11 +157,11 @@ func TestWaitCountsConfirmsAlreadyIn(t *testing.T) {
 	}
 }
 
-// TestLateReturnIsNotTheRetrys: a batch's returns that come after it
+// TestLateReturnsDoNotFailTheRetry: a batch's returns that come after it
 // timed out (the broker returned its messages while its answers were held)
 // do not fail the same messages sent again, routed this time, as the relay
 // retries them: the publisher has started over on a fresh channel.
-func TestLateReturnIsNotTheRetrys(t *testing.T) {
+func TestLateReturnsDoNotFailTheRetry(t *testing.T) {
 	t.Parallel()
 	l, ctx, queued := connectedWindow(t, 100)
 	msgs := relaytest.Messages(relaytest.UnroutedKey, 3)
