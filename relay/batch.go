@@ -3,6 +3,7 @@ package relay
 import (
 	"context"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -238,19 +239,8 @@ func (r *Relay) settle(ctx, drain context.Context, b *batch) error {
 // transaction ends, so a difference is a defect, and the settle must not
 // commit.
 func sameSeqs(marked, done []int64) error {
-	if len(marked) == len(done) {
-		want := make(map[int64]bool, len(done))
-		for _, s := range done {
-			want[s] = true
-		}
-		ok := true
-		for _, s := range marked {
-			ok = ok && want[s]
-			delete(want, s)
-		}
-		if ok {
-			return nil
-		}
+	if slices.Equal(slices.Sorted(slices.Values(marked)), slices.Sorted(slices.Values(done))) {
+		return nil
 	}
 	return fmt.Errorf("marking by ctid found %d rows for the %d confirmed (seqs %v, want %v): not committed, the batch is retried", len(marked), len(done), head(marked), head(done))
 }
