@@ -199,7 +199,11 @@ type WakeConfig struct {
 	// mode, 10s in notify mode.
 	PollInterval time.Duration `yaml:"poll_interval"`
 	// MinInterval is the wait between probes while events flow (poll mode).
-	// Default 2ms.
+	// After an empty probe the wait doubles, except while rows were still
+	// claimed faster than one per MinInterval: a pause in such a flow keeps
+	// this cadence for as long as the claim rate estimate stays above that
+	// (about 70 ms after a flow of 1,000/s), so that the rows committed after
+	// a short stall do not wait for a backed-off probe. Default 2ms.
 	MinInterval time.Duration `yaml:"min_interval"`
 	// Linger replaces MinInterval as the wait after a short batch while rows
 	// are claimed faster than LingerAbove (poll mode, unordered): under a

@@ -35,3 +35,19 @@ func (f *flowMeter) add(now time.Time, n int) float64 {
 	f.rate += w * (float64(n)/dt - f.rate)
 	return f.rate
 }
+
+// pollBackoff is the wait after the next empty probe in poll mode, given
+// this one's wait and the claim rate. It doubles up to wake.poll_interval,
+// except while rows were still claimed faster than one per
+// wake.min_interval: an empty probe in such a flow is a pause (a slow
+// fsync, producers descheduled), not its end, and doubling there would add
+// up to the pause's length again to the wait of the rows committed after
+// it. Holding costs probes at the rate the flowing loop claimed anyway, for
+// as long as the flow estimate takes to decay below that (70 ms from
+// 1,000/s with the defaults).
+func pollBackoff(interval time.Duration, flowRate float64, w WakeConfig) time.Duration {
+	if flowRate*w.MinInterval.Seconds() >= 1 {
+		return w.MinInterval
+	}
+	return min(2*interval, w.PollInterval)
+}

@@ -71,3 +71,42 @@ func TestFlowMeter(t *testing.T) {
 		}
 	})
 }
+
+// TestPollBackoff: after an empty probe in poll mode, the wait doubles up to
+// wake.poll_interval, unless the flow just seen still claimed more than a
+// row per wake.min_interval; a pause in such a flow keeps the flowing
+// cadence until the estimate decays.
+func TestPollBackoff(t *testing.T) {
+	w := Config{}.WithDefaults().Wake // min 2 ms, poll 100 ms
+	for _, c := range []struct {
+		name     string
+		interval time.Duration
+		rate     float64
+		want     time.Duration
+	}{
+		{"idle doubles", 2 * time.Millisecond, 0, 4 * time.Millisecond},
+		{"capped at poll_interval", 64 * time.Millisecond, 0, 100 * time.Millisecond},
+		{"stays at poll_interval", 100 * time.Millisecond, 0, 100 * time.Millisecond},
+		{"slow flow doubles", 2 * time.Millisecond, 499, 4 * time.Millisecond},
+		{"a row per min_interval holds", 2 * time.Millisecond, 500, 2 * time.Millisecond},
+		{"heavy flow holds", 2 * time.Millisecond, 630, 2 * time.Millisecond},
+	} {
+		if got := pollBackoff(c.interval, c.rate, w); got != c.want {
+			t.Errorf("%s: pollBackoff(%v, %.0f/s) = %v, want %v", c.name, c.interval, c.rate, got, c.want)
+		}
+	}
+	// A flow of 1,000/s pausing: the probes every 2 ms decay the estimate;
+	// the loop holds its cadence for 60-80 ms, then backs off.
+	f, now := &flowMeter{}, time.Date(2026, 12, 8, 0, 0, 0, 0, time.UTC)
+	f.add(now, 0)
+	feed(f, &now, 5*time.Millisecond, time.Second, 5)
+	held, interval := time.Duration(0), w.MinInterval
+	for interval == w.MinInterval && held < time.Second {
+		now = now.Add(interval)
+		held += interval
+		interval = pollBackoff(interval, f.add(now, 0), w)
+	}
+	if held < 60*time.Millisecond || held > 80*time.Millisecond {
+		t.Errorf("a pause in 1,000/s held min_interval for %v, want 60-80 ms", held)
+	}
+}

@@ -329,7 +329,8 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 			continue
 		}
 		// Nothing was claimed: wait before looking again. In poll mode the
-		// first wait after events flowed is min_interval, then it doubles.
+		// first wait after events flowed is min_interval, then it doubles
+		// (see pollBackoff).
 		linkOK()
 		wait := interval
 		switch {
@@ -346,7 +347,7 @@ func (r *Relay) claimLoop(ctx context.Context, pool *pgxpool.Pool, connCfg *pgx.
 		case r.cfg.Wake.Mode == WakeNotify:
 			probe, wait = true, r.cfg.Wake.PollInterval
 		default:
-			probe, interval = true, min(2*interval, r.cfg.Wake.PollInterval)
+			probe, interval = true, pollBackoff(interval, flowRate, r.cfg.Wake)
 		}
 		// A row too large to share relay.batch_bytes with the batches in
 		// flight goes as soon as they settle.
