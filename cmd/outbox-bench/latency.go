@@ -3,6 +3,9 @@ package main
 import (
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/relay"
@@ -99,6 +102,11 @@ func (b *bench) latencyPoint(ctx context.Context, p latencyPoint) error {
 		where = "relay: in the bench process (-latency-inproc)"
 	}
 
+	if b.opts.latDump != "" {
+		if err := dumpTimes(filepath.Join(b.opts.latDump, p.name+".txt"), commits, recv); err != nil {
+			return err
+		}
+	}
 	lat := splitWake(commits, recv)
 	pfx := "latency." + p.name
 	achieved := fmt.Sprintf("offered %.0f/s, achieved %.0f/s", p.rate, res.rate)
@@ -132,6 +140,21 @@ func (b *bench) latencyPoint(ctx context.Context, p latencyPoint) error {
 		b.out.line(pfx+".missing", fmt.Sprint(lat.missing), "events", "committed but not received within 15s")
 	}
 	return nil
+}
+
+// dumpTimes writes each committed event's commit and receive times, Unix
+// ns, one line per event in the order of their numbers.
+func dumpTimes(path string, commits, recv []int64) error {
+	var sb strings.Builder
+	for k, c := range commits {
+		if c != 0 {
+			fmt.Fprintf(&sb, "%d %d\n", c, recv[k])
+		}
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	return os.WriteFile(path, []byte(sb.String()), 0o644)
 }
 
 // latencies are a latency point's commit→receive times.

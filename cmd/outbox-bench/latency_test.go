@@ -1,6 +1,8 @@
 package main
 
 import (
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 )
@@ -28,5 +30,21 @@ func TestSplitWake(t *testing.T) {
 	}
 	if len(l.all) != 4 || l.all[3] != 52*time.Millisecond {
 		t.Fatalf("all %v, want the four received, the wake-up's last", l.all)
+	}
+}
+
+func TestDumpTimes(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "points", "poll.rate_1000.txt")
+	// Event 1 was never committed (the point ended first); event 2 was
+	// committed and never received.
+	if err := dumpTimes(path, []int64{10, 0, 30}, []int64{15, 0, 0}); err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "10 15\n30 0\n"; string(got) != want {
+		t.Fatalf("dump:\n%s\nwant:\n%s", got, want)
 	}
 }

@@ -64,6 +64,7 @@ type options struct {
 	idleTime  time.Duration // idle cost window
 	latTime   time.Duration // latency: per point
 	latInproc bool          // latency: the relay engine in the bench process
+	latDump   string        // latency: directory for each event's times
 	rates     []int         // latency: fixed offered rates, events/s
 	fractions []int         // latency: percent of the measured drain capacity
 	rssSmall  int
@@ -104,6 +105,7 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	fs.DurationVar(&o.idleTime, "idle-time", 0, "idle cost: measuring window per wake mode (default 5s, quick 2s, poll mode only)")
 	fs.DurationVar(&o.latTime, "latency-time", 0, "latency: duration per point (default 5s, quick 2s)")
 	fs.BoolVar(&o.latInproc, "latency-inproc", false, "latency: run the relay engine inside the bench process instead of the daemon as a process of its own")
+	fs.StringVar(&o.latDump, "latency-dump", "", "latency: write each event's commit and receive times (Unix ns, 0 for never received) to `dir`/POINT.txt, one event per line, to find where a tail comes from")
 	fs.IntVar(&o.rssSmall, "rss-small", 1000, "RSS: small pending backlog")
 	fs.IntVar(&o.rssLarge, "rss-large", 0, "RSS: large pending backlog (default 1000000, quick 100000)")
 	fs.DurationVar(&o.rssTime, "rss-time", 0, "RSS: sampling window per backlog (default 5s, quick 1.5s)")
