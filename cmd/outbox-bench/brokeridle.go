@@ -137,6 +137,25 @@ func schedBusy(pid int) (run, wait time.Duration, err error) {
 	return time.Duration(sum[0]), time.Duration(sum[1]), nil
 }
 
+// cpuBoundRatio is the ceiling run's CPU per message (the bench process
+// and the broker) over the drain's per event (the bench process, the
+// relay's database backends and the broker). When both runs keep every
+// core busy, rate × CPU per event is the same for both, and this is the
+// ratio the drain can reach; the relay's extra database work is what keeps
+// it under 1 unless the engine costs less than a bare publisher. false
+// when a figure is missing.
+func cpuBoundRatio(d drainResult, c publishResult) (float64, bool) {
+	if d.n <= 0 || c.n <= 0 || d.backends < 0 {
+		return 0, false
+	}
+	drain := (d.cpu1.self - d.cpu0.self + d.backends + d.cpu1.broker - d.cpu0.broker).Seconds() / float64(d.n)
+	ceil := (c.cpu1.self - c.cpu0.self + c.cpu1.broker - c.cpu0.broker).Seconds() / float64(c.n)
+	if drain <= 0 || ceil <= 0 {
+		return 0, false
+	}
+	return ceil / drain, true
+}
+
 // perEventLines prints the CPU each process spent per event of a drain,
 // beside the same figures per message of the ceiling run next to it, and
 // the share of the drain during which the broker was idle.
@@ -154,6 +173,11 @@ func (b *bench) perEventLines(p string, d drainResult, c publishResult) {
 	if b.brokerPID > 0 {
 		b.out.line(p+".cpu_per_event.broker", per(d.cpu1.broker-d.cpu0.broker, dn), "µs",
 			"ceiling beside it: "+per(c.cpu1.broker-c.cpu0.broker, cn)+" µs")
+		if ratio, ok := cpuBoundRatio(d, c); ok {
+			b.out.line(p+".ratio_cpu_bound", fmt.Sprintf("%.2f", ratio), "",
+				"the ceiling's CPU per message (publisher, consumer, broker) / the drain's per event (relay engine, consumer, its database backends, broker): "+
+					"the ratio to the ceiling when both keep the cores busy (drain.*.cpu), as their rates then go as 1 / CPU per event")
+		}
 	}
 	if len(d.idle) == 0 || len(c.idle) == 0 {
 		return

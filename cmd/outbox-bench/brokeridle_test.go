@@ -1,6 +1,9 @@
 package main
 
-import "testing"
+import (
+	"testing"
+	"time"
+)
 
 // A drain tick counts as idle when the broker ran under half its mean at
 // the ceiling, whatever its threads waited for a CPU.
@@ -30,5 +33,25 @@ func TestParseDrainAlt(t *testing.T) {
 		if _, err := parseDrainAlt(bad); err == nil {
 			t.Errorf("%q: no error", bad)
 		}
+	}
+}
+
+// The CPU-bound ratio divides the ceiling's CPU per message by the drain's
+// per event, the database backends included; a missing figure gives none.
+func TestCPUBoundRatio(t *testing.T) {
+	us := time.Microsecond
+	// The run 00:24 of 2026-12-08, drain.mark: 32.4 + 9.2 + 39.4 µs per
+	// event against 35.5 + 42.2 µs per message.
+	d := drainResult{n: 1000, backends: 9200 * us,
+		cpu0: cpuSnap{self: time.Second, broker: time.Second},
+		cpu1: cpuSnap{self: time.Second + 32400*us, broker: time.Second + 39400*us}}
+	c := publishResult{n: 2000, cpu1: cpuSnap{self: 71000 * us, broker: 84400 * us}}
+	got, ok := cpuBoundRatio(d, c)
+	if !ok || got < 0.958 || got > 0.960 {
+		t.Fatalf("ratio %.3f, %v; want 77.7 / 81.0 = 0.959", got, ok)
+	}
+	d.backends = -1 // unknown
+	if _, ok := cpuBoundRatio(d, c); ok {
+		t.Fatal("a ratio without the backends' CPU")
 	}
 }
