@@ -389,9 +389,12 @@ func (b *bench) walDiff(ctx context.Context, from, to string) (float64, error) {
 func (b *bench) writeOne(ctx context.Context, db interface {
 	Begin(context.Context) (pgx.Tx, error)
 }, body []byte) error {
-	return pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
-		return b.writer.Write(ctx, tx, outbox.NewEvent(eventType, body))
-	})
+	return pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error { return b.insertOne(ctx, tx, body) })
+}
+
+// insertOne is a producer's insert of one event in tx.
+func (b *bench) insertOne(ctx context.Context, tx pgx.Tx, body []byte) error {
+	return b.writer.Write(ctx, tx, outbox.NewEvent(eventType, body))
 }
 
 // relayConfig is the relay's default configuration pointed at the bench's

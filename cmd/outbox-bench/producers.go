@@ -10,7 +10,6 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
-	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
 )
 
@@ -110,12 +109,13 @@ func (b *bench) produce(ctx context.Context, d time.Duration, rate float64, onCo
 	return res, nil
 }
 
-// warm has every producer connection insert one event and roll it back,
-// all at once, before the clock starts. Each point begins with a TRUNCATE
-// and a trigger change, which invalidate every backend's cached plans and
-// relation data: without this, the 32 backends rebuilt them together on
-// the first commits of the point, which then came 20-40 ms late and in a
-// burst, and their wait for the relay counted in the p99 of a steady rate.
+// warm has every producer connection make the producers' insert
+// (insertOne) and roll it back, all at once, before the clock starts. Each
+// point begins with a TRUNCATE and a trigger change, which invalidate every
+// backend's cached plans and relation data: without this, the 32 backends
+// rebuilt them together on the first commits of the point, which then came
+// 20-40 ms late and in a burst, and their wait for the relay counted in
+// the p99 of a steady rate.
 func (b *bench) warm(ctx context.Context, conns []*pgxpool.Conn) error {
 	errs := make([]error, len(conns))
 	var wg sync.WaitGroup
@@ -126,7 +126,7 @@ func (b *bench) warm(ctx context.Context, conns []*pgxpool.Conn) error {
 				errs[i] = err
 				return
 			}
-			errs[i] = b.writer.Write(ctx, tx, outbox.NewEvent(eventType, payload(0, b.opts.payload)))
+			errs[i] = b.insertOne(ctx, tx, payload(0, b.opts.payload))
 			errs[i] = errors.Join(errs[i], tx.Rollback(ctx))
 		})
 	}
