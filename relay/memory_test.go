@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/internal/shipped"
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/relay"
 )
 
 // shippedMemory reads the container memory limit and GOMEMLIMIT of the
@@ -52,19 +54,25 @@ func peakRSS(t *testing.T, pid int) int64 {
 // behind a row the broker would refuse drains completely through the real
 // daemon, run with the shipped manifest's GOMEMLIMIT and default settings,
 // and its peak RSS stays under the shipped container memory limit: 16 rows
-// of 24 MiB (each over relay.batch_bytes, so each goes alone), and 320 rows
-// of 1 MiB (many to a claim, up to the budget).
+// of 24 MiB (each over relay.batch_bytes, so each goes alone), 320 rows
+// of 1 MiB (many to a claim, up to the budget), and 12 rows of 12 MiB sent
+// as structured CloudEvents (each a 16 MiB document, data_base64).
 func TestLargePayloadsDrainWithinContainerLimit(t *testing.T) {
 	t.Parallel()
-	for _, c := range []struct{ rows, size int }{{16, 24 << 20}, {320, 1 << 20}} {
-		t.Run(fmt.Sprintf("%dx%dMiB", c.rows, c.size>>20), func(t *testing.T) {
+	for _, c := range []struct {
+		rows, size int
+		format     string
+	}{{16, 24 << 20, ""}, {320, 1 << 20, ""}, {12, 12 << 20, relay.FormatCloudEventsStructured}} {
+		t.Run(strings.Trim(fmt.Sprintf("%dx%dMiB_%s", c.rows, c.size>>20, c.format), "_"), func(t *testing.T) {
 			t.Parallel()
-			drainLarge(t, c.rows, c.size)
+			drainLarge(t, c.rows, c.size, c.format)
 		})
 	}
 }
 
-func drainLarge(t *testing.T, rows, size int) {
+// drainLarge runs the check with rows payloads of size bytes, published in
+// amqp.format format (plain if empty).
+func drainLarge(t *testing.T, rows, size int, format string) {
 	limit, gomemlimit := shippedMemory(t)
 	o, b := testenv.NewOutbox(t), testenv.NewBroker(t)
 	deliveries := b.Consume(t, b.Queue(t, "#", nil))
@@ -100,6 +108,9 @@ func drainLarge(t *testing.T, rows, size int) {
 		"OUTBOX_RELAY_METRICS_ADDR=off",
 		"OUTBOX_RELAY_LOG_LEVEL=warn",
 	)
+	if format != "" {
+		cmd.Env = append(cmd.Env, "OUTBOX_RELAY_AMQP_FORMAT="+format, "OUTBOX_RELAY_AMQP_CLOUDEVENTS_SOURCE=//edupulse/test")
+	}
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
@@ -118,7 +129,17 @@ func drainLarge(t *testing.T, rows, size int) {
 		select {
 		case d := <-deliveries:
 			want, ok := payloads[d.MessageId]
-			if !ok || !bytes.Equal(d.Body, want) {
+			body := d.Body
+			if format != "" {
+				var doc struct {
+					Data []byte `json:"data_base64"`
+				}
+				if err := json.Unmarshal(d.Body, &doc); err != nil {
+					t.Fatalf("message %s: %v", d.MessageId, err)
+				}
+				body = doc.Data
+			}
+			if !ok || !bytes.Equal(body, want) {
 				t.Fatalf("unexpected message %s (%s, %d bytes)", d.MessageId, d.Type, len(d.Body))
 			}
 			seen[d.MessageId] = true

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"net/url"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -75,4 +76,36 @@ func FuzzCloudEventsJSON(f *testing.F) {
 			t.Fatalf("extension %s = %v, want %q: %s", ext, e.Extensions()[ext], extValue, doc)
 		}
 	})
+}
+
+// TestStructuredLargePayloadCostsOneDocument: a large binary payload in
+// structured mode allocates its document once, not the encoded payload
+// again as a string and as that string's quoted copy (three times the
+// document, which a relay near its container limit cannot afford). Not
+// parallel: it reads the process's allocation counter.
+func TestStructuredLargePayloadCostsOneDocument(t *testing.T) {
+	for _, tc := range []struct {
+		contentType string
+		payload     []byte
+	}{
+		{"application/octet-stream", bytes.Repeat([]byte{0, 1, 2, 0xff}, 2<<20)},   // data_base64
+		{"application/json", []byte(`{"p":"` + strings.Repeat("x", 8<<20) + `"}`)}, // data, as it is
+	} {
+		m := relay.Message{ID: uuid.New(), Type: "lesson.recorded", Body: tc.payload, ContentType: tc.contentType,
+			Headers: map[string]any{rabbitmq.CloudEventsHeaderPrefix + "tenant": strings.Repeat("t", 600)}, CreatedAt: time.Now()}
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		doc, err := rabbitmq.CloudEventsJSON(&m, "//edupulse/lessons")
+		runtime.ReadMemStats(&after)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if alloc := after.TotalAlloc - before.TotalAlloc; alloc > uint64(len(doc))*5/4 {
+			t.Errorf("%s: %d bytes allocated for a %d-byte document, want at most 1.25 times the document", tc.contentType, alloc, len(doc))
+		}
+		e := ce.New()
+		if err := json.Unmarshal(doc, &e); err != nil || !bytes.Equal(bytes.TrimSpace(e.Data()), tc.payload) {
+			t.Errorf("%s: the SDK does not read the payload back (%v)", tc.contentType, err)
+		}
+	}
 }
