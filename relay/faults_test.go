@@ -163,6 +163,76 @@ func TestBrokerEnforcedMaxMessageSize(t *testing.T) {
 	}
 }
 
+// TestBrokerEnforcedMaxMessageSizeStructured: in structured CloudEvents
+// mode the broker measures the document, which is larger than the payload.
+// An event whose payload fits the broker's 1 MiB but whose document does
+// not closes the channel; the relay names it from the close by the size of
+// the body it published, parks it dead with the broker's reason, and needs
+// no search for the culprit (no message is sent again alone), while the
+// events around it are delivered.
+func TestBrokerEnforcedMaxMessageSizeStructured(t *testing.T) {
+	t.Parallel()
+	const limit = 1 << 20
+	rmq := testenv.StartRabbitMQWith(t, testenv.RabbitMQOptions{Conf: []string{fmt.Sprintf("max_message_size = %d", limit)}})
+	o, b := testenv.NewOutbox(t), testenv.NewBrokerAt(t, rmq.URL())
+	deliveries := b.Consume(t, b.Queue(t, "good.#", nil))
+	cfg := config(o, b)
+	cfg.AMQP.Format = relay.FormatCloudEventsStructured
+	cfg.AMQP.CloudEventsSource = "//edupulse/test"
+
+	good := map[string]outbox.Event{}
+	events := make([]outbox.Event, 0, 41)
+	for i := range 40 {
+		ev := outbox.NewEvent("good.event", fmt.Appendf(nil, `{"n":%d}`, i))
+		good[ev.ID.String()] = ev
+		events = append(events, ev)
+		if i == 19 {
+			// JSON, so its document is the payload and about 300 bytes
+			// more: the payload fits the limit, the document does not.
+			payload := []byte(`{"p":"` + strings.Repeat("x", limit-100) + `"}`)
+			events = append(events, outbox.NewEvent("good.huge", payload))
+		}
+	}
+	oversized := events[20]
+	if len(oversized.Payload) > limit {
+		t.Fatalf("the oversized event's payload is %d bytes: it must fit the %d-byte limit", len(oversized.Payload), limit)
+	}
+	o.Commit(t, events...)
+
+	r, logs := startObserved(t, cfg)
+	// The bodies are documents, not the payloads: received by message id.
+	seen := map[string]bool{}
+	deadline := time.After(30 * time.Second)
+	for len(seen) < len(good) {
+		select {
+		case d := <-deliveries:
+			if _, ok := good[d.MessageId]; !ok {
+				t.Fatalf("unexpected message %s (%s, %d bytes)", d.MessageId, d.Type, len(d.Body))
+			}
+			seen[d.MessageId] = true
+		case <-deadline:
+			t.Fatalf("%d of %d good events delivered in 30s", len(seen), len(good))
+		}
+	}
+	testenv.Eventually(t, 20*time.Second, "oversized row dead, good rows dispatched", func() bool {
+		return o.Count(t, "id = $1 AND dead_at IS NOT NULL", oversized.ID) == 1 &&
+			o.Count(t, "dispatched_at IS NOT NULL") == len(good)
+	})
+	var lastErr string
+	if err := o.Pool.QueryRow(context.Background(), `SELECT last_error FROM `+o.Table.Quoted()+` WHERE id = $1`, oversized.ID).Scan(&lastErr); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(lastErr, "too_large: message body is") || !strings.Contains(lastErr, "larger than configured max size") {
+		t.Errorf("oversized row: last_error %q; want too_large, its document's size and the broker's close reason", lastErr)
+	}
+	if n := logs.FilterMessageSnippet("sending the unconfirmed ones alone to find it").Len(); n != 0 {
+		t.Errorf("%d searches for the culprit: the close should have named it by the size of its document", n)
+	}
+	if err := r.Ready(); err != nil {
+		t.Errorf("relay not ready after the oversized document: %v", err)
+	}
+}
+
 // TestRabbitMQOutage: the broker stops while the relay runs and events are
 // written. The relay reports the amqp link down (readiness, link_up),
 // retries the dial with backoff without logging each attempt, and once the

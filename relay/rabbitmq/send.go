@@ -102,7 +102,7 @@ func isDone(dc *amqp.DeferredConfirmation) bool {
 func (p *Publisher) Send(ctx context.Context, msgs []relay.Message) relay.Pending {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	b := &amqpBatch{p: p, msgs: msgs, errs: make([]error, len(msgs))}
+	b := &amqpBatch{p: p, msgs: msgs, errs: make([]error, len(msgs)), sizes: make([]int, len(msgs))}
 	if err := p.ensure(ctx); err != nil {
 		fillAll(b.errs, &relay.PublishError{Reason: relay.ReasonConnection, Err: err})
 		return b
@@ -173,7 +173,7 @@ func (p *Publisher) Send(ctx context.Context, msgs []relay.Message) relay.Pendin
 			}
 			break
 		}
-		b.confirms[i] = dc
+		b.confirms[i], b.sizes[i] = dc, len(pub.Body)
 		p.unconfirmed = append(p.unconfirmed, sent{dc, b.deadline})
 		b.byID[m.ID.String()] = i
 	}
@@ -214,6 +214,7 @@ type amqpBatch struct {
 	c        *amqpChannel
 	msgs     []relay.Message
 	errs     []error
+	sizes    []int // body bytes of each message as published (a CloudEvents document is larger than its payload)
 	confirms []*amqp.DeferredConfirmation
 	byID     map[string]int
 	deadline time.Time
@@ -264,7 +265,7 @@ func (b *amqpBatch) Wait(ctx context.Context) []error {
 					cut = append(cut, i)
 				}
 			}
-			p.learnMaxSize(b.msgs, b.errs, closeErr)
+			p.learnMaxSize(b.msgs, b.sizes, b.errs, closeErr)
 			if blamesMessage(closeErr) {
 				p.blame(ctx, b, cut, closeErr)
 			}
@@ -326,8 +327,11 @@ func (c *amqpChannel) takeReturn(id, unroutable string) error {
 // learnMaxSize handles a channel the broker closed because a message was
 // larger than its max_message_size: the limit is learned from the close
 // reason and the oversized messages fail permanently, so one poisoned event
-// cannot fail its batch forever. The others stay connection failures.
-func (p *Publisher) learnMaxSize(msgs []relay.Message, errs []error, closeErr *amqp.Error) {
+// cannot fail its batch forever. The others stay connection failures. A
+// message is measured by the body it was published with (sizes; a
+// CloudEvents document is larger than its payload), or by its payload if
+// it was not sent.
+func (p *Publisher) learnMaxSize(msgs []relay.Message, sizes []int, errs []error, closeErr *amqp.Error) {
 	if closeErr.Code != amqp.PreconditionFailed {
 		return
 	}
@@ -344,9 +348,12 @@ func (p *Publisher) learnMaxSize(msgs []relay.Message, errs []error, closeErr *a
 			zap.Int("broker_max_message_size", limit), zap.Int("amqp_max_message_size", p.cfg.MaxMessageSize))
 		p.maxSize = limit
 	}
-	for i := range msgs {
-		if len(msgs[i].Body) > limit {
-			errs[i] = &relay.PublishError{Reason: relay.ReasonTooLarge, Err: fmt.Errorf("payload is %d bytes, the broker accepts at most %d: %s", len(msgs[i].Body), limit, closeErr.Reason)}
+	for i, n := range sizes {
+		if n == 0 {
+			n = len(msgs[i].Body)
+		}
+		if n > limit {
+			errs[i] = &relay.PublishError{Reason: relay.ReasonTooLarge, Err: fmt.Errorf("message body is %d bytes, the broker accepts at most %d: %s", n, limit, closeErr.Reason)}
 		}
 	}
 }
