@@ -76,6 +76,32 @@ func consume(t *testing.T, url, queue string) <-chan amqp.Delivery {
 	return (&testenv.Broker{URL: url}).Consume(t, queue)
 }
 
+// withMaxMessageSize starts a private broker that refuses messages over
+// limit bytes, and returns an outbox, that broker, and the deliveries of a
+// queue bound to good.#.
+func withMaxMessageSize(t *testing.T, limit int) (*testenv.Outbox, *testenv.Broker, <-chan amqp.Delivery) {
+	t.Helper()
+	rmq := testenv.StartRabbitMQWith(t, testenv.RabbitMQOptions{Conf: []string{fmt.Sprintf("max_message_size = %d", limit)}})
+	o, b := testenv.NewOutbox(t), testenv.NewBrokerAt(t, rmq.URL())
+	return o, b, b.Consume(t, b.Queue(t, "good.#", nil))
+}
+
+// around returns n good.event events with huge in their middle, and the
+// good ones by id.
+func around(n int, huge outbox.Event) (map[string]outbox.Event, []outbox.Event) {
+	good := map[string]outbox.Event{}
+	events := make([]outbox.Event, 0, n+1)
+	for i := range n {
+		ev := outbox.NewEvent("good.event", fmt.Appendf(nil, `{"n":%d}`, i))
+		good[ev.ID.String()] = ev
+		events = append(events, ev)
+		if i == n/2-1 {
+			events = append(events, huge)
+		}
+	}
+	return good, events
+}
+
 // TestBrokerEnforcedMaxMessageSize: the broker limits messages to 1 MiB
 // while the relay's amqp.max_message_size stays at its 128 MiB default, so
 // the relay sends the 2 MiB event and RabbitMQ closes the channel over it.
@@ -87,9 +113,7 @@ func consume(t *testing.T, url, queue string) <-chan amqp.Delivery {
 func TestBrokerEnforcedMaxMessageSize(t *testing.T) {
 	t.Parallel()
 	const limit = 1 << 20
-	rmq := testenv.StartRabbitMQWith(t, testenv.RabbitMQOptions{Conf: []string{fmt.Sprintf("max_message_size = %d", limit)}})
-	o, b := testenv.NewOutbox(t), testenv.NewBrokerAt(t, rmq.URL())
-	deliveries := b.Consume(t, b.Queue(t, "good.#", nil))
+	o, b, deliveries := withMaxMessageSize(t, limit)
 	cfg := config(o, b)
 	cfg.Relay.RetryMinBackoff = 10 * time.Millisecond
 	cfg.Relay.RetryMaxBackoff = 20 * time.Millisecond
@@ -97,16 +121,7 @@ func TestBrokerEnforcedMaxMessageSize(t *testing.T) {
 	// All in one transaction, written before the relay starts: one batch
 	// (300 good rows and the oversized one, under relay.batch_size 500),
 	// with good rows on both sides of the oversized one.
-	good := map[string]outbox.Event{}
-	events := make([]outbox.Event, 0, 301)
-	for i := range 300 {
-		ev := outbox.NewEvent("good.event", fmt.Appendf(nil, `{"n":%d}`, i))
-		good[ev.ID.String()] = ev
-		events = append(events, ev)
-		if i == 149 {
-			events = append(events, outbox.NewEvent("good.huge", bytes.Repeat([]byte("x"), 2<<20)))
-		}
-	}
+	good, events := around(300, outbox.NewEvent("good.huge", bytes.Repeat([]byte("x"), 2<<20)))
 	oversized := events[150]
 	o.Commit(t, events...)
 
@@ -173,26 +188,15 @@ func TestBrokerEnforcedMaxMessageSize(t *testing.T) {
 func TestBrokerEnforcedMaxMessageSizeStructured(t *testing.T) {
 	t.Parallel()
 	const limit = 1 << 20
-	rmq := testenv.StartRabbitMQWith(t, testenv.RabbitMQOptions{Conf: []string{fmt.Sprintf("max_message_size = %d", limit)}})
-	o, b := testenv.NewOutbox(t), testenv.NewBrokerAt(t, rmq.URL())
-	deliveries := b.Consume(t, b.Queue(t, "good.#", nil))
+	o, b, deliveries := withMaxMessageSize(t, limit)
 	cfg := config(o, b)
 	cfg.AMQP.Format = relay.FormatCloudEventsStructured
 	cfg.AMQP.CloudEventsSource = "//edupulse/test"
 
-	good := map[string]outbox.Event{}
-	events := make([]outbox.Event, 0, 41)
-	for i := range 40 {
-		ev := outbox.NewEvent("good.event", fmt.Appendf(nil, `{"n":%d}`, i))
-		good[ev.ID.String()] = ev
-		events = append(events, ev)
-		if i == 19 {
-			// JSON, so its document is the payload and about 300 bytes
-			// more: the payload fits the limit, the document does not.
-			payload := []byte(`{"p":"` + strings.Repeat("x", limit-100) + `"}`)
-			events = append(events, outbox.NewEvent("good.huge", payload))
-		}
-	}
+	// JSON, so its document is the payload and about 300 bytes more: the
+	// payload fits the limit, the document does not.
+	payload := []byte(`{"p":"` + strings.Repeat("x", limit-100) + `"}`)
+	good, events := around(40, outbox.NewEvent("good.huge", payload))
 	oversized := events[20]
 	if len(oversized.Payload) > limit {
 		t.Fatalf("the oversized event's payload is %d bytes: it must fit the %d-byte limit", len(oversized.Payload), limit)
