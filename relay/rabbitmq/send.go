@@ -145,6 +145,7 @@ func (p *Publisher) Send(ctx context.Context, msgs []relay.Message) relay.Pendin
 			break
 		}
 		// slide has checked ctx: the WithContext variant does only that.
+		b.sizes[i] = len(pub.Body) // before: a close this message causes may cut its publish off
 		dc, err := b.c.ch.PublishWithDeferredConfirm(exchange, key, true, false, pub)
 		if err != nil {
 			// The channel is unusable. This message may have been cut off
@@ -173,7 +174,7 @@ func (p *Publisher) Send(ctx context.Context, msgs []relay.Message) relay.Pendin
 			}
 			break
 		}
-		b.confirms[i], b.sizes[i] = dc, len(pub.Body)
+		b.confirms[i] = dc
 		p.unconfirmed = append(p.unconfirmed, sent{dc, b.deadline})
 		b.byID[m.ID.String()] = i
 	}
@@ -214,7 +215,7 @@ type amqpBatch struct {
 	c        *amqpChannel
 	msgs     []relay.Message
 	errs     []error
-	sizes    []int // body bytes of each message as published (a CloudEvents document is larger than its payload)
+	sizes    []int // body bytes of each message published or being published (a CloudEvents document is larger than its payload)
 	confirms []*amqp.DeferredConfirmation
 	byID     map[string]int
 	deadline time.Time
