@@ -9,6 +9,7 @@ package relay_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"strings"
 	"sync"
@@ -204,20 +205,12 @@ func TestBrokerEnforcedMaxMessageSizeStructured(t *testing.T) {
 	o.Commit(t, events...)
 
 	r, logs := startObserved(t, cfg)
-	// The bodies are documents, not the payloads: received by message id.
-	seen := map[string]bool{}
-	deadline := time.After(30 * time.Second)
-	for len(seen) < len(good) {
-		select {
-		case d := <-deliveries:
-			if _, ok := good[d.MessageId]; !ok {
-				t.Fatalf("unexpected message %s (%s, %d bytes)", d.MessageId, d.Type, len(d.Body))
-			}
-			seen[d.MessageId] = true
-		case <-deadline:
-			t.Fatalf("%d of %d good events delivered in 30s", len(seen), len(good))
-		}
-	}
+	// The bodies are documents: each JSON payload is their data, as it is.
+	testenv.ReceiveAllAs(t, deliveries, good, 30*time.Second, func(d amqp.Delivery) ([]byte, error) {
+		var doc struct{ Data json.RawMessage }
+		err := json.Unmarshal(d.Body, &doc)
+		return doc.Data, err
+	})
 	testenv.Eventually(t, 20*time.Second, "oversized row dead, good rows dispatched", func() bool {
 		return o.Count(t, "id = $1 AND dead_at IS NOT NULL", oversized.ID) == 1 &&
 			o.Count(t, "dispatched_at IS NOT NULL") == len(good)

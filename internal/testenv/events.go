@@ -51,6 +51,14 @@ func (o *Outbox) Commit(t testing.TB, events ...outbox.Event) {
 // a late copy of an event of earlier counts as one.
 func ReceiveAll(t testing.TB, d <-chan amqp.Delivery, want map[string]outbox.Event, timeout time.Duration, earlier ...map[string]outbox.Event) (duplicates int) {
 	t.Helper()
+	return ReceiveAllAs(t, d, want, timeout, func(m amqp.Delivery) ([]byte, error) { return m.Body, nil }, earlier...)
+}
+
+// ReceiveAllAs is ReceiveAll for messages that carry their event's payload
+// inside their body (a structured CloudEvent): payload returns it.
+func ReceiveAllAs(t testing.TB, d <-chan amqp.Delivery, want map[string]outbox.Event, timeout time.Duration,
+	payload func(amqp.Delivery) ([]byte, error), earlier ...map[string]outbox.Event) (duplicates int) {
+	t.Helper()
 	seen := make(map[string]bool, len(want))
 	isEarlier := func(id string) bool {
 		for _, m := range earlier {
@@ -76,8 +84,12 @@ func ReceiveAll(t testing.TB, d <-chan amqp.Delivery, want map[string]outbox.Eve
 			if !known {
 				t.Fatalf("unexpected message %s (type %s, %d bytes)", m.MessageId, m.Type, len(m.Body))
 			}
-			if !bytes.Equal(m.Body, ev.Payload) {
-				t.Fatalf("%s: body %q, want %q", m.MessageId, m.Body, ev.Payload)
+			got, err := payload(m)
+			if err != nil {
+				t.Fatalf("%s: %v (body %q)", m.MessageId, err, m.Body)
+			}
+			if !bytes.Equal(got, ev.Payload) {
+				t.Fatalf("%s: payload %q, want %q", m.MessageId, got, ev.Payload)
 			}
 			if seen[m.MessageId] {
 				duplicates++
